@@ -1,0 +1,83 @@
+//! The build, top to bottom: bootstrap -> customize -> root image -> boot partition -> disk ->
+//! manifest. Outputs are written to a staging directory and moved into place at the end, so a
+//! failed build never leaves a half-written output behind.
+
+use crate::plan::Plan;
+use crate::stages::{self, Context};
+use anyhow::{Context as _, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub struct BuildOptions {
+    pub out_dir: PathBuf,
+    /// Keep the work directory (tree, intermediate images) after a successful build.
+    pub keep_work: bool,
+}
+
+pub struct BuildResult {
+    pub dir: PathBuf,
+    pub manifest: stages::manifest::Manifest,
+    pub seconds: f64,
+}
+
+pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
+    let started = Instant::now();
+    let final_dir = opts.out_dir.join(&plan.output_name);
+    let work = opts.out_dir.join(".work").join(&plan.output_name);
+    let staging = opts.out_dir.join(format!(".{}.staging", plan.output_name));
+    for d in [&work, &staging] {
+        if d.exists() {
+            std::fs::remove_dir_all(d).with_context(|| format!("removing the leftover {}", d.display()))?;
+        }
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    check_free_space(&opts.out_dir, plan)?;
+    let ctx = Context { plan, tree: work.join("tree"), work: work.clone(), staging: staging.clone(), templates: crate::templates::Templates::load()? };
+
+    let boot_files = stages::bootstrap::bootstrap(&ctx)?;
+    stages::customize::customize(&ctx)?;
+    let packages = stages::manifest::packages(&ctx.tree)?;
+    let root = stages::rootfs::make_root(&ctx)?;
+    let boot = stages::esp::make_boot(&ctx, &boot_files, &root)?;
+    let disk = stages::disk::assemble(&ctx, &boot, &root)?;
+
+    // Artifacts next to the disk: the root image (the update payload) and the UKI.
+    let root_out = staging.join("root.img");
+    std::fs::rename(&root.path, &root_out).with_context(|| format!("moving the root image to {}", root_out.display()))?;
+    let uki_out = staging.join(&boot.uki_name);
+    std::fs::copy(&boot.uki, &uki_out).with_context(|| format!("copying the UKI to {}", uki_out.display()))?;
+    let mut artifacts = BTreeMap::new();
+    for p in [&disk, &root_out, &uki_out] {
+        let name = p.file_name().expect("file").to_string_lossy().into_owned();
+        artifacts.insert(name, stages::manifest::artifact(p)?);
+    }
+    let table = stages::disk::partition_table(&ctx, &root)?;
+    let manifest = stages::manifest::write(&ctx, &root, &boot_files.kernel_version, &boot.cmdline, &table, artifacts, packages)?;
+
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).with_context(|| format!("replacing the old output {}", final_dir.display()))?;
+    }
+    std::fs::rename(&staging, &final_dir).with_context(|| format!("moving {} to {}", staging.display(), final_dir.display()))?;
+    if !opts.keep_work {
+        std::fs::remove_dir_all(&work).with_context(|| format!("removing the work directory {}", work.display()))?;
+    }
+    Ok(BuildResult { dir: final_dir, manifest, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// A build needs room for the tree, the root image and the sparse disk's written blocks.
+fn check_free_space(dir: &Path, plan: &Plan) -> Result<()> {
+    let need = 3 * 1024 * 1024 * 1024u64;
+    let st = nix::sys::statvfs::statvfs(dir).with_context(|| format!("checking free space in {}", dir.display()))?;
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    if free < need {
+        anyhow::bail!(
+            "not enough free space in {}: {} free, a build of {} needs about {} (free some space or pass --out on another disk)",
+            dir.display(),
+            crate::units::Bytes(free),
+            plan.output_name,
+            crate::units::Bytes(need)
+        );
+    }
+    Ok(())
+}

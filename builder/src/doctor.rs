@@ -1,0 +1,124 @@
+//! `kiln doctor`: checks the host tools kiln runs and, with `--install`, installs the missing
+//! ones with apt (idempotent). On Debian 12 QEMU comes from bookworm-backports, whose apt entry
+//! is derived from the host's own mirror line.
+
+use crate::exec::Cmd;
+use anyhow::{Context as _, Result};
+use std::path::Path;
+
+/// A host tool: how to find it and which Debian package provides it.
+pub struct Tool {
+    pub name: &'static str,
+    /// A program on PATH, or an absolute path to a file.
+    pub probe: &'static str,
+    pub package: &'static str,
+    /// Installed from bookworm-backports on Debian 12 hosts.
+    pub backports_on_bookworm: bool,
+    pub used_for: &'static str,
+}
+
+pub const TOOLS: &[Tool] = &[
+    Tool { name: "mmdebstrap", probe: "mmdebstrap", package: "mmdebstrap", backports_on_bookworm: false, used_for: "bootstrapping the Debian root" },
+    Tool { name: "mkfs.erofs", probe: "mkfs.erofs", package: "erofs-utils", backports_on_bookworm: false, used_for: "the read-only root filesystem" },
+    Tool { name: "veritysetup", probe: "veritysetup", package: "cryptsetup-bin", backports_on_bookworm: false, used_for: "dm-verity hash trees" },
+    Tool { name: "mkfs.vfat", probe: "mkfs.vfat", package: "dosfstools", backports_on_bookworm: false, used_for: "the EFI system partition" },
+    Tool { name: "mcopy", probe: "mcopy", package: "mtools", backports_on_bookworm: false, used_for: "filling the ESP without a loop device" },
+    Tool { name: "objcopy", probe: "objcopy", package: "binutils", backports_on_bookworm: false, used_for: "unified kernel images" },
+    Tool { name: "dpkg-query", probe: "dpkg-query", package: "dpkg", backports_on_bookworm: false, used_for: "the package list of the manifest" },
+    Tool { name: "sfdisk", probe: "sfdisk", package: "fdisk", backports_on_bookworm: false, used_for: "checking partition tables (tests)" },
+    Tool { name: "qemu-img", probe: "qemu-img", package: "qemu-utils", backports_on_bookworm: true, used_for: "disk image conversion" },
+    Tool { name: "qemu-system-x86_64", probe: "qemu-system-x86_64", package: "qemu-system-x86", backports_on_bookworm: true, used_for: "kiln boot of x86-64 images" },
+    Tool { name: "OVMF", probe: "/usr/share/OVMF/OVMF_CODE_4M.fd", package: "ovmf", backports_on_bookworm: false, used_for: "UEFI firmware for kiln boot" },
+];
+
+pub fn package_for_program(program: &str) -> Option<&'static str> {
+    let base = program.rsplit('/').next().unwrap_or(program);
+    TOOLS.iter().find(|t| t.probe == base || t.name == base).map(|t| t.package)
+}
+
+pub fn is_present(t: &Tool) -> bool {
+    if t.probe.starts_with('/') {
+        return Path::new(t.probe).exists();
+    }
+    which(t.probe).is_some()
+}
+
+pub fn which(program: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file())
+}
+
+fn host_codename() -> String {
+    std::fs::read_to_string("/etc/os-release")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|s| s.trim_matches('"').to_string())
+        .unwrap_or_default()
+}
+
+/// Prints a table of the tools; returns the missing ones.
+pub fn report() -> Vec<&'static Tool> {
+    let mut missing = Vec::new();
+    for t in TOOLS {
+        let ok = is_present(t);
+        println!("{:<4} {:<20} {:<16} {}", if ok { "ok" } else { "MISS" }, t.name, t.package, t.used_for);
+        if !ok {
+            missing.push(t);
+        }
+    }
+    missing
+}
+
+/// Installs every missing tool with apt-get. Does nothing when all are present.
+pub fn install(missing: &[&Tool]) -> Result<()> {
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!("installing host tools needs root: run `sudo kiln doctor --install`");
+    }
+    let bookworm = host_codename() == "bookworm";
+    let backports: Vec<&str> = missing.iter().filter(|t| bookworm && t.backports_on_bookworm).map(|t| t.package).collect();
+    let plain: Vec<&str> = missing.iter().filter(|t| !(bookworm && t.backports_on_bookworm)).map(|t| t.package).collect();
+    if !backports.is_empty() {
+        ensure_backports_source()?;
+    }
+    let apt = |args: &[&str]| {
+        Cmd::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive").run_with_lines(|l| eprintln!("  {l}"))
+    };
+    apt(&["update", "-q"])?;
+    if !plain.is_empty() {
+        let mut a = vec!["install", "-y", "-q", "--no-install-recommends"];
+        a.extend(&plain);
+        apt(&a)?;
+    }
+    if !backports.is_empty() {
+        // qemu-utils on Debian 12 build machines often comes from backports already; the
+        // system emulators must match it or apt refuses ("generated breaks").
+        let mut a = vec!["install", "-y", "-q", "--no-install-recommends", "-t", "bookworm-backports"];
+        a.extend(&backports);
+        if !a.contains(&"qemu-utils") {
+            a.push("qemu-utils");
+        }
+        apt(&a)?;
+    }
+    Ok(())
+}
+
+/// Adds a bookworm-backports entry built from the host's own Debian mirror line, once.
+fn ensure_backports_source() -> Result<()> {
+    let path = Path::new("/etc/apt/sources.list.d/kiln-backports.sources");
+    let mirror = crate::mirror::from_host(Path::new("/etc/apt"))?;
+    let existing = std::fs::read_to_string(path).unwrap_or_default();
+    let text = format!(
+        "# Written by kiln doctor: QEMU for Debian 12 comes from backports.\nTypes: deb\nURIs: {}\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+        mirror.debian
+    );
+    let already = existing.contains("bookworm-backports") && existing.contains(&mirror.debian);
+    if !already {
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("added {} ({} bookworm-backports)", path.display(), mirror.debian);
+    }
+    Ok(())
+}

@@ -1,0 +1,206 @@
+//! Image (board) definitions: architecture, disk layout, bootloader and the QEMU machine that
+//! test-boots the image. Built-in definitions live in `images/*.toml` and are compiled in.
+
+use crate::profile::{ProfileError, Source};
+use crate::units::Bytes;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const BUILTIN_IMAGES: &[(&str, &str)] = &[("pc-uefi", include_str!("../../images/pc-uefi.toml"))];
+
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ImageDef {
+    pub description: String,
+    /// Debian architecture: "amd64" or "arm64".
+    pub arch: Arch,
+    pub bootloader: Bootloader,
+    pub kernel_package: String,
+    #[serde(default)]
+    pub packages: Vec<String>,
+    #[serde(default)]
+    pub kernel_cmdline: Vec<String>,
+    #[serde(default)]
+    pub initramfs_modules: Vec<String>,
+    pub disk: Disk,
+    pub qemu: Qemu,
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Amd64,
+    Arm64,
+}
+
+impl Arch {
+    pub fn debian(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "amd64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Bootloader {
+    /// systemd-boot on an ESP, one UKI per root slot, boot counting for A/B.
+    SystemdBoot,
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Disk {
+    pub table: PartitionTable,
+    pub partitions: Vec<PartitionDef>,
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionTable {
+    Gpt,
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionDef {
+    pub name: String,
+    pub role: Role,
+    #[serde(default)]
+    pub slot: Option<Slot>,
+    pub size: Bytes,
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// EFI system partition (FAT): bootloader and UKIs.
+    Esp,
+    /// A root filesystem slot: EROFS with its dm-verity hash tree appended.
+    Root,
+    /// Persistent state (/var, /home, /srv), created and grown at first boot.
+    Data,
+}
+
+/// An A/B slot. `!slot` is the other one.
+#[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Slot {
+    A,
+    B,
+}
+
+impl std::ops::Not for Slot {
+    type Output = Slot;
+    fn not(self) -> Slot {
+        match self {
+            Slot::A => Slot::B,
+            Slot::B => Slot::A,
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Qemu {
+    /// qemu-system-<system>
+    pub system: String,
+    pub machine: String,
+    pub cpu: String,
+    pub memory: String,
+    pub smp: u32,
+    pub firmware: Firmware,
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    Ovmf,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadedImage {
+    pub name: String,
+    pub source: String,
+    pub def: ImageDef,
+}
+
+/// Finds an image by path or name (`images/NAME.toml` under `cwd`, else built-in) and checks it.
+pub fn load(arg: &str, cwd: &Path) -> Result<LoadedImage, ProfileError> {
+    let (name, source, text) = if arg.contains('/') || arg.ends_with(".toml") {
+        let p = PathBuf::from(arg);
+        let text = std::fs::read_to_string(&p).map_err(|e| ProfileError::new(arg, None, format!("cannot read image definition: {e}")))?;
+        let name = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        (name, arg.to_string(), text)
+    } else if cwd.join("images").join(format!("{arg}.toml")).is_file() {
+        let rel = format!("images/{arg}.toml");
+        let text = std::fs::read_to_string(cwd.join(&rel)).map_err(|e| ProfileError::new(&rel, None, format!("cannot read: {e}")))?;
+        (arg.to_string(), rel, text)
+    } else if let Some((_, text)) = BUILTIN_IMAGES.iter().find(|(n, _)| *n == arg) {
+        (arg.to_string(), format!("<built-in>/images/{arg}.toml"), text.to_string())
+    } else {
+        let names: Vec<&str> = BUILTIN_IMAGES.iter().map(|(n, _)| *n).collect();
+        return Err(ProfileError::new(
+            arg,
+            None,
+            format!("no image named {arg:?}: looked for images/{arg}.toml and the built-in images ({})", names.join(", ")),
+        ));
+    };
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ProfileError::new(&source, None, format!("not valid TOML: {}", e.message())))?;
+    let def: ImageDef = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let path = e.path().to_string();
+        ProfileError::new(&source, Some(&path), e.into_inner().to_string())
+    })?;
+    validate(&Source::File(source.clone().into()), &def)?;
+    Ok(LoadedImage { name, source, def })
+}
+
+fn validate(src: &Source, def: &ImageDef) -> Result<(), ProfileError> {
+    let parts = &def.disk.partitions;
+    let err = |key: &str, msg: &str| Err(ProfileError::new(src, Some(key), msg.to_string()));
+    let count = |role: Role| parts.iter().filter(|p| p.role == role).count();
+    if def.bootloader == Bootloader::SystemdBoot && count(Role::Esp) != 1 {
+        return err("disk.partitions", "a systemd-boot image needs exactly one partition with role = \"esp\"");
+    }
+    for slot in [Slot::A, Slot::B] {
+        if parts.iter().filter(|p| p.role == Role::Root && p.slot == Some(slot)).count() != 1 {
+            return err("disk.partitions", "an image needs exactly one root partition for slot \"a\" and one for slot \"b\" (A/B updates)");
+        }
+    }
+    if count(Role::Data) != 1 || parts.last().map(|p| p.role) != Some(Role::Data) {
+        return err("disk.partitions", "an image needs one partition with role = \"data\", and it must be the last one (it grows to fill the disk)");
+    }
+    for (i, p) in parts.iter().enumerate() {
+        if p.name.is_empty() || p.name.len() > 36 || !p.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return err(&format!("disk.partitions[{i}].name"), "expected a short partition name of letters, digits, '-' and '_'");
+        }
+        if p.size.0 < crate::units::MIB || p.size.0 % crate::units::MIB != 0 {
+            return err(&format!("disk.partitions[{i}].size"), "expected a whole number of MiB");
+        }
+        if (p.role == Role::Root) != p.slot.is_some() {
+            return err(&format!("disk.partitions[{i}].slot"), "root partitions need a slot (\"a\" or \"b\"), other partitions have none");
+        }
+    }
+    Ok(())
+}
+
+impl ImageDef {
+    pub fn root_partition(&self, slot: Slot) -> &PartitionDef {
+        self.disk.partitions.iter().find(|p| p.role == Role::Root && p.slot == Some(slot)).expect("validated: both root slots exist")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_images_are_valid() {
+        for (name, _) in BUILTIN_IMAGES {
+            let img = load(name, Path::new("/nonexistent")).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(img.def.root_partition(Slot::A).name, "root-a");
+            assert_eq!(!Slot::A, Slot::B);
+        }
+    }
+}

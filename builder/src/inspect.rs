@@ -1,0 +1,61 @@
+//! `kiln inspect`: what a build output holds: version, packages, partitions, hashes. With
+//! `--verify`, every artifact is hashed again and the disk's partition table is compared with
+//! the manifest.
+
+use crate::gpt::{GptTable, SECTOR};
+use crate::stages::manifest::{self, Manifest};
+use crate::units::sha256_file;
+use anyhow::{bail, Context as _, Result};
+use std::path::Path;
+
+pub fn print(m: &Manifest, packages: bool) {
+    println!("{} {} ({} {}, {})", m.name, m.version, m.suite, m.arch, m.image);
+    println!("profile:   {}", m.profile_chain.join(" <- "));
+    println!("kernel:    {}", m.kernel);
+    println!("cmdline:   {}", m.kernel_cmdline);
+    println!("root hash: {} (hash tree at byte {})", m.verity.root_hash, m.verity.hash_offset);
+    println!("partitions:");
+    for p in &m.partitions {
+        println!(
+            "  {:<8} {:<5} {:<2} at {:>10} size {:>8}  {}",
+            p.name,
+            p.role,
+            p.slot.as_deref().unwrap_or("-"),
+            manifest::size(p.offset),
+            manifest::size(p.size),
+            p.partuuid
+        );
+    }
+    println!("artifacts:");
+    for (name, a) in &m.artifacts {
+        println!("  {:<20} {:>10}  sha256 {}", name, manifest::size(a.size), a.sha256);
+    }
+    println!("packages:  {}", m.packages.len());
+    if packages {
+        for p in &m.packages {
+            println!("  {:<36} {} {}", p.name, p.version, p.arch);
+        }
+    }
+}
+
+/// Re-hashes every artifact and reads the disk's GPT back; errors name the first mismatch.
+pub fn verify(dir: &Path, m: &Manifest) -> Result<()> {
+    for (name, a) in &m.artifacts {
+        let p = dir.join(name);
+        let got = sha256_file(&p).with_context(|| format!("hashing {}", p.display()))?;
+        if got.hex() != a.sha256 {
+            bail!("{}: sha256 is {} but the manifest says {}: the file was changed after the build", p.display(), got.hex(), a.sha256);
+        }
+    }
+    let disk = dir.join("disk.img");
+    let size = std::fs::metadata(&disk).with_context(|| format!("reading {}", disk.display()))?.len();
+    let mut f = std::fs::File::open(&disk).with_context(|| format!("opening {}", disk.display()))?;
+    let table = GptTable::read(&mut f, size / SECTOR).with_context(|| format!("reading the partition table of {}", disk.display()))?;
+    for (want, got) in m.partitions.iter().zip(&table.partitions) {
+        if want.name != got.name || want.offset != got.first_lba * SECTOR || want.partuuid != got.guid.to_string() {
+            bail!("{}: partition {:?} differs from the manifest", disk.display(), want.name);
+        }
+    }
+    println!("verified: {} artifacts and {} partitions match the manifest", m.artifacts.len(), table.partitions.len());
+    Ok(())
+}

@@ -1,0 +1,20 @@
+//! kiln: bakes hardened, reproducible, auto-updating appliance OS images from TOML profiles.
+//!
+//! The pipeline is `profile` + `image` -> [`plan::Plan`] -> [`build::build`] (stages) ->
+//! artifacts; `qemu` boots them, `inspect` reads them back. See ARCHITECTURE.md.
+
+pub mod build;
+pub mod doctor;
+pub mod exec;
+pub mod gpt;
+pub mod image;
+pub mod inspect;
+pub mod mirror;
+pub mod pe;
+pub mod plan;
+pub mod profile;
+pub mod progress;
+pub mod qemu;
+pub mod stages;
+pub mod templates;
+pub mod units;

@@ -1,0 +1,256 @@
+//! The plan: a profile and an image resolved into one frozen description of the build.
+//!
+//! `Plan::resolve` does no I/O: everything it needs (the loaded profile, the image definition,
+//! the mirror, the clock) is handed in. Stages read the plan and never change it.
+
+use crate::image::{Arch, LoadedImage, PartitionDef, Qemu, Role, Slot};
+use crate::mirror::Mirror;
+use crate::profile::{LoadedProfile, ProfileError};
+use crate::units::{Bytes, Sha256, Uuid, MIB};
+use serde::Serialize;
+use std::collections::BTreeSet;
+
+/// Packages kiln's own pipeline needs in every image, whatever the profile says.
+pub const REQUIRED_PACKAGES: &[&str] = &[
+    "systemd",
+    "systemd-sysv",
+    "udev",
+    "dbus",
+    "initramfs-tools",
+    "zstd",
+    "cryptsetup-bin", // veritysetup, copied into the initramfs
+    "e2fsprogs",      // the data partition is formatted at first boot
+    "iproute2",
+];
+
+/// What the user passed on the command line that overrides the profile.
+#[derive(Default, Debug, Clone)]
+pub struct Overrides {
+    pub mirror: Option<String>,
+    pub version: Option<String>,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// "<profile>-<image>": the output directory's name.
+    pub output_name: String,
+    pub profile: String,
+    /// The profile files merged, child first.
+    pub profile_chain: Vec<String>,
+    pub image: String,
+    pub image_source: String,
+    pub arch: Arch,
+    pub suite: String,
+    pub mirror: Mirror,
+    pub sources: Vec<String>,
+    /// Everything asked of apt, sorted.
+    pub packages: Vec<String>,
+    pub hostname: String,
+    pub timezone: String,
+    pub locale: String,
+    pub users: Vec<UserPlan>,
+    pub kernel_cmdline: Vec<String>,
+    pub initramfs_modules: Vec<String>,
+    pub version: String,
+    pub source_date_epoch: u64,
+    pub disk: DiskPlan,
+    pub health: HealthPlan,
+    pub qemu: Qemu,
+    /// Hash of every input: seeds the UUIDs that are not derived from content.
+    pub seed: String,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct UserPlan {
+    pub name: String,
+    pub ssh_keys: Vec<String>,
+    pub groups: Vec<String>,
+    pub shell: String,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct HealthPlan {
+    pub units: Vec<String>,
+    pub commands: Vec<String>,
+    pub timeout_secs: u32,
+}
+
+/// The partition table with every offset decided.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct DiskPlan {
+    pub size: Bytes,
+    pub disk_guid: String,
+    pub partitions: Vec<PartitionPlan>,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct PartitionPlan {
+    pub name: String,
+    pub role: Role,
+    pub slot: Option<Slot>,
+    pub offset: Bytes,
+    pub size: Bytes,
+    /// The partition's GUID. For the root slot written at build time it is replaced by the
+    /// first 128 bits of the root hash once that is known (see `stages::disk`).
+    pub uuid: String,
+}
+
+/// Where the first partition starts, and the room kept at the end for the backup GPT.
+pub const ALIGN: u64 = MIB;
+
+impl Plan {
+    pub fn resolve(
+        profile: &LoadedProfile,
+        image: &LoadedImage,
+        host_mirror: Option<&Mirror>,
+        overrides: &Overrides,
+        now_epoch: u64,
+    ) -> Result<Plan, ProfileError> {
+        let p = &profile.merged;
+        let file = profile.chain.first().map(|s| s.to_string()).unwrap_or_default();
+        let sys = p.system.clone().unwrap_or_default();
+        let def = &image.def;
+
+        let suite = sys.suite.clone().unwrap_or_else(|| "trixie".into());
+        let mirror = match (&overrides.mirror, &sys.mirror, host_mirror) {
+            (Some(m), _, _) | (None, Some(m), _) => Mirror::from_uri(m),
+            (None, None, Some(h)) => h.clone(),
+            (None, None, None) => {
+                return Err(ProfileError::new(&file, Some("system.mirror"), "no mirror: the host's apt sources name none; set system.mirror or pass --mirror URI"))
+            }
+        };
+        let sources = mirror.source_lines(&suite, "main");
+        let locale = sys.locale.clone().unwrap_or_else(|| "C.UTF-8".into());
+
+        let mut packages: BTreeSet<String> = REQUIRED_PACKAGES.iter().map(|s| s.to_string()).collect();
+        packages.insert(def.kernel_package.clone());
+        packages.extend(def.packages.iter().cloned());
+        packages.extend(sys.packages.iter().flatten().cloned());
+        if locale != "C.UTF-8" {
+            packages.insert("locales".into());
+        }
+
+        let users: Vec<UserPlan> = p
+            .users
+            .iter()
+            .flatten()
+            .map(|(name, u)| UserPlan {
+                name: name.clone(),
+                ssh_keys: u.ssh_keys.clone().unwrap_or_default(),
+                groups: u.groups.clone().unwrap_or_default(),
+                shell: u.shell.clone().unwrap_or_else(|| "/bin/bash".into()),
+            })
+            .collect();
+        if users.iter().any(|u| u.groups.iter().any(|g| g == "sudo")) {
+            packages.insert("sudo".into());
+        }
+
+        let mut kernel_cmdline = def.kernel_cmdline.clone();
+        kernel_cmdline.extend(sys.kernel_cmdline.iter().flatten().cloned());
+
+        let release = p.release.clone().unwrap_or_default();
+        let version = overrides.version.clone().or(release.version).unwrap_or_else(|| "0.1.0".into());
+        let source_date_epoch = release.source_date_epoch.unwrap_or(now_epoch);
+
+        let health = p.health.clone().unwrap_or_default();
+        let health = HealthPlan {
+            units: health.units.unwrap_or_default(),
+            commands: health.commands.unwrap_or_default(),
+            timeout_secs: health.timeout.unwrap_or(240),
+        };
+
+        let seed_input = serde_json::json!({
+            "profile": p, "image": def, "version": version, "suite": suite, "epoch": source_date_epoch,
+        });
+        let seed = Sha256::of(seed_input.to_string().as_bytes()).hex();
+        let disk = layout(&def.disk.partitions, &seed);
+
+        Ok(Plan {
+            output_name: format!("{}-{}", profile.name, image.name),
+            profile: profile.name.clone(),
+            profile_chain: profile.chain.iter().map(|s| s.to_string()).collect(),
+            image: image.name.clone(),
+            image_source: image.source.clone(),
+            arch: def.arch,
+            suite,
+            mirror,
+            sources,
+            packages: packages.into_iter().collect(),
+            hostname: sys.hostname.unwrap_or_else(|| "kiln".into()),
+            timezone: sys.timezone.unwrap_or_else(|| "Etc/UTC".into()),
+            locale,
+            users,
+            kernel_cmdline,
+            initramfs_modules: def.initramfs_modules.clone(),
+            version,
+            source_date_epoch,
+            disk,
+            health,
+            qemu: def.qemu.clone(),
+            seed,
+        })
+    }
+
+    pub fn partition(&self, role: Role, slot: Option<Slot>) -> &PartitionPlan {
+        self.disk.partitions.iter().find(|p| p.role == role && p.slot == slot).expect("image validated: partition exists")
+    }
+}
+
+/// Places partitions back to back, 1 MiB aligned, with room for the backup GPT at the end.
+fn layout(parts: &[PartitionDef], seed: &str) -> DiskPlan {
+    let mut offset = ALIGN;
+    let mut out = Vec::new();
+    for p in parts {
+        out.push(PartitionPlan {
+            name: p.name.clone(),
+            role: p.role,
+            slot: p.slot,
+            offset: Bytes(offset),
+            size: p.size,
+            uuid: Uuid::derive(seed, &format!("partition:{}", p.name)).to_string(),
+        });
+        offset += p.size.0.div_ceil(ALIGN) * ALIGN;
+    }
+    DiskPlan { size: Bytes(offset + ALIGN), disk_guid: Uuid::derive(seed, "disk").to_string(), partitions: out }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::{load, Source};
+
+    fn plan() -> Plan {
+        let prof = load(Source::Builtin("minimal")).unwrap();
+        let img = crate::image::load("pc-uefi", std::path::Path::new("/nonexistent")).unwrap();
+        let m = Mirror::from_uri("http://mirror.test/debian");
+        Plan::resolve(&prof, &img, Some(&m), &Overrides::default(), 1_700_000_000).unwrap()
+    }
+
+    #[test]
+    fn minimal_on_pc_uefi_resolves() {
+        let p = plan();
+        assert_eq!(p.output_name, "minimal-pc-uefi");
+        assert_eq!(p.suite, "trixie");
+        assert_eq!(p.hostname, "kiln-minimal");
+        assert!(p.packages.contains(&"openssh-server".to_string()), "base's packages are inherited");
+        assert!(p.packages.contains(&"linux-image-amd64".to_string()));
+        assert_eq!(p.sources[2], "deb http://mirror.test/debian-security trixie-security main");
+        let names: Vec<&str> = p.disk.partitions.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["esp", "root-a", "root-b", "data"]);
+        assert_eq!(p.disk.partitions[0].offset, Bytes(MIB));
+        assert_eq!(p.disk.partitions[1].offset, Bytes(257 * MIB));
+        assert_eq!(p.disk.size, Bytes((1 + 256 + 1024 + 1024 + 512 + 1) * MIB));
+    }
+
+    #[test]
+    fn plan_is_deterministic_and_seeded_by_inputs() {
+        assert_eq!(plan(), plan());
+        let prof = load(Source::Builtin("minimal")).unwrap();
+        let img = crate::image::load("pc-uefi", std::path::Path::new("/nonexistent")).unwrap();
+        let m = Mirror::from_uri("http://mirror.test/debian");
+        let o = Overrides { version: Some("2.0.0".into()), ..Default::default() };
+        let p2 = Plan::resolve(&prof, &img, Some(&m), &o, 1_700_000_000).unwrap();
+        assert_ne!(p2.seed, plan().seed);
+        assert_eq!(p2.version, "2.0.0");
+    }
+}

@@ -1,0 +1,493 @@
+//! Profiles: the user's TOML description of an appliance, with `extends` inheritance.
+//!
+//! Loading is strict. Every file is checked on its own against the schema before anything is
+//! merged, so an error names the file that holds the mistake and the key path in it. Unknown
+//! keys are errors: a typo in a security setting must never be silently ignored.
+//!
+//! Inheritance: `extends = "base"` names a profile next to this file or a built-in one. Tables
+//! merge key by key (the child wins); lists replace the parent's list, except the lists in
+//! [`APPENDING_LISTS`], which add to the parent's (so a profile adds packages to base's).
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Lists that add to the parent's list instead of replacing it.
+pub const APPENDING_LISTS: &[&str] = &["system.packages", "system.kernel_cmdline", "health.units", "health.commands"];
+
+/// The profiles compiled into kiln, used when no file of that name is found on disk.
+pub const BUILTIN_PROFILES: &[(&str, &str)] = &[
+    ("base", include_str!("../../profiles/base.toml")),
+    ("minimal", include_str!("../../profiles/minimal.toml")),
+];
+
+/// One profile file as written; every field optional because a child may set only a few.
+#[derive(Deserialize, Serialize, Default, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileFile {
+    /// The parent profile: a name ("base") or a path relative to this file.
+    pub extends: Option<String>,
+    pub description: Option<String>,
+    pub system: Option<System>,
+    pub release: Option<Release>,
+    /// Login users, by name. Root stays locked; users log in with SSH keys only.
+    pub users: Option<BTreeMap<String, User>>,
+    pub health: Option<Health>,
+}
+
+#[derive(Deserialize, Serialize, Default, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct System {
+    /// Debian suite (default "trixie").
+    pub suite: Option<String>,
+    /// Debian mirror URI; default: the host's apt sources.
+    pub mirror: Option<String>,
+    /// Extra Debian packages (appends to the parent's list).
+    pub packages: Option<Vec<String>>,
+    pub hostname: Option<String>,
+    /// An IANA zone name such as "Europe/Berlin" (default "Etc/UTC").
+    pub timezone: Option<String>,
+    /// Default "C.UTF-8"; any other locale installs `locales` and generates it.
+    pub locale: Option<String>,
+    /// Additions to the kernel command line (appends to the parent's list).
+    pub kernel_cmdline: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, Serialize, Default, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Release {
+    /// The image version; releases of one profile must increase.
+    pub version: Option<String>,
+    /// Timestamp used for every file and filesystem in the image (default: the build's clock,
+    /// or the `SOURCE_DATE_EPOCH` environment variable).
+    pub source_date_epoch: Option<u64>,
+}
+
+#[derive(Deserialize, Serialize, Default, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    /// OpenSSH public keys ("ssh-ed25519 AAAA... comment").
+    pub ssh_keys: Option<Vec<String>>,
+    /// Supplementary groups; "sudo" gives passwordless administration.
+    pub groups: Option<Vec<String>>,
+    pub shell: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Default, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    /// Units that must be active for the system to count as healthy (appends).
+    pub units: Option<Vec<String>>,
+    /// Shell commands that must exit 0 (appends).
+    pub commands: Option<Vec<String>>,
+    /// Seconds to wait for boot to settle before the checks count as failed.
+    pub timeout: Option<u32>,
+}
+
+/// Where a profile's text came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    Builtin(&'static str),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "{}", p.display()),
+            Source::Builtin(name) => write!(f, "<built-in>/profiles/{name}.toml"),
+        }
+    }
+}
+
+/// An error in a profile, naming the file and, where there is one, the key path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileError {
+    pub file: String,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ProfileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.key {
+            Some(k) => write!(f, "{}: {}: {}", self.file, k, self.message),
+            None => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ProfileError {}
+
+impl ProfileError {
+    pub fn new(file: impl fmt::Display, key: Option<&str>, message: impl Into<String>) -> Self {
+        ProfileError { file: file.to_string(), key: key.map(str::to_string), message: message.into() }
+    }
+}
+
+/// A profile with its whole `extends` chain merged.
+#[derive(Debug, Clone)]
+pub struct LoadedProfile {
+    /// The profile's name: the file stem of the profile the user named.
+    pub name: String,
+    /// The files merged, child first.
+    pub chain: Vec<Source>,
+    pub merged: ProfileFile,
+}
+
+/// Finds the profile a user named on the command line: a path (contains '/' or ends in
+/// ".toml"), else `profiles/NAME.toml` under `cwd`, else a built-in profile.
+pub fn locate(arg: &str, cwd: &Path) -> Result<Source, ProfileError> {
+    if arg.contains('/') || arg.ends_with(".toml") {
+        let p = PathBuf::from(arg);
+        if !p.is_file() {
+            return Err(ProfileError::new(arg, None, "no such profile file"));
+        }
+        return Ok(Source::File(p));
+    }
+    let local = cwd.join("profiles").join(format!("{arg}.toml"));
+    if local.is_file() {
+        return Ok(Source::File(PathBuf::from("profiles").join(format!("{arg}.toml"))));
+    }
+    builtin(arg).map(Source::Builtin).ok_or_else(|| {
+        ProfileError::new(
+            arg,
+            None,
+            format!("no profile named {arg:?}: looked for profiles/{arg}.toml and the built-in profiles ({})", builtin_names()),
+        )
+    })
+}
+
+fn builtin(name: &str) -> Option<&'static str> {
+    BUILTIN_PROFILES.iter().find(|(n, _)| *n == name).map(|(n, _)| *n)
+}
+
+fn builtin_names() -> String {
+    BUILTIN_PROFILES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+}
+
+fn read_source(src: &Source) -> Result<String, ProfileError> {
+    match src {
+        Source::File(p) => std::fs::read_to_string(p)
+            .map_err(|e| ProfileError::new(p.display(), None, format!("cannot read: {e}"))),
+        Source::Builtin(name) => {
+            Ok(BUILTIN_PROFILES.iter().find(|(n, _)| n == name).map(|(_, t)| t.to_string()).unwrap_or_default())
+        }
+    }
+}
+
+/// Parses and checks one file on its own. Returns the raw table (for merging) and the typed form.
+pub fn parse_file(src: &Source, text: &str) -> Result<(toml::Table, ProfileFile), ProfileError> {
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        let msg = e.message().to_string();
+        let at = e.span().map(|s| line_col(text, s.start)).map(|(l, c)| format!(" (line {l}, column {c})")).unwrap_or_default();
+        ProfileError::new(src, None, format!("not valid TOML{at}: {msg}"))
+    })?;
+    let typed = typed_from_table(src, &table)?;
+    check_values(src, &typed)?;
+    Ok((table, typed))
+}
+
+fn typed_from_table(src: &Source, table: &toml::Table) -> Result<ProfileFile, ProfileError> {
+    let value = toml::Value::Table(table.clone());
+    serde_path_to_error::deserialize::<_, ProfileFile>(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        let (key, message) = explain_serde_error(&path, &inner);
+        ProfileError { file: src.to_string(), key, message }
+    })
+}
+
+/// Turns serde's wording into kiln's: `unknown key "x" (expected one of: ...)`,
+/// `expected a string, found integer 5`.
+fn explain_serde_error(path: &str, inner: &str) -> (Option<String>, String) {
+    // toml's value deserializer appends "\nin `key`\n"; the key path is reported separately.
+    let cleaned: String = inner.lines().filter(|l| !l.starts_with("in `")).collect::<Vec<_>>().join("");
+    let cleaned = cleaned.replace("a sequence", "a list").replace("a map", "a table");
+    let inner = cleaned.as_str();
+    let path = if path == "." || path.is_empty() { None } else { Some(path.to_string()) };
+    if let Some(rest) = inner.strip_prefix("unknown field `") {
+        let (field, tail) = rest.split_once('`').unwrap_or((rest, ""));
+        let expected = tail
+            .trim_start_matches(", expected one of ")
+            .trim_start_matches(", expected ")
+            .replace('`', "");
+        // serde_path_to_error's path already ends with the unknown key.
+        let key = path.unwrap_or_else(|| field.to_string());
+        return (Some(key), format!("unknown key (expected one of: {expected})"));
+    }
+    if let Some(rest) = inner.strip_prefix("invalid type: ") {
+        if let Some((found, expected)) = rest.split_once(", expected ") {
+            let found = found.replace('`', "");
+            return (path, format!("expected {expected}, found {found}"));
+        }
+    }
+    (path, inner.to_string())
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, col)
+}
+
+/// Checks of values that the type alone does not express.
+fn check_values(src: &Source, p: &ProfileFile) -> Result<(), ProfileError> {
+    let err = |key: &str, msg: String| Err(ProfileError::new(src, Some(key), msg));
+    if let Some(sys) = &p.system {
+        if let Some(suite) = &sys.suite {
+            if suite.is_empty() || !suite.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
+                return err("system.suite", format!("expected a Debian suite name such as \"trixie\", found {suite:?}"));
+            }
+        }
+        if let Some(h) = &sys.hostname {
+            if !valid_hostname(h) {
+                return err("system.hostname", format!("expected a hostname (letters, digits and '-', at most 63 characters, not starting or ending with '-'), found {h:?}"));
+            }
+        }
+        if let Some(tz) = &sys.timezone {
+            let ok = !tz.is_empty() && !tz.starts_with('/') && !tz.contains("..") && tz.chars().all(|c| c.is_ascii_alphanumeric() || "/_+-".contains(c));
+            if !ok {
+                return err("system.timezone", format!("expected an IANA time zone such as \"Europe/Berlin\", found {tz:?}"));
+            }
+        }
+        if let Some(loc) = &sys.locale {
+            if !(loc == "C.UTF-8" || (loc.contains('_') && loc.ends_with(".UTF-8"))) {
+                return err("system.locale", format!("expected \"C.UTF-8\" or a UTF-8 locale such as \"de_DE.UTF-8\", found {loc:?}"));
+            }
+        }
+        if let Some(pkgs) = &sys.packages {
+            for (i, name) in pkgs.iter().enumerate() {
+                if !valid_package(name) {
+                    return err(&format!("system.packages[{i}]"), format!("expected a Debian package name (optionally name=version), found {name:?}"));
+                }
+            }
+        }
+        if let Some(mirror) = &sys.mirror {
+            if !(mirror.starts_with("http://") || mirror.starts_with("https://") || mirror.starts_with("file:/")) {
+                return err("system.mirror", format!("expected an http://, https:// or file:/ URI, found {mirror:?}"));
+            }
+        }
+        if let Some(args) = &sys.kernel_cmdline {
+            for (i, a) in args.iter().enumerate() {
+                if a.is_empty() || a.chars().any(char::is_whitespace) {
+                    return err(&format!("system.kernel_cmdline[{i}]"), format!("expected one kernel argument without spaces, found {a:?}"));
+                }
+                if a.starts_with("root=") || a.starts_with("kiln.") {
+                    return err(&format!("system.kernel_cmdline[{i}]"), format!("{a:?} is set by kiln itself (verified root) and cannot be overridden"));
+                }
+            }
+        }
+    }
+    if let Some(users) = &p.users {
+        for (name, u) in users {
+            if !valid_user_name(name) {
+                return err(&format!("users.{name}"), "expected a user name: lowercase letters, digits, '_' or '-', starting with a letter, at most 32 characters".into());
+            }
+            if name == "root" {
+                return err("users.root", "the root account stays locked; add a user in the \"sudo\" group instead".into());
+            }
+            for (i, k) in u.ssh_keys.iter().flatten().enumerate() {
+                if !valid_ssh_key(k) {
+                    return err(&format!("users.{name}.ssh_keys[{i}]"), "expected an OpenSSH public key line such as \"ssh-ed25519 AAAA... comment\"".into());
+                }
+            }
+            for (i, g) in u.groups.iter().flatten().enumerate() {
+                if !valid_user_name(g) {
+                    return err(&format!("users.{name}.groups[{i}]"), format!("expected a group name, found {g:?}"));
+                }
+            }
+        }
+    }
+    if let Some(rel) = &p.release {
+        if let Some(v) = &rel.version {
+            if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || ".+~-".contains(c)) || !v.starts_with(|c: char| c.is_ascii_digit()) {
+                return err("release.version", format!("expected a version starting with a digit, such as \"1.4.0\", found {v:?}"));
+            }
+        }
+    }
+    if let Some(h) = &p.health {
+        if h.timeout == Some(0) {
+            return err("health.timeout", "expected a positive number of seconds, found 0".into());
+        }
+    }
+    Ok(())
+}
+
+pub fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 63
+        && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && !h.starts_with('-')
+        && !h.ends_with('-')
+}
+
+pub fn valid_user_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 32
+        && n.starts_with(|c: char| c.is_ascii_lowercase())
+        && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+pub fn valid_package(n: &str) -> bool {
+    let name = n.split_once('=').map(|(a, _)| a).unwrap_or(n);
+    name.len() >= 2
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
+        && n.split_once('=').map(|(_, v)| !v.is_empty() && !v.contains(char::is_whitespace)).unwrap_or(true)
+}
+
+pub fn valid_ssh_key(k: &str) -> bool {
+    let mut parts = k.split_whitespace();
+    let kind = parts.next().unwrap_or("");
+    let blob = parts.next().unwrap_or("");
+    let known = kind.starts_with("ssh-ed25519")
+        || kind == "ssh-rsa"
+        || kind.starts_with("ecdsa-sha2-")
+        || kind.starts_with("sk-ssh-ed25519@")
+        || kind.starts_with("sk-ecdsa-sha2-");
+    known && blob.len() >= 16 && blob.chars().all(|c| c.is_ascii_alphanumeric() || "+/=".contains(c)) && !k.contains('\n')
+}
+
+/// Loads a profile and its `extends` chain, and merges it.
+pub fn load(src: Source) -> Result<LoadedProfile, ProfileError> {
+    let name = match &src {
+        Source::File(p) => p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "profile".into()),
+        Source::Builtin(n) => n.to_string(),
+    };
+    let mut chain: Vec<Source> = Vec::new();
+    let mut tables: Vec<toml::Table> = Vec::new();
+    let mut current = src;
+    loop {
+        let text = read_source(&current)?;
+        let (table, typed) = parse_file(&current, &text)?;
+        chain.push(current.clone());
+        tables.push(table);
+        let Some(parent) = typed.extends else { break };
+        let next = resolve_extends(&current, &parent)?;
+        if let Some(pos) = chain.iter().position(|s| same_source(s, &next)) {
+            let cycle: Vec<String> = chain[pos..].iter().chain(std::iter::once(&next)).map(|s| s.to_string()).collect();
+            return Err(ProfileError::new(&current, Some("extends"), format!("inheritance cycle: {}", cycle.join(" -> "))));
+        }
+        current = next;
+    }
+    // Merge from the root ancestor down to the child.
+    let mut merged = toml::Table::new();
+    for t in tables.iter().rev() {
+        merge_tables(&mut merged, t, "");
+    }
+    merged.remove("extends");
+    let typed = typed_from_table(chain.first().expect("chain has the profile itself"), &merged)?;
+    Ok(LoadedProfile { name, chain, merged: typed })
+}
+
+fn same_source(a: &Source, b: &Source) -> bool {
+    match (a, b) {
+        (Source::File(x), Source::File(y)) => {
+            let cx = std::fs::canonicalize(x).unwrap_or_else(|_| x.clone());
+            let cy = std::fs::canonicalize(y).unwrap_or_else(|_| y.clone());
+            cx == cy
+        }
+        (Source::Builtin(x), Source::Builtin(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// `extends` names a file next to the child (by name or relative path), or a built-in profile.
+fn resolve_extends(child: &Source, parent: &str) -> Result<Source, ProfileError> {
+    if let Source::File(p) = child {
+        let dir = p.parent().unwrap_or(Path::new(""));
+        let candidate = if parent.ends_with(".toml") || parent.contains('/') {
+            dir.join(parent)
+        } else {
+            dir.join(format!("{parent}.toml"))
+        };
+        if candidate.is_file() {
+            return Ok(Source::File(candidate));
+        }
+        if let Some(b) = builtin(parent) {
+            return Ok(Source::Builtin(b));
+        }
+        return Err(ProfileError::new(
+            child,
+            Some("extends"),
+            format!("no profile {parent:?} to extend: looked for {} and the built-in profiles ({})", candidate.display(), builtin_names()),
+        ));
+    }
+    builtin(parent).map(Source::Builtin).ok_or_else(|| {
+        ProfileError::new(child, Some("extends"), format!("no built-in profile {parent:?} ({})", builtin_names()))
+    })
+}
+
+fn merge_tables(into: &mut toml::Table, from: &toml::Table, prefix: &str) {
+    for (k, v) in from {
+        let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match (into.get_mut(k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge_tables(a, b, &path),
+            (Some(toml::Value::Array(a)), toml::Value::Array(b)) if APPENDING_LISTS.contains(&path.as_str()) => {
+                for item in b {
+                    if !a.contains(item) {
+                        a.push(item.clone());
+                    }
+                }
+            }
+            _ => {
+                into.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ProfileFile, ProfileError> {
+        parse_file(&Source::File("p.toml".into()), text).map(|(_, t)| t)
+    }
+
+    #[test]
+    fn unknown_key_names_the_key_path() {
+        let e = parse("[system]\nhostnme = \"x\"\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("system.hostnme"));
+        assert!(e.message.starts_with("unknown key (expected one of: suite, mirror"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_says_expected_and_found() {
+        let e = parse("[system]\npackages = \"vim\"\n").unwrap_err();
+        assert_eq!(e.to_string(), "p.toml: system.packages: expected a list, found string \"vim\"");
+    }
+
+    #[test]
+    fn values_are_checked() {
+        assert_eq!(parse("[system]\nhostname = \"-bad\"\n").unwrap_err().key.as_deref(), Some("system.hostname"));
+        assert_eq!(parse("[users.root]\n").unwrap_err().key.as_deref(), Some("users.root"));
+        assert_eq!(
+            parse("[users.al]\nssh_keys = [\"not a key\"]\n").unwrap_err().key.as_deref(),
+            Some("users.al.ssh_keys[0]")
+        );
+        assert_eq!(parse("[system]\nkernel_cmdline = [\"root=/dev/sda\"]\n").unwrap_err().key.as_deref(), Some("system.kernel_cmdline[0]"));
+        assert!(parse("[system]\npackages = [\"vim\", \"curl=8.1-1\"]\n").is_ok());
+    }
+
+    #[test]
+    fn tables_merge_and_lists_follow_their_rule() {
+        let mut base: toml::Table = "[system]\nhostname = \"a\"\npackages = [\"x\"]\n[health]\ncommands=[\"true\"]\ntimeout = 5\n".parse().unwrap();
+        let child: toml::Table = "[system]\npackages = [\"y\", \"x\"]\n[health]\ntimeout = 9\n".parse().unwrap();
+        merge_tables(&mut base, &child, "");
+        let sys = base["system"].as_table().unwrap();
+        assert_eq!(sys["hostname"].as_str(), Some("a"));
+        assert_eq!(sys["packages"].as_array().unwrap().len(), 2);
+        assert_eq!(base["health"]["timeout"].as_integer(), Some(9));
+    }
+
+    #[test]
+    fn builtin_profiles_parse() {
+        for (name, _) in BUILTIN_PROFILES {
+            load(Source::Builtin(name)).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! `kiln boot`: runs an image under QEMU, interactively on the serial console or, with
+//! `--check`, headless until the image's health unit prints its readiness marker.
+//!
+//! Networking is off unless asked for, and then it is user-mode with `restrict=on` and port
+//! forwards bound to 127.0.0.1 only. KVM is used only when a short probe shows it works.
+
+use crate::exec::Cmd;
+use crate::image::Qemu;
+use anyhow::{bail, Context as _, Result};
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const READY_MARKER: &str = "KILN-READY";
+pub const NOT_READY_MARKER: &str = "KILN-NOT-READY";
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// Lines of console output shown when a check fails.
+pub const TAIL_LINES: usize = 40;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Accel {
+    /// KVM if a short probe boot shows it works, else TCG.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Clone, Debug)]
+pub struct BootOptions {
+    pub disk: PathBuf,
+    pub qemu: Qemu,
+    pub accel: Accel,
+    /// Write guest changes to the disk image (default: a throw-away overlay).
+    pub persist: bool,
+    /// Forward 127.0.0.1:<port> to the guest's SSH port.
+    pub ssh_port: Option<u16>,
+    /// Extra user-mode forwards, e.g. `guestfwd=tcp:10.0.2.100:80-tcp:127.0.0.1:8080`.
+    pub net_rules: Vec<String>,
+    /// Where the full console log goes (check mode).
+    pub log: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+pub enum CheckOutcome {
+    Ready { seconds: f64, line: String },
+    NotReady { seconds: f64, line: String, tail: Vec<String> },
+    Failed { seconds: f64, reason: String, tail: Vec<String> },
+}
+
+/// The QEMU command for an image. The VARS copy lives in `scratch`.
+pub fn command(opts: &BootOptions, accel: Accel, scratch: &Path, interactive: bool) -> Result<Cmd> {
+    let q = &opts.qemu;
+    for f in [OVMF_CODE, OVMF_VARS] {
+        if !Path::new(f).exists() {
+            bail!("UEFI firmware {f} is missing: run `kiln doctor --install` (Debian package ovmf)");
+        }
+    }
+    let vars = scratch.join("OVMF_VARS.fd");
+    std::fs::copy(OVMF_VARS, &vars).with_context(|| format!("copying {OVMF_VARS} to {}", vars.display()))?;
+    let accel = match accel {
+        Accel::Kvm => "kvm",
+        _ => "tcg",
+    };
+    let mut drive = format!("if=none,id=disk0,format=raw,file={}", opts.disk.display());
+    if !opts.persist {
+        drive.push_str(",snapshot=on");
+    }
+    let mut cmd = Cmd::new(format!("qemu-system-{}", q.system))
+        .args(["-accel", accel, "-machine", &q.machine, "-cpu", &q.cpu, "-m", &q.memory])
+        .args(["-smp", &q.smp.to_string()])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-vga", "none"])
+        .arg("-drive")
+        .arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"))
+        .arg("-drive")
+        .arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()))
+        .arg("-drive")
+        .arg(drive)
+        .args(["-device", "virtio-blk-pci,drive=disk0,bootindex=1"])
+        .args(["-device", "virtio-rng-pci"]);
+    if interactive {
+        cmd = cmd.args(["-serial", "mon:stdio"]);
+    } else {
+        cmd = cmd.args(["-serial", "stdio", "-monitor", "none"]);
+    }
+    let mut nic = Vec::new();
+    if let Some(port) = opts.ssh_port {
+        nic.push(format!("hostfwd=tcp:127.0.0.1:{port}-:22"));
+    }
+    nic.extend(opts.net_rules.iter().cloned());
+    if nic.is_empty() {
+        cmd = cmd.args(["-nic", "none"]);
+    } else {
+        cmd = cmd.arg("-nic").arg(format!("user,model=virtio-net-pci,restrict=on,{}", nic.join(",")));
+    }
+    Ok(cmd)
+}
+
+/// Chooses the accelerator: KVM only when asked for or when a probe proves it boots firmware.
+pub fn choose_accel(requested: Accel, qemu: &Qemu, scratch: &Path) -> Accel {
+    match requested {
+        Accel::Kvm | Accel::Tcg => requested,
+        Accel::Auto => {
+            if qemu.system != "x86_64" || !Path::new("/dev/kvm").exists() {
+                return Accel::Tcg;
+            }
+            let cache = std::env::temp_dir().join("kiln-kvm-probe");
+            let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+            if let Ok(c) = std::fs::read_to_string(&cache) {
+                if let Some((id, verdict)) = c.split_once(' ') {
+                    if id == boot_id.trim() {
+                        return if verdict.trim() == "kvm" { Accel::Kvm } else { Accel::Tcg };
+                    }
+                }
+            }
+            let verdict = if probe_kvm(qemu, scratch) { Accel::Kvm } else { Accel::Tcg };
+            let _ = std::fs::write(&cache, format!("{} {}\n", boot_id.trim(), if verdict == Accel::Kvm { "kvm" } else { "tcg" }));
+            verdict
+        }
+    }
+}
+
+/// Boots OVMF with no disk under KVM and waits a few seconds for the firmware to reach its boot
+/// manager on the serial console. Hosts where KVM guests hang fail this and get TCG.
+fn probe_kvm(qemu: &Qemu, scratch: &Path) -> bool {
+    let opts = BootOptions {
+        disk: scratch.join("probe-empty.img"),
+        qemu: qemu.clone(),
+        accel: Accel::Kvm,
+        persist: false,
+        ssh_port: None,
+        net_rules: vec![],
+        log: None,
+    };
+    if std::fs::File::create(&opts.disk).and_then(|f| f.set_len(1 << 20)).is_err() {
+        return false;
+    }
+    let Ok(cmd) = command(&opts, Accel::Kvm, scratch, false) else { return false };
+    let Ok(mut child) = cmd.spawn_piped(false) else { return false };
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().expect("piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+            let _ = tx.send(String::from_utf8_lossy(&line).into_owned());
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut ok = false;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("BdsDxe") || line.contains("UEFI") => {
+                ok = true;
+                break;
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    ok
+}
+
+/// Boots and waits for the readiness marker.
+pub fn check(opts: &BootOptions, timeout: Duration, scratch: &Path, echo: bool) -> Result<CheckOutcome> {
+    let accel = choose_accel(opts.accel, &opts.qemu, scratch);
+    eprintln!("booting {} under {} ({}), waiting up to {}s for {READY_MARKER}", opts.disk.display(), opts.qemu.system, if accel == Accel::Kvm { "kvm" } else { "tcg" }, timeout.as_secs());
+    let cmd = command(opts, accel, scratch, false)?;
+    let mut child = cmd.spawn_piped(false)?;
+    let started = Instant::now();
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+            let _ = tx.send(clean_line(&line));
+        }
+    });
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).split(b'\n').map_while(Result::ok) {
+            let _ = tx2.send(format!("qemu: {}", clean_line(&line)));
+        }
+    });
+    let mut log = match &opts.log {
+        Some(p) => Some(std::fs::File::create(p).with_context(|| format!("creating the console log {}", p.display()))?),
+        None => None,
+    };
+    let mut tail: VecDeque<String> = VecDeque::new();
+    let deadline = started + timeout;
+    let outcome = loop {
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+            break CheckOutcome::Failed { seconds: started.elapsed().as_secs_f64(), reason: format!("no {READY_MARKER} within {}s", timeout.as_secs()), tail: vec![] };
+        };
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(f) = log.as_mut() {
+                    let _ = writeln!(f, "{line}");
+                }
+                if echo {
+                    eprintln!("  | {line}");
+                }
+                tail.push_back(line.clone());
+                if tail.len() > TAIL_LINES {
+                    tail.pop_front();
+                }
+                let secs = started.elapsed().as_secs_f64();
+                if line.contains(NOT_READY_MARKER) {
+                    break CheckOutcome::NotReady { seconds: secs, line, tail: vec![] };
+                }
+                if line.contains(READY_MARKER) {
+                    break CheckOutcome::Ready { seconds: secs, line };
+                }
+                if line.contains("Kernel panic - not syncing") {
+                    // Let a few more lines of the panic arrive.
+                    let until = Instant::now() + Duration::from_secs(2);
+                    while let Some(l) = until.checked_duration_since(Instant::now()).and_then(|d| rx.recv_timeout(d).ok()) {
+                        tail.push_back(l);
+                        if tail.len() > TAIL_LINES {
+                            tail.pop_front();
+                        }
+                    }
+                    break CheckOutcome::Failed { seconds: secs, reason: "kernel panic".into(), tail: vec![] };
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.wait().map(crate::exec::describe_status).unwrap_or_default();
+                break CheckOutcome::Failed { seconds: started.elapsed().as_secs_f64(), reason: format!("QEMU exited ({status}) before {READY_MARKER}"), tail: vec![] };
+            }
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let tail: Vec<String> = tail.into_iter().collect();
+    Ok(match outcome {
+        CheckOutcome::NotReady { seconds, line, .. } => CheckOutcome::NotReady { seconds, line, tail },
+        CheckOutcome::Failed { seconds, reason, .. } => CheckOutcome::Failed { seconds, reason, tail },
+        ready => ready,
+    })
+}
+
+/// Runs QEMU attached to this terminal (serial console; Ctrl-A X quits).
+pub fn interactive(opts: &BootOptions, scratch: &Path) -> Result<()> {
+    let accel = choose_accel(opts.accel, &opts.qemu, scratch);
+    eprintln!("serial console of {} (Ctrl-A X quits QEMU){}", opts.disk.display(), if opts.persist { "" } else { "; changes are thrown away (use --persist to keep them)" });
+    let cmd = command(opts, accel, scratch, true)?;
+    let status = cmd.spawn_piped(true)?.wait().context("waiting for QEMU")?;
+    if !status.success() {
+        bail!("QEMU exited with {}", crate::exec::describe_status(status));
+    }
+    Ok(())
+}
+
+/// Console bytes to a printable line: no carriage returns or terminal escape sequences.
+pub fn clean_line(raw: &[u8]) -> String {
+    let s = String::from_utf8_lossy(raw);
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => {
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    while let Some(&n) = chars.peek() {
+                        chars.next();
+                        if n.is_ascii_alphabetic() {
+                            break;
+                        }
+                    }
+                } else {
+                    chars.next();
+                }
+            }
+            '\r' => {}
+            c if c.is_control() && c != '\t' => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_lines_are_cleaned() {
+        assert_eq!(clean_line(b"\x1b[0;32m  OK  \x1b[0m] Reached target\r"), "  OK  ] Reached target");
+    }
+
+    #[test]
+    fn network_is_loopback_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let qemu = crate::image::load("pc-uefi", Path::new("/nonexistent")).unwrap().def.qemu;
+        if !Path::new(OVMF_VARS).exists() {
+            eprintln!("ovmf not installed; the boot tests cover this");
+            return;
+        }
+        let opts = BootOptions { disk: "d.img".into(), qemu, accel: Accel::Tcg, persist: false, ssh_port: Some(2222), net_rules: vec![], log: None };
+        let cmd = command(&opts, Accel::Tcg, dir.path(), false).unwrap().to_string();
+        assert!(cmd.contains("-nic user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22"), "{cmd}");
+        assert!(cmd.contains("snapshot=on"));
+        let none = BootOptions { ssh_port: None, ..opts };
+        assert!(command(&none, Accel::Tcg, dir.path(), false).unwrap().to_string().contains("-nic none"));
+    }
+}

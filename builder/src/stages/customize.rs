@@ -1,0 +1,278 @@
+//! Stage 2: turn the bootstrapped tree into an appliance: configuration from templates, users,
+//! hostname, time zone and locale, a read-only-root layout with state on /var, and removal of
+//! everything that must differ per device or per boot (machine-id, host keys, logs, caches).
+
+use super::Context;
+use crate::exec::Cmd;
+use crate::image::Role;
+use crate::progress::StageProgress;
+use anyhow::{bail, Context as _, Result};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+/// Units kiln enables in every image.
+const ENABLED_UNITS: &[&str] = &[
+    "systemd-networkd.service",
+    "systemd-resolved.service",
+    "systemd-timesyncd.service",
+    "ssh.service",
+    "kiln-ssh-hostkey.service",
+    "kiln-health.service",
+];
+
+pub fn customize(ctx: &Context) -> Result<()> {
+    let progress = StageProgress::start("customize", "configuration, users, read-only layout");
+    let plan = ctx.plan;
+    let tree = &ctx.tree;
+    let t = &ctx.templates;
+    let mut tctx = tera::Context::from_serialize(plan).context("plan as template context")?;
+    tctx.insert("data_uuid", &plan.partition(Role::Data, None).uuid);
+    tctx.insert("esp_uuid", &plan.partition(Role::Esp, None).uuid);
+
+    // Identity.
+    write_file(&tree.join("etc/hostname"), format!("{}\n", plan.hostname).as_bytes(), 0o644)?;
+    write_file(
+        &tree.join("etc/hosts"),
+        format!("127.0.0.1\tlocalhost\n127.0.1.1\t{h}\n::1\tlocalhost ip6-localhost ip6-loopback\n", h = plan.hostname).as_bytes(),
+        0o644,
+    )?;
+    set_timezone(tree, &plan.timezone)?;
+    set_locale(tree, &plan.locale)?;
+    add_image_identity(tree, plan)?;
+
+    // Configuration files.
+    write_file(&tree.join("etc/fstab"), t.render("rootfs/fstab.tera", &tctx)?.as_bytes(), 0o644)?;
+    write_file(&tree.join("etc/ssh/sshd_config.d/50-kiln.conf"), t.render("rootfs/sshd.conf.tera", &tctx)?.as_bytes(), 0o644)?;
+    write_file(&tree.join("etc/systemd/network/80-kiln-dhcp.network"), t.render("rootfs/dhcp.network", &tctx)?.as_bytes(), 0o644)?;
+    write_file(&tree.join("usr/lib/systemd/system/kiln-ssh-hostkey.service"), t.render("rootfs/kiln-ssh-hostkey.service", &tctx)?.as_bytes(), 0o644)?;
+    write_file(&tree.join("usr/lib/systemd/system/kiln-health.service"), t.render("rootfs/kiln-health.service", &tctx)?.as_bytes(), 0o644)?;
+    write_file(&tree.join("usr/lib/kiln/health-check"), t.render("rootfs/health-check.tera", &tctx)?.as_bytes(), 0o755)?;
+    symlink_force("../run/systemd/resolve/stub-resolv.conf", &tree.join("etc/resolv.conf"))?;
+
+    // Users: SSH keys only; root stays locked.
+    create_users(ctx)?;
+
+    // Units.
+    let enable = Cmd::new("chroot").arg(tree).arg("systemctl").arg("enable").args(ENABLED_UNITS);
+    enable.run()?;
+
+    // State lives on /var (the data partition); /home and /srv point there.
+    make_var_factory(tree)?;
+
+    clean(tree)?;
+    progress.finish(&format!("{} users, hostname {}", plan.users.len(), plan.hostname));
+    Ok(())
+}
+
+/// Writes a file (creating parent directories) with the given mode.
+pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, data).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(|| format!("setting the mode of {}", path.display()))?;
+    Ok(())
+}
+
+fn symlink_force(target: &str, link: &Path) -> Result<()> {
+    if link.symlink_metadata().is_ok() {
+        if link.is_dir() && !link.symlink_metadata().map(|m| m.file_type().is_symlink()).unwrap_or(false) {
+            std::fs::remove_dir_all(link).with_context(|| format!("removing {}", link.display()))?;
+        } else {
+            std::fs::remove_file(link).with_context(|| format!("removing {}", link.display()))?;
+        }
+    }
+    std::os::unix::fs::symlink(target, link).with_context(|| format!("linking {} -> {target}", link.display()))
+}
+
+fn set_timezone(tree: &Path, tz: &str) -> Result<()> {
+    let zone = tree.join("usr/share/zoneinfo").join(tz);
+    let localtime = tree.join("etc/localtime");
+    if tz == "Etc/UTC" || tz == "UTC" {
+        // No tzdata needed: a missing /etc/localtime means UTC.
+        let _ = std::fs::remove_file(&localtime);
+        write_file(&tree.join("etc/timezone"), b"Etc/UTC\n", 0o644)?;
+        return Ok(());
+    }
+    if !zone.is_file() {
+        bail!("system.timezone: no time zone {tz:?} in the image (looked for /usr/share/zoneinfo/{tz}; add \"tzdata\" to system.packages or fix the name)");
+    }
+    symlink_force(&format!("/usr/share/zoneinfo/{tz}"), &localtime)?;
+    write_file(&tree.join("etc/timezone"), format!("{tz}\n").as_bytes(), 0o644)
+}
+
+fn set_locale(tree: &Path, locale: &str) -> Result<()> {
+    write_file(&tree.join("etc/default/locale"), format!("LANG={locale}\n").as_bytes(), 0o644)?;
+    write_file(&tree.join("etc/locale.conf"), format!("LANG={locale}\n").as_bytes(), 0o644)?;
+    if locale != "C.UTF-8" {
+        write_file(&tree.join("etc/locale.gen"), format!("{locale} UTF-8\n").as_bytes(), 0o644)?;
+        Cmd::new("chroot").arg(tree).arg("locale-gen").run().context("system.locale: generating the locale")?;
+    }
+    Ok(())
+}
+
+/// Adds IMAGE_ID/IMAGE_VERSION to os-release: systemd-boot shows them, and the update agent
+/// compares them.
+fn add_image_identity(tree: &Path, plan: &crate::plan::Plan) -> Result<()> {
+    let path = tree.join("usr/lib/os-release");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out: String = text
+        .lines()
+        .filter(|l| !l.starts_with("IMAGE_ID=") && !l.starts_with("IMAGE_VERSION=") && !l.starts_with("PRETTY_NAME="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let pretty = text
+        .lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .map(|s| s.trim_matches('"').to_string())
+        .unwrap_or_else(|| "Debian".into());
+    out.push_str(&format!("PRETTY_NAME=\"kiln {} {} ({pretty})\"\n", plan.profile, plan.version));
+    out.push_str(&format!("IMAGE_ID={}\nIMAGE_VERSION={}\n", plan.output_name, plan.version));
+    write_file(&path, out.as_bytes(), 0o644)
+}
+
+fn create_users(ctx: &Context) -> Result<()> {
+    let tree = &ctx.tree;
+    // Root: locked, no password.
+    Cmd::new("chroot").arg(tree).args(["usermod", "--lock", "root"]).run()?;
+    let mut sudo = false;
+    let mut tmpfiles = String::from("# Written by kiln: home directories on the data partition.\n");
+    for u in &ctx.plan.users {
+        let mut cmd = Cmd::new("chroot")
+            .arg(tree)
+            .args(["useradd", "--no-create-home", "--user-group", "--home-dir"])
+            .arg(format!("/home/{}", u.name))
+            .arg("--shell")
+            .arg(&u.shell);
+        if !u.groups.is_empty() {
+            cmd = cmd.arg("--groups").arg(u.groups.join(","));
+        }
+        cmd.arg(&u.name).run().with_context(|| format!("users.{}: creating the user", u.name))?;
+        // "*": no password can match, but the account is not locked (SSH keys work).
+        Cmd::new("chroot").arg(tree).args(["usermod", "--password", "*"]).arg(&u.name).run()?;
+        let keys: String = u.ssh_keys.iter().map(|k| format!("{k}\n")).collect();
+        write_file(&tree.join("etc/ssh/authorized_keys").join(&u.name), keys.as_bytes(), 0o644)?;
+        tmpfiles.push_str(&format!("d /home/{0} 0700 {0} {0} -\n", u.name));
+        sudo |= u.groups.iter().any(|g| g == "sudo");
+    }
+    if sudo {
+        write_file(&tree.join("etc/sudoers.d/kiln"), b"# Written by kiln: accounts have no passwords, so sudo asks for none.\n%sudo ALL=(ALL:ALL) NOPASSWD: ALL\n", 0o440)?;
+    }
+    write_file(&tree.join("usr/lib/tmpfiles.d/kiln-home.conf"), tmpfiles.as_bytes(), 0o644)
+}
+
+/// Moves the installed /var into /usr/share/factory/var and has systemd-tmpfiles copy what is
+/// missing onto the data partition at boot. /home and /srv become links into /var.
+fn make_var_factory(tree: &Path) -> Result<()> {
+    let var = tree.join("var");
+    let factory = tree.join("usr/share/factory/var");
+    if factory.exists() {
+        std::fs::remove_dir_all(&factory).with_context(|| format!("removing {}", factory.display()))?;
+    }
+    std::fs::create_dir_all(&factory).with_context(|| format!("creating {}", factory.display()))?;
+    let mut rules = String::from(
+        "# Written by kiln: /var is the data partition; fill what is missing from the image's factory copy.\n\
+         d /var/home 0755 root root -\n\
+         d /var/srv 0755 root root -\n\
+         d /var/tmp 1777 root root -\n\
+         d /var/lib/kiln 0755 root root -\n\
+         d /var/log/journal 2755 root systemd-journal -\n\
+         L /var/run - - - - /run\n\
+         L /var/lock - - - - /run/lock\n",
+    );
+    let mut entries: Vec<_> = std::fs::read_dir(&var).with_context(|| format!("reading {}", var.display()))?.collect::<std::io::Result<_>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let from = e.path();
+        if matches!(name.as_str(), "run" | "lock" | "tmp") {
+            remove_any(&from)?;
+            continue;
+        }
+        std::fs::rename(&from, factory.join(&name)).with_context(|| format!("moving {} into the factory copy", from.display()))?;
+        rules.push_str(&format!("C /var/{name} - - - - -\n"));
+    }
+    write_file(&tree.join("usr/lib/tmpfiles.d/00-kiln-var.conf"), rules.as_bytes(), 0o644)?;
+    for dir in ["home", "srv"] {
+        symlink_force(&format!("var/{dir}"), &tree.join(dir))?;
+    }
+    std::fs::create_dir_all(tree.join("efi")).context("creating /efi")?;
+    Ok(())
+}
+
+fn remove_any(p: &Path) -> Result<()> {
+    let meta = match p.symlink_metadata() {
+        Ok(m) => m,
+        Err(_) => return Ok(()),
+    };
+    if meta.is_dir() {
+        std::fs::remove_dir_all(p)
+    } else {
+        std::fs::remove_file(p)
+    }
+    .with_context(|| format!("removing {}", p.display()))
+}
+
+/// Removes what must not be shared by every device or survive into the image.
+fn clean(tree: &Path) -> Result<()> {
+    // An empty machine-id: systemd treats this as a first boot.
+    write_file(&tree.join("etc/machine-id"), b"", 0o444)?;
+    let factory = tree.join("usr/share/factory/var");
+    for rel in ["lib/dbus/machine-id", "cache/ldconfig/aux-cache", "lib/systemd/random-seed"] {
+        remove_any(&factory.join(rel))?;
+    }
+    for dir in ["cache/apt", "lib/apt/lists", "log", "cache/debconf"] {
+        let d = factory.join(dir);
+        if d.is_dir() {
+            for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+                let p = e?.path();
+                if p.file_name().map(|n| n == "partial" || n == "lock").unwrap_or(false) {
+                    continue;
+                }
+                // Keep templates.dat etc. of debconf; drop its caches' old copies.
+                if dir == "cache/debconf" && !p.to_string_lossy().ends_with("-old") {
+                    continue;
+                }
+                remove_any(&p)?;
+            }
+        }
+    }
+    // Host keys are made on the device at first boot (kiln-ssh-hostkey.service).
+    if let Ok(rd) = std::fs::read_dir(tree.join("etc/ssh")) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with("ssh_host_") {
+                remove_any(&e.path())?;
+            }
+        }
+    }
+    for f in ["etc/.pwd.lock", "etc/passwd-", "etc/group-", "etc/shadow-", "etc/gshadow-", "etc/subuid-", "etc/subgid-"] {
+        remove_any(&tree.join(f))?;
+    }
+    for dir in ["tmp", "boot"] {
+        let d = tree.join(dir);
+        if d.is_dir() {
+            for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+                remove_any(&e?.path())?;
+            }
+        }
+    }
+    // Python bytecode is made at install time with the build's clock; drop it.
+    remove_pycache(&tree.join("usr"))?;
+    Ok(())
+}
+
+fn remove_pycache(dir: &Path) -> Result<()> {
+    let Ok(rd) = std::fs::read_dir(dir) else { return Ok(()) };
+    for e in rd.flatten() {
+        let p = e.path();
+        let ft = e.file_type().with_context(|| format!("reading {}", p.display()))?;
+        if ft.is_dir() {
+            if e.file_name() == "__pycache__" {
+                remove_any(&p)?;
+            } else {
+                remove_pycache(&p)?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,57 @@
+//! kiln's templates (tera), compiled into the binary. Files without `.tera` are copied as is.
+
+use anyhow::{Context as _, Result};
+
+macro_rules! templates {
+    ($($name:literal),* $(,)?) => {
+        &[$(($name, include_str!(concat!("../templates/", $name)))),*]
+    };
+}
+
+pub const FILES: &[(&str, &str)] = templates![
+    "initramfs/initramfs.conf",
+    "initramfs/modules.tera",
+    "initramfs/hook-kiln-verity",
+    "initramfs/local-top-kiln-verity",
+    "rootfs/fstab.tera",
+    "rootfs/sshd.conf.tera",
+    "rootfs/kiln-ssh-hostkey.service",
+    "rootfs/dhcp.network",
+    "rootfs/kiln-health.service",
+    "rootfs/health-check.tera",
+    "esp/loader.conf",
+];
+
+pub struct Templates {
+    tera: tera::Tera,
+}
+
+impl Templates {
+    pub fn load() -> Result<Templates> {
+        let mut tera = tera::Tera::default();
+        tera.autoescape_on(vec![]);
+        for (name, text) in FILES {
+            if name.ends_with(".tera") {
+                tera.add_raw_template(name, text).with_context(|| format!("template {name}"))?;
+            }
+        }
+        Ok(Templates { tera })
+    }
+
+    /// Renders a `.tera` template, or returns a plain file's text.
+    pub fn render(&self, name: &str, ctx: &tera::Context) -> Result<String> {
+        if name.ends_with(".tera") {
+            self.tera.render(name, ctx).map_err(|e| {
+                let mut msg = format!("rendering template {name}: {e}");
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    msg.push_str(&format!(": {s}"));
+                    src = s.source();
+                }
+                anyhow::anyhow!(msg)
+            })
+        } else {
+            FILES.iter().find(|(n, _)| *n == name).map(|(_, t)| t.to_string()).with_context(|| format!("no template {name}"))
+        }
+    }
+}
