@@ -23,6 +23,9 @@ pub struct BuildResult {
 
 pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
     let started = Instant::now();
+    std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
+    let out_dir = std::fs::canonicalize(&opts.out_dir).with_context(|| format!("resolving {}", opts.out_dir.display()))?;
+    let opts = &BuildOptions { out_dir, keep_work: opts.keep_work };
     let final_dir = opts.out_dir.join(&plan.output_name);
     let work = opts.out_dir.join(".work").join(&plan.output_name);
     let staging = opts.out_dir.join(format!(".{}.staging", plan.output_name));

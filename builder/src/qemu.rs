@@ -83,7 +83,8 @@ pub fn command(opts: &BootOptions, accel: Accel, scratch: &Path, interactive: bo
     if interactive {
         cmd = cmd.args(["-serial", "mon:stdio"]);
     } else {
-        cmd = cmd.args(["-serial", "stdio", "-monitor", "none"]);
+        // A check ends at the first reboot: a boot that fails and reboots has failed.
+        cmd = cmd.args(["-serial", "stdio", "-monitor", "none", "-no-reboot"]);
     }
     let mut nic = Vec::new();
     if let Some(port) = opts.ssh_port {

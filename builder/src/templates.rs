@@ -9,7 +9,7 @@ macro_rules! templates {
 }
 
 pub const FILES: &[(&str, &str)] = templates![
-    "initramfs/initramfs.conf",
+    "initramfs/kiln.conf",
     "initramfs/modules.tera",
     "initramfs/hook-kiln-verity",
     "initramfs/local-top-kiln-verity",

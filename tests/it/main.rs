@@ -1,1 +1,30 @@
-fn main(){}
+//! kiln's integration tests: one binary, testing behaviour through the `kiln` command line.
+//!
+//! `golden`: profile errors against expected output (re-bless with KILN_BLESS=1).
+//! `cli`: plan and inspect behaviour that needs no build.
+//! `image`: the real thing: an mmdebstrap build of the minimal image, its partition table,
+//! dm-verity, and QEMU boots (healthy, and failing on a flipped byte in the root).
+
+mod cli;
+mod golden;
+mod image;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn kiln_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_kiln")
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("builder/ has a parent").to_path_buf()
+}
+
+/// Runs kiln with `args` in `cwd`, with a fixed mirror so no test depends on the host's apt.
+pub fn kiln(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(kiln_bin()).args(args).current_dir(cwd).output().expect("kiln runs")
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}

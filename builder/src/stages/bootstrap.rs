@@ -35,17 +35,23 @@ pub fn bootstrap(ctx: &Context) -> Result<BootFiles> {
     if !nix_is_root() {
         bail!("kiln build must run as root: mmdebstrap installs packages into a chroot (run it with sudo)");
     }
-    let hooks = ctx.work.join("initramfs-tools");
+    let hooks = ctx.work.join("initramfs-files");
     write_initramfs_config(ctx, &hooks)?;
     if ctx.tree.exists() {
         std::fs::remove_dir_all(&ctx.tree).with_context(|| format!("removing the old tree {}", ctx.tree.display()))?;
     }
 
     let progress = StageProgress::start("bootstrap", &format!("mmdebstrap {} {} ({} packages asked)", plan.suite, plan.arch.debian(), plan.packages.len()));
-    let hook = format!(
-        "mkdir -p \"$1/etc/initramfs-tools\" && cp -a {}/. \"$1/etc/initramfs-tools/\"",
-        shell_quote(&hooks.to_string_lossy())
+    let files = shell_quote(&hooks.to_string_lossy());
+    // Before any package is installed: kiln's initramfs configuration, and update-initramfs
+    // diverted so that the kernel's and every trigger's calls do nothing...
+    let essential = format!(
+        "cp -a {files}/. \"$1/\" && chroot \"$1\" dpkg-divert --quiet --local --no-rename --divert /usr/sbin/update-initramfs.kiln --add /usr/sbin/update-initramfs \
+         && printf '#!/bin/sh\\necho \"kiln: update-initramfs $*: deferred\"\\n' > \"$1/usr/sbin/update-initramfs\" && chmod 755 \"$1/usr/sbin/update-initramfs\""
     );
+    // ...then, once everything is installed, the real one runs exactly once.
+    let customize = "rm -f \"$1/usr/sbin/update-initramfs\" && chroot \"$1\" dpkg-divert --quiet --local --rename --remove /usr/sbin/update-initramfs \
+         && chroot \"$1\" update-initramfs -c -k all";
     let mut cmd = Cmd::new("mmdebstrap")
         .arg("--variant=minbase")
         .arg("--mode=root")
@@ -54,7 +60,8 @@ pub fn bootstrap(ctx: &Context) -> Result<BootFiles> {
         .arg(format!("--include={}", plan.packages.join(",")))
         .arg("--aptopt=Acquire::Retries \"3\"")
         .arg("--aptopt=APT::Install-Recommends \"false\"")
-        .arg(format!("--essential-hook={hook}"))
+        .arg(format!("--essential-hook={essential}"))
+        .arg(format!("--customize-hook={customize}"))
         .env("SOURCE_DATE_EPOCH", plan.source_date_epoch.to_string());
     for opt in DPKG_EXCLUDES {
         cmd = cmd.arg(format!("--dpkgopt={opt}"));
@@ -83,10 +90,10 @@ fn write_initramfs_config(ctx: &Context, dir: &Path) -> Result<()> {
     let mut tctx = tera::Context::new();
     tctx.insert("initramfs_modules", &ctx.plan.initramfs_modules);
     let files = [
-        ("initramfs.conf", t.render("initramfs/initramfs.conf", &tctx)?, 0o644),
-        ("modules", t.render("initramfs/modules.tera", &tctx)?, 0o644),
-        ("hooks/kiln-verity", t.render("initramfs/hook-kiln-verity", &tctx)?, 0o755),
-        ("scripts/local-top/kiln-verity", t.render("initramfs/local-top-kiln-verity", &tctx)?, 0o755),
+        ("etc/initramfs-tools/conf.d/kiln.conf", t.render("initramfs/kiln.conf", &tctx)?, 0o644),
+        ("usr/share/initramfs-tools/modules.d/kiln.conf", t.render("initramfs/modules.tera", &tctx)?, 0o644),
+        ("etc/initramfs-tools/hooks/kiln-verity", t.render("initramfs/hook-kiln-verity", &tctx)?, 0o755),
+        ("etc/initramfs-tools/scripts/local-top/kiln-verity", t.render("initramfs/local-top-kiln-verity", &tctx)?, 0o755),
     ];
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;

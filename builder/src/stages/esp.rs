@@ -30,6 +30,9 @@ pub fn kernel_cmdline(ctx: &Context, root: &RootImage) -> String {
         format!("kiln.verity={}", root.root_hash),
         format!("kiln.verity_offset={}", root.hash_offset),
         "systemd.show_status=auto".into(),
+        // A failed boot (initramfs error, kernel panic, verity corruption) reboots after 10 s
+        // instead of waiting at a shell, so the boot counter can move on to the other slot.
+        "panic=10".into(),
     ];
     args.extend(ctx.plan.kernel_cmdline.iter().cloned());
     args.join(" ")

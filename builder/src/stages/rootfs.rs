@@ -35,7 +35,6 @@ pub fn make_root(ctx: &Context) -> Result<RootImage> {
         .arg(format!("-z{COMPRESSION}"))
         .arg(format!("-T{}", plan.source_date_epoch))
         .arg(format!("-U{fs_uuid}"))
-        .arg("-Lroot")
         .arg(&path)
         .arg(&ctx.tree)
         .env("SOURCE_DATE_EPOCH", plan.source_date_epoch.to_string())

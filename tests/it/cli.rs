@@ -1,0 +1,44 @@
+//! Command-line behaviour that needs no image build.
+
+use crate::{kiln, repo_root, text};
+
+#[test]
+fn plan_of_the_default_profile_has_the_ab_layout() {
+    let out = kiln(&repo_root(), &["plan", "--mirror", "http://mirror.invalid/debian"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["output_name"], "minimal-pc-uefi");
+    assert_eq!(plan["suite"], "trixie");
+    let names: Vec<&str> = plan["disk"]["partitions"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["esp", "root-a", "root-b", "data"]);
+    assert_eq!(plan["sources"][0], "deb http://mirror.invalid/debian trixie main");
+}
+
+#[test]
+fn a_child_profile_adds_packages_and_users() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("profiles")).unwrap();
+    std::fs::write(
+        dir.path().join("profiles/home.toml"),
+        "extends = \"minimal\"\n[system]\npackages = [\"vim-tiny\"]\ntimezone = \"Europe/Berlin\"\n\
+         [users.alice]\nssh_keys = [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGxJ1nJ8Qv0bGz2jQ8g7 alice\"]\ngroups = [\"sudo\"]\n",
+    )
+    .unwrap();
+    let out = kiln(dir.path(), &["plan", "--profile", "home", "--mirror", "http://mirror.invalid/debian", "--release", "2.1.0"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pkgs: Vec<&str> = plan["packages"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+    assert!(pkgs.contains(&"vim-tiny") && pkgs.contains(&"openssh-server") && pkgs.contains(&"sudo"), "{pkgs:?}");
+    assert_eq!(plan["hostname"], "kiln-minimal", "inherited from minimal");
+    assert_eq!(plan["version"], "2.1.0");
+    assert_eq!(plan["users"][0]["name"], "alice");
+    assert_eq!(plan["profile_chain"][1], "<built-in>/profiles/minimal.toml");
+}
+
+#[test]
+fn inspect_of_a_missing_output_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = kiln(dir.path(), &["inspect", "nothing-here"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).starts_with("error: reading nothing-here/manifest.json (is nothing-here a kiln build output?)"), "{}", text(&out.stderr));
+}
