@@ -142,7 +142,7 @@ pub fn load(arg: &str, cwd: &Path) -> Result<LoadedImage, ProfileError> {
     } else {
         let names: Vec<&str> = BUILTIN_IMAGES.iter().map(|(n, _)| *n).collect();
         return Err(ProfileError::new(
-            arg,
+            format!("--image {arg}"),
             None,
             format!("no image named {arg:?}: looked for images/{arg}.toml and the built-in images ({})", names.join(", ")),
         ));

@@ -152,7 +152,7 @@ pub fn locate(arg: &str, cwd: &Path) -> Result<Source, ProfileError> {
     }
     builtin(arg).map(Source::Builtin).ok_or_else(|| {
         ProfileError::new(
-            arg,
+            format!("--profile {arg}"),
             None,
             format!("no profile named {arg:?}: looked for profiles/{arg}.toml and the built-in profiles ({})", builtin_names()),
         )
@@ -205,6 +205,7 @@ fn explain_serde_error(path: &str, inner: &str) -> (Option<String>, String) {
     // toml's value deserializer appends "\nin `key`\n"; the key path is reported separately.
     let cleaned: String = inner.lines().filter(|l| !l.starts_with("in `")).collect::<Vec<_>>().join("");
     let cleaned = cleaned.replace("a sequence", "a list").replace("a map", "a table");
+    let cleaned = ["u8", "u16", "u32", "u64"].iter().fold(cleaned, |c, t| c.replace(&format!("expected {t}"), "expected a whole number"));
     let inner = cleaned.as_str();
     let path = if path == "." || path.is_empty() { None } else { Some(path.to_string()) };
     if let Some(rest) = inner.strip_prefix("unknown field `") {

@@ -39,9 +39,8 @@ impl StageProgress {
     pub fn finish(self, summary: &str) -> Duration {
         let took = self.started.elapsed();
         let text = format!("{:<18} {:>6.1}s  {summary}", self.name, took.as_secs_f64());
-        match &self.bar {
-            Some(b) => b.finish_and_clear(),
-            None => {}
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
         }
         eprintln!("    {text}");
         took

@@ -263,7 +263,18 @@ pub fn clean_line(raw: &[u8]) -> String {
     while let Some(c) = chars.next() {
         match c {
             '\x1b' => {
-                if chars.peek() == Some(&'[') {
+                if chars.peek() == Some(&']') {
+                    // OSC: ends at BEL or ESC \
+                    while let Some(n) = chars.next() {
+                        if n == '\x07' {
+                            break;
+                        }
+                        if n == '\x1b' {
+                            chars.next();
+                            break;
+                        }
+                    }
+                } else if chars.peek() == Some(&'[') {
                     chars.next();
                     while let Some(&n) = chars.peek() {
                         chars.next();
@@ -290,6 +301,7 @@ mod tests {
     #[test]
     fn console_lines_are_cleaned() {
         assert_eq!(clean_line(b"\x1b[0;32m  OK  \x1b[0m] Reached target\r"), "  OK  ] Reached target");
+        assert_eq!(clean_line(b"\x1b]104\x07[  1.0] KILN-READY"), "[  1.0] KILN-READY");
     }
 
     #[test]

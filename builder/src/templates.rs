@@ -18,6 +18,7 @@ pub const FILES: &[(&str, &str)] = templates![
     "rootfs/kiln-ssh-hostkey.service",
     "rootfs/dhcp.network",
     "rootfs/kiln-health.service",
+    "rootfs/kiln-var-base.service",
     "rootfs/health-check.tera",
     "esp/loader.conf",
 ];

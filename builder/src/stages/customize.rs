@@ -18,6 +18,7 @@ const ENABLED_UNITS: &[&str] = &[
     "ssh.service",
     "kiln-ssh-hostkey.service",
     "kiln-health.service",
+    "kiln-var-base.service",
 ];
 
 pub fn customize(ctx: &Context) -> Result<()> {
@@ -46,6 +47,7 @@ pub fn customize(ctx: &Context) -> Result<()> {
     write_file(&tree.join("etc/systemd/network/80-kiln-dhcp.network"), t.render("rootfs/dhcp.network", &tctx)?.as_bytes(), 0o644)?;
     write_file(&tree.join("usr/lib/systemd/system/kiln-ssh-hostkey.service"), t.render("rootfs/kiln-ssh-hostkey.service", &tctx)?.as_bytes(), 0o644)?;
     write_file(&tree.join("usr/lib/systemd/system/kiln-health.service"), t.render("rootfs/kiln-health.service", &tctx)?.as_bytes(), 0o644)?;
+    write_file(&tree.join("usr/lib/systemd/system/kiln-var-base.service"), t.render("rootfs/kiln-var-base.service", &tctx)?.as_bytes(), 0o644)?;
     write_file(&tree.join("usr/lib/kiln/health-check"), t.render("rootfs/health-check.tera", &tctx)?.as_bytes(), 0o755)?;
     symlink_force("../run/systemd/resolve/stub-resolv.conf", &tree.join("etc/resolv.conf"))?;
 
@@ -189,10 +191,15 @@ fn make_var_factory(tree: &Path) -> Result<()> {
             remove_any(&from)?;
             continue;
         }
+
         std::fs::rename(&from, factory.join(&name)).with_context(|| format!("moving {} into the factory copy", from.display()))?;
         rules.push_str(&format!("C /var/{name} - - - - -\n"));
     }
     write_file(&tree.join("usr/lib/tmpfiles.d/00-kiln-var.conf"), rules.as_bytes(), 0o644)?;
+    // Under the mount point, for services that set up a private /var/tmp before /var is mounted.
+    let tmp = var.join("tmp");
+    std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).with_context(|| format!("setting the mode of {}", tmp.display()))?;
     for dir in ["home", "srv"] {
         symlink_force(&format!("var/{dir}"), &tree.join(dir))?;
     }
