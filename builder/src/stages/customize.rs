@@ -57,6 +57,11 @@ pub fn customize(ctx: &Context) -> Result<()> {
     // Units.
     let enable = Cmd::new("chroot").arg(tree).arg("systemctl").arg("enable").args(ENABLED_UNITS);
     enable.run()?;
+    // Not for an appliance: e2scrub needs LVM snapshots, and its reaper costs seconds at boot.
+    let disable = Cmd::new("chroot").arg(tree).args(["systemctl", "disable", "--quiet", "e2scrub_reap.service", "e2scrub_all.timer"]);
+    if tree.join("usr/lib/systemd/system/e2scrub_reap.service").exists() {
+        disable.run()?;
+    }
 
     // State lives on /var (the data partition); /home and /srv point there.
     make_var_factory(tree)?;
