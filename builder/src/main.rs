@@ -161,11 +161,9 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("{}: no such disk image (pass a disk.img or a build output directory)", disk.display());
             }
             let m = stages::manifest::read(&dir)?;
-            let cwd = std::env::current_dir().context("reading the current directory")?;
-            let img = image::load(&m.image, &cwd).with_context(|| format!("the image definition {:?} named in the manifest", m.image))?;
             let scratch = tempdir("kiln-boot")?;
             let log = log.or_else(|| check.then(|| dir.join("boot-console.log")));
-            let opts = qemu::BootOptions { disk, qemu: img.def.qemu, accel, persist, ssh_port, net_rules: vec![], log: log.clone() };
+            let opts = qemu::BootOptions { disk, qemu: m.qemu.clone(), accel, persist, ssh_port, net_rules: vec![], log: log.clone() };
             let result = if check {
                 match qemu::check(&opts, Duration::from_secs(timeout), &scratch, verbose)? {
                     qemu::CheckOutcome::Ready { seconds, line } => {

@@ -129,6 +129,10 @@ impl Plan {
         if locale != "C.UTF-8" {
             packages.insert("locales".into());
         }
+        let timezone = sys.timezone.clone().unwrap_or_else(|| "Etc/UTC".into());
+        if timezone != "Etc/UTC" && timezone != "UTC" {
+            packages.insert("tzdata".into());
+        }
 
         let users: Vec<UserPlan> = p
             .users
@@ -150,6 +154,9 @@ impl Plan {
 
         let release = p.release.clone().unwrap_or_default();
         let version = overrides.version.clone().or(release.version).unwrap_or_else(|| "0.1.0".into());
+        if !crate::profile::valid_version(&version) {
+            return Err(ProfileError::new("--release", None, format!("expected a version starting with a digit, such as \"1.4.0\", found {version:?}")));
+        }
         let source_date_epoch = release.source_date_epoch.unwrap_or(now_epoch);
 
         let health = p.health.clone().unwrap_or_default();
@@ -177,7 +184,7 @@ impl Plan {
             sources,
             packages: packages.into_iter().collect(),
             hostname: sys.hostname.unwrap_or_else(|| "kiln".into()),
-            timezone: sys.timezone.unwrap_or_else(|| "Etc/UTC".into()),
+            timezone,
             locale,
             users,
             kernel_cmdline,

@@ -304,7 +304,7 @@ fn check_values(src: &Source, p: &ProfileFile) -> Result<(), ProfileError> {
     }
     if let Some(rel) = &p.release {
         if let Some(v) = &rel.version {
-            if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || ".+~-".contains(c)) || !v.starts_with(|c: char| c.is_ascii_digit()) {
+            if !valid_version(v) {
                 return err("release.version", format!("expected a version starting with a digit, such as \"1.4.0\", found {v:?}"));
             }
         }
@@ -315,6 +315,14 @@ fn check_values(src: &Source, p: &ProfileFile) -> Result<(), ProfileError> {
         }
     }
     Ok(())
+}
+
+/// A release version: starts with a digit; letters, digits and `.+~-` (it names files on the ESP).
+pub fn valid_version(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 64
+        && v.starts_with(|c: char| c.is_ascii_digit())
+        && v.chars().all(|c| c.is_ascii_alphanumeric() || ".~-".contains(c))
 }
 
 pub fn valid_hostname(h: &str) -> bool {

@@ -76,7 +76,7 @@ fn minimal_image_builds_verifies_and_boots() {
         log.contains("dm-verity device corrupted") || log.contains("is corrupted"),
         "the failure should come from dm-verity; console:\n{log}"
     );
-    let verity_line = log.lines().find(|l| l.contains("corrupted")).unwrap_or_default();
+    let verity_line = log.lines().find(|l| l.contains("is corrupted")).or_else(|| log.lines().find(|l| l.contains("corrupted"))).unwrap_or_default();
     println!("kiln-it: flipped byte at {at} of disk.img: boot refused: {}", verity_line.trim());
 }
 

@@ -31,6 +31,8 @@ pub struct Manifest {
     pub artifacts: BTreeMap<String, Artifact>,
     pub packages: Vec<Package>,
     pub host_tools: BTreeMap<String, String>,
+    /// How `kiln boot` runs this image.
+    pub qemu: crate::image::Qemu,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -144,6 +146,7 @@ pub fn write(ctx: &Context, root: &RootImage, kernel: &str, cmdline: &str, table
         artifacts,
         packages,
         host_tools: host_tools(),
+        qemu: plan.qemu.clone(),
     };
     let path = ctx.staging.join(FILE);
     let text = serde_json::to_string_pretty(&m).context("serializing the manifest")? + "\n";
