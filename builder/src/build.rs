@@ -2,7 +2,10 @@
 //! manifest. Outputs are written to a staging directory and moved into place at the end, so a
 //! failed build never leaves a half-written output behind.
 
+use crate::cache::Cache;
+use crate::lock::LockFile;
 use crate::plan::Plan;
+use crate::stages::bootstrap::Packages;
 use crate::stages::{self, Context};
 use anyhow::{Context as _, Result};
 use std::collections::BTreeMap;
@@ -13,19 +16,26 @@ pub struct BuildOptions {
     pub out_dir: PathBuf,
     /// Keep the work directory (tree, intermediate images) after a successful build.
     pub keep_work: bool,
+    /// Install exactly this lock's packages (`--locked`).
+    pub locked: Option<LockFile>,
 }
 
 pub struct BuildResult {
     pub dir: PathBuf,
     pub manifest: stages::manifest::Manifest,
+    /// What was installed, with .deb hashes (the lock's package list).
+    pub locked: Vec<crate::lock::LockedPackage>,
     pub seconds: f64,
 }
 
 pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
     let started = Instant::now();
+    // Every tool kiln runs (mmdebstrap, maintainer scripts in the chroot, mkfs.*, mtools) reads
+    // the image's timestamp from here; `exec::Cmd` passes it on.
+    std::env::set_var("SOURCE_DATE_EPOCH", plan.source_date_epoch.to_string());
     std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
     let out_dir = std::fs::canonicalize(&opts.out_dir).with_context(|| format!("resolving {}", opts.out_dir.display()))?;
-    let opts = &BuildOptions { out_dir, keep_work: opts.keep_work };
+    let opts = &BuildOptions { out_dir, keep_work: opts.keep_work, locked: opts.locked.clone() };
     let final_dir = opts.out_dir.join(&plan.output_name);
     let work = opts.out_dir.join(".work").join(&plan.output_name);
     let staging = opts.out_dir.join(format!(".{}.staging", plan.output_name));
@@ -38,7 +48,19 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
     check_free_space(&opts.out_dir, plan)?;
     let ctx = Context { plan, tree: work.join("tree"), work: work.clone(), staging: staging.clone(), templates: crate::templates::Templates::load()? };
 
-    let boot_files = stages::bootstrap::bootstrap(&ctx)?;
+    let cache = Cache::open_default()?;
+    let (boot_files, locked) = match &opts.locked {
+        Some(lock) => {
+            let debs = work.join("locked-debs");
+            stages::bootstrap::stage_locked_debs(lock, &cache, &debs)?;
+            let boot = stages::bootstrap::bootstrap(&ctx, Packages::Locked { lock, debs: &debs })?;
+            (boot, lock.packages.clone())
+        }
+        None => {
+            let boot = stages::bootstrap::bootstrap(&ctx, Packages::Resolve)?;
+            (boot, stages::bootstrap::collect_locked(&ctx, &cache)?)
+        }
+    };
     stages::customize::customize(&ctx)?;
     let packages = stages::manifest::packages(&ctx.tree)?;
     let root = stages::rootfs::make_root(&ctx)?;
@@ -65,7 +87,36 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
     if !opts.keep_work {
         std::fs::remove_dir_all(&work).with_context(|| format!("removing the work directory {}", work.display()))?;
     }
-    Ok(BuildResult { dir: final_dir, manifest, seconds: started.elapsed().as_secs_f64() })
+    Ok(BuildResult { dir: final_dir, manifest, locked, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// `kiln lock`: bootstraps with apt resolving the request, and records what it installed.
+pub fn lock(plan: &Plan, out_dir: &Path) -> Result<LockFile> {
+    std::env::set_var("SOURCE_DATE_EPOCH", plan.source_date_epoch.to_string());
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let out_dir = std::fs::canonicalize(out_dir).with_context(|| format!("resolving {}", out_dir.display()))?;
+    let work = out_dir.join(".work").join(format!("{}.lock", plan.output_name));
+    if work.exists() {
+        std::fs::remove_dir_all(&work).with_context(|| format!("removing the leftover {}", work.display()))?;
+    }
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let ctx = Context { plan, tree: work.join("tree"), work: work.clone(), staging: work.join("staging"), templates: crate::templates::Templates::load()? };
+    let cache = Cache::open_default()?;
+    stages::bootstrap::bootstrap(&ctx, Packages::Resolve)?;
+    let packages = stages::bootstrap::collect_locked(&ctx, &cache)?;
+    std::fs::remove_dir_all(&work).with_context(|| format!("removing the work directory {}", work.display()))?;
+    Ok(LockFile {
+        format: crate::lock::FORMAT,
+        kiln: env!("CARGO_PKG_VERSION").into(),
+        profile: plan.profile.clone(),
+        image: plan.image.clone(),
+        suite: plan.suite.clone(),
+        arch: plan.arch.debian().into(),
+        source_date_epoch: plan.source_date_epoch,
+        request: crate::lock::request_hash(plan),
+        host_tools: stages::manifest::host_tools(),
+        packages,
+    })
 }
 
 /// A build needs room for the tree, the root image and the sparse disk's written blocks.

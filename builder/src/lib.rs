@@ -4,11 +4,14 @@
 //! artifacts; `qemu` boots them, `inspect` reads them back. See ARCHITECTURE.md.
 
 pub mod build;
+pub mod cache;
+pub mod debian;
 pub mod doctor;
 pub mod exec;
 pub mod gpt;
 pub mod image;
 pub mod inspect;
+pub mod lock;
 pub mod mirror;
 pub mod pe;
 pub mod plan;

@@ -34,6 +34,18 @@ struct Target {
 }
 
 #[derive(Subcommand)]
+enum CacheAction {
+    /// List the cached .debs and their total size.
+    List,
+    /// Remove cached .debs that no lock file under the given directories refers to.
+    Prune {
+        /// Directories searched for *.lock files (default: profiles/).
+        #[arg(default_value = "profiles")]
+        keep_locks_in: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Build an image: bootstrap, customize, verified root, UKI, disk, manifest.
     Build {
@@ -45,6 +57,29 @@ enum Command {
         /// Keep the work directory (root tree, intermediate images) for debugging.
         #[arg(long)]
         keep_work: bool,
+        /// Install exactly the packages of the lock file (see `kiln lock`), verifying every .deb.
+        #[arg(long)]
+        locked: bool,
+        /// The lock file (default: <profile>.<image>.lock next to the profile, or under profiles/).
+        #[arg(long, value_name = "FILE")]
+        lock: Option<PathBuf>,
+    },
+    /// Resolve the profile's packages against the mirror and write the lock file: every
+    /// package's exact version and .deb sha256, the build timestamp and host tool versions.
+    Lock {
+        #[command(flatten)]
+        target: Target,
+        /// Where to write it (default: <profile>.<image>.lock next to the profile, or under profiles/).
+        #[arg(long, value_name = "FILE")]
+        lock: Option<PathBuf>,
+        /// Scratch space for the bootstrap.
+        #[arg(long, short, default_value = "out")]
+        out: PathBuf,
+    },
+    /// The local cache of downloaded .debs.
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
     },
     /// Boot an image in QEMU: an interactive serial console, or a health check with --check.
     Boot {
@@ -70,6 +105,10 @@ enum Command {
         /// Show the console while checking.
         #[arg(long)]
         verbose: bool,
+        /// With --check: a command to run once the guest is ready (it gets KILN_SSH_PORT); its
+        /// exit status decides the check. Example: -- ssh -p 2222 admin@127.0.0.1 true
+        #[arg(last = true, value_name = "COMMAND")]
+        then: Vec<String>,
     },
     /// Show what a build output holds: partitions, hashes, packages.
     Inspect {
@@ -112,13 +151,36 @@ fn main() {
 }
 
 fn resolve(t: &Target) -> Result<plan::Plan> {
+    resolve_with(t, None)
+}
+
+/// The profile file behind a target, when it is a file (for the default lock path).
+fn profile_file(t: &Target) -> Result<Option<PathBuf>> {
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    Ok(match profile::locate(&t.profile, &cwd)? {
+        profile::Source::File(p) => Some(p),
+        profile::Source::Builtin(_) => None,
+    })
+}
+
+fn lock_path(t: &Target, plan: &plan::Plan, explicit: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p);
+    }
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    let file = profile_file(t)?;
+    let p = kiln::lock::default_path(plan, file.as_deref(), &cwd);
+    Ok(p.strip_prefix(&cwd).map(Path::to_path_buf).unwrap_or(p))
+}
+
+fn resolve_with(t: &Target, epoch: Option<u64>) -> Result<plan::Plan> {
     let cwd = std::env::current_dir().context("reading the current directory")?;
     let src = profile::locate(&t.profile, &cwd)?;
     let prof = profile::load(src)?;
     let img = image::load(&t.image, &cwd)?;
     let needs_host_mirror = t.mirror.is_none() && prof.merged.system.as_ref().and_then(|s| s.mirror.as_ref()).is_none();
     let host = if needs_host_mirror { Some(mirror::from_host(Path::new("/etc/apt"))?) } else { None };
-    let overrides = plan::Overrides { mirror: t.mirror.clone(), version: t.release.clone() };
+    let overrides = plan::Overrides { mirror: t.mirror.clone(), version: t.release.clone(), source_date_epoch: epoch };
     let epoch = std::env::var("SOURCE_DATE_EPOCH")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -136,8 +198,18 @@ fn output_dir(p: &Path) -> PathBuf {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Build { target, out, keep_work } => {
-            let plan = resolve(&target)?;
+        Command::Build { target, out, keep_work, locked, lock } => {
+            let (plan, lock) = if locked || lock.is_some() {
+                let first = resolve(&target)?;
+                let path = lock_path(&target, &first, lock)?;
+                let lock = kiln::lock::LockFile::read(&path)?;
+                let plan = resolve_with(&target, Some(lock.source_date_epoch))?;
+                lock.check_matches(&plan, &path)?;
+                eprintln!("locked: {} packages from {}", lock.packages.len(), path.display());
+                (plan, Some(lock))
+            } else {
+                (resolve(&target)?, None)
+            };
             let missing: Vec<_> = doctor::TOOLS.iter().filter(|t| t.name != "qemu-system-x86_64" && t.name != "OVMF" && !doctor::is_present(t)).collect();
             if !missing.is_empty() {
                 let names: Vec<String> = missing.iter().map(|t| format!("{} ({})", t.name, t.package)).collect();
@@ -145,7 +217,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             eprintln!("building {} {} ({} {}, from {})", plan.output_name, plan.version, plan.suite, plan.arch.debian(), plan.mirror.debian);
-            let r = build::build(&plan, &build::BuildOptions { out_dir: out, keep_work })?;
+            let r = build::build(&plan, &build::BuildOptions { out_dir: out, keep_work, locked: lock })?;
             let disk = &r.manifest.artifacts["disk.img"];
             let root = &r.manifest.artifacts["root.img"];
             println!("built {} in {:.1}s", r.dir.display(), r.seconds);
@@ -154,7 +226,10 @@ fn run(cli: Cli) -> Result<()> {
             println!("  root hash {}", r.manifest.verity.root_hash);
             println!("next: kiln boot {} --check", r.dir.join("disk.img").display());
         }
-        Command::Boot { image, check, timeout, persist, ssh_port, accel, log, verbose } => {
+        Command::Boot { image, check, timeout, persist, ssh_port, accel, log, verbose, then } => {
+            if !then.is_empty() && !check {
+                bail!("a command after -- needs --check (it runs once the guest is ready)");
+            }
             let dir = output_dir(&image);
             let disk = if image.is_dir() { image.join("disk.img") } else { image.clone() };
             if !disk.is_file() {
@@ -165,10 +240,20 @@ fn run(cli: Cli) -> Result<()> {
             let log = log.or_else(|| check.then(|| dir.join("boot-console.log")));
             let opts = qemu::BootOptions { disk, qemu: m.qemu.clone(), accel, persist, ssh_port, net_rules: vec![], log: log.clone() };
             let result = if check {
-                match qemu::check(&opts, Duration::from_secs(timeout), &scratch, verbose)? {
-                    qemu::CheckOutcome::Ready { seconds, line } => {
+                let then_cmd = then.split_first().map(|(prog, args)| {
+                    let mut c = kiln::exec::Cmd::new(prog).args(args);
+                    if let Some(p) = ssh_port {
+                        c = c.env("KILN_SSH_PORT", p.to_string());
+                    }
+                    c
+                });
+                match qemu::check(&opts, Duration::from_secs(timeout), &scratch, verbose, then_cmd.as_ref())? {
+                    qemu::CheckOutcome::Ready { seconds, line, then } => {
                         println!("ready after {seconds:.1}s: {}", line.trim());
-                        Ok(())
+                        match then {
+                            Some(Err(e)) => Err(anyhow::anyhow!("the image is ready but the command failed: {e}")),
+                            _ => Ok(()),
+                        }
                     }
                     qemu::CheckOutcome::NotReady { seconds, line, tail } => {
                         print_tail(&tail, log.as_deref());
@@ -195,6 +280,48 @@ fn run(cli: Cli) -> Result<()> {
             }
             if verify {
                 inspect::verify(&dir, &m)?;
+            }
+        }
+        Command::Lock { target, lock, out } => {
+            let plan = resolve(&target)?;
+            let path = lock_path(&target, &plan, lock)?;
+            let old = kiln::lock::LockFile::read(&path).ok();
+            eprintln!("locking {} ({} {}) into {}", plan.output_name, plan.suite, plan.arch.debian(), path.display());
+            let new = build::lock(&plan, &out)?;
+            new.write(&path)?;
+            println!("locked {} packages into {}", new.packages.len(), path.display());
+            if let Some(old) = old {
+                let changes = kiln::lock::diff(&old, &new);
+                println!("{} changed since the previous lock", changes.len());
+                for c in changes {
+                    println!("  {c}");
+                }
+            }
+        }
+        Command::Cache { action } => {
+            let cache = kiln::cache::Cache::open_default()?;
+            match action {
+                CacheAction::List => {
+                    let items = cache.list()?;
+                    let total: u64 = items.iter().map(|(_, s)| s).sum();
+                    for (p, size) in &items {
+                        println!("{:>10}  {}", stages::manifest::size(*size), p.display());
+                    }
+                    println!("{} .debs, {} in {}", items.len(), stages::manifest::size(total), cache.dir.display());
+                }
+                CacheAction::Prune { keep_locks_in } => {
+                    let mut keep = std::collections::BTreeSet::new();
+                    for dir in &keep_locks_in {
+                        for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+                            let p = e?.path();
+                            if p.extension().is_some_and(|x| x == "lock") {
+                                keep.extend(kiln::lock::LockFile::read(&p)?.packages.into_iter().map(|p| p.sha256));
+                            }
+                        }
+                    }
+                    let (n, bytes) = cache.prune(&keep)?;
+                    println!("removed {n} .debs ({}) that no lock refers to; kept {}", stages::manifest::size(bytes), keep.len());
+                }
             }
         }
         Command::Plan { target } => {

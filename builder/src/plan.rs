@@ -28,6 +28,8 @@ pub const REQUIRED_PACKAGES: &[&str] = &[
 pub struct Overrides {
     pub mirror: Option<String>,
     pub version: Option<String>,
+    /// From a lock file: wins over the profile and the clock.
+    pub source_date_epoch: Option<u64>,
 }
 
 #[derive(Serialize, Debug, Clone, PartialEq)]
@@ -157,7 +159,7 @@ impl Plan {
         if !crate::profile::valid_version(&version) {
             return Err(ProfileError::new("--release", None, format!("expected a version starting with a digit, such as \"1.4.0\", found {version:?}")));
         }
-        let source_date_epoch = release.source_date_epoch.unwrap_or(now_epoch);
+        let source_date_epoch = overrides.source_date_epoch.or(release.source_date_epoch).unwrap_or(now_epoch);
 
         let health = p.health.clone().unwrap_or_default();
         let health = HealthPlan {

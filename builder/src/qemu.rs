@@ -45,7 +45,8 @@ pub struct BootOptions {
 
 #[derive(Debug)]
 pub enum CheckOutcome {
-    Ready { seconds: f64, line: String },
+    /// `then` is the result of the command run against the ready guest, if one was given.
+    Ready { seconds: f64, line: String, then: Option<Result<(), String>> },
     NotReady { seconds: f64, line: String, tail: Vec<String> },
     Failed { seconds: f64, reason: String, tail: Vec<String> },
 }
@@ -164,8 +165,9 @@ fn probe_kvm(qemu: &Qemu, scratch: &Path) -> bool {
     ok
 }
 
-/// Boots and waits for the readiness marker.
-pub fn check(opts: &BootOptions, timeout: Duration, scratch: &Path, echo: bool) -> Result<CheckOutcome> {
+/// Boots and waits for the readiness marker. With `then`, runs that command while the guest is
+/// still up (e.g. an SSH smoke test against `--ssh-port`), then stops the guest.
+pub fn check(opts: &BootOptions, timeout: Duration, scratch: &Path, echo: bool, then: Option<&Cmd>) -> Result<CheckOutcome> {
     let accel = choose_accel(opts.accel, &opts.qemu, scratch);
     eprintln!("booting {} under {} ({}), waiting up to {}s for {READY_MARKER}", opts.disk.display(), opts.qemu.system, if accel == Accel::Kvm { "kvm" } else { "tcg" }, timeout.as_secs());
     let cmd = command(opts, accel, scratch, false)?;
@@ -212,7 +214,7 @@ pub fn check(opts: &BootOptions, timeout: Duration, scratch: &Path, echo: bool) 
                     break CheckOutcome::NotReady { seconds: secs, line, tail: vec![] };
                 }
                 if line.contains(READY_MARKER) {
-                    break CheckOutcome::Ready { seconds: secs, line };
+                    break CheckOutcome::Ready { seconds: secs, line, then: None };
                 }
                 if line.contains("Kernel panic - not syncing") {
                     // Let a few more lines of the panic arrive.
@@ -232,6 +234,27 @@ pub fn check(opts: &BootOptions, timeout: Duration, scratch: &Path, echo: bool) 
                 break CheckOutcome::Failed { seconds: started.elapsed().as_secs_f64(), reason: format!("QEMU exited ({status}) before {READY_MARKER}"), tail: vec![] };
             }
         }
+    };
+    let outcome = match (outcome, then) {
+        (CheckOutcome::Ready { seconds, line, .. }, Some(cmd)) => {
+            eprintln!("ready after {seconds:.1}s; running {cmd}");
+            // Keep the console log going while the command runs.
+            let log_thread = log.take().map(|mut f| {
+                std::thread::spawn(move || {
+                    for l in rx {
+                        let _ = writeln!(f, "{l}");
+                    }
+                })
+            });
+            let result = cmd.run_with_lines(|l| println!("{l}")).map_err(|e| e.to_string());
+            let _ = child.kill();
+            let _ = child.wait();
+            if let Some(t) = log_thread {
+                let _ = t.join();
+            }
+            CheckOutcome::Ready { seconds, line, then: Some(result) }
+        }
+        (other, _) => other,
     };
     let _ = child.kill();
     let _ = child.wait();

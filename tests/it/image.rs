@@ -20,16 +20,31 @@ fn minimal_image_builds_verifies_and_boots() {
         "the image test needs root (mmdebstrap --mode=root); run the README's test command, which runs as root"
     );
     let root = repo_root();
-    let out = root.join("target/kiln-it/out");
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::create_dir_all(&out).unwrap();
+    let work = root.join("target/kiln-it");
+    let out = work.join("out");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(work.join("profiles")).unwrap();
+
+    // The default profile plus a login user whose key the test holds.
+    let key = work.join("id_ed25519");
+    run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "kiln-it", "-f"]).arg(&key));
+    let public = std::fs::read_to_string(work.join("id_ed25519.pub")).unwrap();
+    std::fs::write(
+        work.join("profiles/it.toml"),
+        format!(
+            "extends = \"minimal\"\n[users.tester]\nssh_keys = [\"{}\"]\ngroups = [\"sudo\"]\n\
+             [health]\ncommands = [\"test -s /var/lib/kiln/ssh/ssh_host_ed25519_key\"]\n",
+            public.trim()
+        ),
+    )
+    .unwrap();
 
     // Build.
     let t = Instant::now();
-    let build = Command::new(kiln_bin()).args(["build", "--out"]).arg(&out).current_dir(&root).output().unwrap();
+    let build = Command::new(kiln_bin()).args(["build", "--profile", "profiles/it.toml", "--out"]).arg(&out).current_dir(&work).output().unwrap();
     assert!(build.status.success(), "kiln build failed:\n{}", text(&build.stderr));
-    println!("kiln-it: built minimal-pc-uefi in {:.1}s", t.elapsed().as_secs_f64());
-    let dir = out.join("minimal-pc-uefi");
+    println!("kiln-it: built it-pc-uefi (minimal + a user) in {:.1}s", t.elapsed().as_secs_f64());
+    let dir = out.join("it-pc-uefi");
     let disk = dir.join("disk.img");
     let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
 
@@ -52,12 +67,28 @@ fn minimal_image_builds_verifies_and_boots() {
     assert!(inspect.status.success(), "{}", text(&inspect.stderr));
     assert!(text(&inspect.stdout).contains("verified: 3 artifacts and 4 partitions match the manifest"), "{}", text(&inspect.stdout));
 
-    // It boots to the readiness marker.
-    let boot = kiln(&root, &["boot", "--check", "--timeout", "400", disk.to_str().unwrap()]);
+    // It boots to the readiness marker; then the test user logs in over SSH with its key (and
+    // sudo works, / is the verified EROFS, /var the data partition), while a password login
+    // is refused.
+    let port = free_port();
+    let ssh = format!(
+        "ssh -i {key} -p {port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=20 -o LogLevel=ERROR",
+        key = key.display()
+    );
+    let script = format!(
+        "{ssh} -o BatchMode=yes tester@127.0.0.1 'echo login-ok; sudo -n true && echo sudo-ok; findmnt -no SOURCE,FSTYPE /; findmnt -no FSTYPE /var; touch /etc/x 2>&1 | head -1' \
+         && if {ssh} -o BatchMode=yes -o PubkeyAuthentication=no -o PreferredAuthentications=password,keyboard-interactive tester@127.0.0.1 true 2>&1; \
+            then echo password-login-accepted; else echo password-login-refused; fi"
+    );
+    let boot = kiln(&root, &["boot", "--check", "--timeout", "400", "--ssh-port", &port.to_string(), disk.to_str().unwrap(), "--", "sh", "-c", &script]);
     let boot_out = text(&boot.stdout);
     assert!(boot.status.success(), "boot check failed:\n{boot_out}\n{}", text(&boot.stderr));
     assert!(boot_out.contains("KILN-READY version=0.1.0"), "{boot_out}");
-    println!("kiln-it: {}", boot_out.trim());
+    for want in ["login-ok", "sudo-ok", "/dev/mapper/root erofs", "ext4", "Read-only file system", "Permission denied (publickey)", "password-login-refused"] {
+        assert!(boot_out.contains(want), "expected {want:?} in the SSH session output:\n{boot_out}");
+    }
+    println!("kiln-it: {}", boot_out.lines().next().unwrap_or_default().trim());
+    println!("kiln-it: SSH key login, sudo, read-only verified root, /var on ext4 and refused password login all checked");
 
     // One flipped byte in root-a (in the EROFS superblock, read at mount) must stop the boot.
     let bad_dir = out.join("corrupt");
@@ -78,6 +109,10 @@ fn minimal_image_builds_verifies_and_boots() {
     );
     let verity_line = log.lines().find(|l| l.contains("is corrupted")).or_else(|| log.lines().find(|l| l.contains("corrupted"))).unwrap_or_default();
     println!("kiln-it: flipped byte at {at} of disk.img: boot refused: {}", verity_line.trim());
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn flip_byte(path: &Path, at: u64) {

@@ -8,6 +8,7 @@
 mod cli;
 mod golden;
 mod image;
+mod repro;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -8,6 +8,7 @@ use super::Context;
 use crate::exec::{shell_quote, Cmd};
 use crate::progress::StageProgress;
 use anyhow::{bail, Context as _, Result};
+use crate::lock::LockFile;
 use std::path::{Path, PathBuf};
 
 /// Parts of Debian an appliance never reads: manuals, docs (but not the copyright files, which
@@ -30,7 +31,15 @@ pub struct BootFiles {
     pub kernel_version: String,
 }
 
-pub fn bootstrap(ctx: &Context) -> Result<BootFiles> {
+/// Which packages the bootstrap installs.
+pub enum Packages<'a> {
+    /// apt resolves the plan's package request against the mirror's current indexes.
+    Resolve,
+    /// Exactly the locked set, installed from `debs` (verified .debs named as apt names them).
+    Locked { lock: &'a LockFile, debs: &'a Path },
+}
+
+pub fn bootstrap(ctx: &Context, packages: Packages) -> Result<BootFiles> {
     let plan = ctx.plan;
     if !nix_is_root() {
         bail!("kiln build must run as root: mmdebstrap installs packages into a chroot (run it with sudo)");
@@ -43,25 +52,38 @@ pub fn bootstrap(ctx: &Context) -> Result<BootFiles> {
 
     let progress = StageProgress::start("bootstrap", &format!("mmdebstrap {} {} ({} packages asked)", plan.suite, plan.arch.debian(), plan.packages.len()));
     let files = shell_quote(&hooks.to_string_lossy());
-    // Before any package is installed: kiln's initramfs configuration, and update-initramfs
-    // diverted so that the kernel's and every trigger's calls do nothing...
-    let essential = format!(
-        "cp -a {files}/. \"$1/\" && chroot \"$1\" dpkg-divert --quiet --local --no-rename --divert /usr/sbin/update-initramfs.kiln --add /usr/sbin/update-initramfs \
-         && printf '#!/bin/sh\\necho \"kiln: update-initramfs $*: deferred\"\\n' > \"$1/usr/sbin/update-initramfs\" && chmod 755 \"$1/usr/sbin/update-initramfs\""
-    );
-    // ...then, once everything is installed, the real one runs exactly once.
-    let customize = "rm -f \"$1/usr/sbin/update-initramfs\" && chroot \"$1\" dpkg-divert --quiet --local --rename --remove /usr/sbin/update-initramfs \
-         && chroot \"$1\" update-initramfs -c -k all";
-    let mut cmd = Cmd::new("mmdebstrap")
-        .arg("--variant=minbase")
-        .arg("--mode=root")
-        .arg("--format=directory")
-        .arg(format!("--architectures={}", plan.arch.debian()))
-        .arg(format!("--include={}", plan.packages.join(",")))
+    let debs_out = ctx.work.join("debs");
+    if debs_out.exists() {
+        std::fs::remove_dir_all(&debs_out).with_context(|| format!("removing {}", debs_out.display()))?;
+    }
+    std::fs::create_dir_all(&debs_out).with_context(|| format!("creating {}", debs_out.display()))?;
+    // kiln's initramfs configuration is in place before any package is installed. The
+    // initramfs built while packages install may lack parts (the verity hook tolerates a missing
+    // veritysetup then); the customize hook builds the real one, once, and strictly.
+    let setup = format!("cp -a {files}/. \"$1/\"");
+    let final_initramfs = "rm -f \"$1\"/boot/initrd.img-* && chroot \"$1\" env KILN_INITRAMFS_FINAL=1 update-initramfs -c -k all";
+    let mut cmd = Cmd::new("mmdebstrap").arg("--mode=root").arg("--format=directory").arg(format!("--architectures={}", plan.arch.debian()));
+    cmd = match packages {
+        Packages::Resolve => cmd
+            .arg("--variant=minbase")
+            .arg(format!("--include={}", plan.packages.join(",")))
+            // Keep every downloaded .deb and copy them out for the cache and the lock.
+            .arg("--skip=essential/unlink")
+            .arg("--skip=download/empty")
+            .arg(format!("--customize-hook=sync-out /var/cache/apt/archives {}", shell_quote(&debs_out.to_string_lossy()))),
+        Packages::Locked { lock, debs } => {
+            let include: Vec<String> = lock.packages.iter().map(|p| format!("{}={}", p.name, p.version)).collect();
+            cmd.arg("--variant=custom")
+                .arg(format!("--include={}", include.join(",")))
+                .arg("--setup-hook=mkdir -p \"$1/var/cache/apt/archives/\"")
+                .arg(format!("--setup-hook=sync-in {} /var/cache/apt/archives/", shell_quote(&debs.to_string_lossy())))
+        }
+    };
+    cmd = cmd
         .arg("--aptopt=Acquire::Retries \"3\"")
         .arg("--aptopt=APT::Install-Recommends \"false\"")
-        .arg(format!("--essential-hook={essential}"))
-        .arg(format!("--customize-hook={customize}"))
+        .arg(format!("--setup-hook={setup}"))
+        .arg(format!("--customize-hook={final_initramfs}"))
         .env("SOURCE_DATE_EPOCH", plan.source_date_epoch.to_string());
     for opt in DPKG_EXCLUDES {
         cmd = cmd.arg(format!("--dpkgopt={opt}"));
@@ -129,4 +151,51 @@ fn copy_out_boot_files(ctx: &Context) -> Result<BootFiles> {
     std::fs::copy(boot.join(format!("vmlinuz-{version}")), &kernel).with_context(|| format!("copying the kernel to {}", kernel.display()))?;
     std::fs::copy(&initrd_src, &initrd).with_context(|| format!("copying the initramfs to {}", initrd.display()))?;
     Ok(BootFiles { kernel, initrd, kernel_version: version })
+}
+
+/// After a `Packages::Resolve` bootstrap: every installed package with the sha256 of its .deb,
+/// each .deb stored in the cache.
+pub fn collect_locked(ctx: &Context, cache: &crate::cache::Cache) -> Result<Vec<crate::lock::LockedPackage>> {
+    let debs = ctx.work.join("debs");
+    let mut out = Vec::new();
+    for p in super::manifest::packages(&ctx.tree)? {
+        let mut locked = crate::lock::LockedPackage { name: p.name, version: p.version, arch: p.arch, sha256: String::new() };
+        let file = debs.join(locked.deb_file_name());
+        if !file.is_file() {
+            bail!("no .deb for the installed package {} {} in {} (apt's download cache): cannot lock it", locked.name, locked.version, debs.display());
+        }
+        locked.sha256 = cache.store_deb(&file)?.hex();
+        out.push(locked);
+    }
+    std::fs::remove_dir_all(&debs).with_context(|| format!("removing {}", debs.display()))?;
+    Ok(out)
+}
+
+/// Puts the locked .debs, verified against the lock, under `dir` with apt's file names.
+pub fn stage_locked_debs(lock: &LockFile, cache: &crate::cache::Cache, dir: &Path) -> Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut missing = Vec::new();
+    for p in &lock.packages {
+        match cache.verified_deb(&p.name, &p.version, &p.sha256)? {
+            Some(src) => {
+                let dest = dir.join(p.deb_file_name());
+                if std::fs::hard_link(&src, &dest).is_err() {
+                    std::fs::copy(&src, &dest).with_context(|| format!("copying {} to {}", src.display(), dest.display()))?;
+                }
+            }
+            None => missing.push(format!("{} {}", p.name, p.version)),
+        }
+    }
+    if !missing.is_empty() {
+        bail!(
+            "{} locked packages are not in the cache {} (first: {}); run `kiln lock` on this machine to fetch them, or configure a snapshot mirror in system.mirror if the mirror no longer serves these versions",
+            missing.len(),
+            cache.dir.display(),
+            missing[0]
+        );
+    }
+    Ok(())
 }

@@ -7,6 +7,7 @@ pub mod disk;
 pub mod esp;
 pub mod manifest;
 pub mod rootfs;
+pub mod sbom;
 
 use crate::plan::Plan;
 use std::path::PathBuf;

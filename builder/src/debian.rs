@@ -1,0 +1,1338 @@
+//! The Debian archive's indexes: dpkg version ordering, `Release` and `Packages` parsing,
+//! fetching one suite's verified `Packages` index from a mirror, and finding updates for a lock.
+//!
+//! `kiln outdated` and `kiln lock` are built on this. Everything that comes from the network is
+//! checked against the suite's `Release` file (size and SHA256) before it is decompressed or
+//! parsed. The Release file's own OpenPGP signature is *not* checked here: an `InRelease` file
+//! is only unwrapped.
+
+use std::borrow::Cow;
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+/// Everything that can go wrong reading the archive. Each variant names the URL, file or package.
+#[derive(Debug, thiserror::Error)]
+pub enum DebianError {
+    /// The request could not be made or the connection broke.
+    #[error("GET {url}: {detail}")]
+    Http { url: String, detail: String },
+    /// The server did not answer (or stopped sending) in time.
+    #[error("GET {url}: timed out after {}s", .after.as_secs_f64())]
+    Timeout { url: String, after: Duration },
+    /// The server answered with something other than success.
+    #[error("GET {url}: HTTP {status}")]
+    Status { url: String, status: u16 },
+    /// A download was larger than allowed.
+    #[error("GET {url}: larger than {limit} bytes")]
+    TooLarge { url: String, limit: u64 },
+    /// Neither `Release` nor `InRelease` exists for the suite.
+    #[error("no Release file for suite {suite}: {} and {} both gave HTTP 404", .urls[0], .urls[1])]
+    NoRelease { suite: String, urls: [String; 2] },
+    /// The Release file is for another suite than the one asked for.
+    #[error("{url}: asked for suite {asked}, but the Release file is for suite {suite} (codename {codename})")]
+    WrongSuite { url: String, asked: String, suite: String, codename: String },
+    /// The Release file lists no Packages index for the component and architecture, or none of
+    /// the listed ones could be downloaded.
+    #[error("{release_url}: no usable {path}{{.xz,.gz,}} index (tried: {})", if .tried.is_empty() { "none listed".to_string() } else { .tried.join(", ") })]
+    NoPackagesIndex { release_url: String, path: String, tried: Vec<String> },
+    /// A download's size differs from what the Release file lists.
+    #[error("{url}: size mismatch: Release lists {expected} bytes, got {got}")]
+    SizeMismatch { url: String, expected: u64, got: String },
+    /// A download's SHA256 differs from what the Release file lists.
+    #[error("{url}: sha256 mismatch: Release lists {expected}, got {got}")]
+    HashMismatch { url: String, expected: String, got: String },
+    /// A compressed index could not be decompressed.
+    #[error("{url}: cannot decompress: {detail}")]
+    Decompress { url: String, detail: String },
+    /// A Packages file is malformed; names the paragraph's package when it is known.
+    #[error("Packages paragraph at line {line}{}: {problem}", package_suffix(.package))]
+    Packages { line: usize, package: Option<String>, problem: String },
+    /// A Release file is malformed.
+    #[error("Release: {problem}")]
+    Release { problem: String },
+    /// A parse error in a file that came from `url`.
+    #[error("{url}: {error}")]
+    In { url: String, error: Box<DebianError> },
+    /// The HTTP client could not be set up (TLS backend).
+    #[error("cannot set up the HTTP client: {detail}")]
+    Client { detail: String },
+}
+
+fn package_suffix(package: &Option<String>) -> String {
+    package.as_deref().map(|p| format!(" (package {p})")).unwrap_or_default()
+}
+
+impl DebianError {
+    /// Says which URL a parse error's text came from.
+    fn at(self, url: &str) -> DebianError {
+        DebianError::In { url: url.to_string(), error: Box::new(self) }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Version ordering
+
+/// Compares two Debian version strings the way dpkg does (`dpkg --compare-versions`).
+///
+/// `[epoch:]upstream[-revision]`: epochs compare numerically; upstream and revision compare by
+/// alternating non-digit runs (`~` before everything, even the end; letters before other
+/// characters) and digit runs (numerically). A version without a revision equals the same one
+/// with revision `0`. A malformed epoch (not all digits) is taken as part of the upstream
+/// version, so this never fails.
+pub fn compare_versions(a: &str, b: &str) -> Ordering {
+    let (ea, ua, ra) = split_version(a);
+    let (eb, ub, rb) = split_version(b);
+    compare_numeric(ea, eb).then_with(|| verrevcmp(ua.as_bytes(), ub.as_bytes())).then_with(|| verrevcmp(ra.as_bytes(), rb.as_bytes()))
+}
+
+/// Splits into (epoch digits, upstream, revision), as dpkg's `parseversion` does: the epoch is
+/// before the first `:`, the revision after the last `-`.
+fn split_version(v: &str) -> (&str, &str, &str) {
+    let v = v.trim();
+    let (epoch, rest) = match v.split_once(':') {
+        Some((e, rest)) if !e.is_empty() && e.bytes().all(|c| c.is_ascii_digit()) => (e, rest),
+        _ => ("0", v),
+    };
+    match rest.rsplit_once('-') {
+        Some((upstream, revision)) => (epoch, upstream, revision),
+        None => (epoch, rest, ""),
+    }
+}
+
+/// Compares two digit strings as numbers of any length.
+fn compare_numeric(a: &str, b: &str) -> Ordering {
+    let a = a.trim_start_matches('0');
+    let b = b.trim_start_matches('0');
+    a.len().cmp(&b.len()).then_with(|| a.cmp(b))
+}
+
+/// dpkg's weight of a character in a non-digit run; 0 stands for the end of the string.
+fn order(c: Option<u8>) -> i32 {
+    match c {
+        None => 0,
+        Some(c) if c.is_ascii_digit() => 0,
+        Some(c) if c.is_ascii_alphabetic() => i32::from(c),
+        Some(b'~') => -1,
+        Some(c) => i32::from(c) + 256,
+    }
+}
+
+/// dpkg's `verrevcmp`, on byte strings.
+fn verrevcmp(a: &[u8], b: &[u8]) -> Ordering {
+    let (mut i, mut j) = (0, 0);
+    let digit = |s: &[u8], k: usize| s.get(k).is_some_and(|c| c.is_ascii_digit());
+    while i < a.len() || j < b.len() {
+        while (i < a.len() && !digit(a, i)) || (j < b.len() && !digit(b, j)) {
+            let (ac, bc) = (order(a.get(i).copied()), order(b.get(j).copied()));
+            if ac != bc {
+                return ac.cmp(&bc);
+            }
+            i += 1;
+            j += 1;
+        }
+        while a.get(i) == Some(&b'0') {
+            i += 1;
+        }
+        while b.get(j) == Some(&b'0') {
+            j += 1;
+        }
+        let mut first_diff = Ordering::Equal;
+        while digit(a, i) && digit(b, j) {
+            if first_diff == Ordering::Equal {
+                first_diff = a[i].cmp(&b[j]);
+            }
+            i += 1;
+            j += 1;
+        }
+        if digit(a, i) {
+            return Ordering::Greater;
+        }
+        if digit(b, j) {
+            return Ordering::Less;
+        }
+        if first_diff != Ordering::Equal {
+            return first_diff;
+        }
+    }
+    Ordering::Equal
+}
+
+// ---------------------------------------------------------------------------------------------
+// deb822 paragraphs
+
+/// One field of a deb822 paragraph: the value is the text after the colon, including any
+/// continuation lines (joined by their newlines), trimmed.
+struct Field<'a> {
+    name: &'a str,
+    value: &'a str,
+}
+
+/// One paragraph, borrowing from the file's text.
+struct Paragraph<'a> {
+    /// 1-based line of the paragraph's first field.
+    line: usize,
+    fields: Vec<Field<'a>>,
+}
+
+impl<'a> Paragraph<'a> {
+    /// The first field of that name (field names are case-insensitive).
+    fn get(&self, name: &str) -> Option<&'a str> {
+        self.fields.iter().find(|f| f.name.eq_ignore_ascii_case(name)).map(|f| f.value)
+    }
+}
+
+/// A deb822 syntax error: the paragraph it is in and what is wrong (naming the line).
+struct SyntaxError {
+    paragraph_line: usize,
+    problem: String,
+}
+
+/// Splits deb822 text into paragraphs (separated by blank lines); continuation lines start
+/// with a space or tab. Values borrow from `text`.
+fn paragraphs<'a>(text: &'a str) -> Result<Vec<Paragraph<'a>>, SyntaxError> {
+    let mut out = Vec::new();
+    let mut current: Option<Paragraph<'a>> = None;
+    // Byte range of the value of the field being read: (start, end) in `text`.
+    let mut value_range: Option<(usize, usize)> = None;
+    let mut offset = 0;
+    for (n, raw) in text.split_inclusive('\n').enumerate() {
+        let line_no = n + 1;
+        let start = offset;
+        offset += raw.len();
+        let line = raw.trim_end_matches(['\n', '\r']);
+        let end = start + line.len();
+        if line.trim().is_empty() {
+            close_field(text, &mut current, &mut value_range);
+            out.extend(current.take());
+            continue;
+        }
+        if line.starts_with([' ', '\t']) {
+            match (&current, &mut value_range) {
+                (Some(_), Some((_, value_end))) => *value_end = end,
+                _ => {
+                    return Err(SyntaxError {
+                        paragraph_line: current.as_ref().map_or(line_no, |p| p.line),
+                        problem: format!("line {line_no}: continuation line before any field"),
+                    })
+                }
+            }
+            continue;
+        }
+        close_field(text, &mut current, &mut value_range);
+        let paragraph = current.get_or_insert_with(|| Paragraph { line: line_no, fields: Vec::new() });
+        let Some(colon) = line.find(':').filter(|&c| c > 0) else {
+            return Err(SyntaxError {
+                paragraph_line: paragraph.line,
+                problem: format!("line {line_no}: expected \"Field: value\", found {line:?}"),
+            });
+        };
+        paragraph.fields.push(Field { name: &line[..colon], value: "" });
+        value_range = Some((start + colon + 1, end));
+    }
+    close_field(text, &mut current, &mut value_range);
+    out.extend(current);
+    Ok(out)
+}
+
+/// Sets the value of the paragraph's last field from its byte range in `text`.
+fn close_field<'a>(text: &'a str, paragraph: &mut Option<Paragraph<'a>>, range: &mut Option<(usize, usize)>) {
+    if let (Some(p), Some((start, end))) = (paragraph.as_mut(), range.take()) {
+        if let Some(f) = p.fields.last_mut() {
+            f.value = text[start..end].trim();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packages
+
+/// One binary package as a `Packages` index lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackageEntry {
+    pub name: String,
+    pub version: String,
+    pub arch: String,
+    /// Path of the .deb relative to the mirror root (`pool/main/…`).
+    pub filename: String,
+    pub size: u64,
+    /// Lowercase hex.
+    pub sha256: String,
+    /// The source package's name when it differs from the binary's (the `Source` field without
+    /// its "(version)" part, which is there only when the versions differ too).
+    pub source: Option<String>,
+}
+
+/// Parses the text of a `Packages` file. A paragraph without Package, Version, Architecture,
+/// Filename, Size or SHA256 is an error naming its package (or its line when the package is
+/// unknown), as is one of those fields (or Source) given twice, or a malformed Size or SHA256.
+pub fn parse_packages(text: &str) -> Result<Vec<PackageEntry>, DebianError> {
+    let paras = paragraphs(text).map_err(|e| DebianError::Packages { line: e.paragraph_line, package: None, problem: e.problem })?;
+    paras.iter().map(package_entry).collect()
+}
+
+fn package_entry(p: &Paragraph<'_>) -> Result<PackageEntry, DebianError> {
+    // One pass over the fields (a Packages file has ~70,000 paragraphs of ~20 fields).
+    const FIELDS: [&str; 7] = ["Package", "Version", "Architecture", "Filename", "Size", "SHA256", "Source"];
+    let mut values: [Option<&str>; 7] = [None; 7];
+    let mut twice = None;
+    for f in &p.fields {
+        if let Some(k) = FIELDS.iter().position(|n| n.len() == f.name.len() && n.eq_ignore_ascii_case(f.name)) {
+            if values[k].replace(f.value).is_some() && twice.is_none() {
+                twice = Some(f.name);
+            }
+        }
+    }
+    let [package, version, architecture, filename, size, sha256, source] = values;
+    let err = |problem: String| DebianError::Packages {
+        line: p.line,
+        package: package.filter(|v| !v.is_empty()).map(str::to_string),
+        problem,
+    };
+    if let Some(field) = twice {
+        return Err(err(format!("field {field} appears twice")));
+    }
+    let required = |value: Option<&'_ str>, field: &str| match value {
+        Some(v) if !v.is_empty() => Ok(v.to_string()),
+        _ => Err(err(format!("missing field {field}"))),
+    };
+    let name = required(package, "Package")?;
+    let size_text = required(size, "Size")?;
+    let size = size_text.parse::<u64>().map_err(|_| err(format!("Size: expected a number of bytes, found {size_text:?}")))?;
+    let sha256 = required(sha256, "SHA256")?;
+    if !is_sha256(&sha256) {
+        return Err(err(format!("SHA256: expected 64 hex digits, found {sha256:?}")));
+    }
+    Ok(PackageEntry {
+        name,
+        version: required(version, "Version")?,
+        arch: required(architecture, "Architecture")?,
+        filename: required(filename, "Filename")?,
+        size,
+        sha256: sha256.to_ascii_lowercase(),
+        source: source.and_then(|s| s.split_whitespace().next()).map(str::to_string),
+    })
+}
+
+fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|c| c.is_ascii_hexdigit())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Release
+
+/// Size and SHA256 of one file as a Release file lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileDigest {
+    pub size: u64,
+    /// Lowercase hex.
+    pub sha256: String,
+}
+
+/// What kiln needs from a suite's `Release` (or `InRelease`) file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Release {
+    /// "trixie", "trixie-security", …
+    pub codename: String,
+    /// "stable", "stable-security", …
+    pub suite: String,
+    /// As written, e.g. "Sat, 10 May 2025 09:03:47 UTC".
+    pub date: String,
+    /// Whether files may be fetched by their hash (`by-hash/SHA256/<hex>`).
+    pub acquire_by_hash: bool,
+    /// Path relative to the suite's directory (`main/binary-amd64/Packages.xz`) -> digest.
+    pub sha256: BTreeMap<String, FileDigest>,
+}
+
+/// Parses a `Release` file, or an `InRelease` file (its clear-signing armor is removed; the
+/// signature is not checked). Codename, Suite, Date and SHA256 are required.
+pub fn parse_release(text: &str) -> Result<Release, DebianError> {
+    let text = strip_clearsign(text)?;
+    let err = |problem: String| DebianError::Release { problem };
+    let paras = paragraphs(&text).map_err(|e| err(e.problem))?;
+    let Some(p) = paras.first() else { return Err(err("empty file".to_string())) };
+    let required = |field: &str| match p.get(field) {
+        Some(v) if !v.is_empty() || field == "SHA256" => Ok(v.to_string()),
+        _ => Err(err(format!("missing field {field}"))),
+    };
+    let sha256_text = required("SHA256")?;
+    let mut sha256 = BTreeMap::new();
+    for line in sha256_text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let bad = || err(format!("SHA256: expected \"<sha256> <size> <path>\", found {line:?}"));
+        let mut words = line.split_whitespace();
+        let (Some(hash), Some(size), Some(path), None) = (words.next(), words.next(), words.next(), words.next()) else {
+            return Err(bad());
+        };
+        let size = size.parse::<u64>().map_err(|_| bad())?;
+        if !is_sha256(hash) {
+            return Err(bad());
+        }
+        sha256.insert(path.to_string(), FileDigest { size, sha256: hash.to_ascii_lowercase() });
+    }
+    if sha256.is_empty() {
+        return Err(err("SHA256: lists no files".to_string()));
+    }
+    Ok(Release {
+        codename: required("Codename")?,
+        suite: required("Suite")?,
+        date: required("Date")?,
+        acquire_by_hash: p.get("Acquire-By-Hash").is_some_and(|v| v.eq_ignore_ascii_case("yes")),
+        sha256,
+    })
+}
+
+/// Removes OpenPGP clear-signing (RFC 4880 §7) from an InRelease file; other text is returned
+/// as it is.
+fn strip_clearsign(text: &str) -> Result<Cow<'_, str>, DebianError> {
+    const BEGIN: &str = "-----BEGIN PGP SIGNED MESSAGE-----";
+    const SIGNATURE: &str = "-----BEGIN PGP SIGNATURE-----";
+    let mut lines = text.lines().skip_while(|l| l.trim().is_empty());
+    if lines.next().map(str::trim_end) != Some(BEGIN) {
+        return Ok(Cow::Borrowed(text));
+    }
+    // Armor headers ("Hash: SHA512") up to the first empty line.
+    for line in lines.by_ref() {
+        if line.trim().is_empty() {
+            break;
+        }
+    }
+    let mut body = String::with_capacity(text.len());
+    for line in lines {
+        if line.trim_end() == SIGNATURE {
+            return Ok(Cow::Owned(body));
+        }
+        body.push_str(line.strip_prefix("- ").unwrap_or(line));
+        body.push('\n');
+    }
+    Err(DebianError::Release { problem: format!("clear-signed text has no {SIGNATURE} line") })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fetching
+
+/// How patient the HTTP client is.
+#[derive(Clone, Debug)]
+pub struct FetchConfig {
+    /// For connecting to the mirror.
+    pub connect_timeout: Duration,
+    /// For the response to start, and for each read of its body (a stall, not the whole
+    /// download).
+    pub timeout: Duration,
+}
+
+impl Default for FetchConfig {
+    fn default() -> FetchConfig {
+        FetchConfig { connect_timeout: Duration::from_secs(15), timeout: Duration::from_secs(30) }
+    }
+}
+
+/// Release and InRelease files are small (trixie's is about 150 KiB).
+const RELEASE_LIMIT: u64 = 64 << 20;
+/// Largest decompressed Packages file accepted when the Release file does not list its size.
+const PACKAGES_LIMIT: u64 = 2 << 30;
+
+/// Downloads archive indexes from a mirror; one HTTP client, reused for every request.
+pub struct Fetcher {
+    client: reqwest::blocking::Client,
+    config: FetchConfig,
+}
+
+impl Fetcher {
+    pub fn new(config: FetchConfig) -> Result<Fetcher, DebianError> {
+        let client = reqwest::blocking::Client::builder()
+            .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.timeout)
+            .build()
+            .map_err(|e| DebianError::Client { detail: error_chain(&e) })?;
+        Ok(Fetcher { client, config })
+    }
+
+    /// The suite's Release file: `dists/<suite>/Release`, else `dists/<suite>/InRelease`.
+    /// It must be for `suite` (by its Suite or Codename field).
+    pub fn release(&self, mirror: &str, suite: &str) -> Result<Release, DebianError> {
+        self.release_with_url(mirror, suite).map(|(_, r)| r)
+    }
+
+    fn release_with_url(&self, mirror: &str, suite: &str) -> Result<(String, Release), DebianError> {
+        let base = suite_url(mirror, suite);
+        let urls = [format!("{base}/Release"), format!("{base}/InRelease")];
+        for url in &urls {
+            let bytes = match self.get(url, RELEASE_LIMIT) {
+                Ok(bytes) => bytes,
+                Err(DebianError::Status { status: 404, .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            let release = parse_release(&String::from_utf8_lossy(&bytes)).map_err(|e| e.at(url))?;
+            if release.suite != suite && release.codename != suite {
+                return Err(DebianError::WrongSuite {
+                    url: url.clone(),
+                    asked: suite.to_string(),
+                    suite: release.suite,
+                    codename: release.codename,
+                });
+            }
+            return Ok((url.clone(), release));
+        }
+        Err(DebianError::NoRelease { suite: suite.to_string(), urls })
+    }
+
+    /// The suite's `Packages` index for one component and architecture: the first of
+    /// `Packages.xz`, `Packages.gz`, `Packages` that the Release file lists and the mirror has
+    /// (by hash when the Release file allows it), checked against the Release file's size and
+    /// SHA256, decompressed (and checked again when the Release file lists the plain file).
+    pub fn packages(&self, mirror: &str, suite: &str, component: &str, arch: &str) -> Result<Vec<PackageEntry>, DebianError> {
+        let (release_url, release) = self.release_with_url(mirror, suite)?;
+        let base = suite_url(mirror, suite);
+        let dir = format!("{component}/binary-{arch}");
+        let plain_path = format!("{dir}/Packages");
+        let mut tried = Vec::new();
+        for compression in [Compression::Xz, Compression::Gz, Compression::None] {
+            let path = format!("{plain_path}{}", compression.extension());
+            let Some(digest) = release.sha256.get(&path) else { continue };
+            let mut urls = Vec::new();
+            if release.acquire_by_hash {
+                urls.push(format!("{base}/{dir}/by-hash/SHA256/{}", digest.sha256));
+            }
+            urls.push(format!("{base}/{path}"));
+            for url in urls {
+                let bytes = match self.get(&url, digest.size) {
+                    Ok(bytes) => bytes,
+                    Err(DebianError::Status { status: 404, .. }) => {
+                        tried.push(url);
+                        continue;
+                    }
+                    Err(DebianError::TooLarge { url, limit }) => {
+                        return Err(DebianError::SizeMismatch { url, expected: limit, got: format!("more than {limit}") })
+                    }
+                    Err(e) => return Err(e),
+                };
+                verify(&url, &bytes, digest)?;
+                let plain_digest = if compression == Compression::None { None } else { release.sha256.get(&plain_path) };
+                let text = decompress(&url, compression, bytes, plain_digest)?;
+                return parse_packages(&String::from_utf8_lossy(&text)).map_err(|e| e.at(&url));
+            }
+        }
+        Err(DebianError::NoPackagesIndex { release_url, path: plain_path, tried })
+    }
+
+    /// GETs `url`, refusing a body larger than `limit` bytes.
+    fn get(&self, url: &str, limit: u64) -> Result<Vec<u8>, DebianError> {
+        let timeout = |url: &str| DebianError::Timeout { url: url.to_string(), after: self.config.timeout };
+        let response = self.client.get(url).send().map_err(|e| {
+            if e.is_timeout() {
+                timeout(url)
+            } else {
+                DebianError::Http { url: url.to_string(), detail: error_chain(&e.without_url()) }
+            }
+        })?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(DebianError::Status { url: url.to_string(), status: status.as_u16() });
+        }
+        if response.content_length().is_some_and(|n| n > limit) {
+            return Err(DebianError::TooLarge { url: url.to_string(), limit });
+        }
+        let mut body = Vec::new();
+        response.take(limit.saturating_add(1)).read_to_end(&mut body).map_err(|e| {
+            let reqwest_timeout = e.get_ref().and_then(|i| i.downcast_ref::<reqwest::Error>()).is_some_and(|r| r.is_timeout());
+            if reqwest_timeout || e.kind() == std::io::ErrorKind::TimedOut {
+                timeout(url)
+            } else {
+                DebianError::Http { url: url.to_string(), detail: format!("reading the body: {}", error_chain(&e)) }
+            }
+        })?;
+        if body.len() as u64 > limit {
+            return Err(DebianError::TooLarge { url: url.to_string(), limit });
+        }
+        Ok(body)
+    }
+}
+
+/// Fetches the `Packages` index of `<mirror>/dists/<suite>` for one component and architecture,
+/// verified against the suite's Release file (see [`Fetcher::packages`]), with the default
+/// [`FetchConfig`].
+pub fn fetch_packages(mirror: &str, suite: &str, component: &str, arch: &str) -> Result<Vec<PackageEntry>, DebianError> {
+    Fetcher::new(FetchConfig::default())?.packages(mirror, suite, component, arch)
+}
+
+fn suite_url(mirror: &str, suite: &str) -> String {
+    format!("{}/dists/{suite}", mirror.trim_end_matches('/'))
+}
+
+/// An error and its sources, "outer: inner: innermost".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = inner.source();
+    }
+    s
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Checks a download against the Release file's digest.
+fn verify(url: &str, bytes: &[u8], digest: &FileDigest) -> Result<(), DebianError> {
+    if bytes.len() as u64 != digest.size {
+        return Err(DebianError::SizeMismatch { url: url.to_string(), expected: digest.size, got: bytes.len().to_string() });
+    }
+    let got = sha256_hex(bytes);
+    if got != digest.sha256 {
+        return Err(DebianError::HashMismatch { url: url.to_string(), expected: digest.sha256.clone(), got });
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Compression {
+    Xz,
+    Gz,
+    None,
+}
+
+impl Compression {
+    fn extension(self) -> &'static str {
+        match self {
+            Compression::Xz => ".xz",
+            Compression::Gz => ".gz",
+            Compression::None => "",
+        }
+    }
+}
+
+/// A `Vec` that refuses to grow past `limit` bytes.
+struct BoundedVec {
+    bytes: Vec<u8>,
+    limit: u64,
+}
+
+impl Write for BoundedVec {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if (self.bytes.len() + buf.len()) as u64 > self.limit {
+            return Err(std::io::Error::other(format!("decompressed data is larger than {} bytes", self.limit)));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Decompresses a verified download; when the Release file lists the plain file too, the result
+/// is checked against that as well.
+fn decompress(url: &str, compression: Compression, bytes: Vec<u8>, plain: Option<&FileDigest>) -> Result<Vec<u8>, DebianError> {
+    let limit = plain.map_or(PACKAGES_LIMIT, |d| d.size);
+    // Reserve the listed size, or a guess (Packages files compress about 6:1).
+    let capacity = plain.map_or(bytes.len().saturating_mul(6), |d| usize::try_from(d.size).unwrap_or(0));
+    let mut out = BoundedVec { bytes: Vec::with_capacity(capacity.min(512 << 20)), limit };
+    let failed = |detail: String| DebianError::Decompress { url: url.to_string(), detail };
+    match compression {
+        Compression::None => return Ok(bytes),
+        Compression::Xz => lzma_rs::xz_decompress(&mut &bytes[..], &mut out).map_err(|e| failed(e.to_string()))?,
+        Compression::Gz => {
+            std::io::copy(&mut flate2::read::MultiGzDecoder::new(&bytes[..]), &mut out).map_err(|e| failed(e.to_string()))?;
+        }
+    }
+    if let Some(digest) = plain {
+        verify(&format!("{url} (decompressed)"), &out.bytes, digest)?;
+    }
+    Ok(out.bytes)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Updates
+
+/// A locked package with a newer version in one of the indexes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Update {
+    pub name: String,
+    pub locked: String,
+    pub available: String,
+    /// The suite the newest version comes from.
+    pub suite: String,
+    /// Whether that suite is a security suite ("…-security").
+    pub security: bool,
+}
+
+/// For each locked `(name, version, arch)`, the highest version in `indexes` (`(suite,
+/// entries)`) of the same name and architecture (or "all") that is newer than the locked one.
+/// When several suites carry that version, a security suite is named. Packages with nothing
+/// newer, or in no index, are left out. Sorted by name.
+pub fn outdated(locked: &[(String, String, String)], indexes: &[(String, Vec<PackageEntry>)]) -> Vec<Update> {
+    let wanted: HashSet<&str> = locked.iter().map(|(name, _, _)| name.as_str()).collect();
+    let mut by_name: HashMap<&str, Vec<(&PackageEntry, &str)>> = HashMap::new();
+    for (suite, entries) in indexes {
+        for e in entries.iter().filter(|e| wanted.contains(e.name.as_str())) {
+            by_name.entry(e.name.as_str()).or_default().push((e, suite.as_str()));
+        }
+    }
+    let is_security = |suite: &str| suite.ends_with("-security");
+    let mut updates = Vec::new();
+    for (name, version, arch) in locked {
+        let mut best: Option<(&PackageEntry, &str)> = None;
+        let candidates = by_name.get(name.as_str()).map(Vec::as_slice).unwrap_or_default();
+        for &(entry, suite) in candidates {
+            if entry.arch != *arch && entry.arch != "all" {
+                continue;
+            }
+            if compare_versions(&entry.version, version) != Ordering::Greater {
+                continue;
+            }
+            let better = match best {
+                None => true,
+                Some((b, b_suite)) => match compare_versions(&entry.version, &b.version) {
+                    Ordering::Greater => true,
+                    Ordering::Equal => is_security(suite) && !is_security(b_suite),
+                    Ordering::Less => false,
+                },
+            };
+            if better {
+                best = Some((entry, suite));
+            }
+        }
+        if let Some((entry, suite)) = best {
+            updates.push(Update {
+                name: name.clone(),
+                locked: version.clone(),
+                available: entry.version.clone(),
+                suite: suite.to_string(),
+                security: is_security(suite),
+            });
+        }
+    }
+    updates.sort_by(|a, b| a.name.cmp(&b.name));
+    updates
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+    use std::sync::Arc;
+    use std::thread::JoinHandle;
+
+    // --- versions ---
+
+    #[track_caller]
+    fn assert_order(a: &str, b: &str, expected: Ordering) {
+        assert_eq!(compare_versions(a, b), expected, "compare_versions({a:?}, {b:?})");
+        assert_eq!(compare_versions(b, a), expected.reverse(), "compare_versions({b:?}, {a:?})");
+    }
+
+    #[test]
+    fn compare_versions_classic_cases() {
+        use Ordering::*;
+        assert_order("1.0~rc1", "1.0", Less);
+        assert_order("1:0.1", "2.0", Greater);
+        assert_order("2.36-9+deb12u14", "2.36-9+deb12u15", Less);
+        assert_order("2.36-9+deb12u9", "2.36-9+deb12u10", Less);
+        assert_order("1.0-1", "1.0a-1", Less);
+        assert_order("1.0", "1.0-0", Equal);
+        assert_order("1.0", "1.00", Equal);
+        assert_order("0:1.0", "1.0", Equal);
+        assert_order("1.0", "1.0", Equal);
+        assert_order("1.10", "1.9", Greater);
+        assert_order("1.2.3", "1.2", Greater);
+        assert_order("1.0+b1", "1.0", Greater);
+        assert_order("1.0a", "1.0.", Less); // letters before non-letters
+        assert_order("1.0-1~bpo12+1", "1.0-1", Less);
+        assert_order("1.0-1", "1.0-1.1", Less);
+        assert_order("2.0-1", "1.99-99", Greater);
+        assert_order("10:1", "9:1", Greater);
+        assert_order("1:1.0", "0:9.9", Greater);
+        assert_order("1.2-3-4", "1.2-3-5", Less); // the revision is after the last hyphen
+        assert_order("1:2:3", "1:2:4", Less); // colons after the epoch belong to upstream
+        assert_order("0001:1", "1:1", Equal);
+        assert_order("99999999999999999999:1", "99999999999999999998:2", Greater);
+        assert_order("252.39-1~deb13u1", "257.9-1~deb13u1", Less);
+    }
+
+    #[test]
+    fn compare_versions_tilde_sorts_before_everything() {
+        // Each strictly greater than the one before, as in dpkg's documentation.
+        let sorted = ["1.0~~", "1.0~~a", "1.0~", "1.0", "1.0-1", "1.0a", "1.0+", "1.0.1", "1.1~rc1", "1.1", "1:0"];
+        for (i, a) in sorted.iter().enumerate() {
+            for (j, b) in sorted.iter().enumerate() {
+                assert_eq!(compare_versions(a, b), i.cmp(&j), "compare_versions({a:?}, {b:?})");
+            }
+        }
+    }
+
+    #[test]
+    fn split_version_follows_dpkg() {
+        assert_eq!(split_version("1:2.3-4"), ("1", "2.3", "4"));
+        assert_eq!(split_version("2.3"), ("0", "2.3", ""));
+        assert_eq!(split_version("a:1-2-3"), ("0", "a:1-2", "3"));
+    }
+
+    // --- Packages ---
+
+    const SHA_A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const SHA_B: &str = "BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB";
+
+    fn packages_text() -> String {
+        format!(
+            "Package: libc6\n\
+             Source: glibc (2.41-12)\n\
+             Version: 2.41-12+deb13u1\n\
+             Architecture: amd64\n\
+             Description: GNU C Library: Shared libraries\n \
+             Contains the standard libraries.\n \
+             .\n \
+             More text: with a colon.\n\
+             Filename: pool/main/g/glibc/libc6_2.41-12+deb13u1_amd64.deb\n\
+             Size: 2850000\n\
+             SHA256: {SHA_A}\n\
+             \n\
+             \n\
+             Package: tzdata\r\n\
+             version: 2025b-4\r\n\
+             Architecture: all\r\n\
+             Filename: pool/main/t/tzdata/tzdata_2025b-4_all.deb\r\n\
+             Size: 260000\r\n\
+             SHA256: {SHA_B}\r\n"
+        )
+    }
+
+    #[test]
+    fn parse_packages_reads_paragraphs_and_continuations() {
+        let entries = parse_packages(&packages_text()).unwrap();
+        assert_eq!(
+            entries,
+            vec![
+                PackageEntry {
+                    name: "libc6".into(),
+                    version: "2.41-12+deb13u1".into(),
+                    arch: "amd64".into(),
+                    filename: "pool/main/g/glibc/libc6_2.41-12+deb13u1_amd64.deb".into(),
+                    size: 2850000,
+                    sha256: SHA_A.into(),
+                    source: Some("glibc".into()),
+                },
+                PackageEntry {
+                    name: "tzdata".into(),
+                    version: "2025b-4".into(),
+                    arch: "all".into(),
+                    filename: "pool/main/t/tzdata/tzdata_2025b-4_all.deb".into(),
+                    size: 260000,
+                    sha256: SHA_B.to_ascii_lowercase(),
+                    source: None,
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn parse_packages_empty_text_is_no_packages() {
+        assert_eq!(parse_packages("").unwrap(), vec![]);
+        assert_eq!(parse_packages("\n\n").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn parse_packages_missing_field_names_the_package() {
+        let text = packages_text().replace("Size: 260000\r\n", "");
+        let err = parse_packages(&text).unwrap_err();
+        assert_eq!(err.to_string(), "Packages paragraph at line 14 (package tzdata): missing field Size");
+    }
+
+    #[test]
+    fn parse_packages_missing_package_names_the_line() {
+        let err = parse_packages("Version: 1\nArchitecture: all\n").unwrap_err();
+        assert_eq!(err.to_string(), "Packages paragraph at line 1: missing field Package");
+    }
+
+    #[test]
+    fn parse_packages_bad_values_are_errors() {
+        let text = packages_text().replace("Size: 2850000", "Size: big");
+        assert_eq!(
+            parse_packages(&text).unwrap_err().to_string(),
+            "Packages paragraph at line 1 (package libc6): Size: expected a number of bytes, found \"big\""
+        );
+        let text = packages_text().replace(SHA_A, "abc");
+        assert_eq!(
+            parse_packages(&text).unwrap_err().to_string(),
+            "Packages paragraph at line 1 (package libc6): SHA256: expected 64 hex digits, found \"abc\""
+        );
+        let text = packages_text().replace("Size: 260000", "Size: 1\r\nsize: 2");
+        assert_eq!(parse_packages(&text).unwrap_err().to_string(), "Packages paragraph at line 14 (package tzdata): field size appears twice");
+    }
+
+    #[test]
+    fn parse_packages_syntax_errors_name_the_line() {
+        assert_eq!(
+            parse_packages(" continued\nPackage: a\n").unwrap_err().to_string(),
+            "Packages paragraph at line 1: line 1: continuation line before any field"
+        );
+        assert_eq!(
+            parse_packages("Package: a\nno colon here\n").unwrap_err().to_string(),
+            "Packages paragraph at line 1: line 2: expected \"Field: value\", found \"no colon here\""
+        );
+    }
+
+    // --- Release ---
+
+    fn release_text() -> String {
+        format!(
+            "Origin: Debian\n\
+             Label: Debian\n\
+             Suite: stable-security\n\
+             Codename: trixie-security\n\
+             Date: Sat, 10 May 2025 09:03:47 UTC\n\
+             Acquire-By-Hash: yes\n\
+             Architectures: amd64 arm64\n\
+             Components: main\n\
+             MD5Sum:\n \
+             0123456789abcdef0123456789abcdef 100 main/binary-amd64/Packages\n\
+             SHA256:\n \
+             {SHA_A} 100 main/binary-amd64/Packages\n \
+             {SHA_B}   40 main/binary-amd64/Packages.xz\n"
+        )
+    }
+
+    #[test]
+    fn parse_release_reads_fields_and_sha256() {
+        let r = parse_release(&release_text()).unwrap();
+        assert_eq!(r.codename, "trixie-security");
+        assert_eq!(r.suite, "stable-security");
+        assert_eq!(r.date, "Sat, 10 May 2025 09:03:47 UTC");
+        assert!(r.acquire_by_hash);
+        let listed: Vec<_> = r.sha256.iter().map(|(p, d)| (p.as_str(), d.size, d.sha256.as_str())).collect();
+        assert_eq!(
+            listed,
+            vec![("main/binary-amd64/Packages", 100, SHA_A), ("main/binary-amd64/Packages.xz", 40, &*SHA_B.to_ascii_lowercase())]
+        );
+    }
+
+    #[test]
+    fn parse_release_accepts_inrelease_armor() {
+        let body = release_text().replace("Label: Debian", "- Label: Debian");
+        let signed = format!(
+            "-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA512\n\n{}-----BEGIN PGP SIGNATURE-----\n\niQIzBAEBCgAdFiEE\n-----END PGP SIGNATURE-----\n",
+            body.replace("- Label", "- - Label")
+        );
+        let from_inrelease = parse_release(&signed).unwrap();
+        let expected = parse_release(&body).unwrap();
+        assert_eq!(from_inrelease, expected);
+        assert_eq!(expected.codename, "trixie-security");
+    }
+
+    #[test]
+    fn parse_release_errors() {
+        let no_sha = release_text().split("SHA256:").next().unwrap_or_default().to_string();
+        assert_eq!(parse_release(&no_sha).unwrap_err().to_string(), "Release: missing field SHA256");
+        let no_codename = release_text().replace("Codename: trixie-security\n", "");
+        assert_eq!(parse_release(&no_codename).unwrap_err().to_string(), "Release: missing field Codename");
+        let bad_line = release_text().replace("   40 main", " forty main");
+        assert_eq!(
+            parse_release(&bad_line).unwrap_err().to_string(),
+            format!("Release: SHA256: expected \"<sha256> <size> <path>\", found \"{SHA_B} forty main/binary-amd64/Packages.xz\"")
+        );
+        let unsigned = "-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA512\n\nSuite: x\n";
+        assert_eq!(
+            parse_release(unsigned).unwrap_err().to_string(),
+            "Release: clear-signed text has no -----BEGIN PGP SIGNATURE----- line"
+        );
+        assert_eq!(parse_release("\n").unwrap_err().to_string(), "Release: empty file");
+    }
+
+    // --- outdated ---
+
+    fn entry(name: &str, version: &str, arch: &str) -> PackageEntry {
+        PackageEntry {
+            name: name.into(),
+            version: version.into(),
+            arch: arch.into(),
+            filename: format!("pool/main/{name}_{version}_{arch}.deb"),
+            size: 1,
+            sha256: SHA_A.into(),
+            source: None,
+        }
+    }
+
+    fn lock(items: &[(&str, &str, &str)]) -> Vec<(String, String, String)> {
+        items.iter().map(|(n, v, a)| (n.to_string(), v.to_string(), a.to_string())).collect()
+    }
+
+    fn update(name: &str, locked: &str, available: &str, suite: &str, security: bool) -> Update {
+        Update { name: name.into(), locked: locked.into(), available: available.into(), suite: suite.into(), security }
+    }
+
+    #[test]
+    fn outdated_picks_the_newest_across_suites() {
+        let indexes = vec![
+            ("trixie".to_string(), vec![entry("openssl", "3.5.0-1", "amd64"), entry("zlib1g", "1:1.3.dfsg-3", "amd64"), entry("bash", "5.2-1", "amd64")]),
+            ("trixie-updates".to_string(), vec![entry("zlib1g", "1:1.3.dfsg-3+deb13u1", "amd64"), entry("openssl", "3.5.0-1+deb13u1", "amd64")]),
+            ("trixie-security".to_string(), vec![entry("openssl", "3.5.0-1+deb13u2", "amd64"), entry("zlib1g", "1:1.3.dfsg-3~sec1", "amd64")]),
+        ];
+        let locked = lock(&[("zlib1g", "1:1.3.dfsg-3", "amd64"), ("openssl", "3.5.0-1", "amd64"), ("bash", "5.2-1", "amd64"), ("absent", "1", "amd64")]);
+        assert_eq!(
+            outdated(&locked, &indexes),
+            vec![
+                update("openssl", "3.5.0-1", "3.5.0-1+deb13u2", "trixie-security", true),
+                update("zlib1g", "1:1.3.dfsg-3", "1:1.3.dfsg-3+deb13u1", "trixie-updates", false),
+            ]
+        );
+    }
+
+    #[test]
+    fn outdated_matches_arch_or_all_and_prefers_security_on_ties() {
+        let indexes = vec![
+            ("trixie-updates".to_string(), vec![entry("tzdata", "2025c-1", "all"), entry("curl", "8.14-2", "amd64")]),
+            ("trixie-security".to_string(), vec![entry("curl", "8.14-2", "amd64"), entry("curl", "9.0-1", "arm64")]),
+        ];
+        let locked = lock(&[("tzdata", "2025b-4", "all"), ("curl", "8.14-1", "amd64")]);
+        assert_eq!(
+            outdated(&locked, &indexes),
+            vec![
+                update("curl", "8.14-1", "8.14-2", "trixie-security", true),
+                update("tzdata", "2025b-4", "2025c-1", "trixie-updates", false),
+            ]
+        );
+        // The same lock on arm64 sees the arm64-only 9.0-1.
+        let locked = lock(&[("curl", "8.14-1", "arm64")]);
+        assert_eq!(outdated(&locked, &indexes), vec![update("curl", "8.14-1", "9.0-1", "trixie-security", true)]);
+    }
+
+    // --- fixture mirror over HTTP on 127.0.0.1 ---
+
+    /// A tiny HTTP/1.1 file server for the tests: GET only, one request per connection, at most
+    /// `MAX_CONNECTIONS`, stopped and joined when dropped. `/broken/…` answers 500.
+    struct FixtureServer {
+        addr: SocketAddr,
+        stop: Arc<AtomicBool>,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    const MAX_CONNECTIONS: usize = 200;
+
+    impl FixtureServer {
+        fn serve(root: &Path) -> FixtureServer {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+            let addr = listener.local_addr().expect("local address of the fixture server");
+            let stop = Arc::new(AtomicBool::new(false));
+            let (root, stop2) = (root.to_path_buf(), stop.clone());
+            let thread = std::thread::spawn(move || {
+                for conn in listener.incoming().take(MAX_CONNECTIONS) {
+                    if stop2.load(AtomicOrdering::SeqCst) {
+                        break;
+                    }
+                    if let Ok(conn) = conn {
+                        let _ = handle(&root, conn);
+                    }
+                }
+            });
+            FixtureServer { addr, stop, thread: Some(thread) }
+        }
+
+        fn url(&self) -> String {
+            format!("http://{}/debian", self.addr)
+        }
+    }
+
+    impl Drop for FixtureServer {
+        fn drop(&mut self) {
+            self.stop.store(true, AtomicOrdering::SeqCst);
+            let _ = TcpStream::connect(self.addr); // wakes the accept loop
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    fn handle(root: &Path, mut conn: TcpStream) -> std::io::Result<()> {
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        conn.set_write_timeout(Some(Duration::from_secs(5)))?;
+        let mut reader = std::io::BufReader::new(conn.try_clone()?).take(16 << 10);
+        let mut request_line = String::new();
+        reader.read_line(&mut request_line)?;
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header)? == 0 || header.trim().is_empty() {
+                break;
+            }
+        }
+        let mut words = request_line.split_whitespace();
+        let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+        let file = path.strip_prefix("/debian/").map(|p| root.join(p));
+        let (status, body) = if method != "GET" {
+            ("405 Method Not Allowed", Vec::new())
+        } else if path.starts_with("/broken/") {
+            ("500 Internal Server Error", b"boom".to_vec())
+        } else if path.contains("..") {
+            ("400 Bad Request", Vec::new())
+        } else {
+            match file.map(std::fs::read) {
+                Some(Ok(body)) => ("200 OK", body),
+                _ => ("404 Not Found", b"not found".to_vec()),
+            }
+        };
+        write!(conn, "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())?;
+        conn.write_all(&body)?;
+        conn.flush()
+    }
+
+    fn xz(data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        lzma_rs::xz_compress(&mut &data[..], &mut out).expect("xz-compress fixture");
+        out
+    }
+
+    fn gz(data: &[u8]) -> Vec<u8> {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(data).expect("gzip fixture");
+        enc.finish().expect("gzip fixture")
+    }
+
+    fn write(path: &Path, bytes: &[u8]) {
+        std::fs::create_dir_all(path.parent().expect("fixture path has a parent")).expect("create fixture dir");
+        std::fs::write(path, bytes).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+
+    fn packages_file(entries: &[(&str, &str, &str)]) -> String {
+        entries
+            .iter()
+            .map(|(name, version, arch)| {
+                let sha = sha256_hex(format!("{name}{version}").as_bytes());
+                format!(
+                    "Package: {name}\nVersion: {version}\nArchitecture: {arch}\nMaintainer: Someone <a@b>\n\
+                     Description: {name}\n long text\nFilename: pool/main/{name}_{version}_{arch}.deb\nSize: 1234\nSHA256: {sha}\n\n"
+                )
+            })
+            .collect()
+    }
+
+    #[derive(Clone, Copy)]
+    enum Layout {
+        /// Packages.xz at its path; the plain Packages listed but absent, as on Debian mirrors.
+        Xz,
+        /// Packages.gz only.
+        Gz,
+        /// Packages.xz by hash only (Acquire-By-Hash: yes), plus the plain Packages file.
+        XzByHash,
+    }
+
+    /// Writes `dists/<codename>` with a Release (or InRelease) file whose SHA256 list matches.
+    fn write_suite(root: &Path, codename: &str, suite: &str, packages: &str, layout: Layout, inrelease: bool) {
+        let dir = root.join("dists").join(codename);
+        let plain = packages.as_bytes();
+        let mut listed = vec![("main/binary-amd64/Packages".to_string(), plain.to_vec())];
+        match layout {
+            Layout::Xz => {
+                let data = xz(plain);
+                write(&dir.join("main/binary-amd64/Packages.xz"), &data);
+                listed.push(("main/binary-amd64/Packages.xz".into(), data));
+            }
+            Layout::Gz => {
+                let data = gz(plain);
+                write(&dir.join("main/binary-amd64/Packages.gz"), &data);
+                listed = vec![("main/binary-amd64/Packages.gz".into(), data)];
+            }
+            Layout::XzByHash => {
+                let data = xz(plain);
+                write(&dir.join("main/binary-amd64/by-hash/SHA256").join(sha256_hex(&data)), &data);
+                write(&dir.join("main/binary-amd64/Packages"), plain);
+                listed.push(("main/binary-amd64/Packages.xz".into(), data));
+            }
+        }
+        let by_hash = if matches!(layout, Layout::XzByHash) { "yes" } else { "no" };
+        let mut release = format!(
+            "Origin: Debian\nLabel: Debian\nSuite: {suite}\nCodename: {codename}\nDate: Sat, 10 May 2025 09:03:47 UTC\n\
+             Acquire-By-Hash: {by_hash}\nArchitectures: amd64\nComponents: main\nSHA256:\n"
+        );
+        for (path, data) in &listed {
+            release.push_str(&format!(" {} {} {path}\n", sha256_hex(data), data.len()));
+        }
+        if inrelease {
+            let signed = format!("-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA512\n\n{release}-----BEGIN PGP SIGNATURE-----\n\nabc\n-----END PGP SIGNATURE-----\n");
+            write(&dir.join("InRelease"), signed.as_bytes());
+        } else {
+            write(&dir.join("Release"), release.as_bytes());
+        }
+    }
+
+    /// trixie (xz, Release), trixie-updates (gz, InRelease only), trixie-security (xz by hash).
+    fn fixture_mirror() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path();
+        let trixie = packages_file(&[("libc6", "2.41-12", "amd64"), ("openssl", "3.5.1-1", "amd64"), ("tzdata", "2025b-4", "all"), ("bash", "5.2.37-2", "amd64")]);
+        write_suite(root, "trixie", "stable", &trixie, Layout::Xz, false);
+        let updates = packages_file(&[("tzdata", "2025c-0+deb13u1", "all"), ("openssl", "3.5.1-1+deb13u1", "amd64")]);
+        write_suite(root, "trixie-updates", "stable-updates", &updates, Layout::Gz, true);
+        let security = packages_file(&[("libc6", "2.41-12+deb13u1", "amd64"), ("openssl", "3.5.1-1+deb13u2", "amd64"), ("openssl", "9.9-1", "arm64")]);
+        write_suite(root, "trixie-security", "stable-security", &security, Layout::XzByHash, false);
+        dir
+    }
+
+    fn test_fetcher() -> Fetcher {
+        Fetcher::new(FetchConfig { connect_timeout: Duration::from_secs(5), timeout: Duration::from_secs(10) }).expect("HTTP client")
+    }
+
+    #[test]
+    fn fixture_mirror_reports_security_updates() {
+        let dir = fixture_mirror();
+        let server = FixtureServer::serve(dir.path());
+        let fetcher = test_fetcher();
+        let mut indexes = Vec::new();
+        for suite in ["trixie", "trixie-updates", "trixie-security"] {
+            let entries = fetcher.packages(&server.url(), suite, "main", "amd64").unwrap_or_else(|e| panic!("{suite}: {e}"));
+            indexes.push((suite.to_string(), entries));
+        }
+        assert_eq!(indexes.iter().map(|(_, e)| e.len()).collect::<Vec<_>>(), [4, 2, 3]);
+        assert_eq!(indexes[0].1[0].filename, "pool/main/libc6_2.41-12_amd64.deb");
+        let locked = lock(&[("libc6", "2.41-12", "amd64"), ("openssl", "3.5.1-1", "amd64"), ("tzdata", "2025b-4", "all"), ("bash", "5.2.37-2", "amd64")]);
+        assert_eq!(
+            outdated(&locked, &indexes),
+            vec![
+                update("libc6", "2.41-12", "2.41-12+deb13u1", "trixie-security", true),
+                update("openssl", "3.5.1-1", "3.5.1-1+deb13u2", "trixie-security", true),
+                update("tzdata", "2025b-4", "2025c-0+deb13u1", "trixie-updates", false),
+            ]
+        );
+        // The free function does the same with its own client.
+        assert_eq!(fetch_packages(&server.url(), "trixie-security", "main", "amd64").expect("fetch_packages"), indexes[2].1);
+    }
+
+    #[test]
+    fn fixture_mirror_refuses_a_packages_file_that_does_not_match_release() {
+        let dir = fixture_mirror();
+        let server = FixtureServer::serve(dir.path());
+        let path = dir.path().join("dists/trixie/main/binary-amd64/Packages.xz");
+        let good = std::fs::read(&path).expect("read fixture Packages.xz");
+        let expected = sha256_hex(&good);
+        let url = format!("{}/dists/trixie/main/binary-amd64/Packages.xz", server.url());
+
+        // Same size, other bytes: the hash is wrong.
+        let mut tampered = good.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 0xff;
+        write(&path, &tampered);
+        let err = test_fetcher().packages(&server.url(), "trixie", "main", "amd64").unwrap_err();
+        assert_eq!(err.to_string(), format!("{url}: sha256 mismatch: Release lists {expected}, got {}", sha256_hex(&tampered)));
+
+        // Longer than listed.
+        let mut longer = good.clone();
+        longer.extend_from_slice(b"more");
+        write(&path, &longer);
+        let err = test_fetcher().packages(&server.url(), "trixie", "main", "amd64").unwrap_err();
+        assert_eq!(err.to_string(), format!("{url}: size mismatch: Release lists {} bytes, got more than {}", good.len(), good.len()));
+
+        // Shorter than listed.
+        write(&path, &good[..10]);
+        let err = test_fetcher().packages(&server.url(), "trixie", "main", "amd64").unwrap_err();
+        assert_eq!(err.to_string(), format!("{url}: size mismatch: Release lists {} bytes, got 10", good.len()));
+    }
+
+    #[test]
+    fn fixture_mirror_checks_the_decompressed_file_too() {
+        let dir = fixture_mirror();
+        let server = FixtureServer::serve(dir.path());
+        // Replace Packages.xz by another valid one and list it in Release: only the plain
+        // Packages digest in Release can catch it.
+        let suite_dir = dir.path().join("dists/trixie");
+        let other = xz(packages_file(&[("evil", "1", "amd64")]).as_bytes());
+        write(&suite_dir.join("main/binary-amd64/Packages.xz"), &other);
+        let release = std::fs::read_to_string(suite_dir.join("Release")).expect("read fixture Release");
+        let release: String = release
+            .lines()
+            .map(|l| if l.ends_with("Packages.xz") { format!(" {} {} main/binary-amd64/Packages.xz\n", sha256_hex(&other), other.len()) } else { format!("{l}\n") })
+            .collect();
+        write(&suite_dir.join("Release"), release.as_bytes());
+        let err = test_fetcher().packages(&server.url(), "trixie", "main", "amd64").unwrap_err();
+        let url = format!("{}/dists/trixie/main/binary-amd64/Packages.xz (decompressed)", server.url());
+        assert!(matches!(&err, DebianError::SizeMismatch { url: u, .. } | DebianError::HashMismatch { url: u, .. } if *u == url), "{err}");
+    }
+
+    #[test]
+    fn fixture_mirror_http_errors_name_the_url() {
+        let dir = fixture_mirror();
+        let server = FixtureServer::serve(dir.path());
+        let fetcher = test_fetcher();
+        let base = server.url();
+
+        let err = fetcher.packages(&base, "sid", "main", "amd64").unwrap_err();
+        assert_eq!(err.to_string(), format!("no Release file for suite sid: {base}/dists/sid/Release and {base}/dists/sid/InRelease both gave HTTP 404"));
+
+        let broken = format!("http://{}/broken", server.addr);
+        let err = fetcher.packages(&broken, "trixie", "main", "amd64").unwrap_err();
+        assert_eq!(err.to_string(), format!("GET {broken}/dists/trixie/Release: HTTP 500"));
+
+        let err = fetcher.packages(&base, "trixie", "contrib", "amd64").unwrap_err();
+        assert_eq!(err.to_string(), format!("{base}/dists/trixie/Release: no usable contrib/binary-amd64/Packages{{.xz,.gz,}} index (tried: none listed)"));
+
+        std::fs::remove_file(dir.path().join("dists/trixie/main/binary-amd64/Packages.xz")).expect("remove fixture Packages.xz");
+        let err = fetcher.packages(&base, "trixie", "main", "amd64").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("{base}/dists/trixie/Release: no usable main/binary-amd64/Packages{{.xz,.gz,}} index (tried: {base}/dists/trixie/main/binary-amd64/Packages.xz, {base}/dists/trixie/main/binary-amd64/Packages)")
+        );
+
+        let err = fetcher.release(&base, "bookworm").unwrap_err();
+        assert!(err.to_string().starts_with("no Release file for suite bookworm"), "{err}");
+        std::fs::rename(dir.path().join("dists/trixie"), dir.path().join("dists/bookworm")).expect("rename fixture suite");
+        let err = fetcher.release(&base, "bookworm").unwrap_err();
+        assert_eq!(err.to_string(), format!("{base}/dists/bookworm/Release: asked for suite bookworm, but the Release file is for suite stable (codename trixie)"));
+    }
+
+    #[test]
+    fn fixture_mirror_malformed_index_names_the_url() {
+        let dir = fixture_mirror();
+        let server = FixtureServer::serve(dir.path());
+        write_suite(dir.path(), "trixie", "stable", "Package: broken\nVersion: 1\n", Layout::Gz, false);
+        let err = test_fetcher().packages(&server.url(), "trixie", "main", "amd64").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("{}/dists/trixie/main/binary-amd64/Packages.gz: Packages paragraph at line 1 (package broken): missing field Size", server.url())
+        );
+    }
+
+    #[test]
+    fn fetch_timeout_names_the_url() {
+        // A listener that never accepts: the connection is made (backlog) but nothing answers.
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let base = format!("http://{}/debian", listener.local_addr().expect("local address"));
+        let fetcher = Fetcher::new(FetchConfig { connect_timeout: Duration::from_secs(2), timeout: Duration::from_millis(500) }).expect("HTTP client");
+        let started = std::time::Instant::now();
+        let err = fetcher.packages(&base, "trixie", "main", "amd64").unwrap_err();
+        assert_eq!(err.to_string(), format!("GET {base}/dists/trixie/Release: timed out after 0.5s"));
+        assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+        drop(listener);
+    }
+
+    #[test]
+    fn connection_refused_names_the_url() {
+        let addr = {
+            let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+            l.local_addr().expect("local address")
+        };
+        let base = format!("http://{addr}/debian");
+        let err = test_fetcher().release(&base, "trixie").unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with(&format!("GET {base}/dists/trixie/Release: ")), "{text}");
+        assert!(matches!(err, DebianError::Http { .. }), "{text}");
+    }
+
+    #[test]
+    fn decompress_is_bounded() {
+        let data = xz(&[b'x'; 5000]);
+        let err = decompress("u", Compression::Xz, data, None).map(|v| v.len());
+        assert_eq!(err.ok(), Some(5000));
+        let plain = FileDigest { size: 100, sha256: SHA_A.into() };
+        let err = decompress("u", Compression::Gz, gz(&[b'x'; 5000]), Some(&plain)).unwrap_err();
+        assert_eq!(err.to_string(), "u: cannot decompress: decompressed data is larger than 100 bytes");
+    }
+}
