@@ -79,6 +79,7 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
     }
     let table = stages::disk::partition_table(&ctx, &root)?;
     let manifest = stages::manifest::write(&ctx, &root, &boot_files.kernel_version, &boot.cmdline, &table, artifacts, packages)?;
+    stages::sbom::write(&manifest, &ctx.tree, &staging)?;
 
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir).with_context(|| format!("replacing the old output {}", final_dir.display()))?;

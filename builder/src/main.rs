@@ -76,6 +76,14 @@ enum Command {
         #[arg(long, short, default_value = "out")]
         out: PathBuf,
     },
+    /// Compare the lock with the mirror's current indexes (the suite, -updates and -security):
+    /// lists newer versions, security updates flagged. Exit 0: up to date; 2: a rebuild is due.
+    Outdated {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, value_name = "FILE")]
+        lock: Option<PathBuf>,
+    },
     /// The local cache of downloaded .debs.
     Cache {
         #[command(subcommand)]
@@ -297,6 +305,34 @@ fn run(cli: Cli) -> Result<()> {
                     println!("  {c}");
                 }
             }
+        }
+        Command::Outdated { target, lock } => {
+            let plan = resolve(&target)?;
+            let path = lock_path(&target, &plan, lock)?;
+            let lock = kiln::lock::LockFile::read(&path)?;
+            let fetcher = kiln::debian::Fetcher::new(Default::default())?;
+            let mut indexes = Vec::new();
+            let mut suites = vec![(plan.mirror.debian.clone(), plan.suite.clone()), (plan.mirror.debian.clone(), format!("{}-updates", plan.suite))];
+            if let Some(sec) = &plan.mirror.security {
+                suites.push((sec.clone(), format!("{}-security", plan.suite)));
+            }
+            for (mirror, suite) in suites {
+                let entries = fetcher.packages(&mirror, &suite, "main", &lock.arch)?;
+                indexes.push((suite, entries));
+            }
+            let locked: Vec<(String, String, String)> = lock.packages.iter().map(|p| (p.name.clone(), p.version.clone(), p.arch.clone())).collect();
+            let updates = kiln::debian::outdated(&locked, &indexes);
+            if updates.is_empty() {
+                println!("{}: all {} locked packages are current", path.display(), lock.packages.len());
+                return Ok(());
+            }
+            println!("{:<32} {:<28} {:<28} {}", "package", "locked", "available", "suite");
+            for u in &updates {
+                println!("{:<32} {:<28} {:<28} {}{}", u.name, u.locked, u.available, u.suite, if u.security { "  SECURITY" } else { "" });
+            }
+            let security = updates.iter().filter(|u| u.security).count();
+            println!("{} packages have newer versions ({security} security updates): run `kiln rebuild` or `kiln lock`", updates.len());
+            std::process::exit(2);
         }
         Command::Cache { action } => {
             let cache = kiln::cache::Cache::open_default()?;

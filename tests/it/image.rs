@@ -62,6 +62,15 @@ fn minimal_image_builds_verifies_and_boots() {
     run(Command::new("veritysetup").arg("verify").arg(&root_img).arg(&root_img).arg(&hash).arg(format!("--hash-offset={offset}")));
     println!("kiln-it: veritysetup verify accepts root.img with root hash {hash}");
 
+    // The SBOM is valid SPDX 2.3 (checked by the spdx-tools validator).
+    let sbom = dir.join("sbom.spdx.json");
+    run(Command::new(root.join("scripts/spdx-validate")).arg(&sbom));
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sbom).unwrap()).unwrap();
+    let pkgs = doc["packages"].as_array().unwrap();
+    let licensed = pkgs.iter().filter(|p| p["licenseDeclared"].as_str().is_some_and(|l| l != "NOASSERTION")).count();
+    assert!(pkgs.len() > 100, "the SBOM lists every package");
+    println!("kiln-it: sbom.spdx.json valid (pyspdxtools): {} packages, {} with a declared license", pkgs.len(), licensed);
+
     // The manifest matches the files.
     let inspect = kiln(&root, &["inspect", "--verify", dir.to_str().unwrap()]);
     assert!(inspect.status.success(), "{}", text(&inspect.stderr));

@@ -50,7 +50,11 @@ pub fn bootstrap(ctx: &Context, packages: Packages) -> Result<BootFiles> {
         std::fs::remove_dir_all(&ctx.tree).with_context(|| format!("removing the old tree {}", ctx.tree.display()))?;
     }
 
-    let progress = StageProgress::start("bootstrap", &format!("mmdebstrap {} {} ({} packages asked)", plan.suite, plan.arch.debian(), plan.packages.len()));
+    let what = match &packages {
+        Packages::Resolve => format!("{} packages asked", plan.packages.len()),
+        Packages::Locked { lock, .. } => format!("{} locked packages", lock.packages.len()),
+    };
+    let progress = StageProgress::start("bootstrap", &format!("mmdebstrap {} {} ({what})", plan.suite, plan.arch.debian()));
     let files = shell_quote(&hooks.to_string_lossy());
     let debs_out = ctx.work.join("debs");
     if debs_out.exists() {

@@ -86,21 +86,17 @@ pub fn packages(tree: &Path) -> Result<Vec<Package>> {
     Ok(v)
 }
 
-/// Versions of the host tools that shape the output.
+/// Versions of the host tools that shape the output, as their Debian packages say.
 pub fn host_tools() -> BTreeMap<String, String> {
-    let probes: [(&str, &[&str]); 6] = [
-        ("mmdebstrap", &["--version"]),
-        ("mkfs.erofs", &["--version"]),
-        ("veritysetup", &["--version"]),
-        ("objcopy", &["--version"]),
-        ("mkfs.vfat", &["--help"]),
-        ("mcopy", &["--version"]),
-    ];
-    let mut m = BTreeMap::new();
-    for (tool, args) in probes {
-        let out = Cmd::new(tool).args(args.iter()).output().map(|o| String::from_utf8_lossy(&o).into_owned()).unwrap_or_default();
-        let first = out.lines().find(|l| !l.trim().is_empty()).unwrap_or("unknown").trim().to_string();
-        m.insert(tool.to_string(), first);
+    const PACKAGES: [&str; 6] = ["mmdebstrap", "erofs-utils", "cryptsetup-bin", "binutils", "dosfstools", "mtools"];
+    let mut m: BTreeMap<String, String> = PACKAGES.iter().map(|p| (p.to_string(), "not installed".to_string())).collect();
+    let out = Cmd::new("dpkg-query").args(["-W", "-f", "${Package}\t${Version}\n"]).args(PACKAGES).read().unwrap_or_default();
+    for line in out.lines() {
+        if let Some((pkg, ver)) = line.split_once('\t') {
+            if !ver.is_empty() {
+                m.insert(pkg.to_string(), ver.to_string());
+            }
+        }
     }
     m
 }
