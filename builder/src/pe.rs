@@ -75,6 +75,42 @@ pub fn place_sections(stub: StubLayout, sizes: &[u64]) -> Vec<u64> {
         .collect()
 }
 
+/// Makes a PE image reproducible: sets the COFF TimeDateStamp (objcopy writes the clock there)
+/// and recomputes the optional header's CheckSum.
+pub fn set_timestamp(pe: &mut [u8], timestamp: u32) -> Result<(), PeError> {
+    let lfanew = u32_at(pe, 0x3c)? as usize;
+    if pe.get(lfanew..lfanew + 4) != Some(b"PE\0\0") {
+        return Err(PeError("no PE signature".into()));
+    }
+    let stamp = lfanew + 8;
+    let checksum = lfanew + 4 + 20 + 64;
+    if pe.len() < checksum + 4 {
+        return Err(PeError("truncated headers".into()));
+    }
+    pe[stamp..stamp + 4].copy_from_slice(&timestamp.to_le_bytes());
+    pe[checksum..checksum + 4].fill(0);
+    let sum = pe_checksum(pe, checksum);
+    pe[checksum..checksum + 4].copy_from_slice(&sum.to_le_bytes());
+    Ok(())
+}
+
+/// The PE checksum: 16-bit one's-complement-style sum of the file (the checksum field taken as
+/// zero), folded, plus the file length.
+fn pe_checksum(pe: &[u8], checksum_at: usize) -> u32 {
+    let mut sum: u64 = 0;
+    for (i, chunk) in pe.chunks(2).enumerate() {
+        let off = i * 2;
+        if off >= checksum_at && off < checksum_at + 4 {
+            continue;
+        }
+        let word = chunk[0] as u64 | (*chunk.get(1).unwrap_or(&0) as u64) << 8;
+        sum += word;
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    (sum as u32).wrapping_add(pe.len() as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +135,19 @@ mod tests {
             b[s + 12..s + 16].copy_from_slice(&va.to_le_bytes());
         }
         b
+    }
+
+    #[test]
+    fn timestamp_is_set_and_checksum_recomputed() {
+        let mut a = fake_stub();
+        let mut b = fake_stub();
+        b[0x88] = 0x55; // a different build time
+        set_timestamp(&mut a, 42).unwrap();
+        set_timestamp(&mut b, 42).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(&a[0x88..0x8c], &42u32.to_le_bytes());
+        let c = u32::from_le_bytes(a[0x84 + 20 + 64..0x84 + 20 + 68].try_into().unwrap());
+        assert_ne!(c, 0);
     }
 
     #[test]

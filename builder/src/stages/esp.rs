@@ -115,6 +115,10 @@ fn make_uki(ctx: &Context, boot: &BootFiles, cmdline: &str, out: &Path) -> Resul
     }
     let _ = std::fs::remove_file(out);
     cmd.arg(&stub_path).arg(out).run()?;
+    // objcopy stamps the PE header with the clock: use the image's timestamp instead.
+    let mut pe = std::fs::read(out).with_context(|| format!("reading {}", out.display()))?;
+    pe::set_timestamp(&mut pe, ctx.plan.source_date_epoch as u32).with_context(|| format!("normalizing {}", out.display()))?;
+    std::fs::write(out, pe).with_context(|| format!("writing {}", out.display()))?;
     Ok(())
 }
 
