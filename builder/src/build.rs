@@ -52,7 +52,7 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
     let (boot_files, locked) = match &opts.locked {
         Some(lock) => {
             let debs = work.join("locked-debs");
-            stages::bootstrap::stage_locked_debs(lock, &cache, &debs)?;
+            stages::bootstrap::stage_locked_debs(plan, lock, &cache, &debs)?;
             let boot = stages::bootstrap::bootstrap(&ctx, Packages::Locked { lock, debs: &debs })?;
             (boot, lock.packages.clone())
         }

@@ -45,6 +45,19 @@ impl Cache {
         Ok(h)
     }
 
+    /// Stores downloaded bytes that must hash to `sha256` (else nothing is stored).
+    pub fn store_deb_bytes(&self, package: &str, version: &str, url: &str, data: &[u8], sha256: &str) -> Result<PathBuf> {
+        let got = Sha256::of(data).hex();
+        if got != sha256 {
+            bail!("package {package} {version}: {url} has sha256 {got} but the lock says {sha256}: the mirror serves a different file under this version; refusing it");
+        }
+        let dest = self.deb_path(sha256);
+        let tmp = dest.with_extension("part");
+        std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &dest).with_context(|| format!("storing {}", dest.display()))?;
+        Ok(dest)
+    }
+
     /// The cached .deb with this sha256, verified again (the cache is not trusted).
     /// `None` when it is not cached.
     pub fn verified_deb(&self, package: &str, version: &str, sha256: &str) -> Result<Option<PathBuf>> {

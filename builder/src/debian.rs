@@ -519,6 +519,11 @@ impl Fetcher {
         Err(DebianError::NoPackagesIndex { release_url, path: plain_path, tried })
     }
 
+    /// GETs a file whose size an index gave (a .deb), refusing anything larger.
+    pub fn file(&self, url: &str, size: u64) -> Result<Vec<u8>, DebianError> {
+        self.get(url, size)
+    }
+
     /// GETs `url`, refusing a body larger than `limit` bytes.
     fn get(&self, url: &str, limit: u64) -> Result<Vec<u8>, DebianError> {
         let timeout = |url: &str| DebianError::Timeout { url: url.to_string(), after: self.config.timeout };

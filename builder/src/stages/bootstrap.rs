@@ -176,7 +176,9 @@ pub fn collect_locked(ctx: &Context, cache: &crate::cache::Cache) -> Result<Vec<
 }
 
 /// Puts the locked .debs, verified against the lock, under `dir` with apt's file names.
-pub fn stage_locked_debs(lock: &LockFile, cache: &crate::cache::Cache, dir: &Path) -> Result<()> {
+/// Packages missing from the cache are downloaded from the plan's mirror (found through its
+/// hash-checked indexes for the suite, -updates and -security) and must match the lock's sha256.
+pub fn stage_locked_debs(plan: &crate::plan::Plan, lock: &LockFile, cache: &crate::cache::Cache, dir: &Path) -> Result<()> {
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
     }
@@ -184,22 +186,54 @@ pub fn stage_locked_debs(lock: &LockFile, cache: &crate::cache::Cache, dir: &Pat
     let mut missing = Vec::new();
     for p in &lock.packages {
         match cache.verified_deb(&p.name, &p.version, &p.sha256)? {
-            Some(src) => {
-                let dest = dir.join(p.deb_file_name());
-                if std::fs::hard_link(&src, &dest).is_err() {
-                    std::fs::copy(&src, &dest).with_context(|| format!("copying {} to {}", src.display(), dest.display()))?;
-                }
-            }
-            None => missing.push(format!("{} {}", p.name, p.version)),
+            Some(src) => link_or_copy(&src, &dir.join(p.deb_file_name()))?,
+            None => missing.push(p),
         }
     }
-    if !missing.is_empty() {
-        bail!(
-            "{} locked packages are not in the cache {} (first: {}); run `kiln lock` on this machine to fetch them, or configure a snapshot mirror in system.mirror if the mirror no longer serves these versions",
-            missing.len(),
-            cache.dir.display(),
-            missing[0]
-        );
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let progress = StageProgress::start("fetch", &format!("{} locked .debs not in the cache", missing.len()));
+    let config = crate::debian::FetchConfig { timeout: std::time::Duration::from_secs(600), ..Default::default() };
+    let fetcher = crate::debian::Fetcher::new(config)?;
+    let mut suites = vec![(plan.mirror.debian.clone(), plan.suite.clone()), (plan.mirror.debian.clone(), format!("{}-updates", plan.suite))];
+    if let Some(sec) = &plan.mirror.security {
+        suites.push((sec.clone(), format!("{}-security", plan.suite)));
+    }
+    let mut indexes = Vec::new();
+    for (mirror, suite) in &suites {
+        progress.line(&format!("index {suite}"));
+        indexes.push((mirror.clone(), fetcher.packages(mirror, suite, "main", &lock.arch)?));
+    }
+    let mut bytes = 0u64;
+    for p in &missing {
+        let found = indexes.iter().find_map(|(mirror, entries)| {
+            entries.iter().find(|e| e.name == p.name && e.version == p.version && e.arch == p.arch).map(|e| (mirror, e))
+        });
+        let Some((mirror, entry)) = found else {
+            bail!(
+                "package {} {} ({}) is no longer served by {} (looked in {}): set system.mirror to a snapshot mirror that still has it, or run `kiln lock` to move to current versions",
+                p.name,
+                p.version,
+                p.arch,
+                plan.mirror.debian,
+                suites.iter().map(|(_, s)| s.as_str()).collect::<Vec<_>>().join(", ")
+            );
+        };
+        let url = format!("{}/{}", mirror.trim_end_matches('/'), entry.filename);
+        progress.line(&url);
+        let data = fetcher.file(&url, entry.size)?;
+        bytes += data.len() as u64;
+        let stored = cache.store_deb_bytes(&p.name, &p.version, &url, &data, &p.sha256)?;
+        link_or_copy(&stored, &dir.join(p.deb_file_name()))?;
+    }
+    progress.finish(&format!("{} .debs, {}", missing.len(), crate::units::Bytes(bytes)));
+    Ok(())
+}
+
+fn link_or_copy(src: &Path, dest: &Path) -> Result<()> {
+    if std::fs::hard_link(src, dest).is_err() {
+        std::fs::copy(src, dest).with_context(|| format!("copying {} to {}", src.display(), dest.display()))?;
     }
     Ok(())
 }
