@@ -51,9 +51,19 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
     let cache = Cache::open_default()?;
     let (boot_files, locked) = match &opts.locked {
         Some(lock) => {
-            let debs = work.join("locked-debs");
-            stages::bootstrap::stage_locked_debs(plan, lock, &cache, &debs)?;
-            let boot = stages::bootstrap::bootstrap(&ctx, Packages::Locked { lock, debs: &debs })?;
+            // A locked bootstrap depends only on its inputs: reuse the tree when they match.
+            let key = stages::bootstrap::tree_key(plan, lock, &ctx.templates)?;
+            let boot = match stages::bootstrap::restore_tree(&ctx, &cache, &key)? {
+                Some(boot) => boot,
+                None => {
+                    let debs = work.join("locked-debs");
+                    stages::bootstrap::stage_locked_debs(plan, lock, &cache, &debs)?;
+                    let boot = stages::bootstrap::bootstrap(&ctx, Packages::Locked { lock, debs: &debs })?;
+                    std::fs::remove_dir_all(&debs).with_context(|| format!("removing {}", debs.display()))?;
+                    stages::bootstrap::save_tree(&ctx, &cache, &key, &boot)?;
+                    boot
+                }
+            };
             (boot, lock.packages.clone())
         }
         None => {

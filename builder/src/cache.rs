@@ -27,6 +27,36 @@ impl Cache {
         Ok(Cache { dir })
     }
 
+    /// Where a bootstrapped tree with this key is kept.
+    pub fn tree_dir(&self, key: &str) -> PathBuf {
+        self.dir.join("trees").join(key)
+    }
+
+    /// Cached trees with their sizes on disk.
+    pub fn trees(&self) -> Result<Vec<(PathBuf, u64)>> {
+        let dir = self.dir.join("trees");
+        let mut v = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                v.push((e.path(), dir_size(&e.path())));
+            }
+        }
+        v.sort();
+        Ok(v)
+    }
+
+    /// Removes every cached tree (they are rebuilt from the .debs when needed).
+    pub fn prune_trees(&self) -> Result<(usize, u64)> {
+        let mut n = 0;
+        let mut bytes = 0;
+        for (p, size) in self.trees()? {
+            std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
+            n += 1;
+            bytes += size;
+        }
+        Ok((n, bytes))
+    }
+
     fn deb_path(&self, sha256: &str) -> PathBuf {
         self.dir.join("debs").join(format!("{sha256}.deb"))
     }
@@ -124,5 +154,14 @@ mod tests {
         let e = cache.verified_deb("a", "1", &h).unwrap_err().to_string();
         assert!(e.starts_with("package a 1: the cached .deb"), "{e}");
         assert!(e.contains(&format!("but the lock says {h}")), "{e}");
+    }
+}
+
+fn dir_size(p: &Path) -> u64 {
+    let Ok(meta) = p.symlink_metadata() else { return 0 };
+    if meta.is_dir() {
+        std::fs::read_dir(p).into_iter().flatten().flatten().map(|e| dir_size(&e.path())).sum()
+    } else {
+        meta.len()
     }
 }

@@ -96,21 +96,50 @@ impl LockFile {
     }
 }
 
-/// What changed between two locks, one line each: "+ name version", "- name version",
-/// "~ name old -> new". Sorted by package name.
-pub fn diff(old: &LockFile, new: &LockFile) -> Vec<String> {
+/// What changed between two locks (the release's package changelog).
+#[derive(Serialize, Debug, Clone, Default, PartialEq)]
+pub struct Changes {
+    pub added: Vec<(String, String)>,
+    pub removed: Vec<(String, String)>,
+    /// (name, old version, new version)
+    pub upgraded: Vec<(String, String, String)>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.upgraded.is_empty()
+    }
+
+    /// One line each, sorted by package: "+ name version", "- name version", "~ name old -> new".
+    pub fn lines(&self) -> Vec<String> {
+        let mut v: Vec<(String, String)> = Vec::new();
+        v.extend(self.added.iter().map(|(n, ver)| (n.clone(), format!("+ {n} {ver}"))));
+        v.extend(self.removed.iter().map(|(n, ver)| (n.clone(), format!("- {n} {ver}"))));
+        v.extend(self.upgraded.iter().map(|(n, a, b)| (n.clone(), format!("~ {n} {a} -> {b}"))));
+        v.sort();
+        v.into_iter().map(|(_, l)| l).collect()
+    }
+}
+
+pub fn changes(old: &LockFile, new: &LockFile) -> Changes {
     let a: BTreeMap<&str, &str> = old.packages.iter().map(|p| (p.name.as_str(), p.version.as_str())).collect();
     let b: BTreeMap<&str, &str> = new.packages.iter().map(|p| (p.name.as_str(), p.version.as_str())).collect();
+    let mut c = Changes::default();
     let names: std::collections::BTreeSet<&str> = a.keys().chain(b.keys()).copied().collect();
-    names
-        .into_iter()
-        .filter_map(|n| match (a.get(n), b.get(n)) {
-            (None, Some(v)) => Some(format!("+ {n} {v}")),
-            (Some(v), None) => Some(format!("- {n} {v}")),
-            (Some(x), Some(y)) if x != y => Some(format!("~ {n} {x} -> {y}")),
-            _ => None,
-        })
-        .collect()
+    for n in names {
+        match (a.get(n), b.get(n)) {
+            (None, Some(v)) => c.added.push((n.into(), v.to_string())),
+            (Some(v), None) => c.removed.push((n.into(), v.to_string())),
+            (Some(x), Some(y)) if x != y => c.upgraded.push((n.into(), x.to_string(), y.to_string())),
+            _ => {}
+        }
+    }
+    c
+}
+
+/// `changes` as lines (see [`Changes::lines`]).
+pub fn diff(old: &LockFile, new: &LockFile) -> Vec<String> {
+    changes(old, new).lines()
 }
 
 #[cfg(test)]

@@ -37,7 +37,8 @@ struct Target {
 enum CacheAction {
     /// List the cached .debs and their total size.
     List,
-    /// Remove cached .debs that no lock file under the given directories refers to.
+    /// Remove cached .debs that no lock file under the given directories refers to, and every
+    /// cached bootstrapped tree.
     Prune {
         /// Directories searched for *.lock files (default: profiles/).
         #[arg(default_value = "profiles")]
@@ -83,6 +84,16 @@ enum Command {
         target: Target,
         #[arg(long, value_name = "FILE")]
         lock: Option<PathBuf>,
+    },
+    /// Lock again against the mirror, build exactly that, and write the package changelog of
+    /// the release (added, removed, upgraded packages) into the output as changelog.txt/.json.
+    Rebuild {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, value_name = "FILE")]
+        lock: Option<PathBuf>,
+        #[arg(long, short, default_value = "out")]
+        out: PathBuf,
     },
     /// The local cache of downloaded .debs.
     Cache {
@@ -334,6 +345,30 @@ fn run(cli: Cli) -> Result<()> {
             println!("{} packages have newer versions ({security} security updates): run `kiln rebuild` or `kiln lock`", updates.len());
             std::process::exit(2);
         }
+        Command::Rebuild { target, lock, out } => {
+            let plan = resolve(&target)?;
+            let path = lock_path(&target, &plan, lock)?;
+            let old = kiln::lock::LockFile::read(&path).ok();
+            eprintln!("re-locking {} into {}", plan.output_name, path.display());
+            let new = build::lock(&plan, &out)?;
+            new.write(&path)?;
+            let plan = resolve_with(&target, Some(new.source_date_epoch))?;
+            let r = build::build(&plan, &build::BuildOptions { out_dir: out, keep_work: false, locked: Some(new.clone()) })?;
+            let changes = old.as_ref().map(|o| kiln::lock::changes(o, &new)).unwrap_or_else(|| kiln::lock::Changes {
+                added: new.packages.iter().map(|p| (p.name.clone(), p.version.clone())).collect(),
+                ..Default::default()
+            });
+            let mut text = format!("{} {}: {} packages; {} upgraded, {} added, {} removed\n", plan.output_name, plan.version, new.packages.len(), changes.upgraded.len(), changes.added.len(), changes.removed.len());
+            for l in changes.lines() {
+                text.push_str(&format!("{l}\n"));
+            }
+            let txt = r.dir.join("changelog.txt");
+            std::fs::write(&txt, &text).with_context(|| format!("writing {}", txt.display()))?;
+            let json = r.dir.join("changelog.json");
+            std::fs::write(&json, serde_json::to_string_pretty(&changes)? + "\n").with_context(|| format!("writing {}", json.display()))?;
+            print!("{text}");
+            println!("built {} in {:.1}s (changelog in {})", r.dir.display(), r.seconds, txt.display());
+        }
         Command::Cache { action } => {
             let cache = kiln::cache::Cache::open_default()?;
             match action {
@@ -344,6 +379,9 @@ fn run(cli: Cli) -> Result<()> {
                         println!("{:>10}  {}", stages::manifest::size(*size), p.display());
                     }
                     println!("{} .debs, {} in {}", items.len(), stages::manifest::size(total), cache.dir.display());
+                    for (p, size) in cache.trees()? {
+                        println!("{:>10}  {} (bootstrapped tree)", stages::manifest::size(size), p.display());
+                    }
                 }
                 CacheAction::Prune { keep_locks_in } => {
                     let mut keep = std::collections::BTreeSet::new();
@@ -357,6 +395,8 @@ fn run(cli: Cli) -> Result<()> {
                     }
                     let (n, bytes) = cache.prune(&keep)?;
                     println!("removed {n} .debs ({}) that no lock refers to; kept {}", stages::manifest::size(bytes), keep.len());
+                    let (n, bytes) = cache.prune_trees()?;
+                    println!("removed {n} bootstrapped trees ({})", stages::manifest::size(bytes));
                 }
             }
         }

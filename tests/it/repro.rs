@@ -28,18 +28,35 @@ fn locked_builds_are_bit_identical_and_refuse_tampered_debs() {
     let locked = kiln::lock::LockFile::read(&lock_file).unwrap();
     println!("kiln-it: locked {} packages in {:.1}s ({})", locked.packages.len(), t.elapsed().as_secs_f64(), lock_file.display());
 
+    // Two cold builds (each bootstraps; the tree cache is emptied in between) in different
+    // directories at different times.
     let mut hashes = Vec::new();
+    let mut cold = 0.0;
     for out in ["out-1", "out-2"] {
+        let prune = kiln_in(&work, &["cache", "prune"]);
+        assert!(prune.status.success(), "kiln cache prune failed:\n{}", text(&prune.stderr));
         let t = Instant::now();
         let b = kiln_in(&work, &["build", "--locked", "--out", out]);
         assert!(b.status.success(), "kiln build --locked failed:\n{}", text(&b.stderr));
+        assert!(!text(&b.stderr).contains("from the cache"), "a cold build must bootstrap");
+        cold = t.elapsed().as_secs_f64();
         let dir = work.join(out).join("minimal-pc-uefi");
         let h: Vec<String> = ["disk.img", "root.img", "manifest.json"].iter().map(|f| sha256(&dir.join(f))).collect();
-        println!("kiln-it: {out}: built in {:.1}s: disk.img {} root.img {} manifest.json {}", t.elapsed().as_secs_f64(), h[0], h[1], h[2]);
+        println!("kiln-it: {out}: built in {cold:.1}s: disk.img {} root.img {} manifest.json {}", h[0], h[1], h[2]);
         hashes.push(h);
     }
     assert_eq!(hashes[0], hashes[1], "two builds from one lock differ");
     println!("kiln-it: two locked builds are bit-identical");
+
+    // A configuration-only change (the release version) reuses the bootstrapped tree.
+    let t = Instant::now();
+    let b = kiln_in(&work, &["build", "--locked", "--out", "out-warm", "--release", "0.1.1"]);
+    assert!(b.status.success(), "warm kiln build --locked failed:\n{}", text(&b.stderr));
+    assert!(text(&b.stderr).contains("(from the cache)"), "the warm build must reuse the tree:\n{}", text(&b.stderr));
+    let warm = t.elapsed().as_secs_f64();
+    println!("kiln-it: warm rebuild after a config-only change: {warm:.1}s (cold {cold:.1}s, {:.1}x faster)", cold / warm);
+    let prune = kiln_in(&work, &["cache", "prune"]);
+    assert!(prune.status.success(), "{}", text(&prune.stderr));
 
     // Tamper with one cached .deb: the locked build must stop, naming the package.
     let victim = locked.packages.iter().find(|p| p.name == "systemd").expect("systemd is locked");

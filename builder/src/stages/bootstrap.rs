@@ -237,3 +237,58 @@ fn link_or_copy(src: &Path, dest: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// The cache key of a locked bootstrap: everything that shapes the tree before `customize`.
+pub fn tree_key(plan: &crate::plan::Plan, lock: &LockFile, templates: &crate::templates::Templates) -> Result<String> {
+    let mut input = format!(
+        "kiln {}\n{} {} epoch {}\nmodules {}\nexcludes {}\n",
+        env!("CARGO_PKG_VERSION"),
+        plan.suite,
+        plan.arch.debian(),
+        plan.source_date_epoch,
+        plan.initramfs_modules.join(","),
+        DPKG_EXCLUDES.join(",")
+    );
+    for name in ["initramfs/kiln.conf", "initramfs/hook-kiln-verity", "initramfs/local-top-kiln-verity"] {
+        input.push_str(&templates.render(name, &tera::Context::new())?);
+    }
+    for p in &lock.packages {
+        input.push_str(&format!("{} {} {} {}\n", p.name, p.version, p.arch, p.sha256));
+    }
+    Ok(crate::units::Sha256::of(input.as_bytes()).hex())
+}
+
+/// Copies a cached tree (and its kernel and initramfs) into the build. `None` when not cached.
+pub fn restore_tree(ctx: &Context, cache: &crate::cache::Cache, key: &str) -> Result<Option<BootFiles>> {
+    let dir = cache.tree_dir(key);
+    let Ok(kernel_version) = std::fs::read_to_string(dir.join("kernel-version")) else { return Ok(None) };
+    let progress = StageProgress::start("bootstrap", &format!("cached tree {}", &key[..12]));
+    if ctx.tree.exists() {
+        std::fs::remove_dir_all(&ctx.tree).with_context(|| format!("removing the old tree {}", ctx.tree.display()))?;
+    }
+    Cmd::new("cp").args(["-a", "--reflink=auto"]).arg(dir.join("tree")).arg(&ctx.tree).run()?;
+    let out = ctx.work.join("boot");
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let boot = BootFiles { kernel: out.join("vmlinuz"), initrd: out.join("initrd.img"), kernel_version: kernel_version.trim().to_string() };
+    std::fs::copy(dir.join("vmlinuz"), &boot.kernel).with_context(|| format!("copying the cached kernel to {}", boot.kernel.display()))?;
+    std::fs::copy(dir.join("initrd.img"), &boot.initrd).with_context(|| format!("copying the cached initramfs to {}", boot.initrd.display()))?;
+    progress.finish(&format!("kernel {} (from the cache)", boot.kernel_version));
+    Ok(Some(boot))
+}
+
+/// Stores the freshly bootstrapped tree under its key (written aside, then renamed).
+pub fn save_tree(ctx: &Context, cache: &crate::cache::Cache, key: &str, boot: &BootFiles) -> Result<()> {
+    let dir = cache.tree_dir(key);
+    let tmp = dir.with_extension("part");
+    for d in [&dir, &tmp] {
+        if d.exists() {
+            std::fs::remove_dir_all(d).with_context(|| format!("removing {}", d.display()))?;
+        }
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    Cmd::new("cp").args(["-a", "--reflink=auto"]).arg(&ctx.tree).arg(tmp.join("tree")).run()?;
+    std::fs::copy(&boot.kernel, tmp.join("vmlinuz")).with_context(|| format!("caching {}", boot.kernel.display()))?;
+    std::fs::copy(&boot.initrd, tmp.join("initrd.img")).with_context(|| format!("caching {}", boot.initrd.display()))?;
+    std::fs::write(tmp.join("kernel-version"), &boot.kernel_version).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &dir).with_context(|| format!("moving {} to {}", tmp.display(), dir.display()))
+}
