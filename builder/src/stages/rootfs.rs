@@ -23,7 +23,9 @@ pub struct RootImage {
     pub compression: String,
 }
 
-pub const COMPRESSION: &str = "lz4hc";
+/// lz4, not lz4hc: measured 5.0 s vs 60.5 s for the minimal tree, for an image only 4% larger
+/// (198 vs 190 MiB); decompression speed is the same.
+pub const COMPRESSION: &str = "lz4";
 
 pub fn make_root(ctx: &Context) -> Result<RootImage> {
     let plan = ctx.plan;
