@@ -323,11 +323,7 @@ fn run(cli: Cli) -> Result<()> {
             let lock = kiln::lock::LockFile::read(&path)?;
             let fetcher = kiln::debian::Fetcher::new(Default::default())?;
             let mut indexes = Vec::new();
-            let mut suites = vec![(plan.mirror.debian.clone(), plan.suite.clone()), (plan.mirror.debian.clone(), format!("{}-updates", plan.suite))];
-            if let Some(sec) = &plan.mirror.security {
-                suites.push((sec.clone(), format!("{}-security", plan.suite)));
-            }
-            for (mirror, suite) in suites {
+            for (mirror, suite) in plan.mirror.index_suites(&plan.suite) {
                 let entries = fetcher.packages(&mirror, &suite, "main", &lock.arch)?;
                 indexes.push((suite, entries));
             }

@@ -22,6 +22,16 @@ impl Mirror {
         Mirror { debian: uri, security }
     }
 
+    /// (archive URI, suite) of every index a suite's packages come from: the suite, -updates and
+    /// -security (when a security archive is known).
+    pub fn index_suites(&self, suite: &str) -> Vec<(String, String)> {
+        let mut v = vec![(self.debian.clone(), suite.to_string()), (self.debian.clone(), format!("{suite}-updates"))];
+        if let Some(sec) = &self.security {
+            v.push((sec.clone(), format!("{suite}-security")));
+        }
+        v
+    }
+
     /// The apt source lines for a suite, as mmdebstrap takes them.
     pub fn source_lines(&self, suite: &str, components: &str) -> Vec<String> {
         let mut v = vec![format!("deb {} {suite} {components}", self.debian)];

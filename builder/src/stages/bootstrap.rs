@@ -196,10 +196,7 @@ pub fn stage_locked_debs(plan: &crate::plan::Plan, lock: &LockFile, cache: &crat
     let progress = StageProgress::start("fetch", &format!("{} locked .debs not in the cache", missing.len()));
     let config = crate::debian::FetchConfig { timeout: std::time::Duration::from_secs(600), ..Default::default() };
     let fetcher = crate::debian::Fetcher::new(config)?;
-    let mut suites = vec![(plan.mirror.debian.clone(), plan.suite.clone()), (plan.mirror.debian.clone(), format!("{}-updates", plan.suite))];
-    if let Some(sec) = &plan.mirror.security {
-        suites.push((sec.clone(), format!("{}-security", plan.suite)));
-    }
+    let suites = plan.mirror.index_suites(&plan.suite);
     let mut indexes = Vec::new();
     for (mirror, suite) in &suites {
         progress.line(&format!("index {suite}"));
