@@ -135,6 +135,15 @@ impl Cache {
     }
 }
 
+fn dir_size(p: &Path) -> u64 {
+    let Ok(meta) = p.symlink_metadata() else { return 0 };
+    if meta.is_dir() {
+        std::fs::read_dir(p).into_iter().flatten().flatten().map(|e| dir_size(&e.path())).sum()
+    } else {
+        meta.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,14 +163,5 @@ mod tests {
         let e = cache.verified_deb("a", "1", &h).unwrap_err().to_string();
         assert!(e.starts_with("package a 1: the cached .deb"), "{e}");
         assert!(e.contains(&format!("but the lock says {h}")), "{e}");
-    }
-}
-
-fn dir_size(p: &Path) -> u64 {
-    let Ok(meta) = p.symlink_metadata() else { return 0 };
-    if meta.is_dir() {
-        std::fs::read_dir(p).into_iter().flatten().flatten().map(|e| dir_size(&e.path())).sum()
-    } else {
-        meta.len()
     }
 }

@@ -333,7 +333,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}: all {} locked packages are current", path.display(), lock.packages.len());
                 return Ok(());
             }
-            println!("{:<32} {:<28} {:<28} {}", "package", "locked", "available", "suite");
+            println!("{:<32} {:<28} {:<28} suite", "package", "locked", "available");
             for u in &updates {
                 println!("{:<32} {:<28} {:<28} {}{}", u.name, u.locked, u.available, u.suite, if u.security { "  SECURITY" } else { "" });
             }
