@@ -71,5 +71,5 @@ fn locked_builds_are_bit_identical_and_refuse_tampered_debs() {
     let want = format!("package systemd {}: the cached .deb", victim.version);
     assert!(err.contains(&want) && err.contains(&format!("but the lock says {}", victim.sha256)), "expected {want:?} in:\n{err}");
     assert!(!work.join("out-3/minimal-pc-uefi").exists(), "a failed build must not leave an output");
-    println!("kiln-it: tampered systemd .deb refused: {}", err.lines().next().unwrap_or_default());
+    println!("kiln-it: tampered systemd .deb refused: {}", err.lines().find(|l| l.starts_with("error:")).unwrap_or_default());
 }
