@@ -306,7 +306,8 @@ fn run(cli: Cli) -> Result<()> {
             let path = lock_path(&target, &plan, lock)?;
             let old = kiln::lock::LockFile::read(&path).ok();
             eprintln!("locking {} ({} {}) into {}", plan.output_name, plan.suite, plan.arch.debian(), path.display());
-            let new = build::lock(&plan, &out)?;
+            let mut new = build::lock(&plan, &out)?;
+            keep_epoch_if_unchanged(old.as_ref(), &mut new);
             new.write(&path)?;
             println!("locked {} packages into {}", new.packages.len(), path.display());
             if let Some(old) = old {
@@ -346,7 +347,8 @@ fn run(cli: Cli) -> Result<()> {
             let path = lock_path(&target, &plan, lock)?;
             let old = kiln::lock::LockFile::read(&path).ok();
             eprintln!("re-locking {} into {}", plan.output_name, path.display());
-            let new = build::lock(&plan, &out)?;
+            let mut new = build::lock(&plan, &out)?;
+            keep_epoch_if_unchanged(old.as_ref(), &mut new);
             new.write(&path)?;
             let plan = resolve_with(&target, Some(new.source_date_epoch))?;
             let r = build::build(&plan, &build::BuildOptions { out_dir: out, keep_work: false, locked: Some(new.clone()) })?;
@@ -415,6 +417,20 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// When nothing was upgraded, added or removed, a new lock keeps the old timestamp, so that
+/// rebuilding an unchanged package set gives the same image again.
+fn keep_epoch_if_unchanged(old: Option<&kiln::lock::LockFile>, new: &mut kiln::lock::LockFile) {
+    if let Some(old) = old {
+        let mut a = old.packages.clone();
+        let mut b = new.packages.clone();
+        a.sort();
+        b.sort();
+        if a == b && old.request == new.request {
+            new.source_date_epoch = old.source_date_epoch;
+        }
+    }
 }
 
 fn print_tail(tail: &[String], log: Option<&Path>) {
