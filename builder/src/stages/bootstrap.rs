@@ -1,8 +1,10 @@
 //! Stage 1: bootstrap the Debian root tree with mmdebstrap, initramfs included.
 //!
-//! The initramfs configuration (module list, the verity hook and boot script) is written into
-//! the tree by an essential hook, before the kernel is installed, so initramfs-tools builds the
-//! initramfs exactly once, at the end of the package installation.
+//! The initramfs configuration (module list, the verity hook and boot script) is copied into the
+//! tree by a setup hook, before any package is installed. Initramfs images made while packages
+//! install are throw-aways; a customize hook removes them and builds the real one, strictly
+//! (the verity hook then fails if veritysetup is missing). This works the same for the minbase
+//! variant (apt resolves) and the custom variant (`--locked`: exactly the locked set).
 
 use super::Context;
 use crate::exec::{shell_quote, Cmd};
