@@ -33,6 +33,14 @@ struct Target {
     release: Option<String>,
 }
 
+/// The lock file a command reads or writes.
+#[derive(clap::Args, Clone)]
+struct LockArg {
+    /// The lock file (default: <profile>.<image>.lock next to the profile, or under profiles/).
+    #[arg(long = "lock", value_name = "FILE")]
+    path: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum CacheAction {
     /// List the cached .debs and their total size.
@@ -61,18 +69,16 @@ enum Command {
         /// Install exactly the packages of the lock file (see `kiln lock`), verifying every .deb.
         #[arg(long)]
         locked: bool,
-        /// The lock file (default: <profile>.<image>.lock next to the profile, or under profiles/).
-        #[arg(long, value_name = "FILE")]
-        lock: Option<PathBuf>,
+        #[command(flatten)]
+        lock: LockArg,
     },
     /// Resolve the profile's packages against the mirror and write the lock file: every
     /// package's exact version and .deb sha256, the build timestamp and host tool versions.
     Lock {
         #[command(flatten)]
         target: Target,
-        /// Where to write it (default: <profile>.<image>.lock next to the profile, or under profiles/).
-        #[arg(long, value_name = "FILE")]
-        lock: Option<PathBuf>,
+        #[command(flatten)]
+        lock: LockArg,
         /// Scratch space for the bootstrap.
         #[arg(long, short, default_value = "out")]
         out: PathBuf,
@@ -82,16 +88,16 @@ enum Command {
     Outdated {
         #[command(flatten)]
         target: Target,
-        #[arg(long, value_name = "FILE")]
-        lock: Option<PathBuf>,
+        #[command(flatten)]
+        lock: LockArg,
     },
     /// Lock again against the mirror, build exactly that, and write the package changelog of
     /// the release (added, removed, upgraded packages) into the output as changelog.txt/.json.
     Rebuild {
         #[command(flatten)]
         target: Target,
-        #[arg(long, value_name = "FILE")]
-        lock: Option<PathBuf>,
+        #[command(flatten)]
+        lock: LockArg,
         #[arg(long, short, default_value = "out")]
         out: PathBuf,
     },
@@ -218,9 +224,9 @@ fn output_dir(p: &Path) -> PathBuf {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Build { target, out, keep_work, locked, lock } => {
-            let (plan, lock) = if locked || lock.is_some() {
+            let (plan, lock) = if locked || lock.path.is_some() {
                 let first = resolve(&target)?;
-                let path = lock_path(&target, &first, lock)?;
+                let path = lock_path(&target, &first, lock.path)?;
                 let lock = kiln::lock::LockFile::read(&path)?;
                 let plan = resolve_with(&target, Some(lock.source_date_epoch))?;
                 lock.check_matches(&plan, &path)?;
@@ -303,7 +309,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Lock { target, lock, out } => {
             let plan = resolve(&target)?;
-            let path = lock_path(&target, &plan, lock)?;
+            let path = lock_path(&target, &plan, lock.path)?;
             let old = kiln::lock::LockFile::read(&path).ok();
             eprintln!("locking {} ({} {}) into {}", plan.output_name, plan.suite, plan.arch.debian(), path.display());
             let mut new = build::lock(&plan, &out)?;
@@ -320,7 +326,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Outdated { target, lock } => {
             let plan = resolve(&target)?;
-            let path = lock_path(&target, &plan, lock)?;
+            let path = lock_path(&target, &plan, lock.path)?;
             let lock = kiln::lock::LockFile::read(&path)?;
             let fetcher = kiln::debian::Fetcher::new(Default::default())?;
             let mut indexes = Vec::new();
@@ -344,7 +350,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Rebuild { target, lock, out } => {
             let plan = resolve(&target)?;
-            let path = lock_path(&target, &plan, lock)?;
+            let path = lock_path(&target, &plan, lock.path)?;
             let old = kiln::lock::LockFile::read(&path).ok();
             eprintln!("re-locking {} into {}", plan.output_name, path.display());
             let mut new = build::lock(&plan, &out)?;
