@@ -3,6 +3,7 @@
 //! failed build never leaves a half-written output behind.
 
 use crate::cache::Cache;
+use crate::image::Bootloader;
 use crate::lock::LockFile;
 use crate::plan::Plan;
 use crate::stages::bootstrap::Packages;
@@ -74,21 +75,28 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
     stages::customize::customize(&ctx)?;
     let packages = stages::manifest::packages(&ctx.tree)?;
     let root = stages::rootfs::make_root(&ctx)?;
-    let boot = stages::esp::make_boot(&ctx, &boot_files, &root)?;
+    let boot = match plan.bootloader {
+        Bootloader::SystemdBoot => stages::esp::make_boot(&ctx, &boot_files, &root)?,
+        Bootloader::RpiFirmware => stages::rpi::make_boot(&ctx, &boot_files, &root)?,
+    };
     let disk = stages::disk::assemble(&ctx, &boot, &root)?;
 
-    // Artifacts next to the disk: the root image (the update payload) and the UKI.
+    // Artifacts next to the disk: the root image (the update payload) and the boot stage's.
     let root_out = staging.join("root.img");
     std::fs::rename(&root.path, &root_out).with_context(|| format!("moving the root image to {}", root_out.display()))?;
-    let uki_out = staging.join(&boot.uki_name);
-    std::fs::copy(&boot.uki, &uki_out).with_context(|| format!("copying the UKI to {}", uki_out.display()))?;
+    let mut outputs = vec![disk, root_out];
+    for a in &boot.artifacts {
+        let dest = staging.join(a.file_name().expect("artifact file name"));
+        std::fs::copy(a, &dest).with_context(|| format!("copying {} to {}", a.display(), dest.display()))?;
+        outputs.push(dest);
+    }
     let mut artifacts = BTreeMap::new();
-    for p in [&disk, &root_out, &uki_out] {
+    for p in &outputs {
         let name = p.file_name().expect("file").to_string_lossy().into_owned();
         artifacts.insert(name, stages::manifest::artifact(p)?);
     }
-    let table = stages::disk::partition_table(&ctx, &root)?;
-    let manifest = stages::manifest::write(&ctx, &root, &boot_files.kernel_version, &boot.cmdline, &table, artifacts, packages)?;
+    let partuuids = stages::disk::partuuids(&ctx, &root)?;
+    let manifest = stages::manifest::write(&ctx, &root, &boot_files.kernel_version, &boot.cmdline, &partuuids, artifacts, packages)?;
     stages::sbom::write(&manifest, &ctx.tree, &staging)?;
 
     if final_dir.exists() {

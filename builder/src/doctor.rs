@@ -29,6 +29,11 @@ pub const TOOLS: &[Tool] = &[
     Tool { name: "qemu-img", probe: "qemu-img", package: "qemu-utils", backports_on_bookworm: true, used_for: "disk image conversion" },
     Tool { name: "qemu-system-x86_64", probe: "qemu-system-x86_64", package: "qemu-system-x86", backports_on_bookworm: true, used_for: "kiln boot of x86-64 images" },
     Tool { name: "OVMF", probe: "/usr/share/OVMF/OVMF_CODE_4M.fd", package: "ovmf", backports_on_bookworm: false, used_for: "UEFI firmware for kiln boot" },
+    Tool { name: "qemu-system-aarch64", probe: "qemu-system-aarch64", package: "qemu-system-arm", backports_on_bookworm: true, used_for: "kiln boot of arm64 (Raspberry Pi) images" },
+    Tool { name: "qemu-aarch64 binfmt", probe: "/usr/lib/binfmt.d/qemu-aarch64.conf", package: "qemu-user-binfmt", backports_on_bookworm: true, used_for: "arm64 builds on an x86-64 host (maintainer scripts)" },
+    Tool { name: "qemu-aarch64", probe: "/usr/libexec/qemu-binfmt/aarch64-binfmt-P", package: "qemu-user", backports_on_bookworm: true, used_for: "arm64 builds on an x86-64 host (maintainer scripts)" },
+    Tool { name: "mkfs.ext4", probe: "mkfs.ext4", package: "e2fsprogs", backports_on_bookworm: false, used_for: "kiln flash --provision (the data partition)" },
+    Tool { name: "xz", probe: "xz", package: "xz-utils", backports_on_bookworm: false, used_for: "kernel modules for kiln's initramfs" },
 ];
 
 pub fn package_for_program(program: &str) -> Option<&'static str> {
@@ -103,6 +108,37 @@ pub fn install(missing: &[&Tool]) -> Result<()> {
         }
         apt(&a)?;
     }
+    Ok(())
+}
+
+/// Makes sure foreign-architecture binaries run through qemu-user (binfmt_misc): mounts
+/// binfmt_misc if needed and registers the handler from its binfmt.d file. Hosts without an
+/// init system that does this (containers, CI VMs) need it before an arm64 bootstrap.
+pub fn ensure_binfmt(arch: &str) -> Result<()> {
+    let qemu_name = match arch {
+        "arm64" => "aarch64",
+        "amd64" => "x86_64",
+        other => other,
+    };
+    let host_native = matches!((std::env::consts::ARCH, arch), ("x86_64", "amd64") | ("aarch64", "arm64"));
+    if host_native {
+        return Ok(());
+    }
+    let dir = Path::new("/proc/sys/fs/binfmt_misc");
+    let handler = dir.join(format!("qemu-{qemu_name}"));
+    if handler.exists() {
+        return Ok(());
+    }
+    let conf = Path::new("/usr/lib/binfmt.d").join(format!("qemu-{qemu_name}.conf"));
+    let rule = std::fs::read_to_string(&conf)
+        .with_context(|| format!("{arch} images need qemu-user for their maintainer scripts, and {} is missing: run `kiln doctor --install` (Debian packages qemu-user, qemu-user-binfmt)", conf.display()))?;
+    if !dir.join("register").exists() {
+        nix::mount::mount(Some("binfmt_misc"), dir, Some("binfmt_misc"), nix::mount::MsFlags::empty(), None::<&str>)
+            .with_context(|| format!("mounting binfmt_misc on {} (needed to run {arch} programs; are we root?)", dir.display()))?;
+    }
+    let rule = rule.lines().find(|l| l.starts_with(':')).with_context(|| format!("{} holds no binfmt rule", conf.display()))?;
+    std::fs::write(dir.join("register"), rule).with_context(|| format!("registering {} with binfmt_misc", conf.display()))?;
+    eprintln!("registered the qemu-{qemu_name} binfmt handler from {}", conf.display());
     Ok(())
 }
 

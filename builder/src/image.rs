@@ -6,7 +6,12 @@ use crate::units::Bytes;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-pub const BUILTIN_IMAGES: &[(&str, &str)] = &[("pc-uefi", include_str!("../../images/pc-uefi.toml"))];
+pub const BUILTIN_IMAGES: &[(&str, &str)] = &[
+    ("pc-uefi", include_str!("../../images/pc-uefi.toml")),
+    ("rpi4", include_str!("../../images/rpi4.toml")),
+    ("rpi3", include_str!("../../images/rpi3.toml")),
+    ("rpi5", include_str!("../../images/rpi5.toml")),
+];
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -16,14 +21,41 @@ pub struct ImageDef {
     pub arch: Arch,
     pub bootloader: Bootloader,
     pub kernel_package: String,
+    /// Archive components the image needs (e.g. `non-free-firmware` for the Pi's GPU firmware).
+    #[serde(default = "default_components")]
+    pub components: Vec<String>,
     #[serde(default)]
     pub packages: Vec<String>,
     #[serde(default)]
     pub kernel_cmdline: Vec<String>,
     #[serde(default)]
     pub initramfs_modules: Vec<String>,
+    /// Who makes the initramfs: Debian's initramfs-tools inside the tree, or kiln on the host
+    /// from the tree's files (no code of the image's architecture runs: fast for arm64 on x86).
+    #[serde(default)]
+    pub initramfs: InitramfsKind,
     pub disk: Disk,
+    /// Raspberry Pi boot files (images with `bootloader = "rpi-firmware"`).
+    #[serde(default)]
+    pub rpi: Option<RpiDef>,
     pub qemu: Qemu,
+}
+
+fn default_components() -> Vec<String> {
+    vec!["main".into()]
+}
+
+/// What goes into each boot slot of a Raspberry Pi image besides the kernel and initramfs.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RpiDef {
+    /// GPU firmware files from `raspi-firmware` (`/usr/lib/raspi-firmware`).
+    pub firmware_files: Vec<String>,
+    /// Device trees from the kernel package (`broadcom/<name>`), upstream names.
+    pub dtbs: Vec<String>,
+    /// Extra config.txt lines, appended after kiln's (conditional sections allowed).
+    #[serde(default)]
+    pub config: Vec<String>,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +66,11 @@ pub enum Arch {
 }
 
 impl Arch {
+    /// Whether programs of this architecture run natively on the build host.
+    pub fn is_host(self) -> bool {
+        matches!((self, std::env::consts::ARCH), (Arch::Amd64, "x86_64") | (Arch::Arm64, "aarch64"))
+    }
+
     pub fn debian(self) -> &'static str {
         match self {
             Arch::Amd64 => "amd64",
@@ -42,11 +79,21 @@ impl Arch {
     }
 }
 
+#[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum InitramfsKind {
+    #[default]
+    InitramfsTools,
+    Kiln,
+}
+
 #[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Bootloader {
     /// systemd-boot on an ESP, one UKI per root slot, boot counting for A/B.
     SystemdBoot,
+    /// The Raspberry Pi's own firmware: autoboot.txt picks boot partition A or B (tryboot).
+    RpiFirmware,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
@@ -60,6 +107,9 @@ pub struct Disk {
 #[serde(rename_all = "lowercase")]
 pub enum PartitionTable {
     Gpt,
+    /// DOS partition table (the Pi firmware's tryboot needs it); more than four partitions
+    /// make the fourth an extended partition holding the rest.
+    Mbr,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
@@ -77,6 +127,10 @@ pub struct PartitionDef {
 pub enum Role {
     /// EFI system partition (FAT): bootloader and UKIs.
     Esp,
+    /// Raspberry Pi: the first FAT partition, holding only autoboot.txt (which slot boots).
+    Autoboot,
+    /// Raspberry Pi: a slot's boot partition (FAT): firmware, kernel, initramfs, DTBs, config.
+    Boot,
     /// A root filesystem slot: EROFS with its dm-verity hash tree appended.
     Root,
     /// Persistent state (/var, /home, /srv), created and grown at first boot.
@@ -111,12 +165,22 @@ pub struct Qemu {
     pub memory: String,
     pub smp: u32,
     pub firmware: Firmware,
+    /// Device tree QEMU's machine needs (from the boot slot), for `firmware = "rpi"`.
+    #[serde(default)]
+    pub dtb: Option<String>,
+    /// The guest's serial console device (e.g. `ttyS1` on raspi3b, whose PL011 is Bluetooth's).
+    #[serde(default)]
+    pub console: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Firmware {
+    /// UEFI (OVMF) boots the disk like a PC would.
     Ovmf,
+    /// QEMU loads the kernel, initramfs and DTB of the boot slot that autoboot.txt names, with
+    /// that slot's cmdline.txt: what the Pi's GPU firmware does (which QEMU cannot run).
+    Rpi,
 }
 
 #[derive(Debug, Clone)]
@@ -160,8 +224,45 @@ fn validate(src: &Source, def: &ImageDef) -> Result<(), ProfileError> {
     let parts = &def.disk.partitions;
     let err = |key: &str, msg: &str| Err(ProfileError::new(src, Some(key), msg.to_string()));
     let count = |role: Role| parts.iter().filter(|p| p.role == role).count();
-    if def.bootloader == Bootloader::SystemdBoot && count(Role::Esp) != 1 {
-        return err("disk.partitions", "a systemd-boot image needs exactly one partition with role = \"esp\"");
+    match def.bootloader {
+        Bootloader::SystemdBoot => {
+            if count(Role::Esp) != 1 {
+                return err("disk.partitions", "a systemd-boot image needs exactly one partition with role = \"esp\"");
+            }
+            if count(Role::Autoboot) + count(Role::Boot) > 0 {
+                return err("disk.partitions", "roles \"autoboot\" and \"boot\" are for bootloader = \"rpi-firmware\"");
+            }
+            if def.rpi.is_some() {
+                return err("rpi", "an [rpi] section needs bootloader = \"rpi-firmware\"");
+            }
+        }
+        Bootloader::RpiFirmware => {
+            if def.disk.table != PartitionTable::Mbr {
+                return err("disk.table", "the Raspberry Pi firmware's A/B boot (tryboot) needs table = \"mbr\"");
+            }
+            if parts.first().map(|p| p.role) != Some(Role::Autoboot) || count(Role::Autoboot) != 1 {
+                return err("disk.partitions", "a Raspberry Pi image's first partition must be the only one with role = \"autoboot\" (the firmware reads autoboot.txt there)");
+            }
+            if count(Role::Esp) > 0 {
+                return err("disk.partitions", "role = \"esp\" is for bootloader = \"systemd-boot\"");
+            }
+            for slot in [Slot::A, Slot::B] {
+                let n = parts.iter().position(|p| p.role == Role::Boot && p.slot == Some(slot));
+                // tryboot's boot_partition must be a primary partition: numbers 2 and 3.
+                if parts.iter().filter(|p| p.role == Role::Boot && p.slot == Some(slot)).count() != 1 || !matches!(n, Some(1 | 2)) {
+                    return err("disk.partitions", "a Raspberry Pi image needs boot partitions for slot \"a\" and \"b\" as its second and third partitions");
+                }
+            }
+            if def.rpi.is_none() {
+                return err("rpi", "bootloader = \"rpi-firmware\" needs an [rpi] section (firmware_files, dtbs)");
+            }
+            if def.qemu.firmware != Firmware::Rpi && def.arch == Arch::Arm64 && def.qemu.machine.starts_with("raspi") {
+                return err("qemu.firmware", "QEMU's raspi machines need firmware = \"rpi\" (direct boot of the slot's kernel)");
+            }
+        }
+    }
+    if def.disk.table == PartitionTable::Mbr && parts.len() > 15 {
+        return err("disk.partitions", "a DOS partition table here holds at most 15 partitions");
     }
     for slot in [Slot::A, Slot::B] {
         if parts.iter().filter(|p| p.role == Role::Root && p.slot == Some(slot)).count() != 1 {
@@ -178,9 +279,13 @@ fn validate(src: &Source, def: &ImageDef) -> Result<(), ProfileError> {
         if p.size.0 < crate::units::MIB || p.size.0 % crate::units::MIB != 0 {
             return err(&format!("disk.partitions[{i}].size"), "expected a whole number of MiB");
         }
-        if (p.role == Role::Root) != p.slot.is_some() {
-            return err(&format!("disk.partitions[{i}].slot"), "root partitions need a slot (\"a\" or \"b\"), other partitions have none");
+        let slotted = matches!(p.role, Role::Root | Role::Boot);
+        if slotted != p.slot.is_some() {
+            return err(&format!("disk.partitions[{i}].slot"), "root and boot partitions need a slot (\"a\" or \"b\"), other partitions have none");
         }
+    }
+    if def.qemu.firmware == Firmware::Rpi && def.qemu.dtb.is_none() && def.qemu.machine.starts_with("raspi") {
+        return err("qemu.dtb", "QEMU's raspi machines need the device tree to load (e.g. \"bcm2837-rpi-3-b.dtb\")");
     }
     Ok(())
 }
@@ -199,7 +304,7 @@ mod tests {
     fn builtin_images_are_valid() {
         for (name, _) in BUILTIN_IMAGES {
             let img = load(name, Path::new("/nonexistent")).unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(img.def.root_partition(Slot::A).name, "root-a");
+            assert_eq!(img.def.root_partition(Slot::A).name, "root-a", "{name}");
             assert_eq!(!Slot::A, Slot::B);
         }
     }

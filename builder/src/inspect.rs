@@ -50,12 +50,22 @@ pub fn verify(dir: &Path, m: &Manifest) -> Result<()> {
     let disk = dir.join("disk.img");
     let size = std::fs::metadata(&disk).with_context(|| format!("reading {}", disk.display()))?.len();
     let mut f = std::fs::File::open(&disk).with_context(|| format!("opening {}", disk.display()))?;
-    let table = GptTable::read(&mut f, size / SECTOR).with_context(|| format!("reading the partition table of {}", disk.display()))?;
-    for (want, got) in m.partitions.iter().zip(&table.partitions) {
-        if want.name != got.name || want.offset != got.first_lba * SECTOR || want.partuuid != got.guid.to_string() {
+    // (name or "", offset, partuuid) as the disk has them.
+    let found: Vec<(String, u64, String)> = if m.partition_table == "mbr" {
+        let t = crate::mbr::MbrTable::read(&mut f).with_context(|| format!("reading the partition table of {}", disk.display()))?;
+        (0..t.partitions.len()).map(|i| (String::new(), t.partitions[i].first_lba * crate::mbr::SECTOR, t.partuuid(i))).collect()
+    } else {
+        let t = GptTable::read(&mut f, size / SECTOR).with_context(|| format!("reading the partition table of {}", disk.display()))?;
+        t.partitions.iter().map(|p| (p.name.clone(), p.first_lba * SECTOR, p.guid.to_string())).collect()
+    };
+    if found.len() != m.partitions.len() {
+        bail!("{}: {} partitions on the disk, the manifest lists {}", disk.display(), found.len(), m.partitions.len());
+    }
+    for (want, (name, offset, partuuid)) in m.partitions.iter().zip(&found) {
+        if (!name.is_empty() && want.name != *name) || want.offset != *offset || want.partuuid != *partuuid {
             bail!("{}: partition {:?} differs from the manifest", disk.display(), want.name);
         }
     }
-    println!("verified: {} artifacts and {} partitions match the manifest", m.artifacts.len(), table.partitions.len());
+    println!("verified: {} artifacts and {} partitions match the manifest", m.artifacts.len(), found.len());
     Ok(())
 }

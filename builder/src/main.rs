@@ -130,6 +130,14 @@ enum Command {
         /// Show the console while checking.
         #[arg(long)]
         verbose: bool,
+        /// Raspberry Pi images: boot the slot autoboot.txt names under [tryboot] (what the
+        /// firmware does once after `reboot '0 tryboot'`).
+        #[arg(long)]
+        tryboot: bool,
+        /// arm64 images: QEMU machine to use instead of the image's raspi model ("virt": the
+        /// generic machine, with virtio disk and network).
+        #[arg(long, value_parser = ["virt"])]
+        machine: Option<String>,
         /// With --check: a command to run once the guest is ready (it gets KILN_SSH_PORT); its
         /// exit status decides the check. Example: -- ssh -p 2222 admin@127.0.0.1 true
         #[arg(last = true, value_name = "COMMAND")]
@@ -251,7 +259,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("  root hash {}", r.manifest.verity.root_hash);
             println!("next: kiln boot {} --check", r.dir.join("disk.img").display());
         }
-        Command::Boot { image, check, timeout, persist, ssh_port, accel, log, verbose, then } => {
+        Command::Boot { image, check, timeout, persist, ssh_port, accel, log, verbose, tryboot, machine, then } => {
             if !then.is_empty() && !check {
                 bail!("a command after -- needs --check (it runs once the guest is ready)");
             }
@@ -263,7 +271,17 @@ fn run(cli: Cli) -> Result<()> {
             let m = stages::manifest::read(&dir)?;
             let scratch = tempdir("kiln-boot")?;
             let log = log.or_else(|| check.then(|| dir.join("boot-console.log")));
-            let opts = qemu::BootOptions { disk, qemu: m.qemu.clone(), accel, persist, ssh_port, net_rules: vec![], log: log.clone() };
+            let mut q = m.qemu.clone();
+            if machine.is_some() {
+                if q.firmware != kiln::image::Firmware::Rpi {
+                    bail!("--machine is for Raspberry Pi (arm64) images; {} boots as {}", disk.display(), q.machine);
+                }
+                q = qemu::virt_machine(q);
+            }
+            if tryboot && q.firmware != kiln::image::Firmware::Rpi {
+                bail!("--tryboot is for Raspberry Pi images (autoboot.txt); {} boots with UEFI", disk.display());
+            }
+            let opts = qemu::BootOptions { disk, qemu: q, accel, persist, ssh_port, net_rules: vec![], log: log.clone(), tryboot };
             let result = if check {
                 let then_cmd = then.split_first().map(|(prog, args)| {
                     let mut c = kiln::exec::Cmd::new(prog).args(args);
@@ -331,7 +349,10 @@ fn run(cli: Cli) -> Result<()> {
             let fetcher = kiln::debian::Fetcher::new(Default::default())?;
             let mut indexes = Vec::new();
             for (mirror, suite) in plan.mirror.index_suites(&plan.suite) {
-                let entries = fetcher.packages(&mirror, &suite, "main", &lock.arch)?;
+                let mut entries = Vec::new();
+                for component in &plan.components {
+                    entries.extend(fetcher.packages(&mirror, &suite, component, &lock.arch)?);
+                }
                 indexes.push((suite, entries));
             }
             let locked: Vec<(String, String, String)> = lock.packages.iter().map(|p| (p.name.clone(), p.version.clone(), p.arch.clone())).collect();

@@ -3,7 +3,7 @@
 //! `Plan::resolve` does no I/O: everything it needs (the loaded profile, the image definition,
 //! the mirror, the clock) is handed in. Stages read the plan and never change it.
 
-use crate::image::{Arch, LoadedImage, PartitionDef, Qemu, Role, Slot};
+use crate::image::{Arch, LoadedImage, PartitionDef, PartitionTable, Qemu, Role, RpiDef, Slot};
 use crate::mirror::Mirror;
 use crate::profile::{LoadedProfile, ProfileError};
 use crate::units::{Bytes, Sha256, Uuid, MIB};
@@ -42,7 +42,10 @@ pub struct Plan {
     pub image: String,
     pub image_source: String,
     pub arch: Arch,
+    pub bootloader: crate::image::Bootloader,
     pub suite: String,
+    /// Archive components (`main`, and e.g. `non-free-firmware` for the Pi firmware).
+    pub components: Vec<String>,
     pub mirror: Mirror,
     pub sources: Vec<String>,
     /// Everything asked of apt, sorted.
@@ -53,11 +56,14 @@ pub struct Plan {
     pub users: Vec<UserPlan>,
     pub kernel_cmdline: Vec<String>,
     pub initramfs_modules: Vec<String>,
+    pub initramfs: crate::image::InitramfsKind,
     pub version: String,
     pub source_date_epoch: u64,
     pub disk: DiskPlan,
     pub health: HealthPlan,
     pub qemu: Qemu,
+    /// Raspberry Pi boot files (rpi-firmware images).
+    pub rpi: Option<RpiDef>,
     /// Hash of every input: seeds the UUIDs that are not derived from content.
     pub seed: String,
 }
@@ -80,7 +86,9 @@ pub struct HealthPlan {
 /// The partition table with every offset decided.
 #[derive(Serialize, Debug, Clone, PartialEq)]
 pub struct DiskPlan {
+    pub table: PartitionTable,
     pub size: Bytes,
+    /// GPT: the disk GUID. MBR: the 32-bit disk identifier as 8 hex digits.
     pub disk_guid: String,
     pub partitions: Vec<PartitionPlan>,
 }
@@ -90,10 +98,13 @@ pub struct PartitionPlan {
     pub name: String,
     pub role: Role,
     pub slot: Option<Slot>,
+    /// The Linux partition number (MBR: 1-3 primary, 5.. logical).
+    pub number: u32,
     pub offset: Bytes,
     pub size: Bytes,
-    /// The partition's GUID. For the root slot written at build time it is replaced by the
+    /// GPT: the partition's GUID; for the root slot written at build time it is replaced by the
     /// first 128 bits of the root hash once that is known (see `stages::disk`).
+    /// MBR: the PARTUUID Linux shows (`<disk id>-<number>`), fixed by the layout.
     pub uuid: String,
 }
 
@@ -121,7 +132,7 @@ impl Plan {
                 return Err(ProfileError::new(&file, Some("system.mirror"), "no mirror: the host's apt sources name none; set system.mirror or pass --mirror URI"))
             }
         };
-        let sources = mirror.source_lines(&suite, "main");
+        let sources = mirror.source_lines(&suite, &def.components.join(" "));
         let locale = sys.locale.clone().unwrap_or_else(|| "C.UTF-8".into());
 
         let mut packages: BTreeSet<String> = REQUIRED_PACKAGES.iter().map(|s| s.to_string()).collect();
@@ -172,7 +183,7 @@ impl Plan {
             "profile": p, "image": def, "version": version, "suite": suite, "epoch": source_date_epoch,
         });
         let seed = Sha256::of(seed_input.to_string().as_bytes()).hex();
-        let disk = layout(&def.disk.partitions, &seed);
+        let disk = layout(def.disk.table, &def.disk.partitions, &seed);
 
         Ok(Plan {
             output_name: format!("{}-{}", profile.name, image.name),
@@ -181,7 +192,9 @@ impl Plan {
             image: image.name.clone(),
             image_source: image.source.clone(),
             arch: def.arch,
+            bootloader: def.bootloader,
             suite,
+            components: def.components.clone(),
             mirror,
             sources,
             packages: packages.into_iter().collect(),
@@ -191,11 +204,13 @@ impl Plan {
             users,
             kernel_cmdline,
             initramfs_modules: def.initramfs_modules.clone(),
+            initramfs: def.initramfs,
             version,
             source_date_epoch,
             disk,
             health,
             qemu: def.qemu.clone(),
+            rpi: def.rpi.clone(),
             seed,
         })
     }
@@ -205,22 +220,32 @@ impl Plan {
     }
 }
 
-/// Places partitions back to back, 1 MiB aligned, with room for the backup GPT at the end.
-fn layout(parts: &[PartitionDef], seed: &str) -> DiskPlan {
+/// Places partitions back to back, 1 MiB aligned, with room for the backup GPT at the end. In a
+/// DOS table with more than four partitions, each logical partition gets 1 MiB before it for
+/// its extended boot record.
+fn layout(table: PartitionTable, parts: &[PartitionDef], seed: &str) -> DiskPlan {
+    let disk_id = u32::from_str_radix(&seed[..8], 16).expect("hex seed") | 1;
     let mut offset = ALIGN;
     let mut out = Vec::new();
-    for p in parts {
-        out.push(PartitionPlan {
-            name: p.name.clone(),
-            role: p.role,
-            slot: p.slot,
-            offset: Bytes(offset),
-            size: p.size,
-            uuid: Uuid::derive(seed, &format!("partition:{}", p.name)).to_string(),
-        });
+    for (i, p) in parts.iter().enumerate() {
+        let (number, uuid) = match table {
+            PartitionTable::Gpt => (i as u32 + 1, Uuid::derive(seed, &format!("partition:{}", p.name)).to_string()),
+            PartitionTable::Mbr => {
+                let n = crate::mbr::partition_number(i, parts.len());
+                if n > 4 {
+                    offset += crate::mbr::EBR_GAP_SECTORS * crate::mbr::SECTOR;
+                }
+                (n, crate::mbr::partuuid(disk_id, n))
+            }
+        };
+        out.push(PartitionPlan { name: p.name.clone(), role: p.role, slot: p.slot, number, offset: Bytes(offset), size: p.size, uuid });
         offset += p.size.0.div_ceil(ALIGN) * ALIGN;
     }
-    DiskPlan { size: Bytes(offset + ALIGN), disk_guid: Uuid::derive(seed, "disk").to_string(), partitions: out }
+    let disk_guid = match table {
+        PartitionTable::Gpt => Uuid::derive(seed, "disk").to_string(),
+        PartitionTable::Mbr => format!("{disk_id:08x}"),
+    };
+    DiskPlan { table, size: Bytes(offset + ALIGN), disk_guid, partitions: out }
 }
 
 #[cfg(test)]
@@ -249,6 +274,22 @@ mod tests {
         assert_eq!(p.disk.partitions[0].offset, Bytes(MIB));
         assert_eq!(p.disk.partitions[1].offset, Bytes(257 * MIB));
         assert_eq!(p.disk.size, Bytes((1 + 256 + 1024 + 1024 + 512 + 1) * MIB));
+    }
+
+    #[test]
+    fn rpi4_layout_leaves_room_for_the_ebrs() {
+        let prof = load(Source::Builtin("minimal")).unwrap();
+        let img = crate::image::load("rpi4", std::path::Path::new("/nonexistent")).unwrap();
+        let m = Mirror::from_uri("http://mirror.test/debian");
+        let p = Plan::resolve(&prof, &img, Some(&m), &Overrides::default(), 1_700_000_000).unwrap();
+        assert_eq!(p.arch, Arch::Arm64);
+        assert_eq!(p.sources[0], "deb http://mirror.test/debian trixie main non-free-firmware");
+        let numbers: Vec<u32> = p.disk.partitions.iter().map(|p| p.number).collect();
+        assert_eq!(numbers, [1, 2, 3, 5, 6, 7]);
+        let root_a = p.partition(Role::Root, Some(Slot::A));
+        assert_eq!(root_a.offset, Bytes((1 + 64 + 128 + 128 + 1) * MIB));
+        assert!(root_a.uuid.ends_with("-05") && root_a.uuid.starts_with(&p.disk.disk_guid), "{}", root_a.uuid);
+        assert!(p.packages.contains(&"raspi-firmware".to_string()));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! forwards bound to 127.0.0.1 only. KVM is used only when a short probe shows it works.
 
 use crate::exec::Cmd;
-use crate::image::Qemu;
+use crate::image::{Firmware, Qemu};
 use anyhow::{bail, Context as _, Result};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
@@ -41,6 +41,8 @@ pub struct BootOptions {
     pub net_rules: Vec<String>,
     /// Where the full console log goes (check mode).
     pub log: Option<PathBuf>,
+    /// Raspberry Pi images: boot the `[tryboot]` slot of autoboot.txt, as after `reboot '0 tryboot'`.
+    pub tryboot: bool,
 }
 
 #[derive(Debug)]
@@ -51,8 +53,11 @@ pub enum CheckOutcome {
     Failed { seconds: f64, reason: String, tail: Vec<String> },
 }
 
-/// The QEMU command for an image. The VARS copy lives in `scratch`.
+/// The QEMU command for an image. The VARS copy (or the Pi's boot files) live in `scratch`.
 pub fn command(opts: &BootOptions, accel: Accel, scratch: &Path, interactive: bool) -> Result<Cmd> {
+    if opts.qemu.firmware == Firmware::Rpi {
+        return rpi_command(opts, scratch, interactive);
+    }
     let q = &opts.qemu;
     for f in [OVMF_CODE, OVMF_VARS] {
         if !Path::new(f).exists() {
@@ -87,17 +92,145 @@ pub fn command(opts: &BootOptions, accel: Accel, scratch: &Path, interactive: bo
         // A check ends at the first reboot: a boot that fails and reboots has failed.
         cmd = cmd.args(["-serial", "stdio", "-monitor", "none", "-no-reboot"]);
     }
+    Ok(with_network(cmd, opts, "virtio-net-pci"))
+}
+
+/// User-mode networking, restricted, forwards on 127.0.0.1 only; or none at all.
+fn with_network(cmd: Cmd, opts: &BootOptions, model: &str) -> Cmd {
     let mut nic = Vec::new();
     if let Some(port) = opts.ssh_port {
         nic.push(format!("hostfwd=tcp:127.0.0.1:{port}-:22"));
     }
     nic.extend(opts.net_rules.iter().cloned());
     if nic.is_empty() {
-        cmd = cmd.args(["-nic", "none"]);
+        cmd.args(["-nic", "none"])
     } else {
-        cmd = cmd.arg("-nic").arg(format!("user,model=virtio-net-pci,restrict=on,{}", nic.join(",")));
+        cmd.arg("-nic").arg(format!("user,model={model},restrict=on,{}", nic.join(",")))
     }
-    Ok(cmd)
+}
+
+/// Raspberry Pi images: QEMU cannot run the GPU firmware, so kiln does its part. It reads
+/// autoboot.txt from partition 1, takes the slot the firmware would boot (`[tryboot]` with
+/// `--tryboot`), reads that slot's config.txt and cmdline.txt, and hands the kernel, initramfs
+/// and device tree to QEMU. The console argument is QEMU's, the rest of the command line the slot's.
+fn rpi_command(opts: &BootOptions, scratch: &Path, interactive: bool) -> Result<Cmd> {
+    let q = &opts.qemu;
+    let disk = &opts.disk;
+    let mut f = std::fs::File::open(disk).with_context(|| format!("opening {}", disk.display()))?;
+    let table = crate::mbr::MbrTable::read(&mut f).with_context(|| format!("reading the partition table of {}", disk.display()))?;
+    let offset_of = |number: u32| -> Result<u64> {
+        (0..table.partitions.len())
+            .find(|i| crate::mbr::partition_number(*i, table.partitions.len()) == number)
+            .map(|i| table.partitions[i].first_lba * crate::mbr::SECTOR)
+            .with_context(|| format!("{} has no partition {number}", disk.display()))
+    };
+    let files = scratch.join("rpi-boot");
+    std::fs::create_dir_all(&files).with_context(|| format!("creating {}", files.display()))?;
+    let autoboot = read_fat_file(disk, offset_of(1)?, "autoboot.txt", &files)?;
+    let autoboot = crate::rpi::parse_autoboot(&std::fs::read_to_string(&autoboot).context("reading autoboot.txt")?)?;
+    let part = autoboot.partition(opts.tryboot);
+    let slot = crate::rpi::slot_of_partition(part).map(|s| format!("{s:?}")).unwrap_or_else(|| "?".into());
+    let boot_offset = offset_of(part)?;
+    let config = crate::rpi::parse_config(&std::fs::read_to_string(read_fat_file(disk, boot_offset, "config.txt", &files)?).context("reading config.txt")?)?;
+    let cmdline = std::fs::read_to_string(read_fat_file(disk, boot_offset, "cmdline.txt", &files)?).context("reading cmdline.txt")?;
+    let console = q.console.clone().unwrap_or_else(|| "ttyAMA0".into());
+    let mut args: Vec<&str> = cmdline.split_whitespace().filter(|a| !a.starts_with("console=")).collect();
+    let console_arg = format!("console={console},115200");
+    args.push(&console_arg);
+    let kernel = read_fat_file(disk, boot_offset, &config.kernel, &files)?;
+    eprintln!("firmware (played by kiln): autoboot.txt -> partition {part} (slot {slot}{}), kernel {}", if opts.tryboot { ", tryboot" } else { "" }, config.kernel);
+
+    let mut cmd = Cmd::new(format!("qemu-system-{}", q.system))
+        .args(["-accel", "tcg", "-machine", &q.machine, "-cpu", &q.cpu, "-m", &q.memory, "-smp", &q.smp.to_string()])
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-append")
+        .arg(args.join(" "));
+    if let Some(initrd) = &config.initramfs {
+        cmd = cmd.arg("-initrd").arg(read_fat_file(disk, boot_offset, initrd, &files)?);
+    }
+    let raspi = q.machine.starts_with("raspi");
+    if let Some(dtb) = &q.dtb {
+        cmd = cmd.arg("-dtb").arg(read_fat_file(disk, boot_offset, dtb, &files)?);
+    }
+    // The SD card model wants a power-of-two size: boot an overlay of that size (or, with
+    // --persist, grow the image file; the space after the last partition stays unused).
+    let size = std::fs::metadata(disk).with_context(|| format!("reading {}", disk.display()))?.len();
+    let drive = if opts.persist {
+        if raspi && !size.is_power_of_two() {
+            let f = std::fs::OpenOptions::new().write(true).open(disk).with_context(|| format!("opening {} for writing", disk.display()))?;
+            f.set_len(size.next_power_of_two()).with_context(|| format!("growing {} to a power of two for QEMU's SD card", disk.display()))?;
+        }
+        format!("file={},format=raw", disk.display())
+    } else {
+        let overlay = scratch.join("sd.qcow2");
+        let _ = std::fs::remove_file(&overlay);
+        let vsize = if raspi { size.next_power_of_two() } else { size };
+        Cmd::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(std::fs::canonicalize(disk).with_context(|| format!("resolving {}", disk.display()))?)
+            .arg(&overlay)
+            .arg(vsize.to_string())
+            .run()?;
+        format!("file={},format=qcow2", overlay.display())
+    };
+    cmd = if raspi {
+        cmd.arg("-drive").arg(format!("{drive},if=sd"))
+    } else {
+        cmd.arg("-drive").arg(format!("{drive},if=none,id=disk0")).args(["-device", "virtio-blk-pci,drive=disk0", "-device", "virtio-rng-pci"])
+    };
+    // raspi3b's device tree gives the PL011 to Bluetooth: the console is the mini UART, QEMU's
+    // second serial port.
+    let serial = if interactive { "mon:stdio" } else { "stdio" };
+    if console == "ttyS1" {
+        cmd = cmd.args(["-serial", "null", "-serial", serial]);
+    } else {
+        cmd = cmd.args(["-serial", serial]);
+    }
+    if !interactive {
+        cmd = cmd.args(["-monitor", "none", "-no-reboot"]);
+    }
+    Ok(if raspi {
+        // The Pi 3's only network is USB (dwc2 + a USB Ethernet device).
+        if opts.ssh_port.is_some() || !opts.net_rules.is_empty() {
+            bail!("networking under QEMU's raspi machines is not supported by kiln boot; use --machine virt for SSH");
+        }
+        cmd.args(["-nic", "none"])
+    } else {
+        with_network(cmd, opts, "virtio-net-pci")
+    })
+}
+
+/// Copies `name` out of the FAT filesystem at `offset` in `disk` (mtools, no loop device).
+fn read_fat_file(disk: &Path, offset: u64, name: &str, dir: &Path) -> Result<PathBuf> {
+    if name.contains('/') || name.starts_with('.') {
+        bail!("refusing the boot file name {name:?}");
+    }
+    let dest = dir.join(name);
+    let _ = std::fs::remove_file(&dest);
+    Cmd::new("mcopy")
+        .arg("-i")
+        .arg(format!("{}@@{offset}", disk.display()))
+        .args(["-n", "-m"])
+        .arg(format!("::{name}"))
+        .arg(&dest)
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .run()
+        .with_context(|| format!("reading {name} from the FAT partition at byte {offset} of {}", disk.display()))?;
+    Ok(dest)
+}
+
+/// `kiln boot --machine virt`: the generic arm64 machine instead of the image's raspi model
+/// (faster, virtio disk and network).
+pub fn virt_machine(mut q: Qemu) -> Qemu {
+    q.machine = "virt".into();
+    q.cpu = "cortex-a72".into();
+    q.memory = "1G".into();
+    q.smp = 2;
+    q.dtb = None;
+    q.console = Some("ttyAMA0".into());
+    q
 }
 
 /// Chooses the accelerator: KVM only when asked for or when a probe proves it boots firmware.
@@ -135,6 +268,7 @@ fn probe_kvm(qemu: &Qemu, scratch: &Path) -> bool {
         ssh_port: None,
         net_rules: vec![],
         log: None,
+        tryboot: false,
     };
     if std::fs::File::create(&opts.disk).and_then(|f| f.set_len(1 << 20)).is_err() {
         return false;
@@ -335,7 +469,7 @@ mod tests {
             eprintln!("ovmf not installed; the boot tests cover this");
             return;
         }
-        let opts = BootOptions { disk: "d.img".into(), qemu, accel: Accel::Tcg, persist: false, ssh_port: Some(2222), net_rules: vec![], log: None };
+        let opts = BootOptions { disk: "d.img".into(), qemu, accel: Accel::Tcg, persist: false, ssh_port: Some(2222), net_rules: vec![], log: None, tryboot: false };
         let cmd = command(&opts, Accel::Tcg, dir.path(), false).unwrap().to_string();
         assert!(cmd.contains("-nic user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22"), "{cmd}");
         assert!(cmd.contains("snapshot=on"));

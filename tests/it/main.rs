@@ -9,6 +9,7 @@ mod cli;
 mod golden;
 mod image;
 mod repro;
+mod rpi;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

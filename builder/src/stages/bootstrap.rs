@@ -10,6 +10,7 @@ use super::Context;
 use crate::exec::{shell_quote, Cmd};
 use crate::progress::StageProgress;
 use anyhow::{bail, Context as _, Result};
+use crate::image::InitramfsKind;
 use crate::lock::LockFile;
 use std::path::{Path, PathBuf};
 
@@ -31,6 +32,9 @@ pub struct BootFiles {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub kernel_version: String,
+    /// Raspberry Pi: the GPU firmware files and device trees, copied out of the tree (they go
+    /// into the boot slots, not the root).
+    pub rpi_dir: Option<PathBuf>,
 }
 
 /// Which packages the bootstrap installs.
@@ -46,8 +50,12 @@ pub fn bootstrap(ctx: &Context, packages: Packages) -> Result<BootFiles> {
     if !nix_is_root() {
         bail!("kiln build must run as root: mmdebstrap installs packages into a chroot (run it with sudo)");
     }
+    crate::doctor::ensure_binfmt(plan.arch.debian())?;
     let hooks = ctx.work.join("initramfs-files");
-    write_initramfs_config(ctx, &hooks)?;
+    let tools = plan.initramfs == InitramfsKind::InitramfsTools;
+    if tools {
+        write_initramfs_config(ctx, &hooks)?;
+    }
     if ctx.tree.exists() {
         std::fs::remove_dir_all(&ctx.tree).with_context(|| format!("removing the old tree {}", ctx.tree.display()))?;
     }
@@ -68,6 +76,9 @@ pub fn bootstrap(ctx: &Context, packages: Packages) -> Result<BootFiles> {
     // veritysetup then); the customize hook builds the real one, once, and strictly.
     let setup = format!("cp -a {files}/. \"$1/\"");
     let final_initramfs = "rm -f \"$1\"/boot/initrd.img-* && chroot \"$1\" env KILN_INITRAMFS_FINAL=1 update-initramfs -c -k all";
+    // With kiln's own initramfs, update-initramfs is diverted to a no-op before any package
+    // that calls it is installed: no initramfs is ever made under emulation.
+    let divert = "chroot \"$1\" dpkg-divert --local --quiet --rename --divert /usr/sbin/update-initramfs.distrib --add /usr/sbin/update-initramfs && printf '#!/bin/sh\\n# kiln: the initramfs is built on the build host\\nexit 0\\n' > \"$1/usr/sbin/update-initramfs\" && chmod 755 \"$1/usr/sbin/update-initramfs\"";
     let mut cmd = Cmd::new("mmdebstrap").arg("--mode=root").arg("--format=directory").arg(format!("--architectures={}", plan.arch.debian()));
     cmd = match packages {
         Packages::Resolve => cmd
@@ -88,9 +99,17 @@ pub fn bootstrap(ctx: &Context, packages: Packages) -> Result<BootFiles> {
     cmd = cmd
         .arg("--aptopt=Acquire::Retries \"3\"")
         .arg("--aptopt=APT::Install-Recommends \"false\"")
-        .arg(format!("--setup-hook={setup}"))
-        .arg(format!("--customize-hook={final_initramfs}"))
+        .arg(format!("--components={}", plan.components.join(",")))
         .env("SOURCE_DATE_EPOCH", plan.source_date_epoch.to_string());
+    cmd = if tools {
+        cmd.arg(format!("--setup-hook={setup}")).arg(format!("--customize-hook={final_initramfs}"))
+    } else {
+        cmd.arg(format!("--essential-hook={divert}"))
+    };
+    let foreign = !plan.arch.is_host();
+    if foreign {
+        cmd = cmd.arg(format!("--essential-hook={}", super::native::essential_hook()));
+    }
     for opt in DPKG_EXCLUDES {
         cmd = cmd.arg(format!("--dpkgopt={opt}"));
     }
@@ -104,6 +123,10 @@ pub fn bootstrap(ctx: &Context, packages: Packages) -> Result<BootFiles> {
         )
     })?;
 
+    if foreign {
+        progress.line("host-side steps: CA certificates");
+        super::native::finish(&ctx.tree)?;
+    }
     let boot = copy_out_boot_files(ctx)?;
     progress.finish(&format!("kernel {}", boot.kernel_version));
     Ok(boot)
@@ -132,7 +155,8 @@ fn write_initramfs_config(ctx: &Context, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Copies the kernel and initramfs out of /boot (they go into the UKI, not the root).
+/// Copies the kernel and initramfs out of /boot (they go into the UKI or the boot slot, not the
+/// root). With `initramfs = "kiln"` the initramfs is built here, on the host.
 fn copy_out_boot_files(ctx: &Context) -> Result<BootFiles> {
     let boot = ctx.tree.join("boot");
     let mut kernels = Vec::new();
@@ -146,17 +170,46 @@ fn copy_out_boot_files(ctx: &Context) -> Result<BootFiles> {
     let Some(version) = kernels.pop() else {
         bail!("no kernel in {} after bootstrap: is the image's kernel_package right?", boot.display());
     };
-    let initrd_src = boot.join(format!("initrd.img-{version}"));
-    if !initrd_src.is_file() {
-        bail!("no initramfs {} after bootstrap: initramfs-tools did not run (see the mmdebstrap output with --debug)", initrd_src.display());
-    }
     let out = ctx.work.join("boot");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let kernel = out.join("vmlinuz");
     let initrd = out.join("initrd.img");
     std::fs::copy(boot.join(format!("vmlinuz-{version}")), &kernel).with_context(|| format!("copying the kernel to {}", kernel.display()))?;
-    std::fs::copy(&initrd_src, &initrd).with_context(|| format!("copying the initramfs to {}", initrd.display()))?;
-    Ok(BootFiles { kernel, initrd, kernel_version: version })
+    match ctx.plan.initramfs {
+        InitramfsKind::InitramfsTools => {
+            let initrd_src = boot.join(format!("initrd.img-{version}"));
+            if !initrd_src.is_file() {
+                bail!("no initramfs {} after bootstrap: initramfs-tools did not run (see the mmdebstrap output with --debug)", initrd_src.display());
+            }
+            std::fs::copy(&initrd_src, &initrd).with_context(|| format!("copying the initramfs to {}", initrd.display()))?;
+        }
+        InitramfsKind::Kiln => {
+            let progress = StageProgress::start("initramfs", &format!("built on the host for {} {version}", ctx.plan.arch.debian()));
+            let info = crate::initramfs::build(&ctx.tree, &version, &ctx.plan.initramfs_modules, &initrd)?;
+            progress.finish(&format!("{info}"));
+        }
+    }
+    Ok(BootFiles { kernel, initrd, kernel_version: version.clone(), rpi_dir: copy_out_rpi_files(ctx, &version)? })
+}
+
+/// Raspberry Pi images: the GPU firmware and the device trees the boot slots need.
+fn copy_out_rpi_files(ctx: &Context, kernel_version: &str) -> Result<Option<PathBuf>> {
+    let Some(def) = &ctx.plan.rpi else { return Ok(None) };
+    let out = ctx.work.join("boot/rpi");
+    if out.exists() {
+        std::fs::remove_dir_all(&out).with_context(|| format!("removing {}", out.display()))?;
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let fw = ctx.tree.join("usr/lib/raspi-firmware");
+    let dtbs = ctx.tree.join(format!("usr/lib/linux-image-{kernel_version}/broadcom"));
+    for f in &def.firmware_files {
+        std::fs::copy(fw.join(f), out.join(f))
+            .with_context(|| format!("copying the firmware file {f} from {} (is raspi-firmware in the image's packages, and non-free-firmware in its components?)", fw.display()))?;
+    }
+    for f in def.dtbs.iter().chain(ctx.plan.qemu.dtb.iter()) {
+        std::fs::copy(dtbs.join(f), out.join(f)).with_context(|| format!("copying the device tree {f} from {} (does kernel {kernel_version} ship it?)", dtbs.display()))?;
+    }
+    Ok(Some(out))
 }
 
 /// After a `Packages::Resolve` bootstrap: every installed package with the sha256 of its .deb,
@@ -201,8 +254,10 @@ pub fn stage_locked_debs(plan: &crate::plan::Plan, lock: &LockFile, cache: &crat
     let suites = plan.mirror.index_suites(&plan.suite);
     let mut indexes = Vec::new();
     for (mirror, suite) in &suites {
-        progress.line(&format!("index {suite}"));
-        indexes.push((mirror.clone(), fetcher.packages(mirror, suite, "main", &lock.arch)?));
+        for component in &plan.components {
+            progress.line(&format!("index {suite}/{component}"));
+            indexes.push((mirror.clone(), fetcher.packages(mirror, suite, component, &lock.arch)?));
+        }
     }
     let mut bytes = 0u64;
     for p in &missing {
@@ -240,16 +295,24 @@ fn link_or_copy(src: &Path, dest: &Path) -> Result<()> {
 /// The cache key of a locked bootstrap: everything that shapes the tree before `customize`.
 pub fn tree_key(plan: &crate::plan::Plan, lock: &LockFile, templates: &crate::templates::Templates) -> Result<String> {
     let mut input = format!(
-        "kiln {}\n{} {} epoch {}\nmodules {}\nexcludes {}\n",
+        "kiln {}\n{} {} {:?} {:?}\nepoch {}\nmodules {}\nexcludes {}\n",
         env!("CARGO_PKG_VERSION"),
         plan.suite,
         plan.arch.debian(),
+        plan.components,
+        plan.initramfs,
         plan.source_date_epoch,
         plan.initramfs_modules.join(","),
         DPKG_EXCLUDES.join(",")
     );
-    for name in ["initramfs/kiln.conf", "initramfs/hook-kiln-verity", "initramfs/local-top-kiln-verity"] {
-        input.push_str(&templates.render(name, &tera::Context::new())?);
+    match plan.initramfs {
+        InitramfsKind::InitramfsTools => {
+            for name in ["initramfs/kiln.conf", "initramfs/hook-kiln-verity", "initramfs/local-top-kiln-verity"] {
+                input.push_str(&templates.render(name, &tera::Context::new())?);
+            }
+        }
+        // The cached tree comes with its initramfs: kiln's /init is part of what made it.
+        InitramfsKind::Kiln => input.push_str(include_str!("../../templates/initramfs/init.tera")),
     }
     for p in &lock.packages {
         input.push_str(&format!("{} {} {} {}\n", p.name, p.version, p.arch, p.sha256));
@@ -268,7 +331,8 @@ pub fn restore_tree(ctx: &Context, cache: &crate::cache::Cache, key: &str) -> Re
     Cmd::new("cp").args(["-a", "--reflink=auto"]).arg(dir.join("tree")).arg(&ctx.tree).run()?;
     let out = ctx.work.join("boot");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let boot = BootFiles { kernel: out.join("vmlinuz"), initrd: out.join("initrd.img"), kernel_version: kernel_version.trim().to_string() };
+    let kernel_version = kernel_version.trim().to_string();
+    let boot = BootFiles { kernel: out.join("vmlinuz"), initrd: out.join("initrd.img"), rpi_dir: copy_out_rpi_files(ctx, &kernel_version)?, kernel_version };
     std::fs::copy(dir.join("vmlinuz"), &boot.kernel).with_context(|| format!("copying the cached kernel to {}", boot.kernel.display()))?;
     std::fs::copy(dir.join("initrd.img"), &boot.initrd).with_context(|| format!("copying the cached initramfs to {}", boot.initrd.display()))?;
     progress.finish(&format!("kernel {} (from the cache)", boot.kernel_version));

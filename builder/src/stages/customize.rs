@@ -28,7 +28,9 @@ pub fn customize(ctx: &Context) -> Result<()> {
     let t = &ctx.templates;
     let mut tctx = tera::Context::from_serialize(plan).context("plan as template context")?;
     tctx.insert("data_uuid", &plan.partition(Role::Data, None).uuid);
-    tctx.insert("esp_uuid", &plan.partition(Role::Esp, None).uuid);
+    let uuid_of = |role| plan.disk.partitions.iter().find(|p| p.role == role).map(|p| p.uuid.clone()).unwrap_or_default();
+    tctx.insert("esp_uuid", &uuid_of(Role::Esp));
+    tctx.insert("autoboot_uuid", &uuid_of(Role::Autoboot));
 
     // Identity.
     write_file(&tree.join("etc/hostname"), format!("{}\n", plan.hostname).as_bytes(), 0o644)?;
@@ -67,6 +69,11 @@ pub fn customize(ctx: &Context) -> Result<()> {
     make_var_factory(tree)?;
 
     clean(tree)?;
+    if plan.rpi.is_some() {
+        // The firmware files live in the boot slots (copied out by the bootstrap), not in the root.
+        remove_any(&tree.join("usr/lib/raspi-firmware"))?;
+        std::fs::create_dir_all(tree.join("boot/autoboot")).context("creating /boot/autoboot")?;
+    }
     progress.finish(&format!("{} users, hostname {}", plan.users.len(), plan.hostname));
     Ok(())
 }

@@ -1,11 +1,12 @@
-//! Stage 5: the whole disk. A sparse file with a GPT written by code and the ESP and root-a
-//! images copied in at their offsets; root-b and data stay empty (zeros take no space).
+//! Stage 5: the whole disk. A sparse file with a partition table written by code (GPT, or DOS for
+//! the Raspberry Pi) and the boot and root-a images copied in at their offsets; the B slots and
+//! data stay empty (zeros take no space).
 
-use super::esp::BootPartition;
 use super::rootfs::RootImage;
-use super::Context;
+use super::{BootOutput, Context};
 use crate::gpt::{self, GptPartition, GptTable, SECTOR};
-use crate::image::{Arch, Role, Slot};
+use crate::image::{Arch, PartitionTable, Role, Slot};
+use crate::mbr::{self, MbrPartition, MbrTable};
 use crate::progress::StageProgress;
 use crate::units::Uuid;
 use anyhow::{Context as _, Result};
@@ -13,8 +14,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-/// The partition GUID of each partition as written (root-a's comes from its root hash).
-pub fn partition_table(ctx: &Context, root: &RootImage) -> Result<GptTable> {
+/// The GPT as written (root-a's partition GUID comes from its root hash).
+pub fn gpt_table(ctx: &Context, root: &RootImage) -> Result<GptTable> {
     let plan = ctx.plan;
     let root_type = match plan.arch {
         Arch::Amd64 => gpt::TYPE_ROOT_AMD64,
@@ -24,7 +25,7 @@ pub fn partition_table(ctx: &Context, root: &RootImage) -> Result<GptTable> {
     let mut partitions = Vec::new();
     for p in &plan.disk.partitions {
         let type_guid = match p.role {
-            Role::Esp => gpt::TYPE_ESP,
+            Role::Esp | Role::Autoboot | Role::Boot => gpt::TYPE_ESP,
             Role::Root => root_type,
             Role::Data => gpt::TYPE_LINUX_DATA,
         };
@@ -44,20 +45,58 @@ pub fn partition_table(ctx: &Context, root: &RootImage) -> Result<GptTable> {
     Ok(GptTable { disk_guid: Uuid::parse(&plan.disk.disk_guid).context("plan disk guid")?, disk_sectors: plan.disk.size.0 / SECTOR, partitions })
 }
 
-pub fn assemble(ctx: &Context, boot: &BootPartition, root: &RootImage) -> Result<PathBuf> {
+/// The DOS partition table of a Raspberry Pi image (FAT for autoboot and boot slots).
+pub fn mbr_table(plan: &crate::plan::Plan) -> Result<MbrTable> {
+    let disk_id = u32::from_str_radix(&plan.disk.disk_guid, 16).context("plan disk id")?;
+    let partitions = plan
+        .disk
+        .partitions
+        .iter()
+        .map(|p| MbrPartition {
+            kind: match p.role {
+                Role::Esp | Role::Autoboot | Role::Boot => mbr::TYPE_FAT32_LBA,
+                Role::Root | Role::Data => mbr::TYPE_LINUX,
+            },
+            bootable: false,
+            first_lba: p.offset.0 / mbr::SECTOR,
+            sectors: p.size.0 / mbr::SECTOR,
+        })
+        .collect();
+    Ok(MbrTable { disk_id, partitions })
+}
+
+/// The PARTUUID of every partition as the disk has it, in plan order.
+pub fn partuuids(ctx: &Context, root: &RootImage) -> Result<Vec<String>> {
+    Ok(match ctx.plan.disk.table {
+        PartitionTable::Gpt => gpt_table(ctx, root)?.partitions.iter().map(|p| p.guid.to_string()).collect(),
+        PartitionTable::Mbr => ctx.plan.disk.partitions.iter().map(|p| p.uuid.clone()).collect(),
+    })
+}
+
+/// Writes the disk: the partition table, then each partition image at its offset (sparse).
+pub fn assemble(ctx: &Context, boot: &BootOutput, root: &RootImage) -> Result<PathBuf> {
     let plan = ctx.plan;
-    let progress = StageProgress::start("disk image", "GPT + ESP + root-a");
+    let progress = StageProgress::start("disk image", &format!("{:?} table + boot + root-a", plan.disk.table));
     let path = ctx.staging.join("disk.img");
     let mut disk = OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path).with_context(|| format!("creating {}", path.display()))?;
     disk.set_len(plan.disk.size.0).with_context(|| format!("sizing {} to {}", path.display(), plan.disk.size))?;
-    let table = partition_table(ctx, root)?;
-    table.write(&mut disk).with_context(|| format!("writing the partition table of {}", path.display()))?;
-    let esp = plan.partition(Role::Esp, None);
-    copy_sparse(&boot.esp, &mut disk, esp.offset.0).with_context(|| format!("copying the ESP into {}", path.display()))?;
-    let root_a = plan.partition(Role::Root, Some(Slot::A));
-    copy_sparse(&root.path, &mut disk, root_a.offset.0).with_context(|| format!("copying the root image into {}", path.display()))?;
+    match plan.disk.table {
+        PartitionTable::Gpt => gpt_table(ctx, root)?.write(&mut disk).map_err(anyhow::Error::from),
+        PartitionTable::Mbr => mbr_table(plan)?.write(&mut disk),
+    }
+    .with_context(|| format!("writing the partition table of {}", path.display()))?;
+    let mut images: Vec<(Role, Option<Slot>, &Path)> = boot.partitions.iter().map(|(r, s, p)| (*r, *s, p.as_path())).collect();
+    images.push((Role::Root, Some(Slot::A), &root.path));
+    for (role, slot, image) in images {
+        let part = plan.partition(role, slot);
+        let len = std::fs::metadata(image).with_context(|| format!("reading {}", image.display()))?.len();
+        if len > part.size.0 {
+            anyhow::bail!("{} is {} but partition {} holds only {}: make it larger in the image definition", image.display(), crate::units::Bytes(len), part.name, part.size);
+        }
+        copy_sparse(image, &mut disk, part.offset.0).with_context(|| format!("copying {} into {} ({})", image.display(), path.display(), part.name))?;
+    }
     disk.sync_all().with_context(|| format!("syncing {}", path.display()))?;
-    progress.finish(&format!("{} ({} partitions)", plan.disk.size, table.partitions.len()));
+    progress.finish(&format!("{} ({} partitions)", plan.disk.size, plan.disk.partitions.len()));
     Ok(path)
 }
 

@@ -4,25 +4,18 @@
 
 use super::bootstrap::BootFiles;
 use super::rootfs::RootImage;
-use super::Context;
+use super::{BootOutput, Context};
 use crate::exec::Cmd;
 use crate::image::Role;
 use crate::pe;
 use crate::progress::StageProgress;
 use crate::units::{Bytes, Uuid};
 use anyhow::{Context as _, Result};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-pub struct BootPartition {
-    pub esp: PathBuf,
-    pub uki: PathBuf,
-    /// The UKI's file name on the ESP (`EFI/Linux/<name>`).
-    pub uki_name: String,
-    pub cmdline: String,
-}
-
-/// The kernel command line of the UKI for a root image.
-pub fn kernel_cmdline(ctx: &Context, root: &RootImage) -> String {
+/// The kernel command line for a root image. `root_partuuid` names the partition when the
+/// table cannot carry a PARTUUID derived from the root hash (DOS tables).
+pub fn kernel_cmdline(ctx: &Context, root: &RootImage, root_partuuid: Option<&str>) -> String {
     let mut args = vec![
         "root=/dev/mapper/root".to_string(),
         "rootfstype=erofs".into(),
@@ -34,18 +27,21 @@ pub fn kernel_cmdline(ctx: &Context, root: &RootImage) -> String {
         // instead of waiting at a shell, so the boot counter can move on to the other slot.
         "panic=10".into(),
     ];
+    if let Some(uuid) = root_partuuid {
+        args.push(format!("kiln.root=PARTUUID={uuid}"));
+    }
     args.extend(ctx.plan.kernel_cmdline.iter().cloned());
     args.join(" ")
 }
 
-pub fn make_boot(ctx: &Context, boot: &BootFiles, root: &RootImage) -> Result<BootPartition> {
+pub fn make_boot(ctx: &Context, boot: &BootFiles, root: &RootImage) -> Result<BootOutput> {
     let plan = ctx.plan;
     let progress = StageProgress::start("boot partition", "unified kernel image + ESP");
     let dir = ctx.work.join("esp-tree");
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
-    let cmdline = kernel_cmdline(ctx, root);
+    let cmdline = kernel_cmdline(ctx, root, None);
     let uki_name = format!("kiln-{}.efi", plan.version);
     let uki = ctx.work.join(&uki_name);
     make_uki(ctx, boot, &cmdline, &uki)?;
@@ -69,20 +65,12 @@ pub fn make_boot(ctx: &Context, boot: &BootFiles, root: &RootImage) -> Result<Bo
 
     let part = plan.partition(Role::Esp, None);
     let esp = ctx.work.join("esp.img");
-    let _ = std::fs::remove_file(&esp);
-    let volume_id = Uuid::derive(&plan.seed, "esp-volume").fat_volume_id();
-    Cmd::new("mkfs.vfat")
-        .args(["-F", "32", "-n", "KILN-ESP", "--invariant", "-i"])
-        .arg(&volume_id)
-        .arg("-C")
-        .arg(&esp)
-        .arg((part.size.0 / 1024).to_string())
-        .run()?;
-    let mut entries: Vec<_> = std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?.map(|e| e.map(|e| e.path())).collect::<std::io::Result<_>>()?;
-    entries.sort();
-    Cmd::new("mcopy").arg("-i").arg(&esp).args(["-s", "-m", "-Q"]).args(&entries).arg("::/").env("MTOOLS_SKIP_CHECK", "1").run()?;
+    make_fat(&dir, &esp, part.size, "KILN-ESP", &Uuid::derive(&plan.seed, "esp-volume").fat_volume_id())?;
     progress.finish(&format!("{} ({}), ESP {}", uki_name, Bytes(std::fs::metadata(&uki).map(|m| m.len()).unwrap_or(0)), part.size));
-    Ok(BootPartition { esp, uki, uki_name, cmdline })
+    let uki_out = ctx.work.join("artifacts").join(&uki_name);
+    std::fs::create_dir_all(ctx.work.join("artifacts")).context("creating the artifacts directory")?;
+    std::fs::rename(&uki, &uki_out).with_context(|| format!("moving {}", uki.display()))?;
+    Ok(BootOutput { partitions: vec![(Role::Esp, None, esp)], artifacts: vec![uki_out], cmdline })
 }
 
 /// Builds the UKI with objcopy, placing the sections after the stub's own.
@@ -119,6 +107,19 @@ fn make_uki(ctx: &Context, boot: &BootFiles, cmdline: &str, out: &Path) -> Resul
     let mut pe = std::fs::read(out).with_context(|| format!("reading {}", out.display()))?;
     pe::set_timestamp(&mut pe, ctx.plan.source_date_epoch as u32).with_context(|| format!("normalizing {}", out.display()))?;
     std::fs::write(out, pe).with_context(|| format!("writing {}", out.display()))?;
+    Ok(())
+}
+
+/// A FAT32 image of `size` holding the tree `dir`, made without a loop device (mkfs.vfat +
+/// mtools). Reproducible when the tree's mtimes are fixed: `--invariant` and a given volume id.
+pub fn make_fat(dir: &Path, out: &Path, size: Bytes, label: &str, volume_id: &str) -> Result<()> {
+    let _ = std::fs::remove_file(out);
+    Cmd::new("mkfs.vfat").args(["-F", "32", "-n", label, "--invariant", "-i", volume_id]).arg("-C").arg(out).arg((size.0 / 1024).to_string()).run()?;
+    let mut entries: Vec<_> = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.map(|e| e.map(|e| e.path())).collect::<std::io::Result<_>>()?;
+    entries.sort();
+    if !entries.is_empty() {
+        Cmd::new("mcopy").arg("-i").arg(out).args(["-s", "-m", "-Q"]).args(&entries).arg("::/").env("MTOOLS_SKIP_CHECK", "1").run()?;
+    }
     Ok(())
 }
 

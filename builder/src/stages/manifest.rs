@@ -27,12 +27,19 @@ pub struct Manifest {
     pub kernel: String,
     pub kernel_cmdline: String,
     pub verity: Verity,
+    /// "gpt" or "mbr".
+    #[serde(default = "default_table")]
+    pub partition_table: String,
     pub partitions: Vec<Partition>,
     pub artifacts: BTreeMap<String, Artifact>,
     pub packages: Vec<Package>,
     pub host_tools: BTreeMap<String, String>,
     /// How `kiln boot` runs this image.
     pub qemu: crate::image::Qemu,
+}
+
+fn default_table() -> String {
+    "gpt".into()
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -47,6 +54,9 @@ pub struct Verity {
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct Partition {
     pub name: String,
+    /// The Linux partition number (`/dev/mmcblk0p<number>`).
+    #[serde(default)]
+    pub number: u32,
     pub role: String,
     pub slot: Option<String>,
     pub offset: u64,
@@ -108,20 +118,21 @@ pub fn artifact(path: &Path) -> Result<Artifact> {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn write(ctx: &Context, root: &RootImage, kernel: &str, cmdline: &str, table: &crate::gpt::GptTable, artifacts: BTreeMap<String, Artifact>, packages: Vec<Package>) -> Result<Manifest> {
+pub fn write(ctx: &Context, root: &RootImage, kernel: &str, cmdline: &str, partuuids: &[String], artifacts: BTreeMap<String, Artifact>, packages: Vec<Package>) -> Result<Manifest> {
     let plan = ctx.plan;
     let partitions = plan
         .disk
         .partitions
         .iter()
-        .zip(&table.partitions)
-        .map(|(p, g)| Partition {
+        .zip(partuuids)
+        .map(|(p, uuid)| Partition {
             name: p.name.clone(),
             role: format!("{:?}", p.role).to_lowercase(),
             slot: p.slot.map(|s| format!("{s:?}").to_lowercase()),
             offset: p.offset.0,
             size: p.size.0,
-            partuuid: g.guid.to_string(),
+            number: p.number,
+            partuuid: uuid.clone(),
         })
         .collect();
     let m = Manifest {
@@ -138,6 +149,7 @@ pub fn write(ctx: &Context, root: &RootImage, kernel: &str, cmdline: &str, table
         kernel: kernel.into(),
         kernel_cmdline: cmdline.into(),
         verity: Verity { root_hash: root.root_hash.clone(), hash_offset: root.hash_offset, salt: root.salt.clone(), data_block_size: 4096, hash_block_size: 4096 },
+        partition_table: format!("{:?}", plan.disk.table).to_lowercase(),
         partitions,
         artifacts,
         packages,

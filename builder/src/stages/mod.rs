@@ -6,11 +6,24 @@ pub mod customize;
 pub mod disk;
 pub mod esp;
 pub mod manifest;
+pub mod native;
 pub mod rootfs;
+pub mod rpi;
 pub mod sbom;
 
+use crate::image::{Role, Slot};
 use crate::plan::Plan;
 use std::path::PathBuf;
+
+/// What a boot stage (`esp` or `rpi`) made.
+pub struct BootOutput {
+    /// Partition images to place on the disk, by role and slot.
+    pub partitions: Vec<(Role, Option<Slot>, PathBuf)>,
+    /// Files published next to the disk (the UKI; the boot slot's image).
+    pub artifacts: Vec<PathBuf>,
+    /// The kernel command line of slot A.
+    pub cmdline: String,
+}
 
 /// Paths of one build. The plan is frozen; the context only says where things go.
 pub struct Context<'a> {

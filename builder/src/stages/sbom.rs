@@ -761,6 +761,7 @@ License: public-domain
             kernel: "6.12.0-amd64".into(),
             kernel_cmdline: String::new(),
             verity: Verity { root_hash: "00".repeat(32), hash_offset: 0, salt: String::new(), data_block_size: 4096, hash_block_size: 4096 },
+            partition_table: "gpt".into(),
             partitions: vec![],
             artifacts: BTreeMap::from([("disk.img".to_string(), Artifact { sha256: "ab".repeat(32), size: 1 })]),
             packages,
@@ -772,6 +773,8 @@ License: public-domain
                 memory: "1G".into(),
                 smp: 1,
                 firmware: crate::image::Firmware::Ovmf,
+                dtb: None,
+                console: None,
             },
         }
     }

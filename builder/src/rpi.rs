@@ -1,0 +1,233 @@
+//! Raspberry Pi boot files: rendering autoboot.txt, config.txt and cmdline.txt from the templates
+//! in `firmware/`, and reading them back the way the Pi's firmware does (which slot boots, which
+//! kernel and initramfs it loads). `kiln boot` uses the reading side to play the firmware's part
+//! under QEMU; the updater (issue 5) uses it to switch slots.
+//!
+//! The firmware's rules (Raspberry Pi documentation, "autoboot.txt" and "tryboot"):
+//! - autoboot.txt lives on the first FAT partition and is at most 512 bytes;
+//! - it may use only the `[all]`, `[none]` and `[tryboot]` filters;
+//! - with `tryboot_a_b=1`, `boot_partition=N` under `[all]` is booted normally and the one under
+//!   `[tryboot]` only when the one-shot tryboot flag is set (`reboot '0 tryboot'`).
+
+use crate::image::Slot;
+use anyhow::{bail, Context as _, Result};
+
+pub const AUTOBOOT_MAX_BYTES: usize = 512;
+const ALLOWED_FILTERS: &[&str] = &["[all]", "[none]", "[tryboot]"];
+
+pub const TEMPLATES: &[(&str, &str)] = &[
+    ("autoboot.txt", include_str!("../../firmware/autoboot.txt.tera")),
+    ("config.txt", include_str!("../../firmware/config.txt.tera")),
+    ("cmdline.txt", include_str!("../../firmware/cmdline.txt.tera")),
+];
+
+/// The partition number of a slot's boot partition (partitions 2 and 3: primary, as
+/// `boot_partition` needs).
+pub fn boot_partition_number(slot: Slot) -> u32 {
+    match slot {
+        Slot::A => 2,
+        Slot::B => 3,
+    }
+}
+
+pub fn slot_of_partition(n: u32) -> Option<Slot> {
+    match n {
+        2 => Some(Slot::A),
+        3 => Some(Slot::B),
+        _ => None,
+    }
+}
+
+fn tera() -> Result<tera::Tera> {
+    let mut t = tera::Tera::default();
+    t.autoescape_on(vec![]);
+    for (name, text) in TEMPLATES {
+        t.add_raw_template(name, text).with_context(|| format!("firmware template {name}"))?;
+    }
+    Ok(t)
+}
+
+fn render(name: &str, ctx: &tera::Context) -> Result<String> {
+    tera()?.render(name, ctx).map_err(|e| anyhow::anyhow!("rendering firmware/{name}.tera: {e:?}"))
+}
+
+/// autoboot.txt with `committed` as the normal slot and the other one as the try-boot slot.
+pub fn autoboot_txt(committed: Slot) -> Result<String> {
+    let mut ctx = tera::Context::new();
+    ctx.insert("default_partition", &boot_partition_number(committed));
+    ctx.insert("tryboot_partition", &boot_partition_number(!committed));
+    let text = render("autoboot.txt", &ctx)?;
+    check_autoboot(&text)?;
+    Ok(text)
+}
+
+/// config.txt of a boot slot.
+pub fn config_txt(image: &str, version: &str, slot: Slot, extra: &[String]) -> Result<String> {
+    let mut ctx = tera::Context::new();
+    ctx.insert("image", image);
+    ctx.insert("version", version);
+    ctx.insert("slot", &format!("{slot:?}"));
+    ctx.insert("extra", extra);
+    render("config.txt", &ctx)
+}
+
+/// cmdline.txt: the firmware wants the whole command line on one line.
+pub fn cmdline_txt(cmdline: &str) -> Result<String> {
+    if cmdline.contains('\n') {
+        bail!("a kernel command line must be one line");
+    }
+    let mut ctx = tera::Context::new();
+    ctx.insert("cmdline", cmdline);
+    render("cmdline.txt", &ctx)
+}
+
+/// What autoboot.txt says, read with the firmware's rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Autoboot {
+    pub tryboot_a_b: bool,
+    /// `boot_partition` under `[all]`.
+    pub default_partition: u32,
+    /// `boot_partition` under `[tryboot]`.
+    pub tryboot_partition: Option<u32>,
+}
+
+impl Autoboot {
+    /// The partition the firmware boots, with or without the one-shot tryboot flag.
+    pub fn partition(&self, tryboot: bool) -> u32 {
+        match (tryboot, self.tryboot_partition) {
+            (true, Some(p)) if self.tryboot_a_b => p,
+            _ => self.default_partition,
+        }
+    }
+}
+
+/// Checks the firmware's rules for autoboot.txt (size, filters).
+pub fn check_autoboot(text: &str) -> Result<()> {
+    if text.len() > AUTOBOOT_MAX_BYTES {
+        bail!("autoboot.txt is {} bytes; the firmware reads at most {AUTOBOOT_MAX_BYTES}", text.len());
+    }
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') && !ALLOWED_FILTERS.contains(&line) {
+            bail!("autoboot.txt may only use the filters {}; found {line}", ALLOWED_FILTERS.join(", "));
+        }
+    }
+    Ok(())
+}
+
+pub fn parse_autoboot(text: &str) -> Result<Autoboot> {
+    check_autoboot(text)?;
+    let mut section = "[all]";
+    let (mut ab, mut default, mut tryboot) = (false, None, None);
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if line.starts_with('[') {
+            section = ALLOWED_FILTERS.iter().find(|f| **f == line).expect("checked");
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else { bail!("autoboot.txt: cannot read the line {line:?}") };
+        let num = || value.trim().parse::<u32>().with_context(|| format!("autoboot.txt: {key}={value} is not a number"));
+        match (section, key.trim()) {
+            ("[none]", _) => {}
+            ("[all]", "tryboot_a_b") => ab = num()? == 1,
+            ("[all]", "boot_partition") => default = Some(num()?),
+            ("[tryboot]", "boot_partition") => tryboot = Some(num()?),
+            _ => {}
+        }
+    }
+    let default_partition = default.context("autoboot.txt has no boot_partition under [all]")?;
+    Ok(Autoboot { tryboot_a_b: ab, default_partition, tryboot_partition: tryboot })
+}
+
+/// The files config.txt tells the firmware to load (only `[all]` sections are taken: kiln's
+/// config.txt puts board-specific lines after them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootConfig {
+    pub kernel: String,
+    pub initramfs: Option<String>,
+    pub arm_64bit: bool,
+}
+
+pub fn parse_config(text: &str) -> Result<BootConfig> {
+    let mut all = true;
+    let (mut kernel, mut initramfs, mut arm_64bit) = (None, None, false);
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if line.starts_with('[') {
+            all = line == "[all]";
+            continue;
+        }
+        if !all {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("initramfs ") {
+            initramfs = rest.split_whitespace().next().map(str::to_string);
+        } else if let Some((k, v)) = line.split_once('=') {
+            match k.trim() {
+                "kernel" => kernel = Some(v.trim().to_string()),
+                "arm_64bit" => arm_64bit = v.trim() == "1",
+                _ => {}
+            }
+        }
+    }
+    Ok(BootConfig { kernel: kernel.context("config.txt names no kernel= under [all]")?, initramfs, arm_64bit })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn autoboot_starts_on_slot_a_and_tries_b() {
+        let text = autoboot_txt(Slot::A).unwrap();
+        assert!(text.len() <= AUTOBOOT_MAX_BYTES);
+        assert_eq!(text, "[all]\ntryboot_a_b=1\nboot_partition=2\n[tryboot]\nboot_partition=3\n");
+        let a = parse_autoboot(&text).unwrap();
+        assert!(a.tryboot_a_b);
+        assert_eq!(a.partition(false), 2);
+        assert_eq!(a.partition(true), 3);
+    }
+
+    #[test]
+    fn committing_slot_b_swaps_the_numbers() {
+        let b = parse_autoboot(&autoboot_txt(Slot::B).unwrap()).unwrap();
+        assert_eq!((b.partition(false), b.partition(true)), (3, 2));
+        assert_eq!(slot_of_partition(b.partition(false)), Some(Slot::B));
+    }
+
+    #[test]
+    fn firmware_rules_are_enforced() {
+        let long = format!("[all]\nboot_partition=2\n#{}\n", "x".repeat(600));
+        assert!(parse_autoboot(&long).unwrap_err().to_string().contains("at most 512"));
+        let bad = "[pi4]\nboot_partition=2\n";
+        assert!(parse_autoboot(bad).unwrap_err().to_string().contains("only use the filters"));
+        // Without tryboot_a_b=1 the [tryboot] partition is not used.
+        let plain = parse_autoboot("[all]\nboot_partition=2\n[tryboot]\nboot_partition=3\n").unwrap();
+        assert_eq!(plain.partition(true), 2);
+        // [none] is never applied.
+        let none = parse_autoboot("[all]\nboot_partition=2\n[none]\nboot_partition=3\n").unwrap();
+        assert_eq!(none.partition(false), 2);
+        assert!(parse_autoboot("[tryboot]\nboot_partition=3\n").is_err());
+    }
+
+    #[test]
+    fn config_names_the_slots_kernel_and_initramfs() {
+        for slot in [Slot::A, Slot::B] {
+            let extra = vec!["[pi4]".to_string(), "kernel=other".into(), "[all]".into(), "dtparam=watchdog=on".into()];
+            let text = config_txt("rpi4", "1.2.0", slot, &extra).unwrap();
+            assert!(text.contains(&format!("Boot slot {slot:?} of rpi4 1.2.0")), "{text}");
+            let c = parse_config(&text).unwrap();
+            assert_eq!(c, BootConfig { kernel: "vmlinuz".into(), initramfs: Some("initrd.img".into()), arm_64bit: true });
+            assert!(text.lines().any(|l| l == "upstream_kernel=1"));
+        }
+    }
+
+    #[test]
+    fn cmdline_is_one_line() {
+        assert_eq!(cmdline_txt("console=ttyS1,115200 ro").unwrap(), "console=ttyS1,115200 ro\n");
+        assert!(cmdline_txt("a\nb").is_err());
+    }
+}
