@@ -10,6 +10,7 @@ pub mod doctor;
 pub mod exec;
 pub mod gpt;
 pub mod image;
+pub mod initramfs;
 pub mod inspect;
 pub mod lock;
 pub mod mirror;
