@@ -33,7 +33,9 @@ pub const TOOLS: &[Tool] = &[
     Tool { name: "qemu-aarch64 binfmt", probe: "/usr/lib/binfmt.d/qemu-aarch64.conf", package: "qemu-user-binfmt", backports_on_bookworm: true, used_for: "arm64 builds on an x86-64 host (maintainer scripts)" },
     Tool { name: "qemu-aarch64", probe: "/usr/libexec/qemu-binfmt/aarch64-binfmt-P", package: "qemu-user", backports_on_bookworm: true, used_for: "arm64 builds on an x86-64 host (maintainer scripts)" },
     Tool { name: "mkfs.ext4", probe: "mkfs.ext4", package: "e2fsprogs", backports_on_bookworm: false, used_for: "kiln flash --provision (the data partition)" },
-    Tool { name: "xz", probe: "xz", package: "xz-utils", backports_on_bookworm: false, used_for: "kernel modules for kiln's initramfs" },
+    Tool { name: "zstd", probe: "zstd", package: "zstd", backports_on_bookworm: false, used_for: "zstd-compressed kernel modules for kiln's initramfs" },
+    Tool { name: "cpio", probe: "cpio", package: "cpio", backports_on_bookworm: false, used_for: "checking initramfs archives (tests)" },
+    Tool { name: "openssl", probe: "openssl", package: "openssl", backports_on_bookworm: false, used_for: "CA certificate hashes for arm64 images" },
 ];
 
 pub fn package_for_program(program: &str) -> Option<&'static str> {

@@ -4,10 +4,13 @@
 //! `cli`: plan and inspect behaviour that needs no build.
 //! `image`: the real thing: an mmdebstrap build of the minimal image, its partition table,
 //! dm-verity, and QEMU boots (healthy, and failing on a flipped byte in the root).
+//! `initramfs`: the initramfs built natively from a target tree, booted under QEMU (healthy,
+//! flipped byte, wrong root hash).
 
 mod cli;
 mod golden;
 mod image;
+mod initramfs;
 mod repro;
 mod rpi;
 
