@@ -308,4 +308,25 @@ mod tests {
             assert_eq!(!Slot::A, Slot::B);
         }
     }
+
+    fn rpi4_with(from: &str, to: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let text = include_str!("../../images/rpi4.toml");
+        assert!(text.contains(from), "{from}");
+        let path = dir.path().join("pi.toml");
+        std::fs::write(&path, text.replace(from, to)).unwrap();
+        load(path.to_str().unwrap(), dir.path()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn raspberry_pi_layout_rules_are_checked() {
+        let err = rpi4_with("table = \"mbr\"", "table = \"gpt\"");
+        assert!(err.contains("disk.table") && err.contains("tryboot"), "{err}");
+        let err = rpi4_with("{ name = \"boot-b\",   role = \"boot\", slot = \"b\", size = \"128MiB\" },\n", "");
+        assert!(err.contains("boot partitions for slot"), "{err}");
+        let err = rpi4_with("firmware = \"rpi\"", "firmware = \"ovmf\"");
+        assert!(err.contains("qemu.firmware"), "{err}");
+        let err = rpi4_with("[rpi]", "[rpi]\nfirmware = []");
+        assert!(err.contains("rpi") && err.contains("unknown field"), "{err}");
+    }
 }
