@@ -3,6 +3,7 @@
 //! The pipeline is `profile` + `image` -> [`plan::Plan`] -> [`build::build`] (stages) ->
 //! artifacts; `qemu` boots them, `inspect` reads them back. See ARCHITECTURE.md.
 
+pub mod bmap;
 pub mod build;
 pub mod cache;
 pub mod debian;
