@@ -14,6 +14,7 @@ pub mod image;
 pub mod inspect;
 pub mod lock;
 pub mod mirror;
+pub mod parttable;
 pub mod pe;
 pub mod plan;
 pub mod profile;
