@@ -381,9 +381,11 @@ fn tokenize(s: &str) -> Result<Vec<Token<'_>>, ParseError> {
     Ok(out)
 }
 
-/// Parses `Name attr="value" …>` (the text after `<`); returns the name, the attributes and
-/// the length consumed including `>`.
-fn parse_tag(tag: &str) -> Result<(&str, Vec<(&str, &str)>, usize), String> {
+/// A start tag: its name, its attributes, and the bytes it takes after `<` (including `>`).
+type Tag<'a> = (&'a str, Vec<(&'a str, &'a str)>, usize);
+
+/// Parses `Name attr="value" …>` (the text after `<`).
+fn parse_tag(tag: &str) -> Result<Tag<'_>, String> {
     let name_end = tag.find(|c: char| c.is_whitespace() || c == '>' || c == '/').ok_or("unterminated tag")?;
     let name = &tag[..name_end];
     if name.is_empty() {

@@ -9,6 +9,7 @@ pub mod cache;
 pub mod debian;
 pub mod doctor;
 pub mod exec;
+pub mod flash;
 pub mod gpt;
 pub mod image;
 pub mod inspect;
