@@ -33,6 +33,7 @@ use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 pub use device::{parse_mountinfo, BlockDevice, DevId, Mount};
@@ -154,7 +155,7 @@ pub fn run(args: &FlashArgs) -> Result<()> {
         }
         let file = open_device(&dev, false)?;
         let src = Source { file: &image, path: &args.image, map: &map, shift: 0, label: "image" };
-        let pieces = transfer(&src, skip, None, None)?;
+        let pieces = plan_pieces(&src, skip.as_ref())?;
         let (verified, verify) = verify(&file, &dev, &pieces)?;
         Figures { written: 0, write: Duration::ZERO, verified, verify }
     } else {
@@ -168,11 +169,11 @@ pub fn run(args: &FlashArgs) -> Result<()> {
         let total = kept_bytes(&map, skip.as_ref()) + data_fs.as_ref().map(|(fs, _)| fs.bmap.mapped_bytes()).unwrap_or(0);
         let mut meter = Meter::new("write", total);
         let src = Source { file: &image, path: &args.image, map: &map, shift: 0, label: "image" };
-        let mut pieces = transfer(&src, skip, Some(&file), Some(&mut meter)).map_err(|e| anyhow::anyhow!("{e:#}; {}", partial_warning(&dev)))?;
+        let mut pieces = write_source(&src, skip.as_ref(), &file, &mut meter).map_err(|e| anyhow::anyhow!("{e:#}; {}", partial_warning(&dev)))?;
         if let Some((fs, part)) = &data_fs {
             let f = File::open(&fs.image).with_context(|| format!("opening {}", fs.image.display()))?;
             let src = Source { file: &f, path: &fs.image, map: &fs.bmap, shift: part.start, label: "data partition" };
-            pieces.extend(transfer(&src, None, Some(&file), Some(&mut meter)).map_err(|e| anyhow::anyhow!("{e:#}; {}", partial_warning(&dev)))?);
+            pieces.extend(write_source(&src, None, &file, &mut meter).map_err(|e| anyhow::anyhow!("{e:#}; {}", partial_warning(&dev)))?);
         }
         file.sync_all().with_context(|| format!("flushing the writes to {} (fsync)", args.device.display()))?;
         let write = meter.finish();
@@ -331,16 +332,23 @@ impl AlignedBuf {
     }
 }
 
-/// Reads every mapped range of `src` (except what lies in `skip`), checks each range's sha256
-/// against the map as it goes, and writes the bytes to `dev` at `shift` when given. Returns
-/// the pieces written (or, without `dev`, those to compare), each with its expected hash.
-/// A range cut by `skip` is still read whole, to check it against the map.
-fn transfer(src: &Source, skip: Option<Range<u64>>, dev: Option<&File>, mut meter: Option<&mut Meter>) -> Result<Vec<Piece>> {
+/// How many chunk buffers travel between the two threads of a pipeline.
+const BUFFERS: usize = 4;
+/// Written bytes handed to the kernel's writeback at a time (see [`writeback`]).
+const WRITEBACK_WINDOW: u64 = 32 << 20;
+
+/// Reads every mapped range of `src` (except what lies in `skip`) in chunks and checks each
+/// range's sha256 against the map as it goes. `sink(buffer, length, device offset)` gets every
+/// chunk to write and hands back a buffer for the next one. Returns the pieces to compare after
+/// writing, each with its expected hash. A range cut by `skip` is still read whole, to check it
+/// against the map; with `read_uncut` false, ranges `skip` does not cut are not read at all
+/// (their expected hash is the map's).
+fn read_ranges(src: &Source, skip: Option<&Range<u64>>, read_uncut: bool, mut sink: impl FnMut(AlignedBuf, usize, u64) -> Result<AlignedBuf>) -> Result<Vec<Piece>> {
     let mut buf = AlignedBuf::new();
     let mut pieces = Vec::new();
     for r in &src.map.ranges {
         let span = src.map.bytes(r);
-        let kept = outside(span.clone(), skip.as_ref());
+        let kept = outside(span.clone(), skip);
         if kept.is_empty() {
             continue;
         }
@@ -352,7 +360,7 @@ fn transfer(src: &Source, skip: Option<Range<u64>>, dev: Option<&File>, mut mete
                 format!("{} {r}", src.label)
             }
         };
-        if dev.is_none() && !cut {
+        if !read_uncut && !cut {
             pieces.push(Piece { start: span.start + src.shift, len: span.end - span.start, sha256: r.sha256, what: what(&span) });
             continue;
         }
@@ -361,7 +369,7 @@ fn transfer(src: &Source, skip: Option<Range<u64>>, dev: Option<&File>, mut mete
         let mut pos = span.start;
         while pos < span.end {
             let mut next = span.end.min((pos / CHUNK as u64 + 1) * CHUNK as u64);
-            if let Some(s) = &skip {
+            if let Some(s) = skip {
                 for b in [s.start, s.end] {
                     if b > pos && b < next {
                         next = b;
@@ -379,16 +387,10 @@ fn transfer(src: &Source, skip: Option<Range<u64>>, dev: Option<&File>, mut mete
             })?;
             whole.update(&*chunk);
             if let Some(i) = kept.iter().position(|k| k.contains(&pos)) {
-                if let Some(d) = dev {
-                    let at = pos + src.shift;
-                    d.write_all_at(chunk, at).with_context(|| format!("writing {n} bytes at byte {at} of the device"))?;
-                    if let Some(m) = meter.as_deref_mut() {
-                        m.add(n as u64);
-                    }
-                }
                 if cut {
                     parts[i].update(&*chunk);
                 }
+                buf = sink(buf, n, pos + src.shift)?;
             }
             pos = next;
         }
@@ -413,24 +415,87 @@ fn transfer(src: &Source, skip: Option<Range<u64>>, dev: Option<&File>, mut mete
     Ok(pieces)
 }
 
-/// Reads every piece back from the device with O_DIRECT and compares its sha256; every
-/// difference is listed. Returns the bytes compared and the time it took.
+/// The pieces `--verify-only` compares: nothing is written, only ranges cut by `skip` are read.
+fn plan_pieces(src: &Source, skip: Option<&Range<u64>>) -> Result<Vec<Piece>> {
+    read_ranges(src, skip, false, |buf, _, _| Ok(buf))
+}
+
+/// Writes `src` to `dev` on two threads: this one reads and hashes, a writer writes, so that
+/// hashing and writing overlap. Returns the pieces written, each with its expected hash.
+fn write_source(src: &Source, skip: Option<&Range<u64>>, dev: &File, meter: &mut Meter) -> Result<Vec<Piece>> {
+    let (full_tx, full_rx) = mpsc::sync_channel::<(AlignedBuf, usize, u64)>(BUFFERS);
+    let (free_tx, free_rx) = mpsc::sync_channel::<AlignedBuf>(BUFFERS + 1);
+    for _ in 0..BUFFERS {
+        free_tx.send(AlignedBuf::new()).expect("the pool has room for every buffer");
+    }
+    std::thread::scope(|s| {
+        let writer = s.spawn(move || -> Result<()> {
+            // Written, not yet handed to writeback; handed over, not yet waited for.
+            let mut pending: Option<Range<u64>> = None;
+            let mut pending_bytes = 0u64;
+            let mut in_flight: Option<Range<u64>> = None;
+            for (mut buf, n, at) in full_rx {
+                dev.write_all_at(&buf.get()[..n], at).with_context(|| format!("writing {n} bytes at byte {at} of the device"))?;
+                let span = at..at + n as u64;
+                pending = Some(pending.map_or(span.clone(), |p| p.start.min(span.start)..p.end.max(span.end)));
+                pending_bytes += n as u64;
+                if pending_bytes >= WRITEBACK_WINDOW {
+                    if let Some(r) = in_flight.take() {
+                        writeback(dev, &r, true);
+                    }
+                    in_flight = pending.take();
+                    if let Some(r) = &in_flight {
+                        writeback(dev, r, false);
+                    }
+                    pending_bytes = 0;
+                }
+                meter.add(n as u64);
+                if free_tx.send(buf).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        let stopped = || anyhow::anyhow!("the writing thread stopped");
+        let read = read_ranges(src, skip, true, |buf, n, at| {
+            full_tx.send((buf, n, at)).map_err(|_| stopped())?;
+            free_rx.recv().map_err(|_| stopped())
+        });
+        drop(full_tx);
+        // A write error explains a stopped reader better than the reader's own error does.
+        writer.join().map_err(|_| anyhow::anyhow!("the writing thread panicked"))??;
+        read
+    })
+}
+
+/// Starts writeback of `span` of the device and, with `wait`, waits until it is done. The
+/// writer keeps at most two windows of dirty pages: the progress shows what reached the device
+/// (not only the page cache; a slow SD card would otherwise sit at 100% during the final
+/// fsync), and the device writes while the next chunks are read and hashed. Best effort: the
+/// fsync at the end is what makes the data safe.
+fn writeback(dev: &File, span: &Range<u64>, wait: bool) {
+    use nix::libc::{SYNC_FILE_RANGE_WAIT_AFTER, SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE};
+    let flags = if wait { SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER } else { SYNC_FILE_RANGE_WRITE };
+    // SAFETY: a system call on an open descriptor, with no pointers.
+    unsafe { nix::libc::sync_file_range(dev.as_raw_fd(), span.start as i64, (span.end - span.start) as i64, flags) };
+}
+
+/// Reads every piece back from the device (O_DIRECT where the device allows it) and compares
+/// its sha256; every difference is listed. Returns the bytes compared and the time it took.
 fn verify(file: &File, dev: &BlockDevice, pieces: &[Piece]) -> Result<(u64, Duration)> {
     let total: u64 = pieces.iter().map(|p| p.len).sum();
-    let direct = set_direct(file);
-    if let Err(e) = &direct {
+    if let Err(e) = set_direct(file) {
         eprintln!("        O_DIRECT is not available on {} ({e}): reading back through the (dropped) page cache", dev.path.display());
     }
     let mut meter = Meter::new("verify", total);
-    let mut buf = AlignedBuf::new();
-    let mut bad = Vec::new();
-    for p in pieces {
-        let got = read_back(file, p.start, p.len, &mut buf, &mut meter).with_context(|| format!("reading back {} from {}", p.what, dev.path.display()))?;
-        if got != p.sha256 {
-            bad.push(format!("{} at device bytes {}-{}: the device has sha256 {got}, the image {}", p.what, p.start, p.start + p.len - 1, p.sha256));
-        }
-    }
+    let sums = hash_pieces(file, &dev.path, pieces, &mut meter)?;
     let took = meter.finish();
+    let bad: Vec<String> = pieces
+        .iter()
+        .zip(&sums)
+        .filter(|(p, got)| p.sha256 != **got)
+        .map(|(p, got)| format!("{} at device bytes {}-{}: the device has sha256 {got}, the image {}", p.what, p.start, p.start + p.len - 1, p.sha256))
+        .collect();
     if !bad.is_empty() {
         bail!("verification failed: {} of {} ranges on {} differ from the image:\n  {}", bad.len(), pieces.len(), dev.path.display(), bad.join("\n  "));
     }
@@ -444,12 +509,56 @@ fn set_direct(file: &File) -> nix::Result<()> {
     Ok(())
 }
 
-/// The sha256 of `len` bytes at `start`, read in aligned chunks.
-fn read_back(file: &File, start: u64, len: u64, buf: &mut AlignedBuf, meter: &mut Meter) -> Result<Sha256> {
+/// What the reading thread of [`hash_pieces`] sends: the bytes of a piece in a buffer, or the
+/// end of a piece.
+enum ReadBack {
+    Bytes(AlignedBuf, Range<usize>),
+    End,
+}
+
+/// The sha256 of each piece as `file` holds it, read in aligned chunks on one thread and
+/// hashed on this one.
+fn hash_pieces(file: &File, name: &Path, pieces: &[Piece], meter: &mut Meter) -> Result<Vec<Sha256>> {
+    let (full_tx, full_rx) = mpsc::sync_channel::<ReadBack>(BUFFERS);
+    let (free_tx, free_rx) = mpsc::sync_channel::<AlignedBuf>(BUFFERS + 1);
+    for _ in 0..BUFFERS {
+        free_tx.send(AlignedBuf::new()).expect("the pool has room for every buffer");
+    }
+    std::thread::scope(|s| {
+        let reader = s.spawn(move || -> Result<()> {
+            for p in pieces {
+                read_piece(file, p.start, p.len, &free_rx, &full_tx).with_context(|| format!("reading back {} from {}", p.what, name.display()))?;
+                if full_tx.send(ReadBack::End).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        let mut sums = Vec::with_capacity(pieces.len());
+        let mut h = sha2::Sha256::new();
+        for msg in full_rx {
+            match msg {
+                ReadBack::Bytes(mut buf, r) => {
+                    h.update(&buf.get()[r.clone()]);
+                    meter.add(r.len() as u64);
+                    let _ = free_tx.send(buf);
+                }
+                ReadBack::End => sums.push(Sha256(std::mem::take(&mut h).finalize().into())),
+            }
+        }
+        reader.join().map_err(|_| anyhow::anyhow!("the reading thread panicked"))??;
+        Ok(sums)
+    })
+}
+
+/// Reads `len` bytes at `start` in aligned chunks (O_DIRECT needs aligned offsets, lengths and
+/// buffers) and sends the wanted part of each.
+fn read_piece(file: &File, start: u64, len: u64, free: &mpsc::Receiver<AlignedBuf>, out: &mpsc::SyncSender<ReadBack>) -> Result<()> {
+    let stopped = || anyhow::anyhow!("the hashing thread stopped");
     let end = start + len;
-    let mut h = sha2::Sha256::new();
     let mut pos = start / ALIGN * ALIGN;
     while pos < end {
+        let mut buf = free.recv().map_err(|_| stopped())?;
         let want = ((end - pos).div_ceil(ALIGN) * ALIGN).min(CHUNK as u64) as usize;
         let chunk = buf.get();
         let mut got = 0;
@@ -466,11 +575,10 @@ fn read_back(file: &File, start: u64, len: u64, buf: &mut AlignedBuf, meter: &mu
         if pos + (got as u64) < to {
             bail!("the device ends at byte {}, before byte {to}", pos + got as u64);
         }
-        h.update(&chunk[(from - pos) as usize..(to - pos) as usize]);
-        meter.add(to - from);
+        out.send(ReadBack::Bytes(buf, (from - pos) as usize..(to - pos) as usize)).map_err(|_| stopped())?;
         pos += want as u64;
     }
-    Ok(Sha256(h.finalize().into()))
+    Ok(())
 }
 
 /// Progress on stderr: a bar on a terminal, a line every 10% otherwise (CI logs).
@@ -576,7 +684,7 @@ mod tests {
         assert_eq!(map.ranges.len(), 1);
         let f = File::open(&img).unwrap();
         let src = Source { file: &f, path: &img, map: &map, shift: 0, label: "image" };
-        let pieces = transfer(&src, Some(MIB..2 * MIB), None, None).unwrap();
+        let pieces = plan_pieces(&src, Some(&(MIB..2 * MIB))).unwrap();
         assert_eq!(pieces.len(), 2);
         assert_eq!((pieces[0].start, pieces[0].len), (0, MIB));
         assert_eq!(pieces[0].sha256, Sha256::of(&data[..MIB as usize]));
@@ -584,29 +692,63 @@ mod tests {
         assert_eq!(pieces[1].sha256, Sha256::of(&data[2 * MIB as usize..]));
         assert_eq!(pieces[1].what, format!("image blocks 0-767 (its bytes {}-{})", 2 * MIB, 3 * MIB - 1));
         // Uncut, nothing is read: the map's hash is the expectation.
-        let whole = transfer(&src, None, None, None).unwrap();
+        let whole = plan_pieces(&src, None).unwrap();
         assert_eq!(whole[0].sha256, map.ranges[0].sha256);
         // A changed byte inside the skipped part is still noticed: the image no longer matches.
         let w = OpenOptions::new().write(true).open(&img).unwrap();
         w.write_all_at(b"!", MIB + 5).unwrap();
-        let err = transfer(&src, Some(MIB..2 * MIB), None, None).unwrap_err().to_string();
+        let err = plan_pieces(&src, Some(&(MIB..2 * MIB))).unwrap_err().to_string();
         assert!(err.starts_with(&format!("{}: blocks 0-767 (bytes 0-3145727) have sha256 ", img.display())), "{err}");
         assert!(err.ends_with(&format!("but the block map says {}: the image is damaged, or the map was made for another image", map.ranges[0].sha256)), "{err}");
     }
 
+    fn quiet_meter() -> Meter {
+        Meter { label: "t", bar: None, total: 0, done: 0, next_line: u64::MAX, started: Instant::now() }
+    }
+
+    /// The two-thread writer puts every kept byte where it belongs and nothing else.
     #[test]
-    fn read_back_hashes_unaligned_spans() {
+    fn write_source_copies_the_kept_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("d.img");
+        let f = File::options().create(true).truncate(true).read(true).write(true).open(&img).unwrap();
+        f.set_len(20 * MIB).unwrap();
+        let data: Vec<u8> = (0..9 * MIB as usize).map(|i| (i % 241) as u8 + 1).collect();
+        f.write_all_at(&data, MIB).unwrap();
+        f.write_all_at(b"end", 19 * MIB).unwrap();
+        let map = crate::bmap::create(&img, &[]).unwrap();
+        let out = dir.path().join("out.img");
+        let dev = File::options().create(true).truncate(true).read(true).write(true).open(&out).unwrap();
+        let src = Source { file: &f, path: &img, map: &map, shift: 4096, label: "image" };
+        let mut meter = quiet_meter();
+        let pieces = write_source(&src, Some(&(3 * MIB..5 * MIB)), &dev, &mut meter).unwrap();
+        assert_eq!(meter.done, map.mapped_bytes() - 2 * MIB);
+        let written = std::fs::read(&out).unwrap();
+        let image = std::fs::read(&img).unwrap();
+        for p in &pieces {
+            let (a, b) = ((p.start - 4096) as usize, (p.start - 4096 + p.len) as usize);
+            assert_eq!(&written[p.start as usize..(p.start + p.len) as usize], &image[a..b], "{}", p.what);
+            assert_eq!(Sha256::of(&image[a..b]), p.sha256, "{}", p.what);
+        }
+        assert!(written[(3 * MIB + 4096) as usize..(5 * MIB + 4096) as usize].iter().all(|b| *b == 0), "the skipped span was written");
+        let mut meter = quiet_meter();
+        let sums = hash_pieces(&dev, &out, &pieces, &mut meter).unwrap();
+        assert_eq!(sums, pieces.iter().map(|p| p.sha256).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn read_back_hashes_unaligned_spans_and_stops_at_the_end() {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("d.img");
         let data: Vec<u8> = (0..(MIB as usize + 1000)).map(|i| (i % 253) as u8).collect();
         std::fs::write(&img, &data).unwrap();
         let f = File::open(&img).unwrap();
-        let mut buf = AlignedBuf::new();
-        let mut meter = Meter { label: "t", bar: None, total: 0, done: 0, next_line: u64::MAX, started: Instant::now() };
-        let h = read_back(&f, 5000, MIB - 4000, &mut buf, &mut meter).unwrap();
-        assert_eq!(h, Sha256::of(&data[5000..(MIB as usize + 1000)]));
-        assert_eq!(meter.done, MIB - 4000);
-        let err = read_back(&f, MIB, 2000, &mut buf, &mut meter).unwrap_err().to_string();
-        assert_eq!(err, format!("the device ends at byte {}, before byte {}", MIB + 1000, MIB + 2000));
+        let piece = |start: u64, len: u64| Piece { start, len, sha256: Sha256([0; 32]), what: "piece".into() };
+        let mut meter = quiet_meter();
+        let sums = hash_pieces(&f, &img, &[piece(5000, MIB - 4000), piece(0, 10)], &mut meter).unwrap();
+        assert_eq!(sums, [Sha256::of(&data[5000..(MIB as usize + 1000)]), Sha256::of(&data[..10])]);
+        assert_eq!(meter.done, MIB - 4000 + 10);
+        let err = hash_pieces(&f, &img, &[piece(MIB, 2000)], &mut meter).unwrap_err();
+        assert_eq!(format!("{err:#}"), format!("reading back piece from {}: the device ends at byte {}, before byte {}", img.display(), MIB + 1000, MIB + 2000));
     }
 }
