@@ -175,6 +175,7 @@ pub fn run(args: &FlashArgs) -> Result<()> {
             let src = Source { file: &f, path: &fs.image, map: &fs.bmap, shift: part.start, label: "data partition" };
             pieces.extend(write_source(&src, None, &file, &mut meter).map_err(|e| anyhow::anyhow!("{e:#}; {}", partial_warning(&dev)))?);
         }
+        meter.note("syncing (waiting for the device to store the last writes)");
         file.sync_all().with_context(|| format!("flushing the writes to {} (fsync)", args.device.display()))?;
         let write = meter.finish();
         drop_caches(&file);
@@ -497,7 +498,13 @@ fn verify(file: &File, dev: &BlockDevice, pieces: &[Piece]) -> Result<(u64, Dura
         .map(|(p, got)| format!("{} at device bytes {}-{}: the device has sha256 {got}, the image {}", p.what, p.start, p.start + p.len - 1, p.sha256))
         .collect();
     if !bad.is_empty() {
-        bail!("verification failed: {} of {} ranges on {} differ from the image:\n  {}", bad.len(), pieces.len(), dev.path.display(), bad.join("\n  "));
+        bail!(
+            "verification failed: {} of {} ranges on {} differ from the image:\n  {}\nflash it again; if it fails again, the card is failing (or fake: less capacity than it claims)",
+            bad.len(),
+            pieces.len(),
+            dev.path.display(),
+            bad.join("\n  ")
+        );
     }
     Ok((total, took))
 }
@@ -597,7 +604,7 @@ impl Meter {
         let bar = tty.then(|| {
             let b = ProgressBar::new(total);
             b.set_style(
-                ProgressStyle::with_template("{prefix:>8.bold} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                ProgressStyle::with_template("{prefix:>8.bold} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}")
                     .expect("valid template")
                     .progress_chars("=> "),
             );
@@ -619,6 +626,14 @@ impl Meter {
             while self.next_line <= self.done {
                 self.next_line += (self.total / 10).max(1);
             }
+        }
+    }
+
+    /// Says what is going on after the last byte (the final fsync).
+    fn note(&self, what: &str) {
+        match &self.bar {
+            Some(b) => b.set_message(what.to_string()),
+            None => eprintln!("    {} {what}", self.label),
         }
     }
 
