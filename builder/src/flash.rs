@@ -126,6 +126,9 @@ pub fn run(args: &FlashArgs) -> Result<()> {
     let data = table.as_ref().and_then(|t| t.last()).cloned();
     let provision = match &args.provision {
         Some(dir) => {
+            if !nix::unistd::geteuid().is_root() {
+                bail!("--provision needs root: the files on the device must belong to root (run kiln flash with sudo)");
+            }
             let p = provision::Provision::load(dir)?;
             let part = data.clone().with_context(|| format!("{} has no partition table: --provision needs the image's data partition", args.image.display()))?;
             Some((p, part))
