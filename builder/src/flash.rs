@@ -110,6 +110,9 @@ pub fn run(args: &FlashArgs) -> Result<()> {
             if image_len < map.image_size { "the image is truncated" } else { "the map belongs to another image" }
         );
     }
+    if dev_size == 0 {
+        bail!("refusing to write {}: it has no medium (size 0): is the card in the reader?", args.device.display());
+    }
     if dev_size < map.image_size {
         bail!("refusing to write {}: it holds {} but the image needs {}; use a larger card", args.device.display(), human_size(dev_size), human_size(map.image_size));
     }
