@@ -80,11 +80,12 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
         Bootloader::RpiFirmware => stages::rpi::make_boot(&ctx, &boot_files, &root)?,
     };
     let disk = stages::disk::assemble(&ctx, &boot, &root)?;
+    let bmap_path = stages::disk::write_bmap(&ctx, &disk)?;
 
     // Artifacts next to the disk: the root image (the update payload) and the boot stage's.
     let root_out = staging.join("root.img");
     std::fs::rename(&root.path, &root_out).with_context(|| format!("moving the root image to {}", root_out.display()))?;
-    let mut outputs = vec![disk, root_out];
+    let mut outputs = vec![disk, bmap_path, root_out];
     for a in &boot.artifacts {
         let dest = staging.join(a.file_name().expect("artifact file name"));
         std::fs::copy(a, &dest).with_context(|| format!("copying {} to {}", a.display(), dest.display()))?;

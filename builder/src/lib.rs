@@ -3,11 +3,13 @@
 //! The pipeline is `profile` + `image` -> [`plan::Plan`] -> [`build::build`] (stages) ->
 //! artifacts; `qemu` boots them, `inspect` reads them back. See ARCHITECTURE.md.
 
+pub mod bmap;
 pub mod build;
 pub mod cache;
 pub mod debian;
 pub mod doctor;
 pub mod exec;
+pub mod flash;
 pub mod gpt;
 pub mod image;
 pub mod initramfs;
@@ -15,6 +17,7 @@ pub mod inspect;
 pub mod lock;
 pub mod mbr;
 pub mod mirror;
+pub mod parttable;
 pub mod pe;
 pub mod plan;
 pub mod profile;

@@ -162,6 +162,10 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Write an image to an SD card or USB stick: only the blocks its block map lists, then
+    /// read them back and verify. Refuses mounted devices, partitions, the system disk and
+    /// devices larger than --max-size; asks first unless --yes.
+    Flash(kiln::flash::FlashArgs),
     /// Check the host tools kiln needs; --install installs the missing ones (idempotent).
     Doctor {
         #[arg(long)]
@@ -429,6 +433,7 @@ fn run(cli: Cli) -> Result<()> {
             let plan = resolve(&target)?;
             println!("{}", serde_json::to_string_pretty(&plan)?);
         }
+        Command::Flash(args) => kiln::flash::run(&args)?,
         Command::Doctor { install } => {
             let missing = doctor::report();
             if install {

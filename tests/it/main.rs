@@ -2,12 +2,15 @@
 //!
 //! `golden`: profile errors against expected output (re-bless with KILN_BLESS=1).
 //! `cli`: plan and inspect behaviour that needs no build.
+//! `flash`: `kiln flash` against loop devices: writing, verifying, refusing the wrong device,
+//! provisioning.
 //! `image`: the real thing: an mmdebstrap build of the minimal image, its partition table,
 //! dm-verity, and QEMU boots (healthy, and failing on a flipped byte in the root).
 //! `initramfs`: the initramfs built natively from a target tree, booted under QEMU (healthy,
 //! flipped byte, wrong root hash).
 
 mod cli;
+mod flash;
 mod golden;
 mod image;
 mod initramfs;

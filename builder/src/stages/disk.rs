@@ -100,6 +100,26 @@ pub fn assemble(ctx: &Context, boot: &BootOutput, root: &RootImage) -> Result<Pa
     Ok(path)
 }
 
+/// The block map `kiln flash` (and `bmaptool copy`) writes by: the image's data plus, even where
+/// the image holds zeros, the partition tables and the first MiB of every partition, so that no
+/// stale filesystem signature of a reused card survives in an empty slot or the data partition.
+pub fn write_bmap(ctx: &Context, disk: &Path) -> Result<PathBuf> {
+    let plan = ctx.plan;
+    let mib = crate::units::MIB;
+    let mut must: Vec<(u64, u64)> = vec![(0, mib), (plan.disk.size.0 - mib, mib)];
+    for p in &plan.disk.partitions {
+        must.push((p.offset.0, p.size.0.min(mib)));
+        if plan.disk.table == PartitionTable::Mbr && p.number > 4 {
+            // The logical partition's EBR, 1 MiB before it.
+            must.push((p.offset.0 - mbr::EBR_GAP_SECTORS * mbr::SECTOR, mbr::SECTOR));
+        }
+    }
+    let bmap = crate::bmap::create(disk, &must).with_context(|| format!("mapping the blocks of {}", disk.display()))?;
+    let path = crate::bmap::default_path(disk);
+    bmap.write_xml(&path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
 /// Copies `src` into `dst` at `offset`, skipping blocks of zeros (which stay holes).
 pub fn copy_sparse(src: &Path, dst: &mut File, offset: u64) -> std::io::Result<u64> {
     const BLOCK: usize = 1 << 20;

@@ -1,0 +1,418 @@
+//! `kiln flash --provision DIR`: per-device files, written into the data partition (which the
+//! device mounts as `/var`), never into the verified root, so the image and its hash are the same
+//! for every device.
+//!
+//! Layout of DIR (anything else is refused, naming the file):
+//!
+//! ```text
+//! DIR/ssh/authorized_keys/<user>   OpenSSH public keys of a login user, one per line
+//! DIR/backup/…                     any files: backup repository password, environment
+//! DIR/wifi/…                       any files: Wi-Fi networks and their passphrases
+//! DIR/hostname                     the device's hostname (one line)
+//! ```
+//!
+//! The data partition gets a fresh ext4 filesystem (label `kiln-data`) made on the host with
+//! `mkfs.ext4 -d`, holding DIR at `/kiln/provision/`, which the device sees as
+//! `/var/kiln/provision/`. Everything belongs to root; files are 0600 and directories 0700,
+//! except the public keys `ssh/authorized_keys/<user>` (0644) and the directories on their path
+//! (`/kiln`, `/kiln/provision`, `ssh`, `ssh/authorized_keys`: 0755), so that sshd can read a
+//! user's keys with that user's rights (`AuthorizedKeysFile /var/kiln/provision/ssh/authorized_keys/%u`).
+//!
+//! Only the filesystem's blocks that carry data are written to the device, plus its first and
+//! last MiB (old signatures there must not survive) and its journal, which `mkfs.ext4` zeroes on
+//! a real device but leaves as a hole in a sparse file.
+
+use crate::bmap::{self, Bmap};
+use crate::exec::Cmd;
+use crate::units::MIB;
+use anyhow::{bail, Context as _, Result};
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// The entries DIR may hold, for messages.
+pub const KNOWN: &str = "ssh/authorized_keys/<user>, backup/, wifi/, hostname";
+/// Where DIR lands inside the data filesystem.
+pub const TARGET: &str = "kiln/provision";
+pub const LABEL: &str = "kiln-data";
+const KEY_TYPES: &[&str] = &[
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+];
+
+/// A checked provisioning directory: the paths to copy, relative to it, parents first.
+#[derive(Debug)]
+pub struct Provision {
+    pub dir: PathBuf,
+    entries: Vec<(PathBuf, bool)>,
+}
+
+/// The data filesystem made for one device: a sparse file the size of the partition and its map.
+pub struct DataFs {
+    pub image: PathBuf,
+    pub bmap: Bmap,
+    _scratch: Scratch,
+}
+
+impl Provision {
+    /// Checks DIR against the layout above, reading every file that has a format.
+    pub fn load(dir: &Path) -> Result<Provision> {
+        let meta = fs::symlink_metadata(dir).with_context(|| format!("{}: cannot read the provisioning directory", dir.display()))?;
+        if !meta.is_dir() {
+            bail!("{} is not a directory: --provision takes a directory holding {KNOWN}", dir.display());
+        }
+        let mut entries = Vec::new();
+        for (name, path) in list(dir)? {
+            let rel = PathBuf::from(&name);
+            match name.as_str() {
+                "ssh" => {
+                    require_dir(&path)?;
+                    entries.push((rel.clone(), true));
+                    for (sub, subpath) in list(&path)? {
+                        if sub != "authorized_keys" {
+                            bail!("{}: unknown entry in ssh/ (known: ssh/authorized_keys/<user>)", subpath.display());
+                        }
+                        require_dir(&subpath)?;
+                        entries.push((rel.join(&sub), true));
+                        for (user, keyfile) in list(&subpath)? {
+                            require_file(&keyfile)?;
+                            if !valid_user(&user) {
+                                bail!("{}: {user:?} is not a valid user name (lowercase letters, digits, '_' and '-', starting with a letter or '_', at most 32)", keyfile.display());
+                            }
+                            check_keys(&keyfile)?;
+                            entries.push((rel.join(&sub).join(&user), false));
+                        }
+                    }
+                }
+                "backup" | "wifi" => {
+                    require_dir(&path)?;
+                    entries.push((rel.clone(), true));
+                    walk(&path, &rel, &mut entries)?;
+                }
+                "hostname" => {
+                    require_file(&path)?;
+                    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                    check_hostname(text.trim()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                    entries.push((rel, false));
+                }
+                _ => bail!("{}: unknown provisioning entry (known: {KNOWN})", path.display()),
+            }
+        }
+        Ok(Provision { dir: dir.to_path_buf(), entries })
+    }
+
+    /// The relative paths that will be copied, parents first.
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.entries.iter().map(|(p, _)| p.as_path())
+    }
+
+    /// Makes the data filesystem of `size` bytes holding DIR, in a private scratch directory.
+    /// Needs root, to give the files to root (`kiln flash` checks that before asking).
+    pub fn build(&self, size: u64) -> Result<DataFs> {
+        let scratch = Scratch::new()?;
+        let tree = scratch.0.join("tree");
+        let dest = tree.join(TARGET);
+        make_dir(&tree, 0o755)?;
+        make_dir(&tree.join("kiln"), 0o755)?;
+        make_dir(&dest, 0o755)?;
+        for (rel, is_dir) in &self.entries {
+            let to = dest.join(rel);
+            let mode = mode_for(rel, *is_dir);
+            if *is_dir {
+                make_dir(&to, mode)?;
+            } else {
+                let from = self.dir.join(rel);
+                fs::copy(&from, &to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+                fs::set_permissions(&to, fs::Permissions::from_mode(mode)).with_context(|| format!("setting the mode of {}", to.display()))?;
+            }
+            std::os::unix::fs::chown(&to, Some(0), Some(0)).with_context(|| format!("giving {} to root", to.display()))?;
+        }
+        let image = scratch.0.join("data.ext4");
+        let f = fs::File::create(&image).with_context(|| format!("creating {}", image.display()))?;
+        f.set_len(size).with_context(|| format!("sizing {} to {size} bytes", image.display()))?;
+        drop(f);
+        // nodiscard: mke2fs must not mark the inode tables as zeroed (the card's old contents
+        // are still there); the kernel zeroes the unused ones after the first mount.
+        Cmd::new("mkfs.ext4")
+            .args(["-q", "-F", "-b", "4096", "-L", LABEL, "-E", "root_owner=0:0,nodiscard", "-d"])
+            .arg(&tree)
+            .arg(&image)
+            .run()
+            .with_context(|| format!("making the data filesystem from {}", self.dir.display()))?;
+        let edge = MIB.min(size);
+        let mut must_write = vec![(0, edge), (size - edge, edge)];
+        must_write.extend(journal_spans(&image)?);
+        let bmap = bmap::create(&image, &must_write)?;
+        Ok(DataFs { image, bmap, _scratch: scratch })
+    }
+}
+
+/// The modes of the layout: see the module documentation.
+fn mode_for(rel: &Path, is_dir: bool) -> u32 {
+    let under_keys = rel.starts_with("ssh/authorized_keys");
+    match (is_dir, under_keys || rel == Path::new("ssh")) {
+        (true, true) => 0o755,
+        (true, false) => 0o700,
+        (false, true) => 0o644,
+        (false, false) => 0o600,
+    }
+}
+
+/// The journal's blocks as byte spans (`debugfs` lists the blocks of inode 8).
+fn journal_spans(image: &Path) -> Result<Vec<(u64, u64)>> {
+    let out = Cmd::new("debugfs").args(["-R", "blocks <8>"]).arg(image).read().context("listing the journal's blocks")?;
+    let mut blocks: Vec<u64> = Vec::new();
+    for w in out.split_whitespace() {
+        blocks.push(w.parse().with_context(|| format!("debugfs printed {w:?} where a block number was expected"))?);
+    }
+    blocks.sort_unstable();
+    let mut spans: Vec<(u64, u64)> = Vec::new();
+    for b in blocks {
+        match spans.last_mut() {
+            Some((start, len)) if *start + *len == b => *len += 1,
+            _ => spans.push((b, 1)),
+        }
+    }
+    Ok(spans.into_iter().map(|(b, n)| (b * 4096, n * 4096)).collect())
+}
+
+/// A private (0700) scratch directory, removed when dropped: it holds secrets.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Result<Scratch> {
+        let base = std::env::temp_dir();
+        for i in 0..1000u32 {
+            let p = base.join(format!("kiln-provision-{}-{i}", std::process::id()));
+            match fs::DirBuilder::new().mode(0o700).create(&p) {
+                Ok(()) => return Ok(Scratch(p)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e).with_context(|| format!("creating {}", p.display())),
+            }
+        }
+        bail!("could not create a scratch directory in {}", base.display())
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn make_dir(path: &Path, mode: u32) -> Result<()> {
+    fs::DirBuilder::new().mode(mode).create(path).with_context(|| format!("creating {}", path.display()))?;
+    // The umask may have taken bits away.
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).with_context(|| format!("setting the mode of {}", path.display()))
+}
+
+/// The entries of a directory, sorted, as (UTF-8 name, path).
+fn list(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let e = e.with_context(|| format!("reading {}", dir.display()))?;
+        let name = e.file_name().into_string().map_err(|n| anyhow::anyhow!("{}: the name {n:?} is not UTF-8", dir.display()))?;
+        out.push((name, e.path()));
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn walk(dir: &Path, rel: &Path, entries: &mut Vec<(PathBuf, bool)>) -> Result<()> {
+    for (name, path) in list(dir)? {
+        let meta = fs::symlink_metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+        if meta.is_dir() {
+            entries.push((rel.join(&name), true));
+            walk(&path, &rel.join(&name), entries)?;
+        } else {
+            require_file(&path)?;
+            entries.push((rel.join(&name), false));
+        }
+    }
+    Ok(())
+}
+
+fn require_dir(path: &Path) -> Result<()> {
+    let meta = fs::symlink_metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if !meta.is_dir() {
+        bail!("{}: expected a directory", path.display());
+    }
+    Ok(())
+}
+
+fn require_file(path: &Path) -> Result<()> {
+    let meta = fs::symlink_metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if meta.file_type().is_symlink() {
+        bail!("{}: a symbolic link; provisioning takes regular files only (copy the file itself)", path.display());
+    }
+    if !meta.is_file() {
+        bail!("{}: expected a regular file", path.display());
+    }
+    Ok(())
+}
+
+fn valid_user(name: &str) -> bool {
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    first_ok && name.len() <= 32 && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+/// A static hostname: labels of letters, digits and '-', 1-63 characters each, not starting or
+/// ending with '-', at most 64 characters in all (Linux's limit).
+pub fn check_hostname(name: &str) -> std::result::Result<(), String> {
+    let bad = || format!("{name:?} is not a valid hostname (letters, digits and '-', dot-separated labels of 1-63 characters not starting or ending with '-', at most 64 in all)");
+    if name.is_empty() || name.len() > 64 {
+        return Err(bad());
+    }
+    for label in name.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if !ok {
+            return Err(bad());
+        }
+    }
+    Ok(())
+}
+
+/// Every non-empty, non-comment line must hold an OpenSSH public key (options before it are
+/// allowed, as in authorized_keys); at least one key.
+fn check_keys(path: &Path) -> Result<()> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {} (expected OpenSSH public keys)", path.display()))?;
+    let mut keys = 0;
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        check_key_line(line).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
+        keys += 1;
+    }
+    if keys == 0 {
+        bail!("{}: holds no public key (expected lines like \"ssh-ed25519 AAAA… alice@laptop\")", path.display());
+    }
+    Ok(())
+}
+
+pub fn check_key_line(line: &str) -> std::result::Result<(), String> {
+    if line.split_whitespace().any(|w| w == "ssh-dss") {
+        return Err("ssh-dss (DSA) keys are refused by current OpenSSH: use an ssh-ed25519 key".into());
+    }
+    let words: Vec<&str> = line.split_whitespace().collect();
+    for (i, w) in words.iter().enumerate() {
+        if KEY_TYPES.contains(w) {
+            let Some(blob) = words.get(i + 1).and_then(|b| base64_decode(b)) else {
+                return Err(format!("the {w} key is not valid base64"));
+            };
+            // The blob starts with the key type as an SSH string (u32 length + bytes).
+            let named = blob.get(..4).map(|l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize).and_then(|n| blob.get(4..4 + n));
+            if named != Some(w.as_bytes()) {
+                return Err(format!("the key data does not hold a {w} key (a truncated or mixed-up line?)"));
+            }
+            // type string + the 32-byte key string
+            if *w == "ssh-ed25519" && blob.len() != 4 + 11 + 4 + 32 {
+                return Err(format!("the {w} key is truncated (its key data should be 32 bytes)"));
+            }
+            return Ok(());
+        }
+    }
+    Err("not an OpenSSH public key (expected a line like \"ssh-ed25519 AAAA… alice@laptop\", as in ~/.ssh/id_ed25519.pub)".into())
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim_end_matches('=');
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for c in s.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real ed25519 public key (ssh-keygen output).
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIRAsH7li64RmCN0q/zGOXUMEp4Klh2GpxkCXRuDH5DX alice@laptop";
+
+    #[test]
+    fn keys_are_checked() {
+        assert_eq!(check_key_line(KEY), Ok(()));
+        assert_eq!(check_key_line(&format!("no-pty,from=\"10.0.0.0/8\" {KEY}")), Ok(()));
+        assert!(check_key_line("hello world").unwrap_err().starts_with("not an OpenSSH public key"));
+        assert_eq!(check_key_line("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGxJ1nJ8Qv0bGz2jQ8g7").unwrap_err(), "the ssh-ed25519 key is truncated (its key data should be 32 bytes)");
+        assert_eq!(check_key_line("ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3a x").unwrap_err(), "the key data does not hold a ssh-rsa key (a truncated or mixed-up line?)");
+        assert_eq!(check_key_line("ssh-ed25519 !!!").unwrap_err(), "the ssh-ed25519 key is not valid base64");
+        assert!(check_key_line("ssh-dss AAAAB3NzaC1kc3M= x").unwrap_err().contains("DSA"));
+    }
+
+    #[test]
+    fn hostnames_are_checked() {
+        assert!(check_hostname("kiln-test").is_ok());
+        assert!(check_hostname("pi.home.lan").is_ok());
+        for bad in ["", "-a", "a-", "a_b", "a..b", &"x".repeat(65)] {
+            assert!(check_hostname(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn layout_is_validated_with_the_file_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs::create_dir_all(d.join("ssh/authorized_keys")).unwrap();
+        fs::write(d.join("ssh/authorized_keys/alice"), format!("# alice\n{KEY}\n")).unwrap();
+        fs::create_dir_all(d.join("backup")).unwrap();
+        fs::write(d.join("backup/password"), "s3cret\n").unwrap();
+        fs::create_dir_all(d.join("wifi/extra")).unwrap();
+        fs::write(d.join("wifi/extra/home.conf"), "x").unwrap();
+        fs::write(d.join("hostname"), "kiln-test\n").unwrap();
+        let p = Provision::load(d).unwrap();
+        let paths: Vec<String> = p.paths().map(|p| p.display().to_string()).collect();
+        assert_eq!(paths, ["backup", "backup/password", "hostname", "ssh", "ssh/authorized_keys", "ssh/authorized_keys/alice", "wifi", "wifi/extra", "wifi/extra/home.conf"]);
+        assert_eq!(mode_for(Path::new("ssh/authorized_keys/alice"), false), 0o644);
+        assert_eq!(mode_for(Path::new("ssh/authorized_keys"), true), 0o755);
+        assert_eq!(mode_for(Path::new("ssh"), true), 0o755);
+        assert_eq!(mode_for(Path::new("backup"), true), 0o700);
+        assert_eq!(mode_for(Path::new("backup/password"), false), 0o600);
+        assert_eq!(mode_for(Path::new("hostname"), false), 0o600);
+
+        let err = |d: &Path| Provision::load(d).unwrap_err().to_string();
+        fs::write(d.join("notes.txt"), "x").unwrap();
+        assert_eq!(err(d), format!("{}: unknown provisioning entry (known: ssh/authorized_keys/<user>, backup/, wifi/, hostname)", d.join("notes.txt").display()));
+        fs::remove_file(d.join("notes.txt")).unwrap();
+        fs::write(d.join("hostname"), "bad_name\n").unwrap();
+        assert!(err(d).starts_with(&format!("{}: \"bad_name\" is not a valid hostname", d.join("hostname").display())), "{}", err(d));
+        fs::write(d.join("hostname"), "ok\n").unwrap();
+        fs::write(d.join("ssh/authorized_keys/Bob"), KEY).unwrap();
+        assert!(err(d).contains("\"Bob\" is not a valid user name"), "{}", err(d));
+        fs::remove_file(d.join("ssh/authorized_keys/Bob")).unwrap();
+        fs::write(d.join("ssh/authorized_keys/bob"), "ssh-ed25519\n").unwrap();
+        assert_eq!(err(d), format!("{}:1: the ssh-ed25519 key is not valid base64", d.join("ssh/authorized_keys/bob").display()));
+        fs::remove_file(d.join("ssh/authorized_keys/bob")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", d.join("backup/env")).unwrap();
+        assert!(err(d).ends_with("backup/env: a symbolic link; provisioning takes regular files only (copy the file itself)"), "{}", err(d));
+    }
+}
