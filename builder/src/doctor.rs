@@ -35,11 +35,17 @@ pub const TOOLS: &[Tool] = &[
     Tool { name: "qemu-system-aarch64", probe: "qemu-system-aarch64", package: "qemu-system-arm", backports_on_bookworm: true, used_for: "kiln boot of arm64 (Raspberry Pi) images" },
     Tool { name: "qemu-aarch64 binfmt", probe: "/usr/lib/binfmt.d/qemu-aarch64.conf", package: "qemu-user-binfmt", backports_on_bookworm: true, used_for: "arm64 builds on an x86-64 host (maintainer scripts)" },
     Tool { name: "qemu-aarch64", probe: "/usr/libexec/qemu-binfmt/aarch64-binfmt-P", package: "qemu-user", backports_on_bookworm: true, used_for: "arm64 builds on an x86-64 host (maintainer scripts)" },
-    Tool { name: "mkfs.ext4", probe: "mkfs.ext4", package: "e2fsprogs", backports_on_bookworm: false, used_for: "kiln flash --provision (the data partition)" },
     Tool { name: "zstd", probe: "zstd", package: "zstd", backports_on_bookworm: false, used_for: "zstd-compressed kernel modules for kiln's initramfs" },
     Tool { name: "cpio", probe: "cpio", package: "cpio", backports_on_bookworm: false, used_for: "checking initramfs archives (tests)" },
     Tool { name: "openssl", probe: "openssl", package: "openssl", backports_on_bookworm: false, used_for: "CA certificate hashes for arm64 images" },
 ];
+
+/// The tools `kiln build` needs for an image of `arch` (the rest serve boot, flash and tests).
+pub fn build_tools(arch: crate::image::Arch) -> impl Iterator<Item = &'static Tool> {
+    const NOT_FOR_BUILD: &[&str] = &["qemu-system-x86_64", "qemu-system-aarch64", "OVMF", "sfdisk", "bmaptool", "debugfs", "mkfs.ext4", "cpio", "qemu-img"];
+    let foreign = !arch.is_host();
+    TOOLS.iter().filter(move |t| !NOT_FOR_BUILD.contains(&t.name) && (foreign || !t.name.starts_with("qemu-aarch64")))
+}
 
 pub fn package_for_program(program: &str) -> Option<&'static str> {
     let base = program.rsplit('/').next().unwrap_or(program);

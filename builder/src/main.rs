@@ -247,7 +247,7 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 (resolve(&target)?, None)
             };
-            let missing: Vec<_> = doctor::TOOLS.iter().filter(|t| t.name != "qemu-system-x86_64" && t.name != "OVMF" && !doctor::is_present(t)).collect();
+            let missing: Vec<_> = doctor::build_tools(plan.arch).filter(|t| !doctor::is_present(t)).collect();
             if !missing.is_empty() {
                 let names: Vec<String> = missing.iter().map(|t| format!("{} ({})", t.name, t.package)).collect();
                 bail!("missing host tools: {}; run `kiln doctor --install`", names.join(", "));

@@ -19,6 +19,8 @@ const ENABLED_UNITS: &[&str] = &[
     "kiln-ssh-hostkey.service",
     "kiln-health.service",
     "kiln-var-base.service",
+    "kiln-grow-data.service",
+    "kiln-provision.service",
 ];
 
 pub fn customize(ctx: &Context) -> Result<()> {
@@ -29,6 +31,10 @@ pub fn customize(ctx: &Context) -> Result<()> {
     let mut tctx = tera::Context::from_serialize(plan).context("plan as template context")?;
     tctx.insert("data_uuid", &plan.partition(Role::Data, None).uuid);
     let uuid_of = |role| plan.disk.partitions.iter().find(|p| p.role == role).map(|p| p.uuid.clone()).unwrap_or_default();
+    let data_dev = systemd_escape_path(&format!("/dev/disk/by-partuuid/{}", plan.partition(Role::Data, None).uuid));
+    tctx.insert("data_device_unit", &format!("{data_dev}.device"));
+    tctx.insert("data_makefs_unit", &format!("systemd-makefs@{data_dev}.service"));
+    tctx.insert("data_fsck_unit", &format!("systemd-fsck@{data_dev}.service"));
     tctx.insert("esp_uuid", &uuid_of(Role::Esp));
     tctx.insert("autoboot_uuid", &uuid_of(Role::Autoboot));
 
@@ -51,6 +57,9 @@ pub fn customize(ctx: &Context) -> Result<()> {
     write_file(&tree.join("usr/lib/systemd/system/kiln-health.service"), t.render("rootfs/kiln-health.service", &tctx)?.as_bytes(), 0o644)?;
     write_file(&tree.join("usr/lib/systemd/system/kiln-var-base.service"), t.render("rootfs/kiln-var-base.service", &tctx)?.as_bytes(), 0o644)?;
     write_file(&tree.join("usr/lib/kiln/health-check"), t.render("rootfs/health-check.tera", &tctx)?.as_bytes(), 0o755)?;
+    write_file(&tree.join("usr/lib/systemd/system/kiln-grow-data.service"), t.render("rootfs/kiln-grow-data.service.tera", &tctx)?.as_bytes(), 0o644)?;
+    write_file(&tree.join("usr/lib/kiln/grow-data"), t.render("rootfs/grow-data", &tctx)?.as_bytes(), 0o755)?;
+    write_file(&tree.join("usr/lib/systemd/system/kiln-provision.service"), t.render("rootfs/kiln-provision.service", &tctx)?.as_bytes(), 0o644)?;
     symlink_force("../run/systemd/resolve/stub-resolv.conf", &tree.join("etc/resolv.conf"))?;
 
     // Users: SSH keys only; root stays locked.
@@ -76,6 +85,27 @@ pub fn customize(ctx: &Context) -> Result<()> {
     }
     progress.finish(&format!("{} users, hostname {}", plan.users.len(), plan.hostname));
     Ok(())
+}
+
+/// `systemd-escape --path`: the unit name of a path (`/dev/disk/by-partuuid/ab-1` ->
+/// `dev-disk-by\x2dpartuuid-ab\x2d1`).
+pub fn systemd_escape_path(path: &str) -> String {
+    let trimmed = path.trim_matches('/');
+    let mut out = String::new();
+    for (i, c) in trimmed.chars().enumerate() {
+        match c {
+            '/' => out.push('-'),
+            '.' if i == 0 => out.push_str("\\x2e"),
+            c if c.is_ascii_alphanumeric() || c == ':' || c == '_' || c == '.' => out.push(c),
+            c => {
+                let mut buf = [0u8; 4];
+                for b in c.encode_utf8(&mut buf).bytes() {
+                    out.push_str(&format!("\\x{b:02x}"));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Writes a file (creating parent directories) with the given mode.
@@ -294,4 +324,16 @@ fn remove_pycache(dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn escapes_like_systemd_escape() {
+        assert_eq!(super::systemd_escape_path("/dev/disk/by-partuuid/d6873725-07"), "dev-disk-by\\x2dpartuuid-d6873725\\x2d07");
+        let host = crate::exec::Cmd::new("systemd-escape").args(["--path", "/dev/disk/by-partuuid/0a1b-c.d"]).read();
+        if let Ok(h) = host {
+            assert_eq!(super::systemd_escape_path("/dev/disk/by-partuuid/0a1b-c.d"), h.trim());
+        }
+    }
 }
