@@ -40,7 +40,8 @@ fn rpi4_image_builds_and_boots_in_qemu() {
     let build = Command::new(kiln_bin()).args(["build", "--profile", "profiles/pi.toml", "--image", "rpi4", "--out"]).arg(&out).current_dir(&work).output().unwrap();
     assert!(build.status.success(), "kiln build --image rpi4 failed:\n{}", text(&build.stderr));
     let secs = t.elapsed().as_secs_f64();
-    let stages: Vec<String> = text(&build.stderr).lines().filter(|l| l.contains(" done ") || l.contains("s)")).map(|l| l.trim().to_string()).collect();
+    // The per-stage summary lines ("    bootstrap   512.3s  kernel ...").
+    let stages: Vec<String> = text(&build.stderr).lines().filter(|l| l.starts_with("    ") && !l.trim_start().starts_with("==>")).map(|l| l.trim().to_string()).collect();
     println!("kiln-it: built pi-rpi4 (arm64, cold) in {secs:.1}s");
     for s in stages.iter().take(12) {
         println!("kiln-it:   {s}");
@@ -94,9 +95,6 @@ fn rpi4_image_builds_and_boots_in_qemu() {
     let boot_out = text(&boot.stdout);
     assert!(boot.status.success(), "boot check of the rpi4 image failed:\n{boot_out}\n{}", text(&boot.stderr));
     assert!(boot_out.contains("KILN-READY"), "{boot_out}");
-    let log = std::fs::read_to_string(dir.join("boot-console.log")).unwrap();
-    let verified = log.lines().find(|l| l.contains("kiln-initramfs: verified root")).unwrap_or("(no initramfs line)");
     println!("kiln-it: raspi3b boot: {} ({:.1}s wall)", boot_out.lines().next().unwrap_or_default().trim(), t.elapsed().as_secs_f64());
-    println!("kiln-it: {}", verified.trim());
     println!("kiln-it: the health check saw the data partition grown past its 512 MiB in the image");
 }
