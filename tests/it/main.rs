@@ -1,5 +1,7 @@
 //! kiln's integration tests: one binary, testing behaviour through the `kiln` command line.
 //!
+//! `arm64`: the Raspberry Pi 4 image built on this x86-64 host and booted on QEMU's raspi3b
+//! (named so that it sorts first: it is the longest test and should start at once).
 //! `golden`: profile errors against expected output (re-bless with KILN_BLESS=1).
 //! `cli`: plan and inspect behaviour that needs no build.
 //! `flash`: `kiln flash` against loop devices: writing, verifying, refusing the wrong device,
@@ -9,13 +11,14 @@
 //! `initramfs`: the initramfs built natively from a target tree, booted under QEMU (healthy,
 //! flipped byte, wrong root hash).
 
+mod arm64;
 mod cli;
 mod flash;
 mod golden;
 mod image;
 mod initramfs;
 mod repro;
-mod rpi;
+
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
