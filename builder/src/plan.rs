@@ -20,7 +20,6 @@ pub const REQUIRED_PACKAGES: &[&str] = &[
     "zstd",
     "cryptsetup-bin", // veritysetup, copied into the initramfs
     "e2fsprogs",      // the data partition is formatted at first boot
-    "fdisk",          // sfdisk: the data partition grows to the end of the disk at first boot
     "iproute2",
 ];
 

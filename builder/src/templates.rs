@@ -19,8 +19,6 @@ pub const FILES: &[(&str, &str)] = templates![
     "rootfs/dhcp.network",
     "rootfs/kiln-health.service",
     "rootfs/kiln-var-base.service",
-    "rootfs/kiln-grow-data.service.tera",
-    "rootfs/grow-data",
     "rootfs/kiln-provision.service",
     "rootfs/health-check.tera",
     "esp/loader.conf",

@@ -19,7 +19,6 @@ const ENABLED_UNITS: &[&str] = &[
     "kiln-ssh-hostkey.service",
     "kiln-health.service",
     "kiln-var-base.service",
-    "kiln-grow-data.service",
     "kiln-provision.service",
 ];
 
@@ -31,10 +30,6 @@ pub fn customize(ctx: &Context) -> Result<()> {
     let mut tctx = tera::Context::from_serialize(plan).context("plan as template context")?;
     tctx.insert("data_uuid", &plan.partition(Role::Data, None).uuid);
     let uuid_of = |role| plan.disk.partitions.iter().find(|p| p.role == role).map(|p| p.uuid.clone()).unwrap_or_default();
-    let data_dev = systemd_escape_path(&format!("/dev/disk/by-partuuid/{}", plan.partition(Role::Data, None).uuid));
-    tctx.insert("data_device_unit", &format!("{data_dev}.device"));
-    tctx.insert("data_makefs_unit", &format!("systemd-makefs@{data_dev}.service"));
-    tctx.insert("data_fsck_unit", &format!("systemd-fsck@{data_dev}.service"));
     tctx.insert("esp_uuid", &uuid_of(Role::Esp));
     tctx.insert("autoboot_uuid", &uuid_of(Role::Autoboot));
 
@@ -57,8 +52,6 @@ pub fn customize(ctx: &Context) -> Result<()> {
     write_file(&tree.join("usr/lib/systemd/system/kiln-health.service"), t.render("rootfs/kiln-health.service", &tctx)?.as_bytes(), 0o644)?;
     write_file(&tree.join("usr/lib/systemd/system/kiln-var-base.service"), t.render("rootfs/kiln-var-base.service", &tctx)?.as_bytes(), 0o644)?;
     write_file(&tree.join("usr/lib/kiln/health-check"), t.render("rootfs/health-check.tera", &tctx)?.as_bytes(), 0o755)?;
-    write_file(&tree.join("usr/lib/systemd/system/kiln-grow-data.service"), t.render("rootfs/kiln-grow-data.service.tera", &tctx)?.as_bytes(), 0o644)?;
-    write_file(&tree.join("usr/lib/kiln/grow-data"), t.render("rootfs/grow-data", &tctx)?.as_bytes(), 0o755)?;
     write_file(&tree.join("usr/lib/systemd/system/kiln-provision.service"), t.render("rootfs/kiln-provision.service", &tctx)?.as_bytes(), 0o644)?;
     symlink_force("../run/systemd/resolve/stub-resolv.conf", &tree.join("etc/resolv.conf"))?;
 
