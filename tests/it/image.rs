@@ -1,9 +1,7 @@
 //! The real build and boot: mmdebstrap, EROFS + dm-verity, UKI, GPT, and QEMU under OVMF.
 //! Slow (a few minutes); it prints what it measured so the CI log shows it ran.
 
-use crate::{kiln, kiln_bin, repo_root, text};
-use std::io::{Seek, SeekFrom, Write};
-use std::path::Path;
+use crate::{flip_byte, kiln, kiln_bin, repo_root, text};
 use std::process::Command;
 use std::time::Instant;
 
@@ -122,14 +120,4 @@ fn minimal_image_builds_verifies_and_boots() {
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn flip_byte(path: &Path, at: u64) {
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
-    let mut b = [0u8; 1];
-    f.seek(SeekFrom::Start(at)).unwrap();
-    std::io::Read::read_exact(&mut f, &mut b).unwrap();
-    b[0] ^= 0xff;
-    f.seek(SeekFrom::Start(at)).unwrap();
-    f.write_all(&b).unwrap();
 }

@@ -11,7 +11,7 @@
 //! virt` (its bootstrap runs under qemu-user and takes ~10 min; `scripts/try-initramfs`), and
 //! `KILN_IT_INITRAMFS_TREE=DIR` uses an existing tree of that architecture (only read).
 
-use crate::repo_root;
+use crate::{flip_byte, repo_root};
 use kiln::exec::Cmd;
 use kiln::gpt::{GptPartition, GptTable, SECTOR};
 use kiln::units::Uuid;
@@ -341,14 +341,4 @@ fn plain_text(line: &str) -> String {
         }
     }
     out
-}
-
-fn flip_byte(path: &Path, at: u64) {
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
-    let mut b = [0u8; 1];
-    f.seek(SeekFrom::Start(at)).unwrap();
-    std::io::Read::read_exact(&mut f, &mut b).unwrap();
-    b[0] ^= 0xff;
-    f.seek(SeekFrom::Start(at)).unwrap();
-    f.write_all(&b).unwrap();
 }

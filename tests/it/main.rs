@@ -39,3 +39,14 @@ pub fn kiln(cwd: &Path, args: &[&str]) -> Output {
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
+
+/// Inverts one byte of a file in place (to corrupt a root image on purpose).
+pub fn flip_byte(path: &Path, at: u64) {
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8; 1];
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(at)).unwrap();
+    std::io::Read::read_exact(&mut f, &mut b).unwrap();
+    b[0] ^= 0xff;
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(at)).unwrap();
+    std::io::Write::write_all(&mut f, &b).unwrap();
+}
