@@ -259,3 +259,57 @@ mod tests {
         assert_eq!(join_url("http://10.0.2.100/ch/stable.json", "artifacts/ab"), "http://10.0.2.100/ch/artifacts/ab");
     }
 }
+
+/// What the builder bakes into every image as `/usr/lib/kiln/device.json` (see `DEVICE_CONFIG`)
+/// and the agent reads: which image this is, how its disk is laid out, and where updates come from.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    pub profile: String,
+    pub image: String,
+    pub arch: String,
+    pub version: Version,
+    /// "systemd-boot" (UEFI: UKIs with boot counting) or "rpi-firmware" (autoboot.txt + tryboot).
+    pub bootloader: String,
+    /// "gpt" or "mbr".
+    pub partition_table: String,
+    pub partitions: Vec<DevicePartition>,
+    /// Seconds the health check may take before the boot counts as failed.
+    pub health_timeout: u32,
+    /// None: the profile has no `[update]`; the agent only reports status.
+    pub update: Option<UpdateConfig>,
+}
+
+pub const DEVICE_CONFIG: &str = "/usr/lib/kiln/device.json";
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DevicePartition {
+    pub name: String,
+    /// Linux partition number (`/dev/sda<number>`, `/dev/mmcblk0p<number>`).
+    pub number: u32,
+    /// "esp", "autoboot", "boot", "root", "data".
+    pub role: String,
+    /// "a" or "b" for slotted partitions.
+    pub slot: Option<String>,
+    pub size: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateConfig {
+    /// The Atom feed people subscribe to; the agent reads `metadata` next to it.
+    pub feed: String,
+    /// The signed metadata document (default: the feed URL with `.json` for `.atom`/`.rss`).
+    pub metadata: String,
+    pub channel: String,
+    /// ed25519 public keys (hex) any of which may sign the metadata.
+    pub public_keys: Vec<String>,
+    /// Local time window "HH:MM-HH:MM" in which installs may start (None: any time).
+    pub window: Option<String>,
+    /// Seconds between checks, and the random delay added to each.
+    pub interval_secs: u64,
+    pub jitter_secs: u64,
+    /// Boots a new version gets to become healthy before the old one boots again (UEFI).
+    pub tries: u32,
+}
