@@ -10,7 +10,7 @@ pub mod debian;
 pub mod doctor;
 pub mod exec;
 pub mod flash;
-pub mod gpt;
+pub use kiln_disk::gpt;
 pub mod image;
 pub mod initramfs;
 pub mod inspect;

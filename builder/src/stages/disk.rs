@@ -30,7 +30,7 @@ pub fn gpt_table(ctx: &Context, root: &RootImage) -> Result<GptTable> {
             Role::Data => gpt::TYPE_LINUX_DATA,
         };
         let guid = if p.role == Role::Root && p.slot == Some(Slot::A) {
-            Uuid::from_root_hash(&root_hash)
+            Uuid::from_root_hash(&root_hash.0)
         } else {
             Uuid::parse(&p.uuid).context("plan uuid")?
         };

@@ -1,7 +1,7 @@
 //! A GUID partition table written by code: protective MBR, primary and backup headers and
 //! entry arrays, with every GUID given by the caller so that two builds are bit-identical.
 
-use crate::units::Uuid;
+use crate::Uuid;
 use std::io::{Read, Seek, SeekFrom, Write};
 
 pub const SECTOR: u64 = 512;
