@@ -1,0 +1,150 @@
+//! The running device as the agent sees it: its configuration (device.json), the slot it
+//! booted, its boot medium, and the commands that act on them (boot, commit, rollback).
+
+use crate::boot::{self, Medium};
+use crate::state::{Slot, State};
+use crate::system::{self, BlockPartition, Host};
+use anyhow::{bail, Context as _, Result};
+use kiln_feed::{DeviceConfig, Timestamp, Version};
+use std::path::{Path, PathBuf};
+
+pub struct Agent {
+    pub config: DeviceConfig,
+    pub host: Host,
+    pub medium: Medium,
+    pub state_dir: PathBuf,
+    /// This image's version (the running slot's).
+    pub running: Version,
+    /// The partition the verified root came from.
+    pub root: BlockPartition,
+    pub slot: Slot,
+}
+
+impl Agent {
+    pub fn open(config_path: &Path, state_dir: &Path) -> Result<Agent> {
+        let text = std::fs::read(config_path).with_context(|| format!("reading {}", config_path.display()))?;
+        let config: DeviceConfig = serde_json::from_slice(&text).with_context(|| format!("reading {}", config_path.display()))?;
+        let host = Host::default();
+        let root = host.booted_root()?;
+        let slot = config
+            .partitions
+            .iter()
+            .find(|p| p.role == "root" && p.number == root.number)
+            .and_then(|p| p.slot.as_deref().and_then(Slot::parse))
+            .with_context(|| format!("the verified root is on {} (partition {}), which {} does not list as a root slot", root.name, root.number, config_path.display()))?;
+        let medium = Medium::for_device(&config)?;
+        Ok(Agent { running: config.version.clone(), config, host, medium, state_dir: state_dir.into(), root, slot })
+    }
+
+    pub fn load_state(&self) -> Result<State> {
+        State::load(&self.state_dir)
+    }
+
+    pub fn partition_device(&self, role: &str, slot: Slot) -> Result<PathBuf> {
+        let n = boot::partition_number(&self.config, role, slot)?;
+        self.host.partition_device(&self.root.disk, n)
+    }
+
+    /// At every boot: reconcile the record with what booted, clean up after a fallback, and
+    /// say on the console what is running.
+    pub fn boot(&self) -> Result<()> {
+        let mut state = self.load_state()?;
+        let booted = self.medium.booted(&self.host, &self.config, self.slot, &self.running)?;
+        let other_version = state.slot(!self.slot).version.clone();
+        if let Some(note) = state.observe_boot(&booted, Timestamp::now()) {
+            println!("kiln-agent: {note}");
+            if let Some(v) = other_version {
+                self.medium.reject(&v)?;
+            }
+            state.last_error = Some(note);
+        }
+        state.write(&self.state_dir)?;
+        let how = if booted.trial { "trial, waiting for the health check" } else { "committed" };
+        println!("kiln-agent: booted {} from slot {} ({how})", self.running, self.slot);
+        Ok(())
+    }
+
+    /// After boot-complete.target (the health check passed): a trial becomes committed.
+    pub fn commit(&self) -> Result<()> {
+        let mut state = self.load_state()?;
+        let booted = self.medium.booted(&self.host, &self.config, self.slot, &self.running)?;
+        state.observe_boot(&booted, Timestamp::now());
+        if booted.trial {
+            self.medium.commit(&self.config, self.slot, &self.running)?;
+        }
+        let version = state.commit(self.slot)?;
+        state.last_result = Some(format!("committed {version} in slot {}", self.slot));
+        state.write(&self.state_dir)?;
+        if booted.trial {
+            let previous = state.previous_version.as_ref().map(|v| format!("; {v} stays in slot {} as the fallback", !self.slot)).unwrap_or_default();
+            println!("kiln-agent: committed {version} in slot {}{previous}", self.slot);
+        } else {
+            println!("kiln-agent: {version} in slot {} is committed", self.slot);
+        }
+        Ok(())
+    }
+
+    /// The health check failed. A trial boot is abandoned and the device goes back to the
+    /// committed slot; a committed slot only records the failure (there is nothing better to
+    /// go back to automatically).
+    pub fn rollback(&self, reboot: bool) -> Result<()> {
+        let mut state = self.load_state()?;
+        let booted = self.medium.booted(&self.host, &self.config, self.slot, &self.running)?;
+        state.observe_boot(&booted, Timestamp::now());
+        if !booted.trial {
+            state.last_error = Some(format!("health check failed on the committed {} (slot {})", self.running, self.slot));
+            state.write(&self.state_dir)?;
+            println!("kiln-agent: health check failed on the committed {}; no rollback (nothing newer is on trial)", self.running);
+            return Ok(());
+        }
+        let version = state.fail_trial(self.slot, "health check failed", Timestamp::now())?;
+        let back = state.slot(!self.slot).version.clone();
+        state.last_error = Some(format!("{version} failed its health check in slot {}; rolled back", self.slot));
+        state.write(&self.state_dir)?;
+        self.medium.reject(&version)?;
+        let back = back.map(|v| v.to_string()).unwrap_or_else(|| "the committed version".into());
+        println!("kiln-agent: {version} failed its health check; rolling back to {back} in slot {}", !self.slot);
+        if reboot {
+            system::reboot(false)?;
+        }
+        Ok(())
+    }
+
+    /// UEFI: the root slot's PARTUUID becomes the first 128 bits of its root hash, which is how
+    /// the new UKI's initramfs finds it.
+    pub fn set_root_partuuid(&self, slot: Slot, root_hash: &str) -> Result<()> {
+        use kiln_disk::gpt::{GptTable, SECTOR};
+        let hash: [u8; 32] = hex::decode(root_hash).ok().and_then(|v| v.try_into().ok()).with_context(|| format!("root hash {root_hash:?} is not 64 hex digits"))?;
+        let name = self
+            .config
+            .partitions
+            .iter()
+            .find(|p| p.role == "root" && p.slot.as_deref() == Some(&slot.to_string()))
+            .map(|p| p.name.clone())
+            .with_context(|| format!("no root partition for slot {slot}"))?;
+        let disk = self.host.disk_device(&self.root.disk);
+        let size = system::device_size(&disk)?;
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&disk).with_context(|| format!("opening {}", disk.display()))?;
+        let mut table = GptTable::read(&mut f, size / SECTOR).with_context(|| format!("reading the GPT of {}", disk.display()))?;
+        let Some(p) = table.partitions.iter_mut().find(|p| p.name == name) else {
+            bail!("{} has no GPT partition named {name:?}", disk.display());
+        };
+        p.guid = kiln_disk::Uuid::from_root_hash(&hash);
+        table.write(&mut f).with_context(|| format!("writing the GPT of {}", disk.display()))?;
+        f.sync_all().with_context(|| format!("syncing {}", disk.display()))?;
+        Ok(())
+    }
+
+    /// Pi: after boot slot `slot` got the new boot partition image, its cmdline.txt must name
+    /// root slot `slot` on this disk.
+    pub fn point_boot_slot_at_root(&self, slot: Slot, boot_dev: &Path) -> Result<()> {
+        let mnt = PathBuf::from(format!("/run/kiln-agent/boot-{slot}"));
+        std::fs::create_dir_all(&mnt).with_context(|| format!("creating {}", mnt.display()))?;
+        let dev = boot_dev.to_string_lossy().to_string();
+        system::run("mount", &["-t", "vfat", &dev, &mnt.to_string_lossy()])?;
+        let root_number = boot::partition_number(&self.config, "root", slot)?;
+        let result = crate::update::retarget(&mnt.join("cmdline.txt"), &self.host.kernel_cmdline()?, root_number);
+        system::run("umount", &[&mnt.to_string_lossy()])?;
+        result
+    }
+}

@@ -1,0 +1,304 @@
+//! The boot medium: what decides which slot the firmware starts, and how the agent changes it.
+//!
+//! - **UEFI (systemd-boot):** every slot's root has its own UKI on the ESP,
+//!   `EFI/Linux/kiln-<version>.efi`, whose command line carries the root hash (the root slot is
+//!   found by the PARTUUID derived from it). A new version goes in as
+//!   `kiln-<version>+<tries>.efi`: systemd-boot boots the newest entry, counts a try down on
+//!   every start (`+2-1`, ...) and sorts an entry without tries left below the others, so the
+//!   committed version boots again. Committing renames the file to drop the counter (what
+//!   systemd-bless-boot does too); rolling back deletes it.
+//! - **Raspberry Pi (firmware tryboot):** `autoboot.txt` names the normal boot partition under
+//!   `[all]` and the other under `[tryboot]`; a new version is started once with
+//!   `reboot "0 tryboot"`, and any reset or power cut returns to the normal one. Committing
+//!   rewrites autoboot.txt with the two swapped. Each boot slot's `cmdline.txt` names its root
+//!   partition (`kiln.root=PARTUUID=<disk id>-<nn>`).
+
+use crate::state::{Booted, Slot};
+use crate::system::{self, Host};
+use anyhow::{bail, Context as _, Result};
+use kiln_feed::{DeviceConfig, Version};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+const AUTOBOOT_TEMPLATE: &str = include_str!("../../firmware/autoboot.txt.tera");
+
+#[derive(Debug, Clone)]
+pub enum Medium {
+    Uefi { esp: PathBuf },
+    Rpi { autoboot: PathBuf },
+}
+
+/// A UKI file name `kiln-<version>[+<left>[-<done>]].efi`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UkiName {
+    pub version: String,
+    /// Tries left, when the entry is still being counted (not blessed).
+    pub tries_left: Option<u32>,
+}
+
+impl UkiName {
+    pub fn parse(file: &str) -> Option<UkiName> {
+        let stem = file.strip_prefix("kiln-")?.strip_suffix(".efi")?;
+        match stem.split_once('+') {
+            None => Some(UkiName { version: stem.into(), tries_left: None }),
+            Some((v, counter)) => {
+                let left = counter.split('-').next()?.parse().ok()?;
+                Some(UkiName { version: v.into(), tries_left: Some(left) })
+            }
+        }
+    }
+}
+
+/// Renders autoboot.txt from the same template the builder uses.
+pub fn autoboot_txt(normal_partition: u32, tryboot_partition: u32) -> String {
+    AUTOBOOT_TEMPLATE.replace("{{ default_partition }}", &normal_partition.to_string()).replace("{{ tryboot_partition }}", &tryboot_partition.to_string())
+}
+
+/// `[all]`'s and `[tryboot]`'s boot_partition from autoboot.txt.
+pub fn parse_autoboot(text: &str) -> Result<(u32, u32)> {
+    let (mut section, mut normal, mut tryboot) = ("all".to_string(), None, None);
+    for line in text.lines().map(str::trim) {
+        if let Some(s) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = s.to_string();
+        } else if let Some(n) = line.strip_prefix("boot_partition=") {
+            let n: u32 = n.trim().parse().with_context(|| format!("autoboot.txt: boot_partition={n} is not a number"))?;
+            match section.as_str() {
+                "all" => normal = Some(n),
+                "tryboot" => tryboot = Some(n),
+                _ => {}
+            }
+        }
+    }
+    match (normal, tryboot) {
+        (Some(n), Some(t)) => Ok((n, t)),
+        _ => bail!("autoboot.txt has no boot_partition under both [all] and [tryboot]"),
+    }
+}
+
+/// Writes a file on a FAT file system as safely as FAT allows: a temporary file, fsync,
+/// rename over the old one, fsync of the directory.
+pub fn replace_file(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().context("file without a directory")?;
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().unwrap_or_default().to_string_lossy()));
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(data).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
+    drop(f);
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))?;
+    Ok(())
+}
+
+impl Medium {
+    pub fn for_device(config: &DeviceConfig) -> Result<Medium> {
+        match config.bootloader.as_str() {
+            "systemd-boot" => Ok(Medium::Uefi { esp: PathBuf::from("/efi") }),
+            "rpi-firmware" => Ok(Medium::Rpi { autoboot: PathBuf::from("/boot/autoboot") }),
+            other => bail!("{}: unknown bootloader {other:?}", kiln_feed::DEVICE_CONFIG),
+        }
+    }
+
+    fn uki_dir(esp: &Path) -> PathBuf {
+        esp.join("EFI/Linux")
+    }
+
+    /// The kiln UKIs on the ESP: (file name, parsed name).
+    pub fn ukis(esp: &Path) -> Result<Vec<(String, UkiName)>> {
+        let dir = Self::uki_dir(esp);
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&dir).with_context(|| format!("reading {} (is the ESP mounted on {}?)", dir.display(), esp.display()))? {
+            let name = e.with_context(|| format!("reading {}", dir.display()))?.file_name().to_string_lossy().to_string();
+            if let Some(u) = UkiName::parse(&name) {
+                out.push((name, u));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// How this boot came about: `slot` is the root slot that booted, `version` this image's.
+    pub fn booted(&self, host: &Host, config: &DeviceConfig, slot: Slot, version: &Version) -> Result<Booted> {
+        let trial = match self {
+            Medium::Uefi { esp } => {
+                let mine: Vec<_> = Self::ukis(esp)?.into_iter().filter(|(_, u)| u.version == version.as_str()).collect();
+                // Counted and not blessed: a trial. (A blessed copy next to it would win.)
+                !mine.is_empty() && mine.iter().all(|(_, u)| u.tries_left.is_some())
+            }
+            Medium::Rpi { autoboot } => {
+                let text = std::fs::read_to_string(autoboot.join("autoboot.txt")).with_context(|| format!("reading {}/autoboot.txt", autoboot.display()))?;
+                let (normal, _) = parse_autoboot(&text)?;
+                let booted_part = host.rpi_boot_partition().unwrap_or(boot_partition(config, slot)?);
+                booted_part != normal
+            }
+        };
+        Ok(Booted { slot, version: version.clone(), trial })
+    }
+
+    /// Before the other slot is overwritten: nothing may still boot it. Removes every UKI but
+    /// the running version's (UEFI); makes sure the Pi's normal slot is the running one.
+    pub fn retire_other(&self, config: &DeviceConfig, running: Slot, running_version: &Version) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        match self {
+            Medium::Uefi { esp } => {
+                for (file, u) in Self::ukis(esp)? {
+                    if u.version != running_version.as_str() {
+                        let p = Self::uki_dir(esp).join(&file);
+                        std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+                        removed.push(file);
+                    }
+                }
+                std::fs::File::open(Self::uki_dir(esp)).and_then(|d| d.sync_all()).ok();
+            }
+            Medium::Rpi { autoboot } => {
+                let want = autoboot_txt(boot_partition(config, running)?, boot_partition(config, !running)?);
+                let path = autoboot.join("autoboot.txt");
+                let have = std::fs::read_to_string(&path).unwrap_or_default();
+                if parse_autoboot(&have).ok() != parse_autoboot(&want).ok() {
+                    replace_file(&path, want.as_bytes())?;
+                    removed.push("autoboot.txt pointed elsewhere; rewritten".into());
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Puts the new UKI in place with `tries` boots to prove itself (UEFI).
+    pub fn add_trial_uki(esp: &Path, version: &Version, tries: u32, uki: &Path) -> Result<String> {
+        let dir = Self::uki_dir(esp);
+        let name = format!("kiln-{version}+{tries}.efi");
+        let data = std::fs::read(uki).with_context(|| format!("reading {}", uki.display()))?;
+        replace_file(&dir.join(&name), &data)?;
+        Ok(name)
+    }
+
+    /// The running trial boot is healthy: make it the one that boots from now on.
+    pub fn commit(&self, config: &DeviceConfig, booted: Slot, version: &Version) -> Result<()> {
+        match self {
+            Medium::Uefi { esp } => {
+                let dir = Self::uki_dir(esp);
+                let blessed = dir.join(format!("kiln-{version}.efi"));
+                for (file, u) in Self::ukis(esp)? {
+                    if u.version == version.as_str() && u.tries_left.is_some() {
+                        if blessed.exists() {
+                            std::fs::remove_file(dir.join(&file)).with_context(|| format!("removing {file}"))?;
+                        } else {
+                            std::fs::rename(dir.join(&file), &blessed).with_context(|| format!("renaming {file} to {}", blessed.display()))?;
+                        }
+                    }
+                }
+                std::fs::File::open(&dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))?;
+            }
+            Medium::Rpi { autoboot } => {
+                let text = autoboot_txt(boot_partition(config, booted)?, boot_partition(config, !booted)?);
+                replace_file(&autoboot.join("autoboot.txt"), text.as_bytes())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The running trial failed: make sure it cannot boot again (UEFI: delete its UKI; the
+    /// Pi's tryboot is one-shot, nothing to undo).
+    pub fn reject(&self, version: &Version) -> Result<()> {
+        if let Medium::Uefi { esp } = self {
+            for (file, u) in Self::ukis(esp)? {
+                if u.version == version.as_str() {
+                    let p = Self::uki_dir(esp).join(&file);
+                    std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+                }
+            }
+            std::fs::File::open(Self::uki_dir(esp)).and_then(|d| d.sync_all()).ok();
+        }
+        Ok(())
+    }
+
+    pub fn reboot_into_trial(&self) -> Result<()> {
+        system::reboot(matches!(self, Medium::Rpi { .. }))
+    }
+}
+
+/// The partition number of a slot's partition with `role`, from device.json.
+pub fn partition_number(config: &DeviceConfig, role: &str, slot: Slot) -> Result<u32> {
+    config
+        .partitions
+        .iter()
+        .find(|p| p.role == role && p.slot.as_deref() == Some(&slot.to_string()))
+        .map(|p| p.number)
+        .with_context(|| format!("{}: no {role} partition for slot {slot}", kiln_feed::DEVICE_CONFIG))
+}
+
+pub fn boot_partition(config: &DeviceConfig, slot: Slot) -> Result<u32> {
+    partition_number(config, "boot", slot)
+}
+
+/// Points a Pi boot slot's cmdline.txt at a root partition: replaces `kiln.root=...`.
+pub fn retarget_cmdline(cmdline: &str, root_partuuid: &str) -> Result<String> {
+    let mut found = false;
+    let words: Vec<String> = cmdline
+        .split_whitespace()
+        .map(|w| {
+            if w.starts_with("kiln.root=") {
+                found = true;
+                format!("kiln.root=PARTUUID={root_partuuid}")
+            } else {
+                w.to_string()
+            }
+        })
+        .collect();
+    if !found {
+        bail!("cmdline.txt has no kiln.root= to point at the new root partition");
+    }
+    Ok(words.join(" ") + "\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uki_names() {
+        assert_eq!(UkiName::parse("kiln-0.2.0.efi"), Some(UkiName { version: "0.2.0".into(), tries_left: None }));
+        assert_eq!(UkiName::parse("kiln-0.2.0+3.efi"), Some(UkiName { version: "0.2.0".into(), tries_left: Some(3) }));
+        assert_eq!(UkiName::parse("kiln-0.2.0+0-3.efi"), Some(UkiName { version: "0.2.0".into(), tries_left: Some(0) }));
+        assert_eq!(UkiName::parse(".kiln-0.2.0.efi.tmp"), None);
+        assert_eq!(UkiName::parse("other.efi"), None);
+    }
+
+    #[test]
+    fn autoboot_matches_the_builders_template_and_parses() {
+        let t = autoboot_txt(3, 2);
+        assert_eq!(t, "[all]\ntryboot_a_b=1\nboot_partition=3\n[tryboot]\nboot_partition=2\n");
+        assert_eq!(parse_autoboot(&t).unwrap(), (3, 2));
+        assert!(parse_autoboot("[all]\nboot_partition=2\n").is_err());
+    }
+
+    #[test]
+    fn cmdline_retargeting() {
+        let c = "console=ttyS1,115200 kiln.root=PARTUUID=1234abcd-05 kiln.verity=ff rootwait\n";
+        assert_eq!(retarget_cmdline(c, "1234abcd-06").unwrap(), "console=ttyS1,115200 kiln.root=PARTUUID=1234abcd-06 kiln.verity=ff rootwait\n");
+        assert!(retarget_cmdline("quiet", "x").is_err());
+    }
+
+    #[test]
+    fn uefi_commit_and_reject_rename_and_remove() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("EFI/Linux");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("kiln-0.1.0.efi"), "old").unwrap();
+        std::fs::write(t.path().join("new.efi"), "new").unwrap();
+        let v2: Version = "0.2.0".parse().unwrap();
+        let name = Medium::add_trial_uki(t.path(), &v2, 3, &t.path().join("new.efi")).unwrap();
+        assert_eq!(name, "kiln-0.2.0+3.efi");
+        // systemd-boot counts a try before booting it.
+        std::fs::rename(dir.join(&name), dir.join("kiln-0.2.0+2-1.efi")).unwrap();
+        let m = Medium::Uefi { esp: t.path().into() };
+        let cfg: DeviceConfig = serde_json::from_str(r#"{"profile":"p","image":"pc-uefi","arch":"amd64","version":"0.2.0","bootloader":"systemd-boot","partition_table":"gpt","partitions":[],"health_timeout":60,"update":null}"#).unwrap();
+        let host = Host::default();
+        assert!(m.booted(&host, &cfg, Slot::B, &v2).unwrap().trial);
+        m.commit(&cfg, Slot::B, &v2).unwrap();
+        assert!(!m.booted(&host, &cfg, Slot::B, &v2).unwrap().trial);
+        let names: Vec<String> = Medium::ukis(t.path()).unwrap().into_iter().map(|(f, _)| f).collect();
+        assert_eq!(names, ["kiln-0.1.0.efi", "kiln-0.2.0.efi"]);
+        assert_eq!(m.retire_other(&cfg, Slot::B, &v2).unwrap(), ["kiln-0.1.0.efi"]);
+        m.reject(&v2).unwrap();
+        assert!(Medium::ukis(t.path()).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,388 @@
+//! The agent's record of the two slots, and the A/B state machine over it.
+//!
+//! The shape follows Bottlerocket's signpost: [`State::load`] reads the record once, the
+//! transitions below are pure (they change the value in memory and **do not write**), and
+//! [`State::write`] persists it in one step (write a temporary file, fsync, rename, fsync the
+//! directory), so a power cut leaves either the old or the new record, never a mix.
+//!
+//! What *boots* is decided by the boot medium (the ESP's UKI names on UEFI, autoboot.txt on a
+//! Raspberry Pi; see `boot.rs`); this record adds what the medium cannot hold: versions,
+//! download progress, failed versions that must not be retried, and the last check's outcome.
+//! At every boot [`State::observe_boot`] reconciles the record with what actually booted.
+
+use anyhow::{bail, Context as _, Result};
+use kiln_feed::{Timestamp, Version};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write as _;
+use std::path::Path;
+
+pub const STATUS_FILE: &str = "status.json";
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Slot {
+    A,
+    B,
+}
+
+impl std::ops::Not for Slot {
+    type Output = Slot;
+    fn not(self) -> Slot {
+        match self {
+            Slot::A => Slot::B,
+            Slot::B => Slot::A,
+        }
+    }
+}
+
+impl fmt::Display for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Slot::A => "a",
+            Slot::B => "b",
+        })
+    }
+}
+
+impl Slot {
+    pub fn parse(s: &str) -> Option<Slot> {
+        match s {
+            "a" => Some(Slot::A),
+            "b" => Some(Slot::B),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlotStatus {
+    /// Nothing bootable (a fresh image's second slot, or a write that was abandoned).
+    Empty,
+    /// Being written; never bootable in this state.
+    Installing,
+    /// Written and set up to boot (with tries left), not yet proven healthy.
+    Trial,
+    /// Booted, passed the health checks: the slot the device returns to.
+    Committed,
+    /// The slot that was committed before the current one: a working fallback.
+    Previous,
+    /// Booted and failed its health checks (or never came up); not retried.
+    Failed,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SlotRecord {
+    pub status: SlotStatus,
+    pub version: Option<Version>,
+    #[serde(default)]
+    pub root_hash: Option<String>,
+}
+
+/// An install in progress: which release goes where and how far each artifact got.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Install {
+    pub version: Version,
+    pub slot: Slot,
+    pub root_hash: String,
+    pub started: Timestamp,
+    /// Bytes known to be written durably, by artifact sha256 (for resuming with HTTP Range).
+    #[serde(default)]
+    pub done: BTreeMap<String, u64>,
+}
+
+/// What happened to one version on this device that it must not try again.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub version: Version,
+    pub at: Timestamp,
+    pub reason: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct State {
+    pub slots: BTreeMap<Slot, SlotRecord>,
+    /// The slot running now (filled in at every boot).
+    pub booted: Option<Slot>,
+    pub current_version: Option<Version>,
+    pub previous_version: Option<Version>,
+    pub install: Option<Install>,
+    #[serde(default)]
+    pub failed: Vec<Failure>,
+    pub last_check: Option<Timestamp>,
+    /// One line saying what the last check did ("up to date", "installed 0.2.0 into slot b").
+    pub last_result: Option<String>,
+    pub last_error: Option<String>,
+    /// Network bytes of the last install.
+    #[serde(default)]
+    pub last_download_bytes: u64,
+}
+
+impl Default for State {
+    fn default() -> State {
+        let empty = SlotRecord { status: SlotStatus::Empty, version: None, root_hash: None };
+        State {
+            slots: [(Slot::A, empty.clone()), (Slot::B, empty)].into_iter().collect(),
+            booted: None,
+            current_version: None,
+            previous_version: None,
+            install: None,
+            failed: Vec::new(),
+            last_check: None,
+            last_result: None,
+            last_error: None,
+            last_download_bytes: 0,
+        }
+    }
+}
+
+/// How the running boot came about, as the boot medium tells it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Booted {
+    pub slot: Slot,
+    pub version: Version,
+    /// Booted as a trial (a counted UKI, or the Pi's tryboot slot), not yet committed.
+    pub trial: bool,
+}
+
+impl State {
+    /// Reads the record; a missing file is a fresh device (both slots unknown).
+    pub fn load(dir: &Path) -> Result<State> {
+        let path = dir.join(STATUS_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("reading {}: not a kiln-agent status file (move it away to start afresh)", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Persists the record atomically: temp file, fsync, rename, fsync of the directory.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(STATUS_FILE);
+        let tmp = dir.join(format!(".{STATUS_FILE}.tmp"));
+        let mut text = serde_json::to_vec_pretty(self).context("encoding the status")?;
+        text.push(b'\n');
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(&text).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
+        drop(f);
+        std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))?;
+        Ok(())
+    }
+
+    pub fn slot(&self, slot: Slot) -> &SlotRecord {
+        &self.slots[&slot]
+    }
+
+    fn slot_mut(&mut self, slot: Slot) -> &mut SlotRecord {
+        self.slots.get_mut(&slot).expect("both slots exist")
+    }
+
+    pub fn has_failed(&self, version: &Version) -> Option<&Failure> {
+        self.failed.iter().find(|f| &f.version == version)
+    }
+
+    fn remember_failure(&mut self, version: Version, reason: String, now: Timestamp) {
+        if self.has_failed(&version).is_none() {
+            self.failed.push(Failure { version, at: now, reason });
+        }
+    }
+
+    /// Reconciles the record with what booted. Does not write. Returns a line describing any
+    /// fallback it noticed (the other slot was on trial but this one booted).
+    pub fn observe_boot(&mut self, booted: &Booted, now: Timestamp) -> Option<String> {
+        let mut note = None;
+        self.booted = Some(booted.slot);
+        let other = !booted.slot;
+        let other_rec = self.slot(other).clone();
+        // The other slot was being tried (or written), yet this one booted without a trial:
+        // the new version never came up healthy within its tries (or the write was cut off).
+        if !booted.trial {
+            match other_rec.status {
+                SlotStatus::Trial => {
+                    let v = other_rec.version.clone();
+                    if let Some(v) = v {
+                        let reason = "did not boot healthy; the firmware went back to the committed slot".to_string();
+                        note = Some(format!("{v} in slot {other} {reason}"));
+                        self.remember_failure(v, reason, now);
+                    }
+                    self.slot_mut(other).status = SlotStatus::Failed;
+                }
+                SlotStatus::Committed => self.slot_mut(other).status = SlotStatus::Previous,
+                _ => {}
+            }
+        }
+        let rec = self.slot_mut(booted.slot);
+        rec.version = Some(booted.version.clone());
+        if booted.trial {
+            rec.status = SlotStatus::Trial;
+            // The install finished (its boot entry exists and it booted): nothing to resume.
+            if self.install.as_ref().is_some_and(|i| i.slot == booted.slot) {
+                self.install = None;
+            }
+        } else {
+            if rec.status != SlotStatus::Committed {
+                rec.status = SlotStatus::Committed;
+            }
+            if self.current_version.as_ref() != Some(&booted.version) {
+                if self.current_version.is_some() {
+                    self.previous_version = self.current_version.take();
+                }
+                self.current_version = Some(booted.version.clone());
+            }
+        }
+        note
+    }
+
+    /// Starts (or resumes) writing `version` into `slot`. Does not write.
+    pub fn begin_install(&mut self, slot: Slot, version: &Version, root_hash: &str, now: Timestamp) -> Result<()> {
+        if self.booted == Some(slot) {
+            bail!("refusing to install into slot {slot}: it is the running slot");
+        }
+        let resuming = self.install.as_ref().is_some_and(|i| i.slot == slot && &i.version == version && i.root_hash == root_hash);
+        if !resuming {
+            self.install = Some(Install { version: version.clone(), slot, root_hash: root_hash.into(), started: now, done: BTreeMap::new() });
+        }
+        let rec = self.slot_mut(slot);
+        rec.status = SlotStatus::Installing;
+        rec.version = Some(version.clone());
+        rec.root_hash = Some(root_hash.into());
+        Ok(())
+    }
+
+    /// Records durable progress of one artifact. Does not write.
+    pub fn progress(&mut self, sha256: &str, bytes: u64) {
+        if let Some(i) = self.install.as_mut() {
+            i.done.insert(sha256.into(), bytes);
+        }
+    }
+
+    /// The slot is written and its boot entry is in place. Does not write.
+    pub fn finish_install(&mut self) -> Result<Slot> {
+        let Some(install) = self.install.take() else { bail!("no install in progress") };
+        self.slot_mut(install.slot).status = SlotStatus::Trial;
+        Ok(install.slot)
+    }
+
+    /// An install that cannot go on: the slot holds nothing bootable. Does not write.
+    pub fn abandon_install(&mut self) {
+        if let Some(install) = self.install.take() {
+            *self.slot_mut(install.slot) = SlotRecord { status: SlotStatus::Empty, version: None, root_hash: None };
+        }
+    }
+
+    /// The running trial boot passed its health checks. Does not write.
+    pub fn commit(&mut self, booted: Slot) -> Result<Version> {
+        let rec = self.slot(booted).clone();
+        let Some(version) = rec.version else { bail!("slot {booted} has no recorded version") };
+        if rec.status != SlotStatus::Trial && rec.status != SlotStatus::Committed {
+            bail!("slot {booted} is {:?}, not on trial", rec.status);
+        }
+        self.slot_mut(booted).status = SlotStatus::Committed;
+        if self.slot(!booted).status == SlotStatus::Committed {
+            self.slot_mut(!booted).status = SlotStatus::Previous;
+        }
+        if self.current_version.as_ref() != Some(&version) {
+            self.previous_version = self.current_version.take();
+            self.current_version = Some(version.clone());
+        }
+        Ok(version)
+    }
+
+    /// The running trial boot failed its health checks. Does not write.
+    pub fn fail_trial(&mut self, booted: Slot, reason: &str, now: Timestamp) -> Result<Version> {
+        let rec = self.slot(booted).clone();
+        let Some(version) = rec.version else { bail!("slot {booted} has no recorded version") };
+        self.remember_failure(version.clone(), reason.into(), now);
+        self.slot_mut(booted).status = SlotStatus::Failed;
+        Ok(version)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &str) -> Version {
+        s.parse().unwrap()
+    }
+    const NOW: Timestamp = Timestamp(1_800_000_000);
+
+    fn fresh() -> State {
+        let mut s = State::default();
+        s.observe_boot(&Booted { slot: Slot::A, version: v("0.1.0"), trial: false }, NOW);
+        s
+    }
+
+    #[test]
+    fn a_fresh_device_commits_what_it_booted() {
+        let s = fresh();
+        assert_eq!(s.slot(Slot::A).status, SlotStatus::Committed);
+        assert_eq!(s.slot(Slot::B).status, SlotStatus::Empty);
+        assert_eq!(s.current_version, Some(v("0.1.0")));
+    }
+
+    #[test]
+    fn install_trial_commit() {
+        let mut s = fresh();
+        s.begin_install(Slot::B, &v("0.2.0"), "ab", NOW).unwrap();
+        s.progress("sha", 8 << 20);
+        assert_eq!(s.install.as_ref().unwrap().done["sha"], 8 << 20);
+        // Resuming the same install keeps the progress.
+        s.begin_install(Slot::B, &v("0.2.0"), "ab", NOW).unwrap();
+        assert_eq!(s.install.as_ref().unwrap().done["sha"], 8 << 20);
+        assert_eq!(s.finish_install().unwrap(), Slot::B);
+        assert_eq!(s.slot(Slot::B).status, SlotStatus::Trial);
+        s.observe_boot(&Booted { slot: Slot::B, version: v("0.2.0"), trial: true }, NOW);
+        assert_eq!(s.commit(Slot::B).unwrap(), v("0.2.0"));
+        assert_eq!(s.slot(Slot::A).status, SlotStatus::Previous);
+        assert_eq!(s.current_version, Some(v("0.2.0")));
+        assert_eq!(s.previous_version, Some(v("0.1.0")));
+    }
+
+    #[test]
+    fn never_installs_into_the_running_slot() {
+        let mut s = fresh();
+        let e = s.begin_install(Slot::A, &v("0.2.0"), "ab", NOW).unwrap_err();
+        assert_eq!(e.to_string(), "refusing to install into slot a: it is the running slot");
+    }
+
+    #[test]
+    fn a_failed_trial_is_remembered() {
+        let mut s = fresh();
+        s.begin_install(Slot::B, &v("0.3.0"), "cd", NOW).unwrap();
+        s.finish_install().unwrap();
+        s.observe_boot(&Booted { slot: Slot::B, version: v("0.3.0"), trial: true }, NOW);
+        s.fail_trial(Slot::B, "health check failed", NOW).unwrap();
+        assert!(s.has_failed(&v("0.3.0")).is_some());
+        s.observe_boot(&Booted { slot: Slot::A, version: v("0.1.0"), trial: false }, NOW);
+        assert_eq!(s.slot(Slot::A).status, SlotStatus::Committed);
+        assert_eq!(s.slot(Slot::B).status, SlotStatus::Failed);
+        assert_eq!(s.current_version, Some(v("0.1.0")));
+    }
+
+    #[test]
+    fn a_trial_that_never_came_up_counts_as_failed() {
+        let mut s = fresh();
+        s.begin_install(Slot::B, &v("0.3.0"), "cd", NOW).unwrap();
+        s.finish_install().unwrap();
+        let note = s.observe_boot(&Booted { slot: Slot::A, version: v("0.1.0"), trial: false }, NOW).unwrap();
+        assert!(note.starts_with("0.3.0 in slot b did not boot healthy"), "{note}");
+        assert!(s.has_failed(&v("0.3.0")).is_some());
+    }
+
+    #[test]
+    fn writes_atomically_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = fresh();
+        s.write(dir.path()).unwrap();
+        assert_eq!(State::load(dir.path()).unwrap(), s);
+        assert!(!dir.path().join(".status.json.tmp").exists());
+        std::fs::write(dir.path().join(STATUS_FILE), "{").unwrap();
+        let e = format!("{:#}", State::load(dir.path()).unwrap_err());
+        assert!(e.contains("not a kiln-agent status file"), "{e}");
+    }
+}
