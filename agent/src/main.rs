@@ -87,7 +87,9 @@ fn run(cli: Cli) -> Result<()> {
                     state.last_error = Some(s.clone());
                     s.clone()
                 }
-                Ok(update::Outcome::Installed { version, slot, downloaded }) => format!("installed {version} into slot {slot} ({downloaded} bytes downloaded)"),
+                Ok(update::Outcome::Installed { version, slot, downloaded }) => {
+                    format!("installed {version} into slot {slot} ({downloaded} bytes downloaded, peak RSS {} KiB)", peak_rss_kib())
+                }
                 Err(e) => {
                     state.last_error = Some(format!("{e:#}"));
                     state.write(&agent.state_dir)?;
@@ -105,6 +107,14 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Status { .. } => unreachable!("handled above"),
     }
+}
+
+/// The process's peak resident set size (VmHWM), for the benchmark figures.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0))))
+        .unwrap_or(0)
 }
 
 fn status(config: &std::path::Path, state_dir: &std::path::Path, json: bool) -> Result<()> {

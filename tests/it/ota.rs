@@ -1,0 +1,341 @@
+//! Over-the-air updates end to end: real images (locked builds v1..v5), a real feed published
+//! with `kiln publish`, served by a real HTTP server on 127.0.0.1 that the QEMU guest reaches
+//! through a user-mode `guestfwd` (restrict=on), and the real agent on the device.
+//!
+//! Shows: v1 installs v2 and commits it after its health check; v3 fails its health check and
+//! the device comes back on v2 by itself (and never retries v3); v4 with a bad signature, a
+//! truncated artifact, an older version and expired metadata is refused each time while v2
+//! keeps running; and power cuts (QEMU killed) at random moments of installing v5 always leave
+//! a device that comes up on a committed slot.
+
+use crate::httpd::Server;
+use crate::{kiln_bin, repo_root, text};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Where the guest finds the feed: QEMU's user-mode network forwards it to the test's server.
+const FEED_HOST: &str = "10.0.2.100";
+
+fn kiln_in(work: &Path, args: &[&str]) -> Output {
+    Command::new(kiln_bin()).args(args).current_dir(work).env("KILN_CACHE", work.join("cache")).output().expect("kiln runs")
+}
+
+fn ok(work: &Path, args: &[&str]) -> String {
+    let out = kiln_in(work, args);
+    assert!(out.status.success(), "kiln {} failed:\n{}\n{}", args.join(" "), text(&out.stdout), text(&out.stderr));
+    text(&out.stdout) + &text(&out.stderr)
+}
+
+/// A QEMU guest whose serial console the test reads line by line. The guest's `reboot` ends
+/// QEMU (`-no-reboot`): the test starts it again on the same disk, as a power cycle would.
+struct Vm {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    done: Arc<Mutex<bool>>,
+    cursor: usize,
+    started: Instant,
+}
+
+impl Vm {
+    fn start(disk: &Path, qemu: &kiln::image::Qemu, port: u16, log: &Path, scratch: &Path) -> Vm {
+        std::fs::create_dir_all(scratch).unwrap();
+        let opts = kiln::qemu::BootOptions {
+            disk: disk.into(),
+            qemu: qemu.clone(),
+            accel: kiln::qemu::Accel::Tcg,
+            persist: true,
+            ssh_port: None,
+            net_rules: vec![format!("guestfwd=tcp:{FEED_HOST}:80-tcp:127.0.0.1:{port}")],
+            log: None,
+            tryboot: false,
+        };
+        let cmd = kiln::qemu::command(&opts, kiln::qemu::Accel::Tcg, scratch, false).unwrap();
+        let mut child = cmd.spawn_piped(false).unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let done = Arc::new(Mutex::new(false));
+        let (l, d) = (lines.clone(), done.clone());
+        let mut logf = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        writeln!(logf, "==== qemu started").unwrap();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stdout);
+            let mut buf = Vec::new();
+            while r.read_until(b'\n', &mut buf).map(|n| n > 0).unwrap_or(false) {
+                let line = String::from_utf8_lossy(&buf).trim_end().replace('\r', "");
+                let _ = writeln!(logf, "{line}");
+                l.lock().unwrap().push(line);
+                buf.clear();
+            }
+            *d.lock().unwrap() = true;
+        });
+        Vm { child, lines, done, cursor: 0, started: Instant::now() }
+    }
+
+    fn tail(&self) -> String {
+        let l = self.lines.lock().unwrap();
+        l[l.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// The next console line (after the last one matched) containing one of `what`.
+    fn wait_for(&mut self, what: &[&str], timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let l = self.lines.lock().unwrap();
+                while self.cursor < l.len() {
+                    let line = &l[self.cursor];
+                    self.cursor += 1;
+                    if what.iter().any(|w| line.contains(w)) {
+                        return line.clone();
+                    }
+                }
+            }
+            if *self.done.lock().unwrap() {
+                panic!("QEMU ended while waiting for {what:?}; console tail:\n{}", self.tail());
+            }
+            if Instant::now() > deadline {
+                panic!("no {what:?} within {}s; console tail:\n{}", timeout.as_secs(), self.tail());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for the guest's reboot (QEMU exits with -no-reboot).
+    fn wait_exit(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.child.try_wait().unwrap().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("the guest did not reboot within {}s; console tail:\n{}", timeout.as_secs(), self.tail());
+    }
+
+    /// Pulls the plug.
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Puts a channel's metadata (json + sig) where the server serves it.
+fn serve(site: &Path, snapshot: &Path) {
+    for f in ["stable.json", "stable.json.sig"] {
+        std::fs::copy(snapshot.join(f), site.join(format!(".{f}.tmp"))).unwrap();
+    }
+    // The signature first: a reader must never pair new metadata with an old signature.
+    std::fs::rename(site.join(".stable.json.sig.tmp"), site.join("stable.json.sig")).unwrap();
+    std::fs::rename(site.join(".stable.json.tmp"), site.join("stable.json")).unwrap();
+}
+
+fn snapshot(from: &Path, to: &Path) -> PathBuf {
+    std::fs::create_dir_all(to).unwrap();
+    for f in ["stable.json", "stable.json.sig", "stable.atom", "stable.rss"] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+    to.to_path_buf()
+}
+
+/// A small deterministic generator for the power-cut moments (seed printed).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn between(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (self.next() % 10_000) as f64 / 10_000.0 * (hi - lo)
+    }
+}
+
+const BOOT: Duration = Duration::from_secs(420);
+
+#[test]
+fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
+    assert!(nix::unistd::geteuid().is_root(), "the OTA test needs root (mmdebstrap --mode=root)");
+    let work = repo_root().join("target/kiln-it-ota");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(work.join("profiles")).unwrap();
+    let log = work.join("console.log");
+
+    // Keys and profiles: v3 is the same appliance with a health check that fails.
+    let keygen = ok(&work, &["keygen", "--out", "keys"]);
+    println!("kiln-it: {}", keygen.lines().next().unwrap_or(""));
+    std::fs::write(
+        work.join("profiles/ota.toml"),
+        format!(
+            "extends = \"minimal\"\n[update]\nfeed = \"http://{FEED_HOST}/stable.atom\"\npublic_key = \"../keys/kiln-release.pub\"\n\
+             interval = \"20s\"\njitter = \"0s\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(work.join("profiles/ota-bad.toml"), "extends = \"ota\"\n[health]\ncommands = [\"test -e /nonexistent/kiln-health-fails-on-purpose\"]\n").unwrap();
+
+    // Builds: one lock, a cold build, then warm rebuilds from the cached tree.
+    let t = Instant::now();
+    ok(&work, &["lock", "--profile", "profiles/ota.toml", "--out", "scratch"]);
+    let lock = "profiles/ota.pc-uefi.lock";
+    let mut outs = Vec::new();
+    for (v, profile) in [("0.1.0", "ota"), ("0.2.0", "ota"), ("0.3.0", "ota-bad"), ("0.4.0", "ota"), ("0.5.0", "ota")] {
+        let t = Instant::now();
+        let out = format!("out-{v}");
+        ok(&work, &["build", "--profile", &format!("profiles/{profile}.toml"), "--lock", lock, "--release", v, "--out", &out]);
+        println!("kiln-it: built {profile} {v} in {:.1}s", t.elapsed().as_secs_f64());
+        outs.push(work.join(out).join(format!("{profile}-pc-uefi")));
+    }
+    println!("kiln-it: five releases built in {:.1}s", t.elapsed().as_secs_f64());
+
+    // Publish every release into one staging site, keeping each step's metadata.
+    let staging = work.join("site-staging");
+    let publish = |dir: &Path, site: &Path, extra: &[&str]| {
+        let mut args = vec!["publish", dir.to_str().unwrap(), "--channel", "stable", "--to", site.to_str().unwrap(), "--key", "keys/kiln-release.key"];
+        args.extend_from_slice(&["--base-url", "http://10.0.2.100/"]);
+        args.extend_from_slice(extra);
+        ok(&work, &args)
+    };
+    publish(&outs[1], &staging, &[]);
+    let meta_v2 = snapshot(&staging, &work.join("meta-v2"));
+    let feed_check = Command::new(repo_root().join("scripts/feed-validate")).arg(staging.join("stable.atom")).arg(staging.join("stable.rss")).output().unwrap();
+    assert!(feed_check.status.success(), "feedparser rejected the feed:\n{}\n{}", text(&feed_check.stdout), text(&feed_check.stderr));
+    println!("kiln-it: feedparser: {}", text(&feed_check.stdout).trim().replace('\n', " | "));
+    publish(&outs[2], &staging, &[]);
+    let meta_v3 = snapshot(&staging, &work.join("meta-v3"));
+    publish(&outs[3], &staging, &["--notes", "release four"]);
+    let meta_v4 = snapshot(&staging, &work.join("meta-v4"));
+    publish(&outs[4], &staging, &[]);
+    let meta_v5 = snapshot(&staging, &work.join("meta-v5"));
+    // v4 variants: a changed byte under a valid signature, an older release (v1 alone in a
+    // channel of its own, validly signed), and metadata that expired when it was signed.
+    let bad_sig = work.join("meta-bad-sig");
+    snapshot(&meta_v4, &bad_sig);
+    let j = std::fs::read_to_string(bad_sig.join("stable.json")).unwrap();
+    assert!(j.contains("release four"));
+    std::fs::write(bad_sig.join("stable.json"), j.replace("release four", "release f0ur")).unwrap();
+    let old_site = work.join("site-old");
+    publish(&outs[0], &old_site, &[]);
+    let exp_site = work.join("site-expired");
+    publish(&outs[3], &exp_site, &["--valid-for", "0s"]);
+
+    // The served site: metadata swapped in by the test, artifacts from the staging site.
+    let site = work.join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    std::os::unix::fs::symlink(staging.join("artifacts"), site.join("artifacts")).unwrap();
+    serve(&site, &meta_v2);
+    let server = Server::start(&site);
+    let port = server.port();
+
+    // The device: v1's disk image, kept across power cycles.
+    let manifest: kiln::stages::manifest::Manifest = serde_json::from_str(&std::fs::read_to_string(outs[0].join("manifest.json")).unwrap()).unwrap();
+    let disk = work.join("device.img");
+    let cp = Command::new("cp").arg("--sparse=always").arg(outs[0].join("disk.img")).arg(&disk).status().unwrap();
+    assert!(cp.success());
+    let scratch = work.join("qemu");
+    let start = || Vm::start(&disk, &manifest.qemu, port, &log, &scratch);
+
+    // v1 -> v2: installed, rebooted, healthy, committed.
+    let t = Instant::now();
+    let mut vm = start();
+    vm.wait_for(&["kiln-agent: booted 0.1.0 from slot a (committed)"], BOOT);
+    let ready = vm.wait_for(&["KILN-READY", "KILN-NOT-READY"], BOOT);
+    assert!(ready.contains("KILN-READY"), "{ready}");
+    vm.wait_for(&["kiln-agent: installing 0.2.0 into slot b"], BOOT);
+    let t_install = Instant::now();
+    let installed = vm.wait_for(&["kiln-agent: installed 0.2.0 into slot b"], BOOT);
+    let install_secs = t_install.elapsed().as_secs_f64();
+    vm.wait_exit(Duration::from_secs(120));
+    let mut vm = start();
+    vm.wait_for(&["kiln-agent: booted 0.2.0 from slot b (trial"], BOOT);
+    vm.wait_for(&["KILN-READY version=0.2.0"], BOOT);
+    vm.wait_for(&["kiln-agent: committed 0.2.0 in slot b"], BOOT);
+    vm.wait_for(&["kiln-agent: running 0.2.0, the newest release"], BOOT);
+    println!("kiln-it: v1 -> v2 installed in {install_secs:.1}s ({installed}), committed {:.1}s after v1 started", t.elapsed().as_secs_f64());
+
+    // v3 fails its health check: the device goes back to v2 by itself and never retries v3.
+    serve(&site, &meta_v3);
+    let t = Instant::now();
+    vm.wait_for(&["kiln-agent: installing 0.3.0 into slot a"], BOOT);
+    vm.wait_exit(Duration::from_secs(600));
+    let mut vm = start();
+    vm.wait_for(&["kiln-agent: booted 0.3.0 from slot a (trial"], BOOT);
+    vm.wait_for(&["KILN-NOT-READY version=0.3.0"], BOOT);
+    vm.wait_for(&["kiln-agent: 0.3.0 failed its health check; rolling back to 0.2.0 in slot b"], BOOT);
+    vm.wait_exit(Duration::from_secs(120));
+    let mut vm = start();
+    vm.wait_for(&["kiln-agent: booted 0.2.0 from slot b (committed)"], BOOT);
+    let skip = vm.wait_for(&["kiln-agent: release 0.3.0 skipped: it failed on this device"], BOOT);
+    println!("kiln-it: v3 rolled back to v2 in {:.1}s; then: {skip}", t.elapsed().as_secs_f64());
+
+    // v4, four ways wrong: each refused with its reason, v2 keeps running.
+    let artifacts = staging.join("artifacts");
+    let v4_meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(meta_v4.join("stable.json")).unwrap()).unwrap();
+    let v4_root = v4_meta["releases"][0]["artifacts"].as_array().unwrap().iter().find(|a| a["kind"] == "root").unwrap()["sha256"].as_str().unwrap().to_string();
+    let root_path = artifacts.join(&v4_root);
+    let whole = std::fs::read(&root_path).unwrap();
+    let cases: [(&str, PathBuf, &str); 4] = [
+        ("bad signature", bad_sig.clone(), "refused: "),
+        ("truncated artifact", meta_v4.clone(), "release 0.4.0 refused: "),
+        ("older version", old_site.clone(), "release 0.1.0 refused: older than the running 0.2.0"),
+        ("expired metadata", exp_site.clone(), "refused: it expired at"),
+    ];
+    for (what, meta, expect) in cases {
+        if what == "truncated artifact" {
+            std::fs::write(&root_path, &whole[..whole.len() / 2]).unwrap();
+        }
+        serve(&site, &meta);
+        let line = vm.wait_for(&[expect], BOOT);
+        if what == "bad signature" {
+            assert!(line.contains("signature"), "{line}");
+        }
+        if what == "truncated artifact" {
+            assert!(line.contains("still running 0.2.0"), "{line}");
+            std::fs::write(&root_path, &whole).unwrap();
+        }
+        assert!(vm.child.try_wait().unwrap().is_none(), "the device rebooted after the {what}");
+        println!("kiln-it: v4 {what}: {}", line.trim());
+    }
+
+    // Power cuts while v5 installs: during the download/write (throttled so that it spans
+    // several cuts), then right around the switch, at random moments.
+    serve(&site, &meta_v5);
+    server.set_rate_limit(Some(3 << 20));
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    let mut rng = Rng(seed);
+    let mut cuts = Vec::new();
+    let mut vm = Some(vm);
+    while cuts.len() < 10 {
+        let mut v = vm.take().unwrap_or_else(start);
+        let switch = cuts.len() == 9;
+        let (trigger, delay): (&[&str], f64) = if switch {
+            (&["kiln-agent: boot entry kiln-0.5.0"], rng.between(0.0, 4.0))
+        } else {
+            (&["kiln-agent: installing 0.5.0", "kiln-agent: resuming"], rng.between(1.0, 12.0))
+        };
+        let line = v.wait_for(&[trigger[0], trigger.get(1).copied().unwrap_or(trigger[0]), "kiln-agent: committed 0.5.0"], Duration::from_secs(900));
+        assert!(!line.contains("committed 0.5.0"), "v5 was committed after only {} cuts: {cuts:#?}", cuts.len());
+        std::thread::sleep(Duration::from_secs_f64(delay));
+        let at = v.lines.lock().unwrap().iter().rev().find(|l| l.contains("kiln-agent:")).cloned().unwrap_or_default();
+        v.kill();
+        cuts.push(format!("{delay:.1}s after {:?} (last agent line then: {:?})", line.trim(), at.trim()));
+        // Power back on: the device must come up on a committed slot, or on the new version's
+        // trial, which then commits.
+        let mut v = start();
+        let booted = v.wait_for(&["kiln-agent: booted"], BOOT);
+        if !booted.contains("(committed)") {
+            assert!(booted.contains("booted 0.5.0 from slot a (trial"), "after cut {}: {booted}", cuts.len());
+            v.wait_for(&["kiln-agent: committed 0.5.0 in slot a"], BOOT);
+        }
+        println!("kiln-it: cut {}: {} -> {}", cuts.len(), cuts.last().unwrap(), booted.trim());
+        vm = Some(v);
+    }
+    let mut v = vm.take().unwrap_or_else(start);
+    server.set_rate_limit(None);
+    let end = v.wait_for(&["kiln-agent: committed 0.5.0 in slot a", "kiln-agent: running 0.5.0, the newest release"], Duration::from_secs(900));
+    v.kill();
+    println!("kiln-it: power cuts: {} (seed {seed}); after every one the device came up on a committed slot; finally: {}", cuts.len(), end.trim());
+}
