@@ -148,8 +148,10 @@ fn set_locale(tree: &Path, locale: &str) -> Result<()> {
     Ok(())
 }
 
-/// Adds IMAGE_ID/IMAGE_VERSION to os-release: systemd-boot shows them, and the update agent
-/// compares them.
+/// Adds IMAGE_ID/IMAGE_VERSION to os-release. systemd-boot sorts UKIs by IMAGE_ID, then by
+/// IMAGE_VERSION (newest first): IMAGE_ID is the same for every release for one kind of
+/// hardware (`kiln-<image>`), so that the newest version boots first whatever the profile's
+/// name, and the updater's new UKI is the one tried.
 fn add_image_identity(tree: &Path, plan: &crate::plan::Plan) -> Result<()> {
     let path = tree.join("usr/lib/os-release");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -164,7 +166,7 @@ fn add_image_identity(tree: &Path, plan: &crate::plan::Plan) -> Result<()> {
         .map(|s| s.trim_matches('"').to_string())
         .unwrap_or_else(|| "Debian".into());
     out.push_str(&format!("PRETTY_NAME=\"kiln {} {} ({pretty})\"\n", plan.profile, plan.version));
-    out.push_str(&format!("IMAGE_ID={}\nIMAGE_VERSION={}\n", plan.output_name, plan.version));
+    out.push_str(&format!("IMAGE_ID=kiln-{}\nIMAGE_VERSION={}\n", plan.image, plan.version));
     write_file(&path, out.as_bytes(), 0o644)
 }
 
