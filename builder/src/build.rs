@@ -47,6 +47,8 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     check_free_space(&opts.out_dir, plan)?;
+    // The agent goes into every image: find it before minutes of bootstrapping.
+    crate::device::agent_binary(plan.arch)?;
     let ctx = Context { plan, tree: work.join("tree"), work: work.clone(), staging: staging.clone(), templates: crate::templates::Templates::load()? };
 
     let cache = Cache::open_default()?;

@@ -7,6 +7,7 @@ pub mod bmap;
 pub mod build;
 pub mod cache;
 pub mod debian;
+pub mod device;
 pub mod doctor;
 pub mod exec;
 pub mod flash;

@@ -64,6 +64,8 @@ pub struct Plan {
     pub qemu: Qemu,
     /// Raspberry Pi boot files (rpi-firmware images).
     pub rpi: Option<RpiDef>,
+    /// Where the device's agent looks for updates (None: no `[update]` in the profile).
+    pub update: Option<kiln_feed::UpdateConfig>,
     /// Hash of every input: seeds the UUIDs that are not derived from content.
     pub seed: String,
 }
@@ -110,6 +112,36 @@ pub struct PartitionPlan {
 
 /// Where the first partition starts, and the room kept at the end for the backup GPT.
 pub const ALIGN: u64 = MIB;
+
+/// `[update]` with its defaults filled in (values were checked when the file was read).
+fn resolve_update(file: &str, u: &crate::profile::Update) -> Result<kiln_feed::UpdateConfig, ProfileError> {
+    let err = |key: &str, msg: &str| ProfileError::new(file, Some(key), msg);
+    let feed = u.feed.clone().ok_or_else(|| err("update.feed", "required: the feed URL devices follow, such as \"https://updates.example.org/stable.atom\""))?;
+    let metadata = match &u.metadata {
+        Some(m) => m.clone(),
+        None => {
+            let m = kiln_feed::metadata_url(&feed);
+            if m == feed {
+                return Err(err("update.metadata", "required when update.feed does not end in .atom or .rss (the signed .json next to it)"));
+            }
+            m
+        }
+    };
+    let stem = metadata.rsplit('/').next().unwrap_or("").trim_end_matches(".json").to_string();
+    let channel = u.channel.clone().unwrap_or(if stem.is_empty() { "stable".into() } else { stem });
+    let key = u.public_key.clone().ok_or_else(|| err("update.public_key", "required: the release key's public half (`kiln keygen`), which devices trust"))?;
+    let secs = |d: &Option<String>, default: u64| d.as_deref().and_then(|d| humantime::parse_duration(d).ok()).map(|d| d.as_secs()).unwrap_or(default);
+    Ok(kiln_feed::UpdateConfig {
+        feed,
+        metadata,
+        channel,
+        public_keys: vec![key.trim_start_matches("kiln-ed25519:").to_string()],
+        window: u.window.clone(),
+        interval_secs: secs(&u.interval, 6 * 3600).max(1),
+        jitter_secs: secs(&u.jitter, 30 * 60),
+        tries: u.tries.unwrap_or(3),
+    })
+}
 
 impl Plan {
     pub fn resolve(
@@ -179,6 +211,11 @@ impl Plan {
             timeout_secs: health.timeout.unwrap_or(240),
         };
 
+        let update = match &p.update {
+            None => None,
+            Some(u) => Some(resolve_update(&file, u)?),
+        };
+
         let seed_input = serde_json::json!({
             "profile": p, "image": def, "version": version, "suite": suite, "epoch": source_date_epoch,
         });
@@ -211,6 +248,7 @@ impl Plan {
             health,
             qemu: def.qemu.clone(),
             rpi: def.rpi.clone(),
+            update,
             seed,
         })
     }

@@ -34,6 +34,8 @@ pub struct ProfileFile {
     /// Login users, by name. Root stays locked; users log in with SSH keys only.
     pub users: Option<BTreeMap<String, User>>,
     pub health: Option<Health>,
+    /// Where devices get new releases from (the feed) and which key signs them.
+    pub update: Option<Update>,
 }
 
 #[derive(Deserialize, Serialize, Default, Debug, Clone, PartialEq)]
@@ -83,6 +85,28 @@ pub struct Health {
     pub commands: Option<Vec<String>>,
     /// Seconds to wait for boot to settle before the checks count as failed.
     pub timeout: Option<u32>,
+}
+
+#[derive(Deserialize, Serialize, Default, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Update {
+    /// The Atom (or RSS) feed URL devices follow ("https://updates.example.org/stable.atom").
+    pub feed: Option<String>,
+    /// The signed metadata URL (default: the feed's URL with `.json` instead of `.atom`/`.rss`).
+    pub metadata: Option<String>,
+    /// Channel name (default: the metadata file's stem, "stable").
+    pub channel: Option<String>,
+    /// The release signing key: a path, relative to this profile file, to the public key file
+    /// `kiln keygen` wrote (`kiln-ed25519:<hex>`), or that line itself. Baked into the image.
+    pub public_key: Option<String>,
+    /// Local time of day installs may start, "HH:MM-HH:MM" (default: any time).
+    pub window: Option<String>,
+    /// Time between checks ("6h", "30m"; default "6h").
+    pub interval: Option<String>,
+    /// Random delay added to every check so a fleet does not arrive at once (default "30m").
+    pub jitter: Option<String>,
+    /// Boots a new version gets to come up healthy before the previous one boots again (default 3).
+    pub tries: Option<u32>,
 }
 
 /// Where a profile's text came from.
@@ -309,6 +333,37 @@ fn check_values(src: &Source, p: &ProfileFile) -> Result<(), ProfileError> {
             }
         }
     }
+    if let Some(u) = &p.update {
+        for (key, url) in [("update.feed", &u.feed), ("update.metadata", &u.metadata)] {
+            if let Some(url) = url {
+                if !(url.starts_with("http://") || url.starts_with("https://")) || url.chars().any(char::is_whitespace) {
+                    return err(key, format!("expected an http:// or https:// URL, found {url:?}"));
+                }
+            }
+        }
+        if let Some(w) = &u.window {
+            if !valid_window(w) {
+                return err("update.window", format!("expected a daily window \"HH:MM-HH:MM\" such as \"03:00-05:00\", found {w:?}"));
+            }
+        }
+        for (key, d) in [("update.interval", &u.interval), ("update.jitter", &u.jitter)] {
+            if let Some(d) = d {
+                if humantime::parse_duration(d).is_err() {
+                    return err(key, format!("expected a duration such as \"6h\" or \"30m\", found {d:?}"));
+                }
+            }
+        }
+        if let Some(t) = u.tries {
+            if !(1..=10).contains(&t) {
+                return err("update.tries", format!("expected 1 to 10 boots, found {t}"));
+            }
+        }
+        if let Some(c) = &u.channel {
+            if c.is_empty() || !c.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                return err("update.channel", format!("expected a channel name such as \"stable\", found {c:?}"));
+            }
+        }
+    }
     if let Some(h) = &p.health {
         if h.timeout == Some(0) {
             return err("health.timeout", "expected a positive number of seconds, found 0".into());
@@ -317,12 +372,38 @@ fn check_values(src: &Source, p: &ProfileFile) -> Result<(), ProfileError> {
     Ok(())
 }
 
-/// A release version: starts with a digit; letters, digits and `.+~-` (it names files on the ESP).
+/// A release version: dot-separated numbers ("1.4.0"), which devices compare to refuse going
+/// back (it also names the UKI on the ESP).
 pub fn valid_version(v: &str) -> bool {
-    !v.is_empty()
-        && v.len() <= 64
-        && v.starts_with(|c: char| c.is_ascii_digit())
-        && v.chars().all(|c| c.is_ascii_alphanumeric() || ".~-".contains(c))
+    v.len() <= 64 && v.parse::<kiln_feed::Version>().is_ok()
+}
+
+/// "HH:MM-HH:MM".
+pub fn valid_window(w: &str) -> bool {
+    let hm = |t: &str| t.split_once(':').is_some_and(|(h, m)| h.len() == 2 && m.len() == 2 && h.parse::<u32>().is_ok_and(|h| h < 24) && m.parse::<u32>().is_ok_and(|m| m < 60));
+    w.split_once('-').is_some_and(|(a, b)| hm(a) && hm(b))
+}
+
+/// The public key a profile names: reads the file a path points to (relative to the profile
+/// file that set `update.public_key`), and checks its form. Returns the key as 64 hex digits.
+pub fn resolve_public_key(declared_in: &Source, value: &str) -> Result<String, ProfileError> {
+    let err = |msg: String| ProfileError::new(declared_in, Some("update.public_key"), msg);
+    let line = if value.trim_start().starts_with("kiln-ed25519:") {
+        value.trim().to_string()
+    } else {
+        let Source::File(profile) = declared_in else {
+            return Err(err("a built-in profile cannot name a key file".into()));
+        };
+        let path = profile.parent().unwrap_or(Path::new("")).join(value);
+        std::fs::read_to_string(&path)
+            .map_err(|e| err(format!("cannot read {}: {e}; make a key pair with `kiln keygen --out DIR` and name DIR/kiln-release.pub", path.display())))?
+            .trim()
+            .to_string()
+    };
+    match line.strip_prefix("kiln-ed25519:") {
+        Some(hex) if hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()) => Ok(hex.to_ascii_lowercase()),
+        _ => Err(err(format!("expected a public key line \"kiln-ed25519:<64 hex digits>\" (the .pub file of `kiln keygen`), found {:?}", line.chars().take(80).collect::<String>()))),
+    }
 }
 
 pub fn valid_hostname(h: &str) -> bool {
@@ -388,7 +469,12 @@ pub fn load(src: Source) -> Result<LoadedProfile, ProfileError> {
         merge_tables(&mut merged, t, "");
     }
     merged.remove("extends");
-    let typed = typed_from_table(chain.first().expect("chain has the profile itself"), &merged)?;
+    let mut typed = typed_from_table(chain.first().expect("chain has the profile itself"), &merged)?;
+    if let Some(key) = typed.update.as_mut().and_then(|u| u.public_key.as_mut()) {
+        // The file that set it, child first: a relative path is relative to that file.
+        let declared = tables.iter().position(|t| t.get("update").and_then(|u| u.get("public_key")).is_some()).unwrap_or(0);
+        *key = format!("kiln-ed25519:{}", resolve_public_key(&chain[declared], key)?);
+    }
     Ok(LoadedProfile { name, chain, merged: typed })
 }
 

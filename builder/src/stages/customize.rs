@@ -20,6 +20,8 @@ const ENABLED_UNITS: &[&str] = &[
     "kiln-health.service",
     "kiln-var-base.service",
     "kiln-provision.service",
+    "kiln-agent-boot.service",
+    "kiln-agent-commit.service",
 ];
 
 pub fn customize(ctx: &Context) -> Result<()> {
@@ -49,17 +51,22 @@ pub fn customize(ctx: &Context) -> Result<()> {
     write_file(&tree.join("etc/ssh/sshd_config.d/50-kiln.conf"), t.render("rootfs/sshd.conf.tera", &tctx)?.as_bytes(), 0o644)?;
     write_file(&tree.join("etc/systemd/network/80-kiln-dhcp.network"), t.render("rootfs/dhcp.network", &tctx)?.as_bytes(), 0o644)?;
     write_file(&tree.join("usr/lib/systemd/system/kiln-ssh-hostkey.service"), t.render("rootfs/kiln-ssh-hostkey.service", &tctx)?.as_bytes(), 0o644)?;
-    write_file(&tree.join("usr/lib/systemd/system/kiln-health.service"), t.render("rootfs/kiln-health.service", &tctx)?.as_bytes(), 0o644)?;
+    write_file(&tree.join("usr/lib/systemd/system/kiln-health.service"), t.render("rootfs/kiln-health.service.tera", &tctx)?.as_bytes(), 0o644)?;
     write_file(&tree.join("usr/lib/systemd/system/kiln-var-base.service"), t.render("rootfs/kiln-var-base.service", &tctx)?.as_bytes(), 0o644)?;
     write_file(&tree.join("usr/lib/kiln/health-check"), t.render("rootfs/health-check.tera", &tctx)?.as_bytes(), 0o755)?;
     write_file(&tree.join("usr/lib/systemd/system/kiln-provision.service"), t.render("rootfs/kiln-provision.service", &tctx)?.as_bytes(), 0o644)?;
     symlink_force("../run/systemd/resolve/stub-resolv.conf", &tree.join("etc/resolv.conf"))?;
+    install_agent(ctx, &tctx)?;
 
     // Users: SSH keys only; root stays locked.
     create_users(ctx)?;
 
     // Units.
-    let enable = Cmd::new("chroot").arg(tree).arg("systemctl").arg("enable").args(ENABLED_UNITS);
+    let mut units: Vec<&str> = ENABLED_UNITS.to_vec();
+    if plan.update.is_some() {
+        units.push("kiln-agent.timer");
+    }
+    let enable = Cmd::new("chroot").arg(tree).arg("systemctl").arg("enable").args(&units);
     enable.run()?;
     // Not for an appliance: e2scrub needs LVM snapshots, and its reaper costs seconds at boot.
     let disable = Cmd::new("chroot").arg(tree).args(["systemctl", "disable", "--quiet", "e2scrub_reap.service", "e2scrub_all.timer"]);
@@ -77,6 +84,26 @@ pub fn customize(ctx: &Context) -> Result<()> {
         std::fs::create_dir_all(tree.join("boot/autoboot")).context("creating /boot/autoboot")?;
     }
     progress.finish(&format!("{} users, hostname {}", plan.users.len(), plan.hostname));
+    Ok(())
+}
+
+/// The on-device agent: its binary, `/usr/lib/kiln/device.json`, and its units (the timer
+/// only when the profile has `[update]`).
+fn install_agent(ctx: &Context, tctx: &tera::Context) -> Result<()> {
+    let (tree, plan, t) = (&ctx.tree, ctx.plan, &ctx.templates);
+    let bin = crate::device::agent_binary(plan.arch)?;
+    let data = std::fs::read(&bin).with_context(|| format!("reading {}", bin.display()))?;
+    write_file(&tree.join("usr/bin/kiln-agent"), &data, 0o755)?;
+    let device = serde_json::to_vec_pretty(&crate::device::device_config(plan)?).context("encoding device.json")?;
+    write_file(&tree.join(kiln_feed::DEVICE_CONFIG.trim_start_matches('/')), &device, 0o644)?;
+    for unit in ["kiln-agent-boot.service", "kiln-agent-commit.service", "kiln-agent-rollback.service", "kiln-agent.service"] {
+        write_file(&tree.join("usr/lib/systemd/system").join(unit), t.render(&format!("rootfs/{unit}"), tctx)?.as_bytes(), 0o644)?;
+    }
+    if let Some(u) = &plan.update {
+        let mut c = tctx.clone();
+        c.insert("first_check_secs", &u.interval_secs.min(300));
+        write_file(&tree.join("usr/lib/systemd/system/kiln-agent.timer"), t.render("rootfs/kiln-agent.timer.tera", &c)?.as_bytes(), 0o644)?;
+    }
     Ok(())
 }
 

@@ -1,0 +1,58 @@
+//! What the image carries for its on-device agent: the `kiln-agent` binary for the image's
+//! architecture, and `/usr/lib/kiln/device.json` (`kiln_feed::DeviceConfig`) describing the
+//! image, its disk layout and its update feed.
+
+use crate::image::{Arch, Bootloader, PartitionTable};
+use crate::plan::Plan;
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+
+/// Finds the agent binary for `arch`: `$KILN_AGENT`, else next to the running kiln
+/// (`kiln-agent` for the host's architecture, `kiln-agent-<arch>` for another).
+pub fn agent_binary(arch: Arch) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("KILN_AGENT") {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!("KILN_AGENT={} is not a file", p.display());
+        }
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().map_err(|e| anyhow::anyhow!("locating the kiln executable: {e}"))?;
+    let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    let name = if arch.is_host() { "kiln-agent".to_string() } else { format!("kiln-agent-{}", arch.debian()) };
+    let path = dir.join(&name);
+    if path.is_file() {
+        return Ok(path);
+    }
+    let how = if arch.is_host() { "cargo build -p kiln-agent (with the same profile as kiln)".to_string() } else { format!("scripts/build-agent --arch {}", arch.debian()) };
+    bail!("the on-device agent for {} is missing: looked for {} (or $KILN_AGENT); build it with `{how}`", arch.debian(), path.display())
+}
+
+/// `/usr/lib/kiln/device.json` for this plan.
+pub fn device_config(plan: &Plan) -> Result<kiln_feed::DeviceConfig> {
+    let role = |r: crate::image::Role| serde_json::to_value(r).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    Ok(kiln_feed::DeviceConfig {
+        profile: plan.profile.clone(),
+        image: plan.image.clone(),
+        arch: plan.arch.debian().into(),
+        version: plan.version.parse().map_err(|e: String| anyhow::anyhow!("release version: {e}"))?,
+        bootloader: match plan.bootloader {
+            Bootloader::SystemdBoot => "systemd-boot",
+            Bootloader::RpiFirmware => "rpi-firmware",
+        }
+        .into(),
+        partition_table: match plan.disk.table {
+            PartitionTable::Gpt => "gpt",
+            PartitionTable::Mbr => "mbr",
+        }
+        .into(),
+        partitions: plan
+            .disk
+            .partitions
+            .iter()
+            .map(|p| kiln_feed::DevicePartition { name: p.name.clone(), number: p.number, role: role(p.role), slot: p.slot.map(|s| if s == crate::image::Slot::A { "a".to_string() } else { "b".to_string() }), size: p.size.0 })
+            .collect(),
+        health_timeout: plan.health.timeout_secs,
+        update: plan.update.clone(),
+    })
+}
