@@ -238,7 +238,8 @@ pub fn retarget(cmdline_path: &Path, own_cmdline: &str, root_number: u32) -> Res
     boot::replace_file(cmdline_path, new.as_bytes())
 }
 
-/// Until kiln-feed's signatures land (branch `feed`): refuse everything.
-fn verify_signature(_json: &[u8], _sig: &str, _keys: &[String]) -> Result<(), String> {
-    Err("signature checking is not built into this agent yet".into())
+/// Checks the metadata's signature against the keys baked into the image.
+fn verify_signature(json: &[u8], sig: &str, keys: &[String]) -> Result<(), String> {
+    let keys: Vec<kiln_feed::PublicKey> = keys.iter().map(|k| kiln_feed::PublicKey::parse(k).map_err(|e| format!("{}: update.public_keys: {e}", kiln_feed::DEVICE_CONFIG))).collect::<Result<_, _>>()?;
+    kiln_feed::verify(json, sig, &keys).map(|_| ()).map_err(|e| e.to_string())
 }

@@ -7,6 +7,11 @@
 //!
 //! Artifacts are stored by content: `artifacts/<sha256>`, URLs relative to the metadata file.
 
+pub mod render;
+pub mod sign;
+
+pub use sign::{sign, verify, KeyError, PublicKey, SecretKey, SignatureError};
+
 use serde::{Deserialize, Serialize};
 use std::cmp::Ordering;
 use std::fmt;

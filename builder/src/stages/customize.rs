@@ -92,8 +92,15 @@ pub fn customize(ctx: &Context) -> Result<()> {
 fn install_agent(ctx: &Context, tctx: &tera::Context) -> Result<()> {
     let (tree, plan, t) = (&ctx.tree, ctx.plan, &ctx.templates);
     let bin = crate::device::agent_binary(plan.arch)?;
-    let data = std::fs::read(&bin).with_context(|| format!("reading {}", bin.display()))?;
-    write_file(&tree.join("usr/bin/kiln-agent"), &data, 0o755)?;
+    let dest = tree.join("usr/bin/kiln-agent");
+    // Debug builds carry tens of MiB of debug info the device does not need (and would download
+    // with every update); a foreign binary the host's objcopy cannot read goes in as it is.
+    let stripped = Cmd::new("objcopy").arg("--strip-debug").arg(&bin).arg(&dest).run();
+    if stripped.is_err() {
+        let data = std::fs::read(&bin).with_context(|| format!("reading {}", bin.display()))?;
+        write_file(&dest, &data, 0o755)?;
+    }
+    std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755)).with_context(|| format!("chmod {}", dest.display()))?;
     let device = serde_json::to_vec_pretty(&crate::device::device_config(plan)?).context("encoding device.json")?;
     write_file(&tree.join(kiln_feed::DEVICE_CONFIG.trim_start_matches('/')), &device, 0o644)?;
     for unit in ["kiln-agent-boot.service", "kiln-agent-commit.service", "kiln-agent-rollback.service", "kiln-agent.service"] {

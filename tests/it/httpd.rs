@@ -1,0 +1,153 @@
+//! A small real HTTP/1.1 static file server on 127.0.0.1 for the tests: GET and HEAD, `Range:
+//! bytes=N-` and `N-M` (206 + Content-Range, 416 past the end), one thread per connection,
+//! `Connection: close`. Faults for tests, settable while it runs: a rate limit (bytes/s), and
+//! cutting a response after N body bytes (a dropped connection). Every request is logged.
+
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Default, Debug, Clone)]
+pub struct Faults {
+    pub rate_limit: Option<u64>,
+    pub cut_after: Option<u64>,
+    pub ignore_range: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub path: String,
+    pub range: Option<String>,
+    pub status: u16,
+}
+
+pub struct Server {
+    port: u16,
+    faults: Arc<Mutex<Faults>>,
+    log: Arc<Mutex<Vec<Request>>>,
+}
+
+#[allow(dead_code)]
+impl Server {
+    /// Serves `root` (symbolic links are followed) until the test process ends.
+    pub fn start(root: &Path) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
+        let port = listener.local_addr().unwrap().port();
+        let faults = Arc::new(Mutex::new(Faults::default()));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (root, f, l) = (root.to_path_buf(), faults.clone(), log.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (root, f, l) = (root.clone(), f.clone(), l.clone());
+                std::thread::spawn(move || {
+                    let _ = serve(stream, &root, &f, &l);
+                });
+            }
+        });
+        Server { port, faults, log }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn set_rate_limit(&self, bytes_per_sec: Option<u64>) {
+        self.faults.lock().unwrap().rate_limit = bytes_per_sec;
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        *self.faults.lock().unwrap() = faults;
+    }
+
+    pub fn requests(&self) -> Vec<Request> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+fn resolve(root: &Path, url_path: &str) -> Option<PathBuf> {
+    let rel = url_path.split('?').next()?.trim_start_matches('/');
+    if rel.split('/').any(|c| c == ".." || c.starts_with('.')) {
+        return None;
+    }
+    let p = root.join(rel);
+    p.is_file().then_some(p)
+}
+
+fn serve(stream: TcpStream, root: &Path, faults: &Mutex<Faults>, log: &Mutex<Vec<Request>>) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("/").to_string());
+    let mut range = None;
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 || h.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("range") {
+                range = Some(v.trim().to_string());
+            }
+        }
+    }
+    let f = faults.lock().unwrap().clone();
+    let mut out = stream;
+    let Some(file) = resolve(root, &path) else {
+        log.lock().unwrap().push(Request { path, range, status: 404 });
+        return out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    };
+    let mut file = std::fs::File::open(file)?;
+    let len = file.metadata()?.len();
+    let mut status = 200;
+    let (mut from, mut to) = (0, len);
+    if let (Some(r), false) = (&range, f.ignore_range) {
+        let spec = r.strip_prefix("bytes=").unwrap_or("");
+        let (a, b) = spec.split_once('-').unwrap_or(("", ""));
+        let a: u64 = a.parse().unwrap_or(0);
+        if a >= len {
+            log.lock().unwrap().push(Request { path, range, status: 416 });
+            return out.write_all(format!("HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{len}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes());
+        }
+        let b = b.parse::<u64>().map(|b| (b + 1).min(len)).unwrap_or(len);
+        (from, to, status) = (a, b, 206);
+    }
+    log.lock().unwrap().push(Request { path, range, status });
+    let mut head = format!("HTTP/1.1 {status} {}\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\nConnection: close\r\n", if status == 206 { "Partial Content" } else { "OK" }, to - from);
+    if status == 206 {
+        head.push_str(&format!("Content-Range: bytes {from}-{}/{len}\r\n", to - 1));
+    }
+    head.push_str("\r\n");
+    out.write_all(head.as_bytes())?;
+    if method == "HEAD" {
+        return Ok(());
+    }
+    file.seek(SeekFrom::Start(from))?;
+    let mut left = to - from;
+    if let Some(cut) = f.cut_after {
+        left = left.min(cut);
+    }
+    let mut buf = vec![0u8; 64 << 10];
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while left > 0 {
+        let n = file.read(&mut buf[..(left.min(buf.len() as u64)) as usize])?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n])?;
+        left -= n as u64;
+        sent += n as u64;
+        // Read the limit again: a test may change it while a download runs.
+        if let Some(rate) = faults.lock().unwrap().rate_limit {
+            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    Ok(())
+}
