@@ -48,7 +48,7 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
     }
     check_free_space(&opts.out_dir, plan)?;
     // The agent goes into every image: find it before minutes of bootstrapping.
-    crate::device::agent_binary(plan.arch)?;
+    crate::device::agent_for(plan)?;
     let ctx = Context { plan, tree: work.join("tree"), work: work.clone(), staging: staging.clone(), templates: crate::templates::Templates::load()? };
 
     let cache = Cache::open_default()?;

@@ -28,6 +28,20 @@ pub fn agent_binary(arch: Arch) -> Result<PathBuf> {
     bail!("the on-device agent for {} is missing: looked for {} (or $KILN_AGENT); build it with `{how}`", arch.debian(), path.display())
 }
 
+/// The agent for this plan's image. A foreign-architecture agent that was not built is allowed
+/// only for a profile without `[update]` (the image then has no updater, and kiln says so);
+/// for the host's architecture or with `[update]` it is an error.
+pub fn agent_for(plan: &Plan) -> Result<Option<PathBuf>> {
+    match agent_binary(plan.arch) {
+        Ok(p) => Ok(Some(p)),
+        Err(e) if !plan.arch.is_host() && plan.update.is_none() => {
+            eprintln!("warning: {e:#}; this image gets no kiln-agent (no updates, no A/B commit bookkeeping)");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// `/usr/lib/kiln/device.json` for this plan.
 pub fn device_config(plan: &Plan) -> Result<kiln_feed::DeviceConfig> {
     let role = |r: crate::image::Role| serde_json::to_value(r).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();

@@ -23,6 +23,7 @@ pub mod pe;
 pub mod plan;
 pub mod profile;
 pub mod progress;
+pub mod publish;
 pub mod qemu;
 pub mod rpi;
 pub mod stages;

@@ -166,6 +166,45 @@ enum Command {
     /// read them back and verify. Refuses mounted devices, partitions, the system disk and
     /// devices larger than --max-size; asks first unless --yes.
     Flash(kiln::flash::FlashArgs),
+    /// Make a release signing key pair (ed25519): DIR/kiln-release.key (secret, 0600) and
+    /// DIR/kiln-release.pub (for the profile's [update] public_key).
+    Keygen {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Replace an existing key (devices trusting the old one will refuse new releases).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Add a build to a release channel: artifacts by sha256, signed metadata for devices, and
+    /// Atom/RSS feeds for people, in a directory to upload to the update URL.
+    Publish {
+        /// A build output directory (out/<profile>-<image>/).
+        output: PathBuf,
+        #[arg(long, default_value = "stable")]
+        channel: String,
+        /// The site directory (created if missing; an existing channel in it is extended).
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// The secret key from `kiln keygen`.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Where the site will be served from (used in the feeds' links and ids).
+        #[arg(long, value_name = "URL", default_value = "https://updates.example.org/")]
+        base_url: String,
+        /// How long devices accept this metadata ("30d", "12h"); publish again before then.
+        /// "0s" makes metadata that has already expired (for tests).
+        #[arg(long, value_name = "DURATION", default_value = "30d")]
+        valid_for: String,
+        /// A note shown in the feeds and the metadata.
+        #[arg(long, default_value = "")]
+        notes: String,
+        /// Releases kept in the channel.
+        #[arg(long, default_value_t = 10)]
+        keep: usize,
+        /// Start the channel afresh when the existing metadata does not verify with this key.
+        #[arg(long)]
+        force: bool,
+    },
     /// Check the host tools kiln needs; --install installs the missing ones (idempotent).
     Doctor {
         #[arg(long)]
@@ -434,6 +473,29 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&plan)?);
         }
         Command::Flash(args) => kiln::flash::run(&args)?,
+        Command::Keygen { out, force } => {
+            let (secret, public, id) = kiln::publish::keygen(&out, force)?;
+            println!("key {id}: secret {} (keep it off the devices and out of version control), public {}", secret.display(), public.display());
+            println!("{}", std::fs::read_to_string(&public).unwrap_or_default().trim());
+            println!("put the public key into the profile: [update] public_key = \"{}\" (relative to the profile file)", public.display());
+        }
+        Command::Publish { output, channel, to, key, base_url, valid_for, notes, keep, force } => {
+            let valid_for = humantime::parse_duration(&valid_for).map_err(|e| anyhow::anyhow!("--valid-for {valid_for:?}: {e}"))?;
+            if valid_for.as_secs() == 0 {
+                eprintln!("warning: --valid-for 0s: devices will refuse this metadata as expired (meant for tests)");
+            }
+            let opts = kiln::publish::PublishOptions { channel, site: to, key, base_url, valid_for, notes, keep, force };
+            let p = kiln::publish::publish(&output, &opts)?;
+            let r = &p.release;
+            println!("published {} {} for {} ({}) in channel {}; expires {}", r.profile, r.version, r.image, r.arch, opts.channel, p.expires);
+            for a in &r.artifacts {
+                println!("  {:<24} {:>10.1} MiB  {}", a.name, a.size as f64 / 1048576.0, a.url);
+            }
+            println!("  {} package change(s)", r.changelog.len());
+            for f in &p.files {
+                println!("  wrote {}", f.display());
+            }
+        }
         Command::Doctor { install } => {
             let missing = doctor::report();
             if install {

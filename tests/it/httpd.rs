@@ -134,7 +134,8 @@ fn serve(stream: TcpStream, root: &Path, faults: &Mutex<Faults>, log: &Mutex<Vec
     let started = Instant::now();
     let mut sent = 0u64;
     while left > 0 {
-        let n = file.read(&mut buf[..(left.min(buf.len() as u64)) as usize])?;
+        let want = left.min(buf.len() as u64) as usize;
+        let n = file.read(&mut buf[..want])?;
         if n == 0 {
             break;
         }

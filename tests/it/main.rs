@@ -8,6 +8,8 @@
 //! provisioning.
 //! `image`: the real thing: an mmdebstrap build of the minimal image, its partition table,
 //! dm-verity, and QEMU boots (healthy, and failing on a flipped byte in the root).
+//! `ota`: over-the-air updates end to end: keygen, publish, a feed on 127.0.0.1, the agent in
+//! QEMU installing, committing, rolling back, refusing bad releases, surviving power cuts.
 //! `initramfs`: the initramfs built natively from a target tree, booted under QEMU (healthy,
 //! flipped byte, wrong root hash).
 
@@ -15,8 +17,10 @@ mod arm64;
 mod cli;
 mod flash;
 mod golden;
+mod httpd;
 mod image;
 mod initramfs;
+mod ota;
 mod repro;
 
 

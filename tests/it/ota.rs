@@ -36,7 +36,6 @@ struct Vm {
     lines: Arc<Mutex<Vec<String>>>,
     done: Arc<Mutex<bool>>,
     cursor: usize,
-    started: Instant,
 }
 
 impl Vm {
@@ -71,7 +70,7 @@ impl Vm {
             }
             *d.lock().unwrap() = true;
         });
-        Vm { child, lines, done, cursor: 0, started: Instant::now() }
+        Vm { child, lines, done, cursor: 0 }
     }
 
     fn tail(&self) -> String {

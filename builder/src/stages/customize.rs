@@ -63,6 +63,9 @@ pub fn customize(ctx: &Context) -> Result<()> {
 
     // Units.
     let mut units: Vec<&str> = ENABLED_UNITS.to_vec();
+    if !tree.join("usr/bin/kiln-agent").exists() {
+        units.retain(|u| !u.starts_with("kiln-agent"));
+    }
     if plan.update.is_some() {
         units.push("kiln-agent.timer");
     }
@@ -91,7 +94,7 @@ pub fn customize(ctx: &Context) -> Result<()> {
 /// only when the profile has `[update]`).
 fn install_agent(ctx: &Context, tctx: &tera::Context) -> Result<()> {
     let (tree, plan, t) = (&ctx.tree, ctx.plan, &ctx.templates);
-    let bin = crate::device::agent_binary(plan.arch)?;
+    let Some(bin) = crate::device::agent_for(plan)? else { return Ok(()) };
     let dest = tree.join("usr/bin/kiln-agent");
     // Debug builds carry tens of MiB of debug info the device does not need (and would download
     // with every update); a foreign binary the host's objcopy cannot read goes in as it is.

@@ -64,7 +64,11 @@ pub fn make_boot(ctx: &Context, boot: &BootFiles, root: &RootImage) -> Result<Bo
     make_fat(&auto_dir, &auto_img, auto_part.size, "KILN-AUTO", &Uuid::derive(&plan.seed, "autoboot-volume").fat_volume_id())?;
 
     progress.finish(&format!("slot A {} of files, root {}", crate::units::Bytes(bytes), root_part.uuid));
-    Ok(BootOutput { partitions: vec![(Role::Autoboot, None, auto_img), (Role::Boot, Some(slot), boot_img)], artifacts: vec![], cmdline })
+    // The boot slot's image is also the update payload for the boot partition (the updater
+    // writes it into the other slot and points its cmdline.txt at that slot's root).
+    let boot_artifact = ctx.work.join("boot.img");
+    std::fs::copy(&boot_img, &boot_artifact).with_context(|| format!("copying {} to {}", boot_img.display(), boot_artifact.display()))?;
+    Ok(BootOutput { partitions: vec![(Role::Autoboot, None, auto_img), (Role::Boot, Some(slot), boot_img)], artifacts: vec![boot_artifact], cmdline })
 }
 
 fn fresh_dir(dir: &Path) -> Result<()> {
