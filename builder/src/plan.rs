@@ -220,7 +220,12 @@ impl Plan {
             "profile": p, "image": def, "version": version, "suite": suite, "epoch": source_date_epoch,
         });
         let seed = Sha256::of(seed_input.to_string().as_bytes()).hex();
-        let disk = layout(def.disk.table, &def.disk.partitions, &seed);
+        // The partition table stays on the device for its whole life: every release of an
+        // appliance (profile + image) must name the same partitions (the data partition in
+        // fstab, the Pi's disk id), so their ids come from the appliance's identity alone,
+        // never from the version or the contents.
+        let layout_seed = Sha256::of(serde_json::json!({ "profile": profile.name, "image": image.name, "layout": def.disk }).to_string().as_bytes()).hex();
+        let disk = layout(def.disk.table, &def.disk.partitions, &layout_seed);
 
         Ok(Plan {
             output_name: format!("{}-{}", profile.name, image.name),
