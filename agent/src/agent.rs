@@ -67,11 +67,15 @@ impl Agent {
     /// After boot-complete.target (the health check passed): a trial becomes committed.
     pub fn commit(&self) -> Result<()> {
         let mut state = self.load_state()?;
-        let booted = self.medium.booted(&self.host, &self.config, self.slot, &self.running)?;
-        state.observe_boot(&booted, Timestamp::now());
+        // systemd-bless-boot (where installed) may have renamed the UKI already: the record
+        // still says this slot was on trial.
+        let recorded_trial = state.slot(self.slot).status == crate::state::SlotStatus::Trial;
+        let mut booted = self.medium.booted(&self.host, &self.config, self.slot, &self.running)?;
         if booted.trial {
             self.medium.commit(&self.config, self.slot, &self.running)?;
         }
+        booted.trial |= recorded_trial;
+        state.observe_boot(&booted, Timestamp::now());
         let version = state.commit(self.slot)?;
         state.last_result = Some(format!("committed {version} in slot {}", self.slot));
         state.write(&self.state_dir)?;
