@@ -442,6 +442,9 @@ pub struct Fetcher {
 
 impl Fetcher {
     pub fn new(config: FetchConfig) -> Result<Fetcher, DebianError> {
+        // HTTPS mirrors through rustls with the ring provider (the agent uses the same; no
+        // aws-lc). Installing it twice is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::blocking::Client::builder()
             .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(config.connect_timeout)
