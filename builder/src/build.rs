@@ -1,5 +1,5 @@
-//! The build, top to bottom: bootstrap -> customize -> root image -> boot partition -> disk ->
-//! manifest. Outputs are written to a staging directory and moved into place at the end, so a
+//! The build, top to bottom: bootstrap -> customize -> harden -> root image -> boot partition ->
+//! disk -> manifest. Outputs are written to a staging directory and moved into place at the end, so a
 //! failed build never leaves a half-written output behind.
 
 use crate::cache::Cache;
@@ -75,6 +75,7 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
         }
     };
     stages::customize::customize(&ctx)?;
+    let security = stages::harden::harden(&ctx)?;
     let packages = stages::manifest::packages(&ctx.tree)?;
     let root = stages::rootfs::make_root(&ctx)?;
     let boot = match plan.bootloader {
@@ -99,7 +100,7 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
         artifacts.insert(name, stages::manifest::artifact(p)?);
     }
     let partuuids = stages::disk::partuuids(&ctx, &root)?;
-    let manifest = stages::manifest::write(&ctx, &root, &boot_files.kernel_version, &boot.cmdline, &partuuids, artifacts, packages)?;
+    let manifest = stages::manifest::write(&ctx, &root, &boot_files.kernel_version, &boot.cmdline, &partuuids, artifacts, packages, security)?;
     stages::sbom::write(&manifest, &ctx.tree, &staging)?;
 
     if final_dir.exists() {

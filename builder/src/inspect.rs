@@ -30,11 +30,41 @@ pub fn print(m: &Manifest, packages: bool) {
     for (name, a) in &m.artifacts {
         println!("  {:<20} {:>10}  sha256 {}", name, manifest::size(a.size), a.sha256);
     }
+    print_security(&m.security);
     println!("packages:  {}", m.packages.len());
     if packages {
         for p in &m.packages {
             println!("  {:<36} {} {}", p.name, p.version, p.arch);
         }
+    }
+}
+
+/// The security gate's table and the system's openings.
+pub fn print_security(s: &crate::stages::harden::SecurityReport) {
+    if !s.services.is_empty() {
+        println!("services (systemd-analyze security exposure, 0 = fully sandboxed):");
+        println!("  {:<12} {:<22} {:>8} {:<8} {:>6}  {:<26} {}", "name", "unit", "exposure", "rating", "budget", "ports", "loosened");
+        for v in &s.services {
+            let loosened: Vec<String> = v.loosened.iter().map(|l| format!("{}={}", l.directive, l.now)).collect();
+            println!(
+                "  {:<12} {:<22} {:>8.1} {:<8} {:>6.1}  {:<26} {}",
+                v.name,
+                v.unit,
+                v.exposure,
+                v.rating,
+                v.budget,
+                if v.ports.is_empty() { "-".to_string() } else { v.ports.join(" ") },
+                if loosened.is_empty() { "-".to_string() } else { loosened.join(" ") }
+            );
+        }
+    }
+    if s.firewall_enabled {
+        println!("firewall:  inbound denied except {}", s.firewall.join(", "));
+    } else if !s.services.is_empty() || !s.setuid_kept.is_empty() {
+        println!("firewall:  OFF (hardening.firewall = false)");
+    }
+    if !s.setuid_kept.is_empty() || !s.setuid_removed.is_empty() {
+        println!("setuid:    {} kept ({}), {} stripped", s.setuid_kept.len(), s.setuid_kept.join(", "), s.setuid_removed.len());
     }
 }
 

@@ -26,6 +26,7 @@ pub mod progress;
 pub mod publish;
 pub mod qemu;
 pub mod rpi;
+pub mod services;
 pub mod stages;
 pub mod templates;
 pub mod units;

@@ -122,6 +122,10 @@ enum Command {
         /// Forward 127.0.0.1:PORT to the guest's SSH port (user-mode network, restrict=on).
         #[arg(long, value_name = "PORT")]
         ssh_port: Option<u16>,
+        /// Forward 127.0.0.1:HOST to the guest's TCP port GUEST (repeatable), e.g. 8080:80 to
+        /// try a web service from the host's browser.
+        #[arg(long, value_name = "HOST:GUEST", value_parser = parse_forward)]
+        forward: Vec<(u16, u16)>,
         #[arg(long, value_enum, default_value = "auto")]
         accel: qemu::Accel,
         /// Write the whole console output here (check mode; default: next to the image).
@@ -300,9 +304,10 @@ fn run(cli: Cli) -> Result<()> {
             println!("  disk.img  {} (sha256 {})", stages::manifest::size(disk.size), disk.sha256);
             println!("  root.img  {} (sha256 {})", stages::manifest::size(root.size), root.sha256);
             println!("  root hash {}", r.manifest.verity.root_hash);
+            kiln::inspect::print_security(&r.manifest.security);
             println!("next: kiln boot {} --check", r.dir.join("disk.img").display());
         }
-        Command::Boot { image, check, timeout, persist, ssh_port, accel, log, verbose, tryboot, machine, then } => {
+        Command::Boot { image, check, timeout, persist, ssh_port, forward, accel, log, verbose, tryboot, machine, then } => {
             if !then.is_empty() && !check {
                 bail!("a command after -- needs --check (it runs once the guest is ready)");
             }
@@ -324,7 +329,8 @@ fn run(cli: Cli) -> Result<()> {
             if tryboot && q.firmware != kiln::image::Firmware::Rpi {
                 bail!("--tryboot is for Raspberry Pi images (autoboot.txt); {} boots with UEFI", disk.display());
             }
-            let opts = qemu::BootOptions { disk, qemu: q, accel, persist, ssh_port, net_rules: vec![], log: log.clone(), tryboot };
+            let net_rules = forward.iter().map(|(h, g)| format!("hostfwd=tcp:127.0.0.1:{h}-:{g}")).collect();
+            let opts = qemu::BootOptions { disk, qemu: q, accel, persist, ssh_port, net_rules, log: log.clone(), tryboot };
             let result = if check {
                 let then_cmd = then.split_first().map(|(prog, args)| {
                     let mut c = kiln::exec::Cmd::new(prog).args(args);
@@ -536,6 +542,13 @@ fn print_tail(tail: &[String], log: Option<&Path>) {
     if let Some(p) = log {
         eprintln!("full console log: {}", p.display());
     }
+}
+
+/// `--forward HOST:GUEST`.
+fn parse_forward(s: &str) -> std::result::Result<(u16, u16), String> {
+    let (h, g) = s.split_once(':').ok_or_else(|| format!("expected HOST:GUEST ports such as 8080:80, found {s:?}"))?;
+    let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("expected a port from 1 to 65535, found {p:?}"));
+    Ok((port(h)?, port(g)?))
 }
 
 fn tempdir(prefix: &str) -> Result<PathBuf> {

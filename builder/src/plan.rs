@@ -8,7 +8,7 @@ use crate::mirror::Mirror;
 use crate::profile::{LoadedProfile, ProfileError};
 use crate::units::{Bytes, Sha256, Uuid, MIB};
 use serde::Serialize;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Packages kiln's own pipeline needs in every image, whatever the profile says.
 pub const REQUIRED_PACKAGES: &[&str] = &[
@@ -66,6 +66,9 @@ pub struct Plan {
     pub rpi: Option<RpiDef>,
     /// Where the device's agent looks for updates (None: no `[update]` in the profile).
     pub update: Option<kiln_feed::UpdateConfig>,
+    /// The profile's services, sorted by name.
+    pub services: Vec<crate::services::ServicePlan>,
+    pub hardening: HardeningPlan,
     /// Hash of every input: seeds the UUIDs that are not derived from content.
     pub seed: String,
 }
@@ -83,6 +86,29 @@ pub struct HealthPlan {
     pub units: Vec<String>,
     pub commands: Vec<String>,
     pub timeout_secs: u32,
+}
+
+/// The system-wide hardening, defaults filled in.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct HardeningPlan {
+    pub firewall: bool,
+    /// Inbound ports the firewall opens besides SSH, with the service that declared each.
+    pub open_ports: Vec<OpenPort>,
+    pub exposure_budget: f64,
+    pub sysctl: BTreeMap<String, String>,
+    pub disable_modules: Vec<String>,
+    pub setuid_allow: Vec<String>,
+    pub allow_compilers: bool,
+    /// RuntimeWatchdogSec (None: off).
+    pub watchdog_secs: Option<u64>,
+    pub journal_max_use_mib: u64,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct OpenPort {
+    pub port: u16,
+    pub proto: String,
+    pub service: String,
 }
 
 /// The partition table with every offset decided.
@@ -204,12 +230,59 @@ impl Plan {
         }
         let source_date_epoch = overrides.source_date_epoch.or(release.source_date_epoch).unwrap_or(now_epoch);
 
-        let health = p.health.clone().unwrap_or_default();
-        let health = HealthPlan {
-            units: health.units.unwrap_or_default(),
-            commands: health.commands.unwrap_or_default(),
-            timeout_secs: health.timeout.unwrap_or(240),
+        let h = p.hardening.clone().unwrap_or_default();
+        let exposure_budget = h.exposure_budget.unwrap_or(crate::services::DEFAULT_BUDGET);
+        let mut services = Vec::new();
+        for (name, svc) in p.services.iter().flatten() {
+            if svc.enable == Some(false) {
+                continue;
+            }
+            let s = crate::services::resolve(&file, name, svc, exposure_budget)?;
+            packages.extend(s.packages.iter().cloned());
+            services.push(s);
+        }
+        let mut open_ports: Vec<OpenPort> = Vec::new();
+        for s in &services {
+            for pp in &s.ports {
+                if pp.port == 22 && pp.proto == "tcp" {
+                    return Err(ProfileError::new(&file, Some(&format!("services.{}.ports", s.name)), "port 22/tcp is SSH's".to_string()));
+                }
+                if let Some(other) = open_ports.iter().find(|o| o.port == pp.port && o.proto == pp.proto) {
+                    return Err(ProfileError::new(
+                        &file,
+                        Some(&format!("services.{}.ports", s.name)),
+                        format!("{pp} is already declared by service {}", other.service),
+                    ));
+                }
+                open_ports.push(OpenPort { port: pp.port, proto: pp.proto.clone(), service: s.name.clone() });
+            }
+        }
+        open_ports.sort_by(|a, b| (a.port, &a.proto).cmp(&(b.port, &b.proto)));
+        let watchdog_secs = match h.watchdog.as_deref() {
+            None => Some(30),
+            Some("off") => None,
+            Some(d) => humantime::parse_duration(d).ok().map(|d| d.as_secs().max(1)),
         };
+        let hardening = HardeningPlan {
+            firewall: h.firewall.unwrap_or(true),
+            open_ports,
+            exposure_budget,
+            sysctl: h.sysctl.unwrap_or_default().into_iter().map(|(k, v)| (k, v.to_string())).collect(),
+            disable_modules: h.disable_modules.unwrap_or_default(),
+            setuid_allow: h.setuid_allow.unwrap_or_default(),
+            allow_compilers: h.allow_compilers.unwrap_or(false),
+            watchdog_secs,
+            journal_max_use_mib: h.journal_max_use.map(|b| b.mib().max(16)).unwrap_or(256),
+        };
+
+        let health = p.health.clone().unwrap_or_default();
+        let mut health_units = health.units.unwrap_or_default();
+        for s in &services {
+            if !health_units.contains(&s.unit) {
+                health_units.push(s.unit.clone());
+            }
+        }
+        let health = HealthPlan { units: health_units, commands: health.commands.unwrap_or_default(), timeout_secs: health.timeout.unwrap_or(240) };
 
         let update = match &p.update {
             None => None,
@@ -254,6 +327,8 @@ impl Plan {
             qemu: def.qemu.clone(),
             rpi: def.rpi.clone(),
             update,
+            services,
+            hardening,
             seed,
         })
     }

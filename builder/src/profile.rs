@@ -14,7 +14,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 /// Lists that add to the parent's list instead of replacing it.
-pub const APPENDING_LISTS: &[&str] = &["system.packages", "system.kernel_cmdline", "health.units", "health.commands"];
+pub const APPENDING_LISTS: &[&str] =
+    &["system.packages", "system.kernel_cmdline", "health.units", "health.commands", "hardening.disable_modules"];
 
 /// The profiles compiled into kiln, used when no file of that name is found on disk.
 pub const BUILTIN_PROFILES: &[(&str, &str)] = &[
@@ -36,6 +37,97 @@ pub struct ProfileFile {
     pub health: Option<Health>,
     /// Where devices get new releases from (the feed) and which key signs them.
     pub update: Option<Update>,
+    /// Services the appliance runs, by name: a catalog entry (`caddy`, `syncthing`,
+    /// `radicale`) or a program of your own (`exec`, and `binary` or `packages`).
+    pub services: Option<BTreeMap<String, Service>>,
+    /// The system-wide defaults: firewall, kernel settings, journal, watchdog, setuid binaries,
+    /// and the exposure budget every service unit is scored against.
+    pub hardening: Option<Hardening>,
+}
+
+#[derive(Deserialize, Serialize, Default, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// `false` drops a service a parent profile declared.
+    pub enable: Option<bool>,
+    /// The command line (absolute path first). Catalog services have their own.
+    pub exec: Option<String>,
+    /// A program to copy into the image (relative to the profile file that names it), installed
+    /// as `/usr/local/bin/<file name>`.
+    pub binary: Option<String>,
+    /// Ports to open in the firewall: 8080 (TCP) or "8080/tcp", "51820/udp". Catalog services
+    /// have their own; setting this replaces them.
+    pub ports: Option<Vec<Port>>,
+    /// A persistent state directory on the data partition (`/var/lib/<name>`).
+    pub state: Option<bool>,
+    /// Debian packages the service needs (added to the image).
+    pub packages: Option<Vec<String>>,
+    /// Environment variables for the service.
+    pub environment: Option<BTreeMap<String, String>>,
+    /// Sandbox directives to relax for this service only ("MemoryDenyWriteExecute" = "no").
+    /// Shown in the build report and the manifest.
+    pub loosen: Option<BTreeMap<String, String>>,
+    /// This service's exposure budget (default: hardening.exposure_budget).
+    pub exposure_budget: Option<f64>,
+    /// caddy: the sites to serve.
+    pub sites: Option<Vec<Site>>,
+}
+
+#[derive(Deserialize, Serialize, Default, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Site {
+    /// The site's domain name: HTTPS with a certificate from Let's Encrypt/ZeroSSL. Without
+    /// one, plain HTTP on port 80 for any name.
+    pub domain: Option<String>,
+    /// A directory to serve files from ("/srv/www").
+    pub root: Option<String>,
+    /// An address to forward requests to ("127.0.0.1:5232").
+    pub proxy: Option<String>,
+}
+
+/// A port a service listens on: 8080 (TCP) or "8080/tcp", "443/udp".
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(untagged)]
+pub enum Port {
+    Number(i64),
+    Text(String),
+}
+
+#[derive(Deserialize, Serialize, Default, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Hardening {
+    /// Drop every inbound connection but SSH and the services' declared ports (nftables).
+    pub firewall: Option<bool>,
+    /// The highest `systemd-analyze security` exposure a service unit may have (0.0-10.0).
+    pub exposure_budget: Option<f64>,
+    /// Kernel settings (`sysctl.d`), merged with the parent's by key.
+    pub sysctl: Option<BTreeMap<String, SysctlValue>>,
+    /// Kernel modules that can never be loaded (appends).
+    pub disable_modules: Option<Vec<String>>,
+    /// The only files allowed to keep a setuid/setgid bit; every other one loses it.
+    pub setuid_allow: Option<Vec<String>>,
+    /// Allow compilers and assemblers in the image (default: the build fails when one is there).
+    pub allow_compilers: Option<bool>,
+    /// The hardware watchdog the service manager keeps alive ("30s"; "off").
+    pub watchdog: Option<String>,
+    /// Keep the journal on the data partition across boots, at most this big ("256MiB").
+    pub journal_max_use: Option<crate::units::Bytes>,
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(untagged)]
+pub enum SysctlValue {
+    Number(i64),
+    Text(String),
+}
+
+impl fmt::Display for SysctlValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SysctlValue::Number(n) => write!(f, "{n}"),
+            SysctlValue::Text(s) => write!(f, "{s}"),
+        }
+    }
 }
 
 #[derive(Deserialize, Serialize, Default, Debug, Clone, PartialEq)]
@@ -364,9 +456,146 @@ fn check_values(src: &Source, p: &ProfileFile) -> Result<(), ProfileError> {
             }
         }
     }
+    for (name, svc) in p.services.iter().flatten() {
+        check_service(src, name, svc)?;
+    }
+    if let Some(h) = &p.hardening {
+        check_hardening(src, h)?;
+    }
     if let Some(h) = &p.health {
         if h.timeout == Some(0) {
             return err("health.timeout", "expected a positive number of seconds, found 0".into());
+        }
+    }
+    Ok(())
+}
+
+/// A service's name becomes its unit's and state directory's name.
+pub fn valid_service_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 32
+        && n.starts_with(|c: char| c.is_ascii_lowercase())
+        && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !n.ends_with('-')
+}
+
+impl Port {
+    /// (number, "tcp" | "udp"), or what is wrong with it.
+    pub fn parse(&self) -> Result<(u16, &'static str), String> {
+        let (num, proto) = match self {
+            Port::Number(n) => (*n, "tcp"),
+            Port::Text(t) => {
+                let (n, p) = t.split_once('/').unwrap_or((t.as_str(), "tcp"));
+                let proto = match p {
+                    "tcp" => "tcp",
+                    "udp" => "udp",
+                    _ => return Err(format!("expected a port such as 8080, \"8080/tcp\" or \"51820/udp\", found {t:?}")),
+                };
+                (n.parse::<i64>().map_err(|_| format!("expected a port such as 8080, \"8080/tcp\" or \"51820/udp\", found {t:?}"))?, proto)
+            }
+        };
+        if !(1..=65535).contains(&num) {
+            return Err(format!("expected a port number from 1 to 65535, found {num}"));
+        }
+        Ok((num as u16, proto))
+    }
+}
+
+fn check_service(src: &Source, name: &str, s: &Service) -> Result<(), ProfileError> {
+    let key = |k: &str| format!("services.{name}.{k}");
+    let err = |k: String, msg: String| Err(ProfileError::new(src, Some(&k), msg));
+    if !valid_service_name(name) {
+        return err(format!("services.{name}"), "expected a service name: lowercase letters, digits and '-', starting with a letter, at most 32 characters".into());
+    }
+    if let Some(e) = &s.exec {
+        if !e.starts_with('/') || e.contains('\n') {
+            return err(key("exec"), format!("expected a command line starting with an absolute path, such as \"/usr/local/bin/{name} --port 8080\", found {e:?}"));
+        }
+    }
+    if let Some(b) = &s.binary {
+        if b.is_empty() || b.ends_with('/') {
+            return err(key("binary"), format!("expected the path of a program file, found {b:?}"));
+        }
+    }
+    for (i, p) in s.ports.iter().flatten().enumerate() {
+        if let Err(m) = p.parse() {
+            return err(key(&format!("ports[{i}]")), m);
+        }
+    }
+    for (i, pkg) in s.packages.iter().flatten().enumerate() {
+        if !valid_package(pkg) {
+            return err(key(&format!("packages[{i}]")), format!("expected a Debian package name, found {pkg:?}"));
+        }
+    }
+    for (k, v) in s.environment.iter().flatten() {
+        let ok = k.starts_with(|c: char| c.is_ascii_uppercase() || c == '_') && k.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+        if !ok {
+            return err(key(&format!("environment.{k}")), "expected a variable name of capital letters, digits and '_'".into());
+        }
+        if v.contains('\n') || v.contains('"') {
+            return err(key(&format!("environment.{k}")), "expected a value on one line without '\"'".into());
+        }
+    }
+    for (k, v) in s.loosen.iter().flatten() {
+        if k.is_empty() || !k.starts_with(|c: char| c.is_ascii_uppercase()) || !k.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return err(key(&format!("loosen.{k}")), "expected a systemd directive name such as \"MemoryDenyWriteExecute\"".into());
+        }
+        if v.contains('\n') {
+            return err(key(&format!("loosen.{k}")), "expected a value on one line".into());
+        }
+    }
+    if let Some(b) = s.exposure_budget {
+        if !(0.0..=10.0).contains(&b) {
+            return err(key("exposure_budget"), format!("expected an exposure from 0.0 to 10.0, found {b}"));
+        }
+    }
+    for (i, site) in s.sites.iter().flatten().enumerate() {
+        let k = key(&format!("sites[{i}]"));
+        match (&site.root, &site.proxy) {
+            (Some(_), Some(_)) | (None, None) => return err(k, "expected either root (a directory to serve) or proxy (an address to forward to), not both or neither".into()),
+            (Some(r), None) if !r.starts_with('/') || r.contains(char::is_whitespace) => return err(format!("{k}.root"), format!("expected an absolute directory such as \"/srv/www\", found {r:?}")),
+            (None, Some(p)) if p.is_empty() || p.contains(char::is_whitespace) || p.contains(['{', '}']) => return err(format!("{k}.proxy"), format!("expected an address such as \"127.0.0.1:5232\", found {p:?}")),
+            _ => {}
+        }
+        if let Some(d) = &site.domain {
+            let ok = !d.is_empty() && d.split('.').all(|l| valid_hostname(l) || l == "*") && d.contains('.');
+            if !ok {
+                return err(format!("{k}.domain"), format!("expected a domain name such as \"home.example.org\", found {d:?}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_hardening(src: &Source, h: &Hardening) -> Result<(), ProfileError> {
+    let err = |k: String, msg: String| Err(ProfileError::new(src, Some(&k), msg));
+    if let Some(b) = h.exposure_budget {
+        if !(0.0..=10.0).contains(&b) {
+            return err("hardening.exposure_budget".into(), format!("expected an exposure from 0.0 to 10.0, found {b}"));
+        }
+    }
+    for (k, v) in h.sysctl.iter().flatten() {
+        let key_ok = !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || "._-/*".contains(c));
+        if !key_ok {
+            return err(format!("hardening.sysctl.{k}"), "expected a kernel setting name such as \"kernel.kptr_restrict\"".into());
+        }
+        if v.to_string().contains('\n') {
+            return err(format!("hardening.sysctl.{k}"), "expected a value on one line".into());
+        }
+    }
+    for (i, m) in h.disable_modules.iter().flatten().enumerate() {
+        if m.is_empty() || !m.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            return err(format!("hardening.disable_modules[{i}]"), format!("expected a kernel module name such as \"dccp\", found {m:?}"));
+        }
+    }
+    for (i, f) in h.setuid_allow.iter().flatten().enumerate() {
+        if !f.starts_with('/') || f.contains("..") {
+            return err(format!("hardening.setuid_allow[{i}]"), format!("expected an absolute path such as \"/usr/bin/sudo\", found {f:?}"));
+        }
+    }
+    if let Some(w) = &h.watchdog {
+        if w != "off" && humantime::parse_duration(w).is_err() {
+            return err("hardening.watchdog".into(), format!("expected a duration such as \"30s\" or \"off\", found {w:?}"));
         }
     }
     Ok(())
@@ -403,6 +632,21 @@ pub fn resolve_public_key(declared_in: &Source, value: &str) -> Result<String, P
     match line.strip_prefix("kiln-ed25519:") {
         Some(hex) if hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()) => Ok(hex.to_ascii_lowercase()),
         _ => Err(err(format!("expected a public key line \"kiln-ed25519:<64 hex digits>\" (the .pub file of `kiln keygen`), found {:?}", line.chars().take(80).collect::<String>()))),
+    }
+}
+
+/// A service's `binary`: made absolute against the profile file that names it; it must exist.
+fn resolve_binary(declared_in: &Source, service: &str, value: &str) -> Result<String, ProfileError> {
+    let key = format!("services.{service}.binary");
+    let Source::File(profile) = declared_in else {
+        return Err(ProfileError::new(declared_in, Some(&key), "a built-in profile cannot name a file"));
+    };
+    let dir = profile.parent().unwrap_or(Path::new(""));
+    let path = std::path::absolute(dir.join(value)).unwrap_or_else(|_| dir.join(value));
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() => Ok(path.to_string_lossy().into_owned()),
+        Ok(_) => Err(ProfileError::new(declared_in, Some(&key), format!("{} is not a file", path.display()))),
+        Err(e) => Err(ProfileError::new(declared_in, Some(&key), format!("cannot read {}: {e} (the path is relative to {})", path.display(), profile.display()))),
     }
 }
 
@@ -474,6 +718,17 @@ pub fn load(src: Source) -> Result<LoadedProfile, ProfileError> {
         // The file that set it, child first: a relative path is relative to that file.
         let declared = tables.iter().position(|t| t.get("update").and_then(|u| u.get("public_key")).is_some()).unwrap_or(0);
         *key = format!("kiln-ed25519:{}", resolve_public_key(&chain[declared], key)?);
+    }
+    if let Some(services) = typed.services.as_mut() {
+        for (svc, s) in services.iter_mut() {
+            let Some(bin) = s.binary.as_mut() else { continue };
+            // The file that set it, child first: a relative path is relative to that file.
+            let declared = tables
+                .iter()
+                .position(|t| t.get("services").and_then(|x| x.get(svc.as_str())).and_then(|x| x.get("binary")).is_some())
+                .unwrap_or(0);
+            *bin = resolve_binary(&chain[declared], svc, bin)?;
+        }
     }
     Ok(LoadedProfile { name, chain, merged: typed })
 }

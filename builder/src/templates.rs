@@ -26,8 +26,25 @@ pub const FILES: &[(&str, &str)] = templates![
     "rootfs/kiln-var-base.service",
     "rootfs/kiln-provision.service",
     "rootfs/health-check.tera",
+    "rootfs/nftables.conf.tera",
+    "rootfs/sysctl.conf.tera",
+    "rootfs/modprobe.conf.tera",
+    "rootfs/journald.conf.tera",
+    "rootfs/system.conf.tera",
+    "rootfs/resolved.conf",
+    "rootfs/service-provision",
+    "rootfs/tmpfiles-services.conf.tera",
     "esp/loader.conf",
 ];
+
+macro_rules! catalog_templates {
+    ($($name:literal),* $(,)?) => {
+        &[$(($name, include_str!(concat!("../../catalog/", $name)))),*]
+    };
+}
+
+/// The service catalog's templates (`catalog/`), named as catalog entries name them.
+pub const CATALOG_FILES: &[(&str, &str)] = catalog_templates!["service.tera", "caddy/Caddyfile.tera", "radicale/config.tera"];
 
 pub struct Templates {
     tera: tera::Tera,
@@ -41,6 +58,10 @@ impl Templates {
             if name.ends_with(".tera") {
                 tera.add_raw_template(name, text).with_context(|| format!("template {name}"))?;
             }
+        }
+        for (name, text) in CATALOG_FILES {
+            let name = format!("catalog/{name}");
+            tera.add_raw_template(&name, text).with_context(|| format!("template {name}"))?;
         }
         Ok(Templates { tera })
     }

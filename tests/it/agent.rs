@@ -10,10 +10,10 @@
 //! a device that comes up on a committed slot.
 
 use crate::httpd::Server;
-use crate::{kiln_bin, repo_root, text};
+use crate::{kiln_ok, repo_root, text};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,16 +37,6 @@ while True:
 
 /// Where the guest finds the feed: QEMU's user-mode network forwards it to the test's server.
 const FEED_HOST: &str = "10.0.2.100";
-
-fn kiln_in(work: &Path, args: &[&str]) -> Output {
-    Command::new(kiln_bin()).args(args).current_dir(work).env("KILN_CACHE", work.join("cache")).output().expect("kiln runs")
-}
-
-fn ok(work: &Path, args: &[&str]) -> String {
-    let out = kiln_in(work, args);
-    assert!(out.status.success(), "kiln {} failed:\n{}\n{}", args.join(" "), text(&out.stdout), text(&out.stderr));
-    text(&out.stdout) + &text(&out.stderr)
-}
 
 /// A QEMU guest whose serial console the test reads line by line. The guest's `reboot` ends
 /// QEMU (`-no-reboot`): the test starts it again on the same disk, as a power cycle would.
@@ -197,7 +187,7 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
 
     // Keys and profiles: v3 is the same appliance with a health check that fails.
     if !reuse {
-        let keygen = ok(&work, &["keygen", "--out", "keys"]);
+        let keygen = kiln_ok(&work, &["keygen", "--out", "keys"]);
         println!("kiln-it: {}", keygen.lines().next().unwrap_or(""));
     }
     std::fs::write(
@@ -220,14 +210,14 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
     let t = Instant::now();
     let lock = "profiles/ota.pc-uefi.lock";
     if !reuse {
-        ok(&work, &["lock", "--profile", "profiles/ota.toml", "--out", "scratch"]);
+        kiln_ok(&work, &["lock", "--profile", "profiles/ota.toml", "--out", "scratch"]);
     }
     let mut outs = Vec::new();
     for (v, profile) in [("0.1.0", "ota"), ("0.2.0", "ota"), ("0.3.0", "ota"), ("0.4.0", "ota"), ("0.5.0", "ota")] {
         let t = Instant::now();
         let out = format!("out-{v}");
         if !reuse {
-            ok(&work, &["build", "--profile", &format!("profiles/{profile}.toml"), "--lock", lock, "--release", v, "--out", &out]);
+            kiln_ok(&work, &["build", "--profile", &format!("profiles/{profile}.toml"), "--lock", lock, "--release", v, "--out", &out]);
             println!("kiln-it: built {profile} {v} in {:.1}s", t.elapsed().as_secs_f64());
         }
         outs.push(work.join(out).join(format!("{profile}-pc-uefi")));
@@ -240,7 +230,7 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
         let mut args = vec!["publish", dir.to_str().unwrap(), "--channel", "stable", "--to", site.to_str().unwrap(), "--key", "keys/kiln-release.key"];
         args.extend_from_slice(&["--base-url", "http://10.0.2.100/"]);
         args.extend_from_slice(extra);
-        ok(&work, &args)
+        kiln_ok(&work, &args)
     };
     publish(&outs[1], &staging, &[]);
     let meta_v2 = snapshot(&staging, &work.join("meta-v2"));

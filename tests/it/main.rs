@@ -23,6 +23,7 @@ mod httpd;
 mod image;
 mod initramfs;
 mod repro;
+mod services;
 
 
 use std::path::{Path, PathBuf};
@@ -39,6 +40,19 @@ pub fn repo_root() -> PathBuf {
 /// Runs kiln with `args` in `cwd`, with a fixed mirror so no test depends on the host's apt.
 pub fn kiln(cwd: &Path, args: &[&str]) -> Output {
     Command::new(kiln_bin()).args(args).current_dir(cwd).output().expect("kiln runs")
+}
+
+/// Runs kiln in `work` with a cache of its own (`work/cache`), so a test's builds and trees
+/// do not depend on another test's.
+pub fn kiln_in(work: &Path, args: &[&str]) -> Output {
+    Command::new(kiln_bin()).args(args).current_dir(work).env("KILN_CACHE", work.join("cache")).output().expect("kiln runs")
+}
+
+/// [`kiln_in`] that must succeed; returns stdout and stderr.
+pub fn kiln_ok(work: &Path, args: &[&str]) -> String {
+    let out = kiln_in(work, args);
+    assert!(out.status.success(), "kiln {} failed:\n{}\n{}", args.join(" "), text(&out.stdout), text(&out.stderr));
+    text(&out.stdout) + &text(&out.stderr)
 }
 
 pub fn text(b: &[u8]) -> String {

@@ -228,7 +228,7 @@ fn create_users(ctx: &Context) -> Result<()> {
         Cmd::new("chroot").arg(tree).args(["usermod", "--password", "*"]).arg(&u.name).run()?;
         let keys: String = u.ssh_keys.iter().map(|k| format!("{k}\n")).collect();
         write_file(&tree.join("etc/ssh/authorized_keys").join(&u.name), keys.as_bytes(), 0o644)?;
-        tmpfiles.push_str(&format!("d /home/{0} 0700 {0} {0} -\n", u.name));
+        tmpfiles.push_str(&format!("d /var/home/{0} 0700 {0} {0} -\n", u.name));
         sudo |= u.groups.iter().any(|g| g == "sudo");
     }
     if sudo {
@@ -277,6 +277,8 @@ fn make_var_factory(tree: &Path) -> Result<()> {
     for dir in ["home", "srv"] {
         symlink_force(&format!("var/{dir}"), &tree.join(dir))?;
     }
+    // systemd's home.conf would make /home and /srv subvolumes/directories; they are links here.
+    write_file(&tree.join("etc/tmpfiles.d/home.conf"), b"# Written by kiln: /home and /srv are links into /var (see 00-kiln-var.conf).\n", 0o644)?;
     std::fs::create_dir_all(tree.join("efi")).context("creating /efi")?;
     Ok(())
 }

@@ -36,6 +36,9 @@ pub struct Manifest {
     pub host_tools: BTreeMap<String, String>,
     /// How `kiln boot` runs this image.
     pub qemu: crate::image::Qemu,
+    /// Service exposure scores, firewall openings, setuid files (older manifests: empty).
+    #[serde(default)]
+    pub security: super::harden::SecurityReport,
 }
 
 fn default_table() -> String {
@@ -118,7 +121,7 @@ pub fn artifact(path: &Path) -> Result<Artifact> {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn write(ctx: &Context, root: &RootImage, kernel: &str, cmdline: &str, partuuids: &[String], artifacts: BTreeMap<String, Artifact>, packages: Vec<Package>) -> Result<Manifest> {
+pub fn write(ctx: &Context, root: &RootImage, kernel: &str, cmdline: &str, partuuids: &[String], artifacts: BTreeMap<String, Artifact>, packages: Vec<Package>, security: super::harden::SecurityReport) -> Result<Manifest> {
     let plan = ctx.plan;
     let partitions = plan
         .disk
@@ -155,6 +158,7 @@ pub fn write(ctx: &Context, root: &RootImage, kernel: &str, cmdline: &str, partu
         packages,
         host_tools: host_tools(),
         qemu: plan.qemu.clone(),
+        security,
     };
     let path = ctx.staging.join(FILE);
     let text = serde_json::to_string_pretty(&m).context("serializing the manifest")? + "\n";

@@ -5,6 +5,7 @@ pub mod bootstrap;
 pub mod customize;
 pub mod disk;
 pub mod esp;
+pub mod harden;
 pub mod manifest;
 pub mod native;
 pub mod rootfs;

@@ -776,6 +776,7 @@ License: public-domain
                 dtb: None,
                 console: None,
             },
+            security: Default::default(),
         }
     }
 

@@ -1,0 +1,222 @@
+//! Sandboxed services end to end: a profile with caddy, syncthing, radicale and a program of
+//! the user's own, locked and built for real; the security gate's scores (every one within the
+//! 2.0 budget); a deliberately weak unit that fails the build with the directives to fix; and in
+//! QEMU: every service active, only declared ports listening, the firewall dropping an
+//! undeclared port that something listens on, SSH refusing passwords, and a Lynis audit.
+
+use crate::{kiln_bin, kiln_in, kiln_ok, repo_root, text};
+use std::process::Command;
+use std::time::Instant;
+
+/// A stand-in for a user's own web service: answers on --port, counts its starts in its
+/// state directory.
+const MYAPP: &str = r#"#!/usr/bin/python3
+import http.server, os, sys
+port = int(sys.argv[sys.argv.index("--port") + 1])
+state = os.environ["STATE_DIRECTORY"]
+with open(os.path.join(state, "starts"), "a") as f:
+    f.write("start\n")
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"myapp ok\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+http.server.ThreadingHTTPServer(("", port), Handler).serve_forever()
+"#;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn services_are_sandboxed_gated_and_only_declared_ports_listen() {
+    assert!(nix::unistd::geteuid().is_root(), "the services test needs root (mmdebstrap --mode=root)");
+    let root = repo_root();
+    let work = root.join("target/kiln-it-services");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(work.join("profiles/dist")).unwrap();
+
+    let key = work.join("id_ed25519");
+    let kg = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "kiln-it", "-f"]).arg(&key).status().unwrap();
+    assert!(kg.success());
+    let public = std::fs::read_to_string(work.join("id_ed25519.pub")).unwrap();
+    std::fs::write(work.join("profiles/dist/myapp"), MYAPP).unwrap();
+    std::fs::write(
+        work.join("profiles/svc.toml"),
+        format!(
+            r#"extends = "minimal"
+[users.tester]
+ssh_keys = ["{}"]
+groups = ["sudo"]
+
+[services.caddy]
+sites = [{{ root = "/srv/www" }}]
+[services.syncthing]
+[services.radicale]
+[services.myapp]
+binary = "dist/myapp"
+exec = "/usr/local/bin/myapp --port 8080"
+ports = [8080]
+state = true
+"#,
+            public.trim()
+        ),
+    )
+    .unwrap();
+    // The same appliance with one more service whose sandbox the profile took apart.
+    std::fs::write(
+        work.join("profiles/weak.toml"),
+        r#"extends = "svc"
+[services.weak]
+exec = "/usr/bin/sleep infinity"
+[services.weak.loosen]
+DynamicUser = "no"
+ProtectSystem = "no"
+ProtectHome = "no"
+PrivateDevices = "no"
+NoNewPrivileges = "no"
+CapabilityBoundingSet = "~"
+SystemCallFilter = ""
+RestrictAddressFamilies = ""
+RestrictNamespaces = "no"
+"#,
+    )
+    .unwrap();
+
+    // Lock, then build exactly that.
+    let t = Instant::now();
+    kiln_ok(&work, &["lock", "--profile", "profiles/svc.toml", "--out", "scratch"]);
+    println!("kiln-it: locked the service profile in {:.1}s", t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    let built = kiln_ok(&work, &["build", "--profile", "profiles/svc.toml", "--locked", "--out", "out"]);
+    println!("kiln-it: built svc-pc-uefi in {:.1}s", t.elapsed().as_secs_f64());
+    let table: Vec<&str> = built.lines().skip_while(|l| !l.starts_with("services (systemd-analyze")).take(6).collect();
+    println!("kiln-it: the security gate's table:\n{}", table.join("\n"));
+    for l in built.lines().filter(|l| l.starts_with("firewall:") || l.starts_with("setuid:")) {
+        println!("kiln-it: {l}");
+    }
+
+    let dir = work.join("out/svc-pc-uefi");
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    let scores = manifest["security"]["services"].as_array().unwrap();
+    let mut names: Vec<&str> = scores.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["caddy", "myapp", "radicale", "syncthing"], "{scores:?}");
+    for s in scores {
+        let e = s["exposure"].as_f64().unwrap();
+        assert!(e <= 2.0, "{} scored {e}: {s}", s["name"]);
+        assert!(s["loosened"].as_array().unwrap().is_empty());
+    }
+    let fw: Vec<&str> = manifest["security"]["firewall"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(fw, ["22/tcp ssh", "80/tcp caddy", "443/tcp caddy", "443/udp caddy", "5232/tcp radicale", "8080/tcp myapp", "21027/udp syncthing", "22000/tcp syncthing", "22000/udp syncthing"]);
+    let inspect = Command::new(kiln_bin()).arg("inspect").arg(&dir).output().unwrap();
+    assert!(text(&inspect.stdout).contains("services (systemd-analyze security exposure"), "{}", text(&inspect.stdout));
+
+    // The weak unit: the same packages (the locked tree comes from the cache), and the gate
+    // stops the build naming the service, its score and what would lower it.
+    let t = Instant::now();
+    let weak = kiln_in(&work, &["build", "--profile", "profiles/weak.toml", "--lock", "profiles/svc.pc-uefi.lock", "--out", "out-weak"]);
+    let err = text(&weak.stderr);
+    assert!(!weak.status.success(), "a weak unit must fail the build:\n{}", text(&weak.stdout));
+    assert!(err.contains("security gate: services.weak: weak.service has exposure"), "{err}");
+    assert!(err.contains("over its budget of 2.0"), "{err}");
+    assert!(err.contains("loosened by the profile: "), "{err}");
+    assert!(err.contains("these settings would lower it"), "{err}");
+    assert!(!work.join("out-weak/weak-pc-uefi").exists(), "a failed build leaves no output");
+    let gate: Vec<&str> = err.lines().skip_while(|l| !l.contains("security gate:")).take(8).collect();
+    println!("kiln-it: the weak unit failed the build in {:.1}s:\n{}", t.elapsed().as_secs_f64(), gate.join("\n"));
+
+    // Boot: every service active, listeners only on declared ports, the firewall in the way
+    // of an undeclared one, passwords refused, and a Lynis audit.
+    let ssh_port = free_port();
+    let app_port = free_port();
+    let open_port = free_port();
+    let ssh = format!(
+        "ssh -i {} -p {ssh_port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=20 -o LogLevel=ERROR -o BatchMode=yes tester@127.0.0.1",
+        key.display()
+    );
+    let lynis = root.join("scripts/lynis-audit");
+    let script = format!(
+        r#"set -e
+{ssh} 'for u in caddy syncthing radicale myapp; do echo "active $u $(systemctl is-active $u)"; done
+  sudo mkdir -p /srv/www && echo "hello from caddy" | sudo tee /srv/www/index.html >/dev/null
+  python3 -c "import urllib.request as u; print(\"caddy-says\", u.urlopen(\"http://127.0.0.1/\").read().decode().strip())"
+  python3 -c "import urllib.request as u,urllib.error as e
+try: u.urlopen(u.Request(\"http://127.0.0.1:5232/tester/\", method=\"PROPFIND\"))
+except e.HTTPError as x: print(\"radicale-says\", x.code)"
+  sudo cat /var/lib/private/myapp/starts | wc -l | sed "s/^/myapp-starts /"
+  nohup python3 -m http.server 9999 >/dev/null 2>&1 &
+  sleep 2
+  ss -Htln | sed "s/^/tcp-listen /"
+  ss -Hluln | sed "s/^/udp-listen /"
+  sudo nft list ruleset | grep -c accept | sed "s/^/nft-accept-rules /"'
+python3 - <<'EOF'
+import socket
+for name, port in (("declared", {app_port}), ("undeclared", {open_port})):
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.settimeout(8)
+    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    try:
+        data = s.recv(100)
+    except socket.timeout:
+        data = b""
+    print("host-" + name, "answered" if data.startswith(b"HTTP/") else "no-answer", data[:40])
+EOF
+if {ssh} -o PubkeyAuthentication=no -o PreferredAuthentications=password,keyboard-interactive true 2>/dev/null; then echo password-login-accepted; else echo password-login-refused; fi
+{lynis} --port {ssh_port} --key {key} --user tester --out {out}
+"#,
+        key = key.display(),
+        out = work.join("lynis").display(),
+        lynis = lynis.display(),
+    );
+    let t = Instant::now();
+    let boot = Command::new(kiln_bin())
+        .args(["boot", "--check", "--timeout", "600", "--ssh-port", &ssh_port.to_string()])
+        .args(["--forward", &format!("{app_port}:8080"), "--forward", &format!("{open_port}:9999")])
+        .arg(dir.join("disk.img"))
+        .args(["--", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let out = text(&boot.stdout);
+    assert!(boot.status.success(), "boot check failed:\n{out}\n{}", text(&boot.stderr));
+    println!("kiln-it: booted and checked in {:.1}s: {}", t.elapsed().as_secs_f64(), out.lines().find(|l| l.contains("ready after")).unwrap_or_default());
+    for u in ["caddy", "syncthing", "radicale", "myapp"] {
+        assert!(out.contains(&format!("active {u} active")), "{u} is not active:\n{out}");
+    }
+    assert!(out.contains("caddy-says hello from caddy"), "{out}");
+    assert!(out.contains("radicale-says 401"), "radicale must ask for a login:\n{out}");
+    assert!(out.contains("myapp-starts 1"), "{out}");
+    assert!(out.contains("host-declared answered"), "{out}");
+    assert!(out.contains("host-undeclared no-answer"), "the firewall must drop port 9999:\n{out}");
+    assert!(out.contains("password-login-refused"), "{out}");
+
+    // Listening sockets: every one on a non-loopback address is a declared port (or 9999,
+    // which the test opened itself and the firewall dropped).
+    let declared_tcp = [22u16, 80, 443, 5232, 8080, 22000, 9999];
+    let declared_udp = [443u16, 21027, 22000, 68, 546];
+    let mut seen = Vec::new();
+    for (prefix, declared) in [("tcp-listen ", &declared_tcp[..]), ("udp-listen ", &declared_udp[..])] {
+        for l in out.lines().filter_map(|l| l.strip_prefix(prefix)) {
+            let local = l.split_whitespace().nth(3).unwrap_or_default();
+            let (addr, port) = local.rsplit_once(':').unwrap_or_default();
+            let port: u16 = port.parse().unwrap_or(0);
+            let loopback = addr.starts_with("127.") || addr == "[::1]" || addr.starts_with("[::ffff:127.");
+            // UDP sockets in the ephemeral range are clients' (syncthing's discovery and NAT
+            // lookups, time sync): bound, not serving; the firewall drops what they did not ask for.
+            if prefix == "udp-listen " && port >= 32768 {
+                continue;
+            }
+            if !loopback {
+                assert!(declared.contains(&port), "{prefix}{local} is not a declared port:\n{out}");
+                seen.push(format!("{}{}", prefix.trim_end().replace("-listen", ""), port));
+            }
+        }
+    }
+    seen.sort();
+    seen.dedup();
+    println!("kiln-it: non-loopback listeners: {} (all declared; 9999 opened by the test and dropped by the firewall)", seen.join(" "));
+    let index = out.lines().find(|l| l.starts_with("lynis: hardening index")).unwrap_or_else(|| panic!("no Lynis result:\n{out}"));
+    println!("kiln-it: {index}");
+}
