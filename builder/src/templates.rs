@@ -34,6 +34,10 @@ pub const FILES: &[(&str, &str)] = templates![
     "rootfs/resolved.conf",
     "rootfs/service-provision",
     "rootfs/tmpfiles-services.conf.tera",
+    "rootfs/issue",
+    "rootfs/coredump.conf",
+    "rootfs/limits-core.conf",
+    "rootfs/profile-hardening.sh",
     "esp/loader.conf",
 ];
 

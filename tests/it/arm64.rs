@@ -84,7 +84,7 @@ fn rpi4_image_builds_and_boots_in_qemu() {
 
     // Boots under QEMU's raspi3b to the readiness marker.
     let t = Instant::now();
-    let boot = kiln(&root, &["boot", "--check", "--timeout", "600", disk.to_str().unwrap()]);
+    let boot = kiln(&root, &["boot", "--check", "--timeout", "900", disk.to_str().unwrap()]);
     let boot_out = text(&boot.stdout);
     assert!(boot.status.success(), "boot check of the rpi4 image failed:\n{boot_out}\n{}", text(&boot.stderr));
     assert!(boot_out.contains("KILN-READY"), "{boot_out}");

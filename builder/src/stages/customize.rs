@@ -211,6 +211,8 @@ fn create_users(ctx: &Context) -> Result<()> {
     let tree = &ctx.tree;
     // Root: locked, no password.
     Cmd::new("chroot").arg(tree).args(["usermod", "--lock", "root"]).run()?;
+    // Only members of this group may log in over SSH (sshd's AllowGroups): the profile's users.
+    Cmd::new("chroot").arg(tree).args(["groupadd", "--system", "kiln-ssh"]).run()?;
     let mut sudo = false;
     let mut tmpfiles = String::from("# Written by kiln: home directories on the data partition.\n");
     for u in &ctx.plan.users {
@@ -220,9 +222,8 @@ fn create_users(ctx: &Context) -> Result<()> {
             .arg(format!("/home/{}", u.name))
             .arg("--shell")
             .arg(&u.shell);
-        if !u.groups.is_empty() {
-            cmd = cmd.arg("--groups").arg(u.groups.join(","));
-        }
+        let groups: Vec<&str> = u.groups.iter().map(String::as_str).chain(["kiln-ssh"]).collect();
+        cmd = cmd.arg("--groups").arg(groups.join(","));
         cmd.arg(&u.name).run().with_context(|| format!("users.{}: creating the user", u.name))?;
         // "*": no password can match, but the account is not locked (SSH keys work).
         Cmd::new("chroot").arg(tree).args(["usermod", "--password", "*"]).arg(&u.name).run()?;

@@ -105,6 +105,15 @@ pub fn harden(ctx: &Context) -> Result<SecurityReport> {
     write_file(&tree.join("etc/systemd/system.conf.d/90-kiln.conf"), t.render("rootfs/system.conf.tera", &tctx)?.as_bytes(), 0o644)?;
     write_file(&tree.join("etc/systemd/resolved.conf.d/90-kiln.conf"), t.render("rootfs/resolved.conf", &tctx)?.as_bytes(), 0o644)?;
 
+    let issue = t.render("rootfs/issue", &tctx)?;
+    write_file(&tree.join("etc/issue"), issue.as_bytes(), 0o644)?;
+    write_file(&tree.join("etc/issue.net"), issue.as_bytes(), 0o644)?;
+    write_file(&tree.join("etc/systemd/coredump.conf.d/90-kiln.conf"), t.render("rootfs/coredump.conf", &tctx)?.as_bytes(), 0o644)?;
+    // systemd's file of the same name allows unlimited cores; this one replaces it.
+    write_file(&tree.join("etc/security/limits.d/10-coredump-debian.conf"), t.render("rootfs/limits-core.conf", &tctx)?.as_bytes(), 0o644)?;
+    write_file(&tree.join("etc/profile.d/kiln-hardening.sh"), t.render("rootfs/profile-hardening.sh", &tctx)?.as_bytes(), 0o644)?;
+    harden_login_defs(tree)?;
+
     if !units.is_empty() {
         Cmd::new("chroot").arg(tree).args(["systemctl", "enable", "--quiet"]).args(&units).run().context("enabling the services")?;
     }
@@ -148,6 +157,23 @@ pub fn harden(ctx: &Context) -> Result<SecurityReport> {
         report.setuid_removed.len()
     ));
     Ok(report)
+}
+
+/// New files private to their owner's group; strong hashes should a password ever be set.
+fn harden_login_defs(tree: &Path) -> Result<()> {
+    let path = tree.join("etc/login.defs");
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+    let set = [("UMASK", "027"), ("SHA_CRYPT_MIN_ROUNDS", "65536"), ("SHA_CRYPT_MAX_ROUNDS", "65536"), ("ENCRYPT_METHOD", "YESCRYPT")];
+    let mut out: String = text
+        .lines()
+        .filter(|l| !set.iter().any(|(k, _)| l.split_whitespace().next() == Some(*k)))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    out.push_str("# Set by kiln.\n");
+    for (k, v) in set {
+        out.push_str(&format!("{k} {v}\n"));
+    }
+    write_file(&path, out.as_bytes(), 0o644)
 }
 
 fn gate_failure(s: &ServiceScore) -> String {
