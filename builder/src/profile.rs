@@ -642,9 +642,9 @@ fn resolve_binary(declared_in: &Source, service: &str, value: &str) -> Result<St
         return Err(ProfileError::new(declared_in, Some(&key), "a built-in profile cannot name a file"));
     };
     let dir = profile.parent().unwrap_or(Path::new(""));
-    let path = std::path::absolute(dir.join(value)).unwrap_or_else(|_| dir.join(value));
+    let path = dir.join(value);
     match std::fs::metadata(&path) {
-        Ok(m) if m.is_file() => Ok(path.to_string_lossy().into_owned()),
+        Ok(m) if m.is_file() => Ok(std::path::absolute(&path).unwrap_or(path).to_string_lossy().into_owned()),
         Ok(_) => Err(ProfileError::new(declared_in, Some(&key), format!("{} is not a file", path.display()))),
         Err(e) => Err(ProfileError::new(declared_in, Some(&key), format!("cannot read {}: {e} (the path is relative to {})", path.display(), profile.display()))),
     }
