@@ -141,11 +141,13 @@ RestrictNamespaces = "no"
     let script = format!(
         r#"set -e
 {ssh} 'for u in caddy syncthing radicale myapp; do echo "active $u $(systemctl is-active $u)"; done
-  sudo mkdir -p /srv/www && echo "hello from caddy" | sudo tee /srv/www/index.html >/dev/null
+  echo "hello from caddy" | sudo install -D -m 0644 /dev/stdin /srv/www/index.html
   python3 -c "import urllib.request as u; print(\"caddy-says\", u.urlopen(\"http://127.0.0.1/\").read().decode().strip())"
-  python3 -c "import urllib.request as u,urllib.error as e
-try: u.urlopen(u.Request(\"http://127.0.0.1:5232/tester/\", method=\"PROPFIND\"))
-except e.HTTPError as x: print(\"radicale-says\", x.code)"
+  python3 -c "import time, urllib.request as u, urllib.error as e
+for _ in range(90):
+    try: u.urlopen(u.Request(\"http://127.0.0.1:5232/tester/\", method=\"PROPFIND\")); break
+    except e.HTTPError as x: print(\"radicale-says\", x.code); break
+    except OSError: time.sleep(1)"
   sudo cat /var/lib/private/myapp/starts | wc -l | sed "s/^/myapp-starts /"
   nohup python3 -m http.server 9999 >/dev/null 2>&1 &
   sleep 2

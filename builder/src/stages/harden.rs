@@ -377,6 +377,37 @@ mod tests {
     }
 
     #[test]
+    fn setuid_bits_go_except_the_allowed_ones() {
+        let tree = tempfile::tempdir().unwrap();
+        let bin = tree.path().join("usr/bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        for (name, mode) in [("sudo", 0o4755), ("su", 0o4755), ("chage", 0o2755), ("ls", 0o755)] {
+            std::fs::write(bin.join(name), b"x").unwrap();
+            std::fs::set_permissions(bin.join(name), std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let (kept, removed) = strip_setuid(tree.path(), &["/usr/bin/sudo".to_string()]).unwrap();
+        assert_eq!(kept, ["/usr/bin/sudo"]);
+        assert_eq!(removed, ["/usr/bin/chage", "/usr/bin/su"]);
+        let mode = |n: &str| std::fs::metadata(bin.join(n)).unwrap().permissions().mode() & 0o7777;
+        assert_eq!((mode("sudo"), mode("su"), mode("chage"), mode("ls")), (0o4755, 0o755, 0o755, 0o755));
+    }
+
+    #[test]
+    fn compilers_fail_the_build_unless_allowed() {
+        let tree = tempfile::tempdir().unwrap();
+        let bin = tree.path().join("usr/bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        for name in ["systemd-cat", "gcc-14", "x86_64-linux-gnu-as", "python3"] {
+            std::fs::write(bin.join(name), b"x").unwrap();
+        }
+        let e = check_compilers(tree.path(), false).unwrap_err().to_string();
+        assert!(e.contains("/usr/bin/gcc-14, /usr/bin/x86_64-linux-gnu-as"), "{e}");
+        assert!(!e.contains("systemd-cat") && !e.contains("python3"), "{e}");
+        assert!(e.contains("hardening.allow_compilers = true"), "{e}");
+        check_compilers(tree.path(), true).unwrap();
+    }
+
+    #[test]
     fn a_weak_unit_fails_with_the_directives_to_fix() {
         let s = ServiceScore {
             name: "weak".into(),
