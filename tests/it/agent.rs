@@ -166,7 +166,7 @@ impl Rng {
     }
 }
 
-const BOOT: Duration = Duration::from_secs(420);
+const BOOT: Duration = Duration::from_secs(600);
 
 #[test]
 fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
