@@ -211,6 +211,7 @@ fn install_service(ctx: &Context, s: &ServicePlan) -> Result<()> {
     }
     if let Some(b) = &s.binary {
         let data = std::fs::read(&b.source).with_context(|| format!("{key}.binary: reading {}", b.source))?;
+        check_program(tree, ctx.plan.arch, &key, &b.source, &data)?;
         write_file(&tree.join(b.dest.trim_start_matches('/')), &data, 0o755)?;
     }
     let program = s.exec.split_whitespace().next().unwrap_or_default();
@@ -233,6 +234,48 @@ fn install_service(ctx: &Context, s: &ServicePlan) -> Result<()> {
     }
     let unit = t.render("catalog/service.tera", &c)?;
     write_file(&tree.join("etc/systemd/system").join(&s.unit), unit.as_bytes(), 0o644)
+}
+
+/// A program copied into the image must be of the image's architecture, and find its
+/// interpreter and shared libraries there (scripts: their interpreter).
+fn check_program(tree: &Path, arch: crate::image::Arch, key: &str, source: &str, data: &[u8]) -> Result<()> {
+    use crate::initramfs::elf;
+    if let Some(rest) = data.strip_prefix(b"#!") {
+        let line = String::from_utf8_lossy(rest.split(|b| *b == b'\n').next().unwrap_or_default()).into_owned();
+        let interp = line.split_whitespace().next().unwrap_or_default().to_string();
+        if !interp.starts_with('/') || tree.join(interp.trim_start_matches('/')).symlink_metadata().is_err() {
+            bail!("{key}.binary: {source} is a script for {interp:?}, which the image does not have (add the package that has it to the service's packages)");
+        }
+        return Ok(());
+    }
+    if !data.starts_with(b"\x7fELF") {
+        bail!("{key}.binary: {source} is neither an ELF program nor a script starting with #!");
+    }
+    let info = elf::parse(data).map_err(|e| anyhow::anyhow!("{key}.binary: {source}: {e}"))?;
+    let want = match arch {
+        crate::image::Arch::Amd64 => elf::EM_X86_64,
+        crate::image::Arch::Arm64 => elf::EM_AARCH64,
+    };
+    if info.machine != want {
+        let is = match info.machine {
+            elf::EM_X86_64 => "x86-64 (amd64)".to_string(),
+            elf::EM_AARCH64 => "AArch64 (arm64)".to_string(),
+            m => format!("ELF machine {m}"),
+        };
+        bail!("{key}.binary: {source} is an {is} program, but the image is {}: build it for {}", arch.debian(), arch.debian());
+    }
+    if let Some(interp) = &info.interpreter {
+        if tree.join(interp.trim_start_matches('/')).symlink_metadata().is_err() {
+            bail!("{key}.binary: {source} needs the program loader {interp}, which the image does not have (a program built for another C library?)");
+        }
+    }
+    let dirs: Vec<String> = info.multiarch().map(|t| vec![format!("usr/lib/{t}"), format!("lib/{t}")]).unwrap_or_default().into_iter().chain(["usr/lib".into(), "lib".into(), "usr/local/lib".into()]).collect();
+    let missing: Vec<&String> = info.needed.iter().filter(|lib| !dirs.iter().any(|d| tree.join(d).join(lib.as_str()).exists())).collect();
+    if !missing.is_empty() {
+        let names: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+        bail!("{key}.binary: {source} needs {}, which the image does not have: add the Debian packages that ship them to the service's packages", names.join(", "));
+    }
+    Ok(())
 }
 
 /// Scores one unit with the image's own `systemd-analyze` (it knows the image's directives).
@@ -390,6 +433,28 @@ mod tests {
         assert_eq!(removed, ["/usr/bin/chage", "/usr/bin/su"]);
         let mode = |n: &str| std::fs::metadata(bin.join(n)).unwrap().permissions().mode() & 0o7777;
         assert_eq!((mode("sudo"), mode("su"), mode("chage"), mode("ls")), (0o4755, 0o755, 0o755, 0o755));
+    }
+
+    #[test]
+    fn a_copied_program_must_fit_the_image() {
+        use crate::image::Arch;
+        let tree = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tree.path().join("usr/bin")).unwrap();
+        std::fs::write(tree.path().join("usr/bin/python3"), b"x").unwrap();
+        check_program(tree.path(), Arch::Amd64, "services.app", "app.py", b"#!/usr/bin/python3\nprint(1)\n").unwrap();
+        let e = check_program(tree.path(), Arch::Amd64, "services.app", "app.rb", b"#!/usr/bin/ruby\n").unwrap_err().to_string();
+        assert!(e.contains("a script for \"/usr/bin/ruby\", which the image does not have"), "{e}");
+        let e = check_program(tree.path(), Arch::Amd64, "services.app", "app.txt", b"hello").unwrap_err().to_string();
+        assert!(e.contains("neither an ELF program nor a script"), "{e}");
+        let arm = crate::initramfs::elf::synthetic(crate::initramfs::elf::EM_AARCH64, None, &[], None);
+        let e = check_program(tree.path(), Arch::Amd64, "services.app", "dist/app", &arm).unwrap_err().to_string();
+        assert_eq!(e, "services.app.binary: dist/app is an AArch64 (arm64) program, but the image is amd64: build it for amd64");
+        let x86 = crate::initramfs::elf::synthetic(crate::initramfs::elf::EM_X86_64, None, &["libfoo.so.1"], None);
+        let e = check_program(tree.path(), Arch::Amd64, "services.app", "dist/app", &x86).unwrap_err().to_string();
+        assert!(e.contains("needs libfoo.so.1, which the image does not have"), "{e}");
+        std::fs::create_dir_all(tree.path().join("usr/lib/x86_64-linux-gnu")).unwrap();
+        std::fs::write(tree.path().join("usr/lib/x86_64-linux-gnu/libfoo.so.1"), b"x").unwrap();
+        check_program(tree.path(), Arch::Amd64, "services.app", "dist/app", &x86).unwrap();
     }
 
     #[test]
