@@ -6,13 +6,14 @@
 //! boot-complete.target, `rollback` when kiln-health.service fails, `check` from a timer.
 
 mod agent;
+mod backup;
 mod boot;
 mod download;
 mod state;
 mod system;
 mod update;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -55,6 +56,38 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Backups with restic: now, status, drill, restore, prune.
+    Backup {
+        #[command(subcommand)]
+        action: BackupAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum BackupAction {
+    /// Back up the profile's paths now (services quiesced as the catalog says).
+    Now {
+        /// Run by the timer: also prunes when the profile lets the device prune.
+        #[arg(long)]
+        scheduled: bool,
+        /// Back up even though this device's self-restore failed.
+        #[arg(long)]
+        force: bool,
+    },
+    /// The last backup, drill, prune and self-restore, and the alerts.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore drill: check a share of the repository's data, restore the newest snapshot into
+    /// a scratch area, verify it against the snapshot, record the result.
+    Drill,
+    /// Restore a snapshot (default: this device's newest) into place.
+    Restore { snapshot: Option<String> },
+    /// At boot: restore the newest snapshot onto a data partition that never ran.
+    SelfRestore,
+    /// forget --prune with the profile's retention (fails on append-only targets, as it should).
+    Prune,
 }
 
 fn main() {
@@ -68,6 +101,9 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     if let Command::Status { json } = cli.command {
         return status(&cli.config, &cli.state_dir, json);
+    }
+    if let Command::Backup { action } = &cli.command {
+        return backup(&cli.config, &cli.state_dir, action);
     }
     let agent = agent::Agent::open(&cli.config, &cli.state_dir)?;
     match cli.command {
@@ -105,7 +141,113 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Status { .. } => unreachable!("handled above"),
+        Command::Status { .. } | Command::Backup { .. } => unreachable!("handled above"),
+    }
+}
+
+fn backup(config: &std::path::Path, state_dir: &std::path::Path, action: &BackupAction) -> Result<()> {
+    let text = std::fs::read(config).with_context(|| format!("reading {}", config.display()))?;
+    let device: kiln_feed::DeviceConfig = serde_json::from_slice(&text).with_context(|| format!("reading {}", config.display()))?;
+    let Some(cfg) = device.backup.clone() else {
+        if let BackupAction::Status { .. } | BackupAction::SelfRestore = action {
+            println!("kiln-agent: this image's profile has no [backup] section");
+            return Ok(());
+        }
+        anyhow::bail!("this image's profile has no [backup] section: backups are set up in the profile ([backup] repository = ...)");
+    };
+    let b = backup::Backups::new(cfg.clone(), state_dir, &device.version.to_string());
+    let failed = |what: &str, e: &anyhow::Error| backup::Run {
+        at: kiln_feed::Timestamp::now(),
+        ok: false,
+        summary: format!("{e:#}"),
+        snapshot: None,
+        files: None,
+        bytes: None,
+        seconds: 0.0,
+        outcome: Some(what.into()),
+    };
+    match action {
+        BackupAction::Now { scheduled, force } => {
+            let reason = if *scheduled { backup::Reason::Scheduled } else { backup::Reason::Manual };
+            let result = b.backup(reason, *force);
+            let run = result.as_ref().map(Clone::clone).unwrap_or_else(|e| failed("failed", e));
+            backup::record(state_dir, &cfg, |s| {
+                if run.ok {
+                    s.last_good_backup = Some(run.clone());
+                }
+                s.last_backup = Some(run.clone());
+            })?;
+            let run = result?;
+            println!("kiln-agent: backup: {} in {:.1}s", run.summary, run.seconds);
+            if *scheduled && cfg.prune {
+                let pruned = b.prune();
+                let r = pruned.as_ref().map(Clone::clone).unwrap_or_else(|e| failed("failed", e));
+                backup::record(state_dir, &cfg, |s| s.last_prune = Some(r.clone()))?;
+                pruned?;
+            }
+            Ok(())
+        }
+        BackupAction::Drill => {
+            let result = b.drill();
+            let run = result.as_ref().map(Clone::clone).unwrap_or_else(|e| failed("failed", e));
+            backup::record(state_dir, &cfg, |s| s.last_drill = Some(run.clone()))?;
+            let run = result.context("restore drill failed")?;
+            println!("kiln-agent: restore drill passed: {} in {:.1}s", run.summary, run.seconds);
+            Ok(())
+        }
+        BackupAction::Restore { snapshot } => {
+            let run = b.restore(snapshot.as_deref())?;
+            backup::record(state_dir, &cfg, |s| {
+                if s.self_restore.as_ref().is_some_and(|r| !r.ok) {
+                    s.self_restore = Some(run.clone());
+                }
+            })?;
+            println!("kiln-agent: {} in {:.1}s", run.summary, run.seconds);
+            Ok(())
+        }
+        BackupAction::SelfRestore => {
+            let status = backup::Status::load(state_dir)?;
+            if let Some(r) = status.self_restore.as_ref().filter(|r| r.ok) {
+                println!("kiln-agent: self-restore: decided at {} ({}); nothing to do", r.at, r.outcome.as_deref().unwrap_or("?"));
+                return Ok(());
+            }
+            let run = b.self_restore();
+            backup::record(state_dir, &cfg, |s| s.self_restore = Some(run.clone()))?;
+            // Never fails the unit: the device comes up either way, and the record says why.
+            println!("kiln-agent: self-restore: {}: {} ({:.1}s)", run.outcome.as_deref().unwrap_or("?"), run.summary, run.seconds);
+            Ok(())
+        }
+        BackupAction::Prune => {
+            let result = b.prune();
+            let run = result.as_ref().map(Clone::clone).unwrap_or_else(|e| failed("failed", e));
+            backup::record(state_dir, &cfg, |s| s.last_prune = Some(run.clone()))?;
+            let run = result?;
+            println!("kiln-agent: {} in {:.1}s", run.summary, run.seconds);
+            Ok(())
+        }
+        BackupAction::Status { json } => {
+            let mut status = backup::Status::load(state_dir)?;
+            status.refresh_alerts(kiln_feed::Timestamp::now(), cfg.stale_after_secs);
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+                return Ok(());
+            }
+            println!("repository: {} (password and credentials from {})", cfg.repository, backup::PROVISION_DIR);
+            println!("paths:      {}", cfg.paths.join(" "));
+            let show = |name: &str, r: &Option<backup::Run>| match r {
+                Some(r) => println!("{name:<11} {} {} {}", r.at, if r.ok { "ok" } else { "FAILED" }, r.summary),
+                None => println!("{name:<11} -"),
+            };
+            show("backup:", &status.last_backup);
+            show("last good:", &status.last_good_backup);
+            show("drill:", &status.last_drill);
+            show("prune:", &status.last_prune);
+            show("restore:", &status.self_restore);
+            for a in &status.alerts {
+                println!("ALERT:      {a}");
+            }
+            Ok(())
+        }
     }
 }
 
@@ -126,6 +268,12 @@ fn status(config: &std::path::Path, state_dir: &std::path::Path, json: bool) -> 
             "running_version": config.as_ref().map(|c| c.version.to_string()),
             "feed": config.as_ref().and_then(|c| c.update.as_ref()).map(|u| &u.feed),
             "state": state,
+            "backup": backup::Status::load(state_dir).ok().map(|mut b| {
+                if let Some(c) = config.as_ref().and_then(|c| c.backup.as_ref()) {
+                    b.refresh_alerts(kiln_feed::Timestamp::now(), c.stale_after_secs);
+                }
+                b
+            }),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());

@@ -20,6 +20,20 @@ use std::path::Path;
 
 pub const STATUS_FILE: &str = "status.json";
 
+/// Writes `dir/name` in one step: a temporary file, fsync, rename, fsync of the directory, so
+/// a power cut leaves the old or the new contents, never a mix.
+pub fn write_atomically(dir: &Path, name: &str, data: &[u8]) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(data).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
+    drop(f);
+    std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))?;
+    Ok(())
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum Slot {
@@ -160,17 +174,9 @@ impl State {
 
     /// Persists the record atomically: temp file, fsync, rename, fsync of the directory.
     pub fn write(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let path = dir.join(STATUS_FILE);
-        let tmp = dir.join(format!(".{STATUS_FILE}.tmp"));
         let mut text = serde_json::to_vec_pretty(self).context("encoding the status")?;
         text.push(b'\n');
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(&text).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
-        drop(f);
-        std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))?;
-        Ok(())
+        write_atomically(dir, STATUS_FILE, &text)
     }
 
     pub fn slot(&self, slot: Slot) -> &SlotRecord {

@@ -33,6 +33,40 @@ pub enum Outcome {
     Skipped(String),
 }
 
+/// `[backup] before_update`: a snapshot of the data before a new version (whose services may
+/// migrate their state) is installed. With "require", a failed backup holds the update back
+/// until a later check; a device that has no backup credentials provisioned updates anyway.
+fn backup_before_update(agent: &Agent, release: &Release) -> Result<Option<String>> {
+    use crate::backup::{self, Backups, NoCredentials, Reason};
+    let Some(cfg) = agent.config.backup.clone().filter(|c| c.before_update != "off") else { return Ok(None) };
+    let b = Backups::new(cfg.clone(), &agent.state_dir, &agent.running.to_string());
+    let result = b.backup(Reason::BeforeUpdate, false);
+    match &result {
+        Ok(run) => {
+            println!("kiln-agent: backup before the update: {}", run.summary);
+            backup::record(&agent.state_dir, &cfg, |s| {
+                s.last_backup = Some(run.clone());
+                s.last_good_backup = Some(run.clone());
+            })?;
+            Ok(None)
+        }
+        Err(e) if e.downcast_ref::<NoCredentials>().is_some() => {
+            println!("kiln-agent: no backup before the update: {e:#}");
+            Ok(None)
+        }
+        Err(e) => {
+            let failed = backup::Run { at: Timestamp::now(), ok: false, summary: format!("{e:#}"), snapshot: None, files: None, bytes: None, seconds: 0.0, outcome: Some("before-update".into()) };
+            backup::record(&agent.state_dir, &cfg, |s| s.last_backup = Some(failed))?;
+            if cfg.before_update == "require" {
+                Ok(Some(format!("release {} waits: the backup before the update failed ({e:#}); the next check tries again", release.version)))
+            } else {
+                println!("kiln-agent: the backup before the update failed ({e:#}); installing anyway (before_update = \"try\")");
+                Ok(None)
+            }
+        }
+    }
+}
+
 pub fn check(agent: &Agent, ignore_window: bool) -> Result<Outcome> {
     let Some(update) = agent.config.update.clone() else {
         return Ok(Outcome::Skipped("this image's profile has no [update] section".into()));
@@ -93,6 +127,10 @@ pub fn check(agent: &Agent, ignore_window: bool) -> Result<Outcome> {
     let target = !agent.slot;
     if let Err(e) = check_space(agent, release, target) {
         return Ok(Outcome::Refused(format!("release {} refused: {e:#}", release.version)));
+    }
+
+    if let Some(refused) = backup_before_update(agent, release)? {
+        return Ok(Outcome::Refused(refused));
     }
 
     println!("kiln-agent: installing {} into slot {target} (running {} in slot {})", release.version, agent.running, agent.slot);

@@ -68,5 +68,6 @@ pub fn device_config(plan: &Plan) -> Result<kiln_feed::DeviceConfig> {
             .collect(),
         health_timeout: plan.health.timeout_secs,
         update: plan.update.clone(),
+        backup: plan.backup.as_ref().map(|b| b.device.clone()),
     })
 }

@@ -69,6 +69,8 @@ pub struct Plan {
     /// The profile's services, sorted by name.
     pub services: Vec<crate::services::ServicePlan>,
     pub hardening: HardeningPlan,
+    /// Backups (None: no `[backup]` in the profile).
+    pub backup: Option<BackupPlan>,
     /// Hash of every input: seeds the UUIDs that are not derived from content.
     pub seed: String,
 }
@@ -102,6 +104,16 @@ pub struct HardeningPlan {
     /// RuntimeWatchdogSec (None: off).
     pub watchdog_secs: Option<u64>,
     pub journal_max_use_mib: u64,
+}
+
+/// `[backup]` resolved: what the agent gets (`device.json`) and when its timers fire.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct BackupPlan {
+    pub device: kiln_feed::BackupConfig,
+    /// systemd calendar expressions.
+    pub schedule: String,
+    /// None: no restore drills.
+    pub restore_drill: Option<String>,
 }
 
 #[derive(Serialize, Debug, Clone, PartialEq)]
@@ -138,6 +150,60 @@ pub struct PartitionPlan {
 
 /// Where the first partition starts, and the room kept at the end for the backup GPT.
 pub const ALIGN: u64 = MIB;
+
+/// `[backup]` with its defaults filled in (values were checked when the file was read). The
+/// default paths are every service's state directory (unless its `backup = "skip"`), /home and
+/// /srv; the services whose state is inside the paths are quiesced as their entry says.
+fn resolve_backup(file: &str, b: &crate::profile::Backup, services: &[crate::services::ServicePlan]) -> Result<BackupPlan, ProfileError> {
+    let err = |k: &str, m: &str| ProfileError::new(file, Some(&format!("backup.{k}")), m.to_string());
+    let repository = b.repository.clone().ok_or_else(|| {
+        err("repository", "required: the restic repository devices back up to, such as \"rest:https://backup.example.org/home\" (append-only recommended)")
+    })?;
+    let state: Vec<(&crate::services::ServicePlan, String)> =
+        services.iter().filter(|s| s.backup != "skip").filter_map(|s| s.state_path().map(|p| (s, p))).collect();
+    let paths: Vec<String> = match &b.paths {
+        Some(list) if !list.is_empty() => {
+            let mut out: Vec<String> = Vec::new();
+            for (i, p) in list.iter().enumerate() {
+                let real = crate::profile::backup_path(p).map_err(|m| err(&format!("paths[{i}]"), &m))?;
+                if !out.contains(&real) {
+                    out.push(real);
+                }
+            }
+            out
+        }
+        _ => state.iter().map(|(_, p)| p.clone()).chain(["/var/home".to_string(), "/var/srv".to_string()]).collect(),
+    };
+    let inside = |p: &str| paths.iter().any(|q| p == q || p.starts_with(&format!("{q}/")) || q.starts_with(&format!("{p}/")));
+    let backup_services = state
+        .iter()
+        .filter(|(_, p)| inside(p))
+        .map(|(s, p)| kiln_feed::BackupService { unit: s.unit.clone(), quiesce: s.backup.clone(), path: p.clone() })
+        .collect();
+    let keep = match &b.keep {
+        Some(k) => k.iter().map(|(k, v)| (k.clone(), *v as u32)).collect(),
+        None => [("daily", 7), ("weekly", 4), ("monthly", 12)].into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+    };
+    let secs = |d: &Option<String>, default: u64| d.as_deref().and_then(|d| humantime::parse_duration(d).ok()).map(|d| d.as_secs()).unwrap_or(default);
+    let drill = b.restore_drill.clone().unwrap_or_else(|| "monthly".into());
+    Ok(BackupPlan {
+        device: kiln_feed::BackupConfig {
+            repository,
+            paths,
+            exclude: b.exclude.clone().unwrap_or_default(),
+            keep,
+            prune: b.prune.unwrap_or(false),
+            check_subset: b.check_subset.clone().unwrap_or_else(|| "10%".into()),
+            stale_after_secs: secs(&b.alert_after, 2 * 86400),
+            before_update: b.before_update.clone().unwrap_or_else(|| "require".into()),
+            self_restore: b.self_restore.unwrap_or(true),
+            retry_secs: secs(&b.retry, 300),
+            services: backup_services,
+        },
+        schedule: b.schedule.clone().unwrap_or_else(|| "daily".into()),
+        restore_drill: (drill != "off").then_some(drill),
+    })
+}
 
 /// `[update]` with its defaults filled in (values were checked when the file was read).
 fn resolve_update(file: &str, u: &crate::profile::Update) -> Result<kiln_feed::UpdateConfig, ProfileError> {
@@ -288,6 +354,13 @@ impl Plan {
             None => None,
             Some(u) => Some(resolve_update(&file, u)?),
         };
+        let backup = match &p.backup {
+            None => None,
+            Some(b) => Some(resolve_backup(&file, b, &services)?),
+        };
+        if backup.is_some() {
+            packages.insert("restic".to_string());
+        }
 
         let seed_input = serde_json::json!({
             "profile": p, "image": def, "version": version, "suite": suite, "epoch": source_date_epoch,
@@ -329,6 +402,7 @@ impl Plan {
             update,
             services,
             hardening,
+            backup,
             seed,
         })
     }

@@ -43,6 +43,40 @@ pub struct ProfileFile {
     /// The system-wide defaults: firewall, kernel settings, journal, watchdog, setuid binaries,
     /// and the exposure budget every service unit is scored against.
     pub hardening: Option<Hardening>,
+    /// Encrypted backups with restic: where to, when, what to keep, and restore drills.
+    /// The password and credentials are provisioned per device, never part of the image.
+    pub backup: Option<Backup>,
+}
+
+#[derive(Deserialize, Serialize, Default, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Backup {
+    /// The restic repository: "rest:https://backup.example.org/home", "sftp:user@host:/srv/restic",
+    /// "s3:...", "b2:...", ... A device's provisioned `backup/repository` wins over it.
+    pub repository: Option<String>,
+    /// When to back up: a systemd calendar expression (default "daily").
+    pub schedule: Option<String>,
+    /// Snapshots to keep when pruning (`keep = { daily = 7, weekly = 4, monthly = 12 }`).
+    pub keep: Option<BTreeMap<String, i64>>,
+    /// What to back up (default: every service's state directory, /home and /srv).
+    pub paths: Option<Vec<String>>,
+    /// restic exclude patterns ("*.tmp", "/var/lib/private/syncthing/index-*").
+    pub exclude: Option<Vec<String>>,
+    /// When to run a restore drill: a systemd calendar expression, or "off" (default "monthly").
+    pub restore_drill: Option<String>,
+    /// How much of the repository's data a drill reads back ("10%", "1/5"; default "10%").
+    pub check_subset: Option<String>,
+    /// Alert when the last good backup is older than this (default "2d").
+    pub alert_after: Option<String>,
+    /// The device prunes (`forget --prune`) after scheduled backups. Default false: targets
+    /// should be append-only, and a trusted machine prunes them.
+    pub prune: Option<bool>,
+    /// Before installing an update: "require" a good backup (default), "try", or "off".
+    pub before_update: Option<String>,
+    /// A freshly flashed device restores its latest snapshot at first boot (default true).
+    pub self_restore: Option<bool>,
+    /// How long a target that does not answer is retried before a run fails (default "5m").
+    pub retry: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Default, Debug, Clone, PartialEq)]
@@ -71,6 +105,9 @@ pub struct Service {
     pub exposure_budget: Option<f64>,
     /// caddy: the sites to serve.
     pub sites: Option<Vec<Site>>,
+    /// How the state directory is backed up: "stop" (the service is stopped for the backup),
+    /// "live" (its files are consistent at any moment), "skip" (not backed up).
+    pub backup: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Default, Debug, Clone, PartialEq)]
@@ -462,6 +499,9 @@ fn check_values(src: &Source, p: &ProfileFile) -> Result<(), ProfileError> {
     if let Some(h) = &p.hardening {
         check_hardening(src, h)?;
     }
+    if let Some(b) = &p.backup {
+        check_backup(src, b)?;
+    }
     if let Some(h) = &p.health {
         if h.timeout == Some(0) {
             return err("health.timeout", "expected a positive number of seconds, found 0".into());
@@ -536,6 +576,11 @@ fn check_service(src: &Source, name: &str, s: &Service) -> Result<(), ProfileErr
             return err(key(&format!("environment.{k}")), "expected a value on one line without '\"'".into());
         }
     }
+    if let Some(b) = &s.backup {
+        if !BACKUP_MODES.contains(&b.as_str()) {
+            return err(key("backup"), format!("expected one of {} (how the state directory is backed up), found {b:?}", quoted(BACKUP_MODES)));
+        }
+    }
     for (k, v) in s.loosen.iter().flatten() {
         if k.is_empty() || !k.starts_with(|c: char| c.is_ascii_uppercase()) || !k.chars().all(|c| c.is_ascii_alphanumeric()) {
             return err(key(&format!("loosen.{k}")), "expected a systemd directive name such as \"MemoryDenyWriteExecute\"".into());
@@ -565,6 +610,113 @@ fn check_service(src: &Source, name: &str, s: &Service) -> Result<(), ProfileErr
         }
     }
     Ok(())
+}
+
+/// `[services.X] backup`: how a service's state directory is backed up.
+pub const BACKUP_MODES: &[&str] = &["stop", "live", "skip"];
+/// restic's `--keep-*` policies.
+pub const KEEP_KEYS: &[&str] = &["last", "hourly", "daily", "weekly", "monthly", "yearly"];
+/// restic repository kinds a device can reach (a local path is the other form).
+pub const REPOSITORY_KINDS: &[&str] = &["rest:", "sftp:", "s3:", "b2:", "azure:", "gs:", "swift:", "rclone:"];
+
+fn quoted(list: &[&str]) -> String {
+    list.iter().map(|k| format!("{k:?}")).collect::<Vec<_>>().join(", ")
+}
+
+fn check_backup(src: &Source, b: &Backup) -> Result<(), ProfileError> {
+    let err = |k: &str, msg: String| Err(ProfileError::new(src, Some(&format!("backup.{k}")), msg));
+    if let Some(r) = &b.repository {
+        let kind = REPOSITORY_KINDS.iter().find(|k| r.starts_with(*k));
+        if r.chars().any(char::is_whitespace) || (kind.is_none() && !r.starts_with('/')) {
+            return err(
+                "repository",
+                format!("expected a restic repository such as \"rest:https://backup.example.org/home\" or \"sftp:backup@nas:/srv/restic/home\" (kinds: {}, or an absolute path), found {r:?}", REPOSITORY_KINDS.join(" ")),
+            );
+        }
+        // rest:http://user:secret@host/ would bake a credential into every image.
+        if let Some(rest) = r.strip_prefix("rest:") {
+            let authority = rest.split_once("://").map(|(_, a)| a.split('/').next().unwrap_or("")).unwrap_or("");
+            if authority.contains('@') {
+                return err(
+                    "repository",
+                    "holds a user name or password: credentials are provisioned per device (backup/env: RESTIC_REST_USERNAME=..., RESTIC_REST_PASSWORD=...), never baked into the image".into(),
+                );
+            }
+        }
+    }
+    for (k, v) in b.keep.iter().flatten() {
+        if !KEEP_KEYS.contains(&k.as_str()) {
+            return err(&format!("keep.{k}"), format!("unknown retention policy; known: {}", KEEP_KEYS.join(", ")));
+        }
+        if !(1..=100_000).contains(v) {
+            return err(&format!("keep.{k}"), format!("expected a number of snapshots from 1 up, found {v}"));
+        }
+    }
+    for (key, v) in [("schedule", &b.schedule), ("restore_drill", &b.restore_drill)] {
+        if let Some(v) = v {
+            if v.trim().is_empty() || v.contains('\n') {
+                return err(key, format!("expected a systemd calendar expression such as \"daily\" or \"*-*-* 03:30\", found {v:?}"));
+            }
+        }
+    }
+    for (i, p) in b.paths.iter().flatten().enumerate() {
+        if let Err(m) = backup_path(p) {
+            return err(&format!("paths[{i}]"), m);
+        }
+    }
+    for (i, x) in b.exclude.iter().flatten().enumerate() {
+        if x.is_empty() || x.contains('\n') {
+            return err(&format!("exclude[{i}]"), format!("expected a restic exclude pattern on one line, found {x:?}"));
+        }
+    }
+    if let Some(s) = &b.check_subset {
+        if !valid_subset(s) {
+            return err("check_subset", format!("expected a share of the repository's data such as \"10%\" or \"1/5\", found {s:?}"));
+        }
+    }
+    for (key, d) in [("alert_after", &b.alert_after), ("retry", &b.retry)] {
+        if let Some(d) = d {
+            if humantime::parse_duration(d).is_err() {
+                return err(key, format!("expected a duration such as \"2d\" or \"5m\", found {d:?}"));
+            }
+        }
+    }
+    if let Some(u) = &b.before_update {
+        if !["require", "try", "off"].contains(&u.as_str()) {
+            return err("before_update", format!("expected \"require\", \"try\" or \"off\", found {u:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// A path to back up, as a user writes it, to its real place on the data partition:
+/// `/home/...` and `/srv/...` are links into `/var`. Anything else is on the read-only root,
+/// which needs no backup (the image rebuilds it) and could not be restored.
+pub fn backup_path(p: &str) -> Result<String, String> {
+    let clean = p.trim_end_matches('/');
+    if !clean.starts_with('/') || clean.split('/').any(|c| c == ".." || c == ".") || p.contains('\n') {
+        return Err(format!("expected an absolute path such as \"/var/lib/private/myapp\" or \"/home/alice\", found {p:?}"));
+    }
+    for (link, real) in [("/home", "/var/home"), ("/srv", "/var/srv")] {
+        if clean == link || clean.starts_with(&format!("{link}/")) {
+            return Ok(format!("{real}{}", &clean[link.len()..]));
+        }
+    }
+    if clean == "/var" || clean.starts_with("/var/") {
+        return Ok(clean.to_string());
+    }
+    Err(format!("{p} is on the read-only root, which the image rebuilds: only /var, /home and /srv hold a device's data"))
+}
+
+/// restic's `--read-data-subset`: "n%", "n/t" or a size is not supported here.
+fn valid_subset(s: &str) -> bool {
+    if let Some(pct) = s.strip_suffix('%') {
+        return pct.parse::<f64>().is_ok_and(|v| v > 0.0 && v <= 100.0);
+    }
+    match s.split_once('/') {
+        Some((n, t)) => matches!((n.parse::<u32>(), t.parse::<u32>()), (Ok(n), Ok(t)) if n >= 1 && n <= t),
+        None => false,
+    }
 }
 
 fn check_hardening(src: &Source, h: &Hardening) -> Result<(), ProfileError> {

@@ -59,6 +59,14 @@ pub struct CatalogEntry {
     /// Changes to the shared sandbox, with the program's reason in a comment.
     #[serde(default)]
     pub directives: BTreeMap<String, DirectiveValue>,
+    /// How the state directory is backed up: "stop" (default: the service is stopped for the
+    /// few seconds a backup takes), "live" (its files are consistent at any moment), "skip".
+    #[serde(default = "default_backup")]
+    pub backup: String,
+}
+
+fn default_backup() -> String {
+    "stop".into()
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
@@ -163,6 +171,21 @@ pub struct ServicePlan {
     pub binary: Option<BinaryPlan>,
     pub sites: Vec<Site>,
     pub packages: Vec<String>,
+    /// "stop", "live" or "skip" (see `CatalogEntry::backup`).
+    #[serde(default = "default_backup")]
+    pub backup: String,
+}
+
+impl ServicePlan {
+    /// Where the state directory really is: with DynamicUser, systemd keeps it in
+    /// `/var/lib/private/<name>` (and `/var/lib/<name>` is a link to it).
+    pub fn state_path(&self) -> Option<String> {
+        if !self.state {
+            return None;
+        }
+        let dynamic = self.directives.iter().any(|d| d.key == "DynamicUser" && d.values.iter().all(|v| v == "yes"));
+        Some(if dynamic { format!("/var/lib/private/{}", self.name) } else { format!("/var/lib/{}", self.name) })
+    }
 }
 
 pub fn catalog_names() -> String {
@@ -285,6 +308,7 @@ pub fn resolve(file: &str, name: &str, svc: &Service, default_budget: f64) -> Re
         binary,
         sites,
         packages,
+        backup: svc.backup.clone().unwrap_or_else(|| entry.backup.clone()),
     })
 }
 

@@ -283,6 +283,9 @@ pub struct DeviceConfig {
     pub health_timeout: u32,
     /// None: the profile has no `[update]`; the agent only reports status.
     pub update: Option<UpdateConfig>,
+    /// None: the profile has no `[backup]`.
+    #[serde(default)]
+    pub backup: Option<BackupConfig>,
 }
 
 pub const DEVICE_CONFIG: &str = "/usr/lib/kiln/device.json";
@@ -298,6 +301,69 @@ pub struct DevicePartition {
     /// "a" or "b" for slotted partitions.
     pub slot: Option<String>,
     pub size: u64,
+}
+
+/// A device's provisioned `backup/env`: KEY=VALUE lines for restic (comments with '#', blank lines allowed).
+pub fn parse_backup_env(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            return Err(format!("line {}: expected KEY=VALUE, such as RESTIC_REST_USERNAME=device1", i + 1));
+        };
+        let k = k.trim();
+        if k.is_empty() || !k.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_') {
+            return Err(format!("line {}: {k:?} is not an environment variable name (capital letters, digits, '_')", i + 1));
+        }
+        if k == "RESTIC_PASSWORD" || k == "RESTIC_PASSWORD_FILE" || k == "RESTIC_PASSWORD_COMMAND" {
+            return Err(format!("line {}: the repository password belongs in backup/password, not {k}", i + 1));
+        }
+        out.push((k.to_string(), v.trim().trim_matches('"').to_string()));
+    }
+    Ok(out)
+}
+
+/// `[backup]` as the agent runs it: restic against `repository` (or the device's provisioned
+/// `backup/repository`), with the password and credentials from the device's provisioning.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackupConfig {
+    /// A restic repository: `rest:https://...`, `sftp:user@host:/path`, `s3:...`, or a local path.
+    pub repository: String,
+    /// Absolute paths on the data partition (`/var/...`), in the order given.
+    pub paths: Vec<String>,
+    /// restic `--exclude` patterns.
+    pub exclude: Vec<String>,
+    /// Retention: restic `--keep-<key> <n>` (`last`, `hourly`, `daily`, `weekly`, `monthly`, `yearly`).
+    pub keep: std::collections::BTreeMap<String, u32>,
+    /// The device runs `forget --prune` after scheduled backups. Off for append-only targets,
+    /// which a trusted machine prunes.
+    pub prune: bool,
+    /// `restic check --read-data-subset` of a restore drill ("10%", "1/5", "100%").
+    pub check_subset: String,
+    /// Alert when the last good backup is older than this.
+    pub stale_after_secs: u64,
+    /// Before an update is installed: "require" (no backup, no install), "try", "off".
+    pub before_update: String,
+    /// A fresh data partition with credentials restores the latest snapshot at first boot.
+    pub self_restore: bool,
+    /// How long restic may keep retrying a target that does not answer before the run fails.
+    pub retry_secs: u64,
+    /// Services whose state is backed up, and how each is made consistent.
+    pub services: Vec<BackupService>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackupService {
+    pub unit: String,
+    /// "stop" (stopped for the backup, started again after) or "live".
+    pub quiesce: String,
+    /// Its state directory's real path (`/var/lib/private/<name>` with DynamicUser).
+    pub path: String,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

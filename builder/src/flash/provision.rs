@@ -93,6 +93,9 @@ impl Provision {
                     require_dir(&path)?;
                     entries.push((rel.clone(), true));
                     walk(&path, &rel, &mut entries)?;
+                    if name == "backup" {
+                        check_backup(&path)?;
+                    }
                 }
                 "hostname" => {
                     require_file(&path)?;
@@ -349,6 +352,23 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
         }
     }
     Some(out)
+}
+
+/// backup/: the repository password must be there and not empty (the device's agent cannot
+/// back up without it); backup/env must be KEY=VALUE lines restic reads.
+fn check_backup(dir: &Path) -> Result<()> {
+    let password = dir.join("password");
+    match fs::metadata(&password) {
+        Ok(m) if m.is_file() && m.len() > 0 => {}
+        Ok(_) => bail!("{}: the restic repository password is empty", password.display()),
+        Err(_) => bail!("{}: missing: backup/ needs the restic repository password (one line), and optionally env, repository, ssh_key, known_hosts", password.display()),
+    }
+    let env = dir.join("env");
+    if env.exists() {
+        let text = fs::read_to_string(&env).with_context(|| format!("reading {}", env.display()))?;
+        kiln_feed::parse_backup_env(&text).map_err(|m| anyhow::anyhow!("{}: {m}", env.display()))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

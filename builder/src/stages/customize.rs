@@ -69,6 +69,12 @@ pub fn customize(ctx: &Context) -> Result<()> {
     if plan.update.is_some() {
         units.push("kiln-agent.timer");
     }
+    if let Some(b) = &plan.backup {
+        units.extend(["kiln-backup.timer", "kiln-backup-restore.service"]);
+        if b.restore_drill.is_some() {
+            units.push("kiln-backup-drill.timer");
+        }
+    }
     let enable = Cmd::new("chroot").arg(tree).arg("systemctl").arg("enable").args(&units);
     enable.run()?;
     // Not for an appliance: e2scrub needs LVM snapshots, and its reaper costs seconds at boot.
@@ -109,10 +115,43 @@ fn install_agent(ctx: &Context, tctx: &tera::Context) -> Result<()> {
     for unit in ["kiln-agent-boot.service", "kiln-agent-commit.service", "kiln-agent-rollback.service", "kiln-agent.service"] {
         write_file(&tree.join("usr/lib/systemd/system").join(unit), t.render(&format!("rootfs/{unit}"), tctx)?.as_bytes(), 0o644)?;
     }
+    if let Some(b) = &plan.backup {
+        install_backup(ctx, tctx, b)?;
+    }
     if let Some(u) = &plan.update {
         let mut c = tctx.clone();
         c.insert("first_check_secs", &u.interval_secs.min(300));
         write_file(&tree.join("usr/lib/systemd/system/kiln-agent.timer"), t.render("rootfs/kiln-agent.timer.tera", &c)?.as_bytes(), 0o644)?;
+    }
+    Ok(())
+}
+
+/// Backups: restic comes from Debian (the plan added it); the agent runs it from these units.
+/// The calendar expressions are checked by the image's own systemd, which will run them.
+fn install_backup(ctx: &Context, tctx: &tera::Context, b: &crate::plan::BackupPlan) -> Result<()> {
+    let (tree, t) = (&ctx.tree, &ctx.templates);
+    if !tree.join("usr/bin/restic").exists() {
+        bail!("[backup] needs restic in the image, and /usr/bin/restic is missing from the tree (is the restic package installed?)");
+    }
+    let mut calendars = vec![("backup.schedule", b.schedule.as_str())];
+    calendars.extend(b.restore_drill.as_deref().map(|d| ("backup.restore_drill", d)));
+    for (key, expr) in calendars {
+        if let Err(e) = Cmd::new("chroot").arg(tree).args(["systemd-analyze", "calendar", "--iterations=1", expr]).output() {
+            let why = match e {
+                crate::exec::ExecError::Failed { stderr_tail, .. } => stderr_tail.trim().to_string(),
+                other => return Err(other.into()),
+            };
+            bail!(
+                "{}: {key}: {expr:?} is not a systemd calendar expression ({why}); examples: \"daily\", \"weekly\", \"Mon..Fri 02:30\", \"*-*-01 04:00\" (see man systemd.time)",
+                ctx.plan.profile_chain.first().map(String::as_str).unwrap_or("profile")
+            );
+        }
+    }
+    for unit in ["kiln-backup.service", "kiln-backup-drill.service"] {
+        write_file(&tree.join("usr/lib/systemd/system").join(unit), t.render(&format!("rootfs/{unit}"), tctx)?.as_bytes(), 0o644)?;
+    }
+    for unit in ["kiln-backup.timer", "kiln-backup-drill.timer", "kiln-backup-restore.service"] {
+        write_file(&tree.join("usr/lib/systemd/system").join(unit), t.render(&format!("rootfs/{unit}.tera"), tctx)?.as_bytes(), 0o644)?;
     }
     Ok(())
 }
