@@ -243,6 +243,36 @@ pub fn endpoint(repository: &str) -> Option<(String, u16)> {
     }
 }
 
+/// Something that speaks the target's protocol is at the other end of `s`: an HTTP status
+/// line for `rest:http://`, an SSH banner for `sftp:` (a proxy or relay that accepts the
+/// connection and then closes it is not a backup target). TLS targets: the connection only.
+fn answers(mut s: std::net::TcpStream, repository: &str, host: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let expect = if repository.starts_with("rest:http://") {
+        let req = format!("HEAD / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+        "HTTP/"
+    } else if repository.starts_with("sftp:") {
+        "SSH-"
+    } else {
+        return Ok(());
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 8];
+    let mut got = 0;
+    while got < expect.len() {
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err("the connection was closed without an answer".into()),
+            Ok(n) => got += n,
+            Err(e) => return Err(format!("no answer: {e}")),
+        }
+    }
+    if &buf[..expect.len()] != expect.as_bytes() {
+        return Err(format!("it does not answer as a {} server", if expect == "SSH-" { "SSH" } else { "HTTP" }));
+    }
+    Ok(())
+}
+
 /// The restic keep flags of a retention policy.
 pub fn keep_args(keep: &std::collections::BTreeMap<String, u32>) -> Vec<String> {
     keep.iter().flat_map(|(k, n)| [format!("--keep-{k}"), n.to_string()]).collect()
@@ -336,9 +366,9 @@ impl Backups {
             let attempt = (host.as_str(), port).to_socket_addrs().map_err(|e| e.to_string()).and_then(|addrs| {
                 let mut last = "no address".to_string();
                 for a in addrs {
-                    match std::net::TcpStream::connect_timeout(&a, Duration::from_secs(10)) {
-                        Ok(_) => return Ok(()),
-                        Err(e) => last = e.to_string(),
+                    match std::net::TcpStream::connect_timeout(&a, Duration::from_secs(10)).map_err(|e| e.to_string()).and_then(|s| answers(s, &creds.repository, &host)) {
+                        Ok(()) => return Ok(()),
+                        Err(e) => last = e,
                     }
                 }
                 Err(last)

@@ -38,11 +38,12 @@ pub const TOOLS: &[Tool] = &[
     Tool { name: "zstd", probe: "zstd", package: "zstd", backports_on_bookworm: false, used_for: "zstd-compressed kernel modules for kiln's initramfs" },
     Tool { name: "cpio", probe: "cpio", package: "cpio", backports_on_bookworm: false, used_for: "checking initramfs archives (tests)" },
     Tool { name: "openssl", probe: "openssl", package: "openssl", backports_on_bookworm: false, used_for: "CA certificate hashes for arm64 images" },
+    Tool { name: "restic", probe: "restic", package: "restic", backports_on_bookworm: false, used_for: "reading devices' backups from a trusted machine (tests: stock restic lists and restores them)" },
 ];
 
 /// The tools `kiln build` needs for an image of `arch` (the rest serve boot, flash and tests).
 pub fn build_tools(arch: crate::image::Arch) -> impl Iterator<Item = &'static Tool> {
-    const NOT_FOR_BUILD: &[&str] = &["qemu-system-x86_64", "qemu-system-aarch64", "OVMF", "sfdisk", "bmaptool", "debugfs", "mkfs.ext4", "cpio", "qemu-img"];
+    const NOT_FOR_BUILD: &[&str] = &["qemu-system-x86_64", "qemu-system-aarch64", "OVMF", "sfdisk", "bmaptool", "debugfs", "mkfs.ext4", "cpio", "qemu-img", "restic"];
     let foreign = !arch.is_host();
     TOOLS.iter().filter(move |t| !NOT_FOR_BUILD.contains(&t.name) && (foreign || !t.name.starts_with("qemu-aarch64")))
 }

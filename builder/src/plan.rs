@@ -452,6 +452,64 @@ mod tests {
         Plan::resolve(&prof, &img, Some(&m), &Overrides::default(), 1_700_000_000).unwrap()
     }
 
+    fn plan_of(text: &str) -> Plan {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("home.toml");
+        std::fs::write(&file, text).unwrap();
+        let prof = load(Source::File(file)).unwrap();
+        let img = crate::image::load("pc-uefi", std::path::Path::new("/nonexistent")).unwrap();
+        let m = Mirror::from_uri("http://mirror.test/debian");
+        Plan::resolve(&prof, &img, Some(&m), &Overrides::default(), 1_700_000_000).unwrap()
+    }
+
+    #[test]
+    fn backups_cover_the_services_state_home_and_srv() {
+        let p = plan_of(
+            r#"extends = "minimal"
+[services.caddy]
+sites = [{ root = "/srv/www" }]
+[services.syncthing]
+[services.cache]
+exec = "/usr/bin/sleep infinity"
+state = true
+backup = "skip"
+[services.legacy]
+exec = "/usr/bin/sleep infinity"
+state = true
+[services.legacy.loosen]
+DynamicUser = "no"
+[backup]
+repository = "rest:https://backup.example.org/home"
+"#,
+        );
+        let b = p.backup.as_ref().unwrap();
+        assert!(p.packages.contains(&"restic".to_string()));
+        assert_eq!(b.device.paths, ["/var/lib/private/caddy", "/var/lib/legacy", "/var/lib/private/syncthing", "/var/home", "/var/srv"]);
+        let svc: Vec<(&str, &str)> = b.device.services.iter().map(|s| (s.unit.as_str(), s.quiesce.as_str())).collect();
+        assert_eq!(svc, [("caddy.service", "live"), ("legacy.service", "stop"), ("syncthing.service", "stop")]);
+        assert_eq!(b.schedule, "daily");
+        assert_eq!(b.restore_drill.as_deref(), Some("monthly"));
+        assert_eq!(b.device.keep.len(), 3);
+        assert!(!b.device.prune, "append-only targets are the default: the device does not prune");
+        assert_eq!((b.device.before_update.as_str(), b.device.stale_after_secs), ("require", 2 * 86400));
+
+        // Paths of the user's own: /home and /srv are links into /var; only services inside them
+        // are quiesced.
+        let p = plan_of(
+            r#"extends = "minimal"
+[services.syncthing]
+[backup]
+repository = "sftp:backup@nas:/srv/restic/home"
+paths = ["/home/alice/", "/srv/www"]
+restore_drill = "off"
+"#,
+        );
+        let b = p.backup.unwrap();
+        assert_eq!(b.device.paths, ["/var/home/alice", "/var/srv/www"]);
+        assert!(b.device.services.is_empty());
+        assert_eq!(b.restore_drill, None);
+    }
+
     #[test]
     fn minimal_on_pc_uefi_resolves() {
         let p = plan();

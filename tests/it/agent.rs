@@ -10,129 +10,16 @@
 //! a device that comes up on a committed slot.
 
 use crate::httpd::Server;
-use crate::{kiln_ok, repo_root, text};
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-/// Copies one guest connection (stdin/stdout, from QEMU's guestfwd `cmd:`) to 127.0.0.1:PORT.
-const RELAY: &str = r#"import os, socket, sys, threading
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-def up():
-    while True:
-        d = os.read(0, 65536)
-        if not d:
-            s.shutdown(socket.SHUT_WR)
-            return
-        s.sendall(d)
-threading.Thread(target=up, daemon=True).start()
-while True:
-    d = s.recv(65536)
-    if not d:
-        break
-    os.write(1, d)
-"#;
+use crate::vm::Vm;
 
 /// Where the guest finds the feed: QEMU's user-mode network forwards it to the test's server.
 const FEED_HOST: &str = "10.0.2.100";
+use crate::{kiln_ok, repo_root, text};
 
-/// A QEMU guest whose serial console the test reads line by line. The guest's `reboot` ends
-/// QEMU (`-no-reboot`): the test starts it again on the same disk, as a power cycle would.
-struct Vm {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    done: Arc<Mutex<bool>>,
-    cursor: usize,
-}
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
-impl Vm {
-    fn start(disk: &Path, qemu: &kiln::image::Qemu, port: u16, log: &Path, scratch: &Path) -> Vm {
-        std::fs::create_dir_all(scratch).unwrap();
-        let relay = scratch.join("relay.py");
-        std::fs::write(&relay, RELAY).unwrap();
-        let opts = kiln::qemu::BootOptions {
-            disk: disk.into(),
-            qemu: qemu.clone(),
-            accel: kiln::qemu::Accel::Tcg,
-            persist: true,
-            ssh_port: None,
-            // A `tcp:` chardev would be one connection made at QEMU's start; `cmd:` runs the
-            // relay once per guest connection.
-            net_rules: vec![format!("guestfwd=tcp:{FEED_HOST}:80-cmd:python3 {} {port}", relay.display())],
-            log: None,
-            tryboot: false,
-        };
-        let cmd = kiln::qemu::command(&opts, kiln::qemu::Accel::Tcg, scratch, false).unwrap();
-        let mut child = cmd.spawn_piped(false).unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let done = Arc::new(Mutex::new(false));
-        let (l, d) = (lines.clone(), done.clone());
-        let mut logf = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        writeln!(logf, "==== qemu started").unwrap();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(stdout);
-            let mut buf = Vec::new();
-            while r.read_until(b'\n', &mut buf).map(|n| n > 0).unwrap_or(false) {
-                let line = String::from_utf8_lossy(&buf).trim_end().replace('\r', "");
-                let _ = writeln!(logf, "{line}");
-                l.lock().unwrap().push(line);
-                buf.clear();
-            }
-            *d.lock().unwrap() = true;
-        });
-        Vm { child, lines, done, cursor: 0 }
-    }
-
-    fn tail(&self) -> String {
-        let l = self.lines.lock().unwrap();
-        l[l.len().saturating_sub(40)..].join("\n")
-    }
-
-    /// The next console line (after the last one matched) containing one of `what`.
-    fn wait_for(&mut self, what: &[&str], timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            {
-                let l = self.lines.lock().unwrap();
-                while self.cursor < l.len() {
-                    let line = &l[self.cursor];
-                    self.cursor += 1;
-                    if what.iter().any(|w| line.contains(w)) {
-                        return line.clone();
-                    }
-                }
-            }
-            if *self.done.lock().unwrap() {
-                panic!("QEMU ended while waiting for {what:?}; console tail:\n{}", self.tail());
-            }
-            if Instant::now() > deadline {
-                panic!("no {what:?} within {}s; console tail:\n{}", timeout.as_secs(), self.tail());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Waits for the guest's reboot (QEMU exits with -no-reboot).
-    fn wait_exit(&mut self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if self.child.try_wait().unwrap().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        panic!("the guest did not reboot within {}s; console tail:\n{}", timeout.as_secs(), self.tail());
-    }
-
-    /// Pulls the plug.
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use std::time::{Duration, Instant};
 
 /// Puts a channel's metadata (json + sig) where the server serves it.
 fn serve(site: &Path, snapshot: &Path) {

@@ -16,6 +16,7 @@
 
 mod agent;
 mod arm64;
+mod backup;
 mod cli;
 mod flash;
 mod golden;
@@ -24,6 +25,7 @@ mod image;
 mod initramfs;
 mod repro;
 mod services;
+mod vm;
 
 
 use std::path::{Path, PathBuf};

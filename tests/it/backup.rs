@@ -1,0 +1,383 @@
+//! Backups end to end, with real parts: a real restic REST server (Debian's restic-rest-server,
+//! append-only, private repositories, a login per device) on 127.0.0.1, which the QEMU guest
+//! reaches through a user-mode guestfwd (restrict=on); the image's restic driven by the real
+//! agent; stock restic on the host reading the repository directly.
+//!
+//! Shows: the device backs up its service's state and a user's home; a restore drill passes;
+//! the device's credentials cannot delete history (prune refused, snapshots still there); a
+//! wrong password, a target that is down and a full target each give a clear error in the
+//! status while the service keeps running; the data partition wiped and provisioned again,
+//! the device restores itself at first boot before its service starts, byte for byte; and a
+//! restore drill against a deliberately corrupted repository fails and raises an alert.
+
+use crate::vm::Vm;
+use crate::{kiln_ok, repo_root, text};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+const BOOT: Duration = Duration::from_secs(600);
+/// The guest's address for the backup server (QEMU user-mode network, relayed to the host).
+const TARGET: &str = "10.0.2.100:80";
+const REST_USER: &str = "kiln-dev1";
+const REST_PASSWORD: &str = "append-only-login";
+const REPO_PASSWORD: &str = "correct horse battery staple";
+
+/// A stand-in for a service of your own: counts its starts in its state directory.
+const NOTES: &str = "#!/bin/sh\nset -eu\necho \"start $(date +%s)\" >> \"$STATE_DIRECTORY/starts\"\nexec sleep infinity\n";
+
+/// Debian's restic-rest-server for the host, from the same mirror the images come from
+/// (trixie; bookworm has none), checked against the archive's index.
+fn rest_server(tools: &Path) -> PathBuf {
+    let bin = tools.join("usr/bin/restic-rest-server");
+    if bin.exists() {
+        return bin;
+    }
+    let mirror = kiln::mirror::from_host(Path::new("/etc/apt")).expect("the host's apt sources name a Debian mirror");
+    let arch = if cfg!(target_arch = "aarch64") { "arm64" } else { "amd64" };
+    let index = kiln::debian::fetch_packages(&mirror.debian, "trixie", "main", arch).expect("trixie's package index");
+    let entry = index.iter().find(|p| p.name == "restic-rest-server").expect("trixie has restic-rest-server");
+    let fetcher = kiln::debian::Fetcher::new(kiln::debian::FetchConfig::default()).unwrap();
+    let deb = fetcher.file(&format!("{}/{}", mirror.debian.trim_end_matches('/'), entry.filename), entry.size).unwrap();
+    assert_eq!(kiln::units::Sha256::of(&deb).hex(), entry.sha256, "restic-rest-server .deb does not match the archive's index");
+    std::fs::create_dir_all(tools).unwrap();
+    let file = tools.join("restic-rest-server.deb");
+    std::fs::write(&file, &deb).unwrap();
+    let st = Command::new("dpkg-deb").arg("-x").arg(&file).arg(tools).status().unwrap();
+    assert!(st.success());
+    bin
+}
+
+/// The backup server: restic-rest-server in append-only mode with private repositories and one
+/// login (an htpasswd file; rest-server reads `{SHA}` entries besides bcrypt).
+struct Server {
+    child: Option<Child>,
+    bin: PathBuf,
+    data: PathBuf,
+    port: u16,
+}
+
+impl Server {
+    fn start(bin: &Path, data: &Path, port: u16, max_size: Option<u64>) -> Server {
+        std::fs::create_dir_all(data).unwrap();
+        let sha = htpasswd_sha(REST_PASSWORD);
+        std::fs::write(data.join(".htpasswd"), format!("{REST_USER}:{{SHA}}{sha}\n")).unwrap();
+        let mut cmd = Command::new(bin);
+        cmd.arg("--path").arg(data).args(["--listen", &format!("127.0.0.1:{port}"), "--append-only", "--private-repos"]);
+        if let Some(m) = max_size {
+            cmd.args(["--max-size", &m.to_string()]);
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(data.with_extension("log")).unwrap();
+        let child = cmd.stdout(log.try_clone().unwrap()).stderr(log).spawn().expect("restic-rest-server starts");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "restic-rest-server did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Server { child: Some(child), bin: bin.into(), data: data.into(), port }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self, max_size: Option<u64>) {
+        self.stop();
+        *self = Server::start(&self.bin.clone(), &self.data.clone(), self.port, max_size);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The `{SHA}` form of an htpasswd entry: base64 of the password's SHA-1 (openssl on the host).
+fn htpasswd_sha(password: &str) -> String {
+    use std::io::Write;
+    let mut c = Command::new("sh")
+        .args(["-c", "openssl sha1 -binary | base64"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl");
+    c.stdin.take().unwrap().write_all(password.as_bytes()).unwrap();
+    String::from_utf8_lossy(&c.wait_with_output().unwrap().stdout).trim().to_string()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Writes a fresh data file system holding `prov` into the image's data partition (what
+/// `kiln flash --provision` writes to a device), after zeroing the whole partition.
+fn provision(disk: &Path, prov: &Path) -> u64 {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(disk).unwrap();
+    let sectors = f.metadata().unwrap().len() / kiln::gpt::SECTOR;
+    let table = kiln::gpt::GptTable::read(&mut f, sectors).unwrap();
+    let data = table.partitions.iter().find(|p| p.name == "data").expect("a data partition");
+    let (offset, size) = (data.first_lba * kiln::gpt::SECTOR, (data.last_lba + 1 - data.first_lba) * kiln::gpt::SECTOR);
+    let zero = vec![0u8; 1 << 20];
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(zero.len() as u64) as usize;
+        f.write_all(&zero[..n]).unwrap();
+        left -= n as u64;
+    }
+    let fs = kiln::flash::provision::Provision::load(prov).unwrap().build(size).unwrap();
+    let bytes = std::fs::read(&fs.image).unwrap();
+    assert_eq!(bytes.len() as u64, size);
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(&bytes).unwrap();
+    f.sync_all().unwrap();
+    size
+}
+
+/// Runs a shell command in the guest as the test's user; (success, stdout + stderr).
+fn ssh(key: &Path, port: u16, cmd: &str) -> (bool, String) {
+    let out = Command::new("ssh")
+        .args(["-i"])
+        .arg(key)
+        .args(["-p", &port.to_string(), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=30"])
+        .args(["-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=30", "tester@127.0.0.1", cmd])
+        .output()
+        .unwrap();
+    (out.status.success(), text(&out.stdout) + &text(&out.stderr))
+}
+
+fn ssh_ok(key: &Path, port: u16, cmd: &str) -> String {
+    let (ok, out) = ssh(key, port, cmd);
+    assert!(ok, "in the guest: {cmd}\n{out}");
+    out
+}
+
+/// sha256 of every file of the backed-up data except the service's start counter, sorted.
+const HASHES: &str = "sudo find /var/lib/private/notes /var/home/tester/papers -type f ! -name starts -print0 | sort -z | xargs -0 sudo sha256sum";
+
+fn backup_status(key: &Path, port: u16) -> serde_json::Value {
+    serde_json::from_str(&ssh_ok(key, port, "sudo kiln-agent backup status --json")).unwrap()
+}
+
+fn host_restic(repo: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("restic").arg("-r").arg(repo).args(args).env("RESTIC_PASSWORD", REPO_PASSWORD).output().expect("restic on the host (kiln doctor --install)")
+}
+
+#[test]
+fn backups_restore_themselves_resist_deletion_and_report_failures() {
+    assert!(nix::unistd::geteuid().is_root(), "the backup test needs root (mmdebstrap --mode=root)");
+    let root = repo_root();
+    let work = root.join("target/kiln-it-backup");
+    let reuse = std::env::var_os("KILN_IT_REUSE").is_some() && work.join("out/bk-pc-uefi/disk.img").exists();
+    if !reuse {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    let _ = std::fs::remove_dir_all(work.join("repo"));
+    std::fs::create_dir_all(work.join("profiles/dist")).unwrap();
+    let server_bin = rest_server(&root.join("target/kiln-it-tools"));
+    let key = work.join("id_ed25519");
+    if !key.exists() {
+        let kg = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "kiln-it", "-f"]).arg(&key).status().unwrap();
+        assert!(kg.success());
+    }
+    let public = std::fs::read_to_string(work.join("id_ed25519.pub")).unwrap();
+    std::fs::write(work.join("profiles/dist/notes"), NOTES).unwrap();
+    std::fs::write(
+        work.join("profiles/bk.toml"),
+        format!(
+            r#"extends = "minimal"
+[users.tester]
+ssh_keys = ["{}"]
+groups = ["sudo"]
+
+[services.notes]
+binary = "dist/notes"
+exec = "/usr/local/bin/notes"
+state = true
+
+[backup]
+repository = "rest:http://{TARGET}/{REST_USER}"
+keep = {{ daily = 7, weekly = 4 }}
+# Read all of it back in a drill: the test corrupts the repository on purpose.
+check_subset = "100%"
+retry = "30s"
+"#,
+            public.trim()
+        ),
+    )
+    .unwrap();
+    let dir = work.join("out/bk-pc-uefi");
+    if !reuse {
+        let t = Instant::now();
+        kiln_ok(&work, &["build", "--profile", "profiles/bk.toml", "--out", "out"]);
+        println!("kiln-it: built bk-pc-uefi in {:.1}s", t.elapsed().as_secs_f64());
+    }
+    let manifest: kiln::stages::manifest::Manifest = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+
+    // The device's own secrets: the repository password and its login on the server.
+    let prov = work.join("provision");
+    let _ = std::fs::remove_dir_all(&prov);
+    std::fs::create_dir_all(prov.join("backup")).unwrap();
+    std::fs::write(prov.join("hostname"), "dev1\n").unwrap();
+    std::fs::write(prov.join("backup/password"), format!("{REPO_PASSWORD}\n")).unwrap();
+    std::fs::write(prov.join("backup/env"), format!("RESTIC_REST_USERNAME={REST_USER}\nRESTIC_REST_PASSWORD={REST_PASSWORD}\n")).unwrap();
+    let disk = work.join("disk.img");
+    std::fs::copy(dir.join("disk.img"), &disk).unwrap();
+    let data_size = provision(&disk, &prov);
+
+    let port = free_port();
+    let mut server = Server::start(&server_bin, &work.join("repo"), port, None);
+    let repo = work.join("repo").join(REST_USER);
+    let qemu = manifest.qemu.clone();
+    let ssh_port = free_port();
+    let log = work.join("console.log");
+
+    // Boot 1: a fresh device with credentials and an empty repository.
+    let t = Instant::now();
+    let mut vm = Vm::start_with(&disk, &qemu, &[(TARGET, port)], Some(ssh_port), &log, &work.join("qemu"));
+    let ready = vm.wait_for(&["KILN-READY", "KILN-NOT-READY"], BOOT);
+    assert!(ready.contains("KILN-READY"), "{ready}\n{}", vm.tail());
+    println!("kiln-it: boot 1 ready after {:.1}s", t.elapsed().as_secs_f64());
+    let first = backup_status(&key, ssh_port);
+    assert_eq!(first["self_restore"]["outcome"], "fresh", "an empty repository: nothing to restore: {first}");
+
+    ssh_ok(
+        &key,
+        ssh_port,
+        "set -e; sudo mkdir -p /var/lib/private/notes/docs; sudo sh -c 'head -c 3000000 /dev/urandom > /var/lib/private/notes/docs/big.bin; for i in $(seq 1 40); do echo note $i > /var/lib/private/notes/docs/n$i.txt; done; ln -sf docs/n1.txt /var/lib/private/notes/first'; \
+         mkdir -p ~/papers; head -c 200000 /dev/urandom > ~/papers/p.bin; echo draft > ~/papers/draft.txt",
+    );
+    let t = Instant::now();
+    let out = ssh_ok(&key, ssh_port, "sudo kiln-agent backup now");
+    println!("kiln-it: first backup in {:.1}s: {}", t.elapsed().as_secs_f64(), out.trim());
+    assert!(out.contains("kiln-agent: backup: snapshot"), "{out}");
+    assert!(out.contains("notes.service stopped meanwhile"), "notes is quiesced (backup = \"stop\"): {out}");
+    assert_eq!(ssh_ok(&key, ssh_port, "systemctl is-active notes").trim(), "active");
+
+    let t = Instant::now();
+    let out = ssh_ok(&key, ssh_port, "sudo kiln-agent backup drill");
+    println!("kiln-it: restore drill in {:.1}s: {}", t.elapsed().as_secs_f64(), out.trim());
+    assert!(out.contains("restore drill passed"), "{out}");
+
+    // Append-only: the device cannot delete, and the history is still there.
+    let (ok, out) = ssh(&key, ssh_port, "sudo kiln-agent backup prune");
+    println!("kiln-it: prune from the device: {}", out.trim());
+    assert!(!ok && out.contains("append-only") && out.contains("Prune from a trusted machine"), "{out}");
+    let snaps = host_restic(&repo, &["snapshots", "--json"]);
+    assert!(snaps.status.success(), "stock restic on the host reads the repository: {}", text(&snaps.stderr));
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&snaps.stdout).unwrap();
+    assert_eq!(list.len(), 1, "the snapshot survived the device's forget: {list:?}");
+
+    // Failures: each one clear in the status, the service running throughout.
+    let pw = "/var/kiln/provision/backup/password";
+    let (ok, out) = ssh(&key, ssh_port, &format!("sudo cp {pw} {pw}.good; echo wrong | sudo tee {pw} >/dev/null; sudo kiln-agent backup now; r=$?; sudo mv {pw}.good {pw}; exit $r"));
+    assert!(!ok && out.contains("wrong repository password"), "{out}");
+    let s = backup_status(&key, ssh_port);
+    assert!(s["last_backup"]["summary"].as_str().unwrap().contains("wrong repository password"), "{s}");
+    assert!(s["alerts"].as_array().unwrap().iter().any(|a| a.as_str().unwrap().starts_with("backup failed")), "{s}");
+    println!("kiln-it: wrong password: {}", s["last_backup"]["summary"]);
+
+    server.stop();
+    let t = Instant::now();
+    let (ok, out) = ssh(&key, ssh_port, "sudo kiln-agent backup now");
+    assert!(!ok && out.contains("cannot reach the backup target"), "{out}");
+    println!("kiln-it: target down, failed in {:.1}s: {}", t.elapsed().as_secs_f64(), out.lines().last().unwrap_or_default());
+
+    let used: u64 = dir_size(&work.join("repo"));
+    server.restart(Some(used + 64 * 1024));
+    ssh_ok(&key, ssh_port, "sudo sh -c 'head -c 2000000 /dev/urandom > /var/lib/private/notes/docs/extra.bin'");
+    let t = Instant::now();
+    let (ok, out) = ssh(&key, ssh_port, "sudo kiln-agent backup now");
+    assert!(!ok && out.contains("the backup target is full"), "{out}");
+    println!("kiln-it: target full, failed in {:.1}s: {}", t.elapsed().as_secs_f64(), out.lines().last().unwrap_or_default());
+    assert_eq!(ssh_ok(&key, ssh_port, "systemctl is-active notes").trim(), "active", "the service keeps running");
+    server.restart(None);
+    ssh_ok(&key, ssh_port, "sudo rm /var/lib/private/notes/docs/extra.bin");
+
+    // The last good backup, and what it holds.
+    let before = ssh_ok(&key, ssh_port, HASHES);
+    let out = ssh_ok(&key, ssh_port, "sudo kiln-agent backup now");
+    assert!(out.contains("kiln-agent: backup: snapshot"), "{out}");
+    let s = backup_status(&key, ssh_port);
+    assert!(s["alerts"].as_array().unwrap().is_empty(), "a good backup clears the alerts: {s}");
+
+    // Stock restic on the host restores the same bytes.
+    let host_dir = work.join("host-restore");
+    let _ = std::fs::remove_dir_all(&host_dir);
+    let r = host_restic(&repo, &["restore", "latest", "--target", host_dir.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let host_hashes = host_sha256(&host_dir, &before);
+    assert_eq!(host_hashes, before, "host restore differs");
+    ssh_ok(&key, ssh_port, "sudo systemctl poweroff");
+    vm.wait_exit(Duration::from_secs(120));
+
+    // A fresh device: the data partition wiped and provisioned again.
+    provision(&disk, &prov);
+    println!("kiln-it: data partition ({} MiB) wiped and provisioned again", data_size >> 20);
+    let t = Instant::now();
+    let mut vm = Vm::start_with(&disk, &qemu, &[(TARGET, port)], Some(ssh_port), &log, &work.join("qemu"));
+    let restored = vm.wait_for(&["kiln-agent: self-restore:"], BOOT);
+    println!("kiln-it: {restored}");
+    assert!(restored.contains("self-restore: restored"), "{restored}\n{}", vm.tail());
+    let ready = vm.wait_for(&["KILN-READY", "KILN-NOT-READY"], BOOT);
+    assert!(ready.contains("KILN-READY"), "{ready}\n{}", vm.tail());
+    println!("kiln-it: boot 2 (self-restore) ready after {:.1}s", t.elapsed().as_secs_f64());
+    let after = ssh_ok(&key, ssh_port, HASHES);
+    let files = before.lines().count();
+    assert!(files >= 43, "{before}");
+    assert_eq!(after, before, "the restored data differs");
+    println!("kiln-it: {files} files byte-identical after the self-restore (sha256 of the list {})", kiln::units::Sha256::of(after.as_bytes()).hex());
+    let starts = ssh_ok(&key, ssh_port, "sudo cat /var/lib/private/notes/starts");
+    assert!(starts.lines().count() >= 2, "the service started on its restored state (its earlier starts came back): {starts}");
+
+    // A corrupted repository: the drill must say so.
+    let mut corrupted = 0;
+    for pack in walk_files(&repo.join("data")) {
+        let len = std::fs::metadata(&pack).unwrap().len();
+        crate::flip_byte(&pack, len / 2);
+        corrupted += 1;
+    }
+    let (ok, out) = ssh(&key, ssh_port, "sudo kiln-agent backup drill");
+    assert!(!ok && out.contains("restore drill failed"), "{out}");
+    let s = backup_status(&key, ssh_port);
+    assert_eq!(s["last_drill"]["ok"], false, "{s}");
+    assert!(s["alerts"].as_array().unwrap().iter().any(|a| a.as_str().unwrap().starts_with("restore drill failed")), "{s}");
+    println!("kiln-it: drill on a corrupted repository ({corrupted} pack files with one byte flipped): {}", s["last_drill"]["summary"]);
+    assert_eq!(ssh_ok(&key, ssh_port, "systemctl is-active notes").trim(), "active");
+    vm.kill();
+}
+
+fn dir_size(p: &Path) -> u64 {
+    walk_files(p).iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum()
+}
+
+fn walk_files(p: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                out.extend(walk_files(&path));
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+/// The guest's `sha256sum` lines, computed over the host's restore of the same paths.
+fn host_sha256(restored: &Path, guest: &str) -> String {
+    let mut lines = Vec::new();
+    for l in guest.lines() {
+        let (_, path) = l.split_once("  ").unwrap();
+        let data = std::fs::read(restored.join(path.trim_start_matches('/'))).unwrap_or_default();
+        lines.push(format!("{}  {path}", kiln::units::Sha256::of(&data).hex()));
+    }
+    lines.join("\n") + "\n"
+}
