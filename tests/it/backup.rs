@@ -141,6 +141,12 @@ fn provision(disk: &Path, prov: &Path) -> u64 {
 
 /// Runs a shell command in the guest as the test's user; (success, stdout + stderr).
 fn ssh(key: &Path, port: u16, cmd: &str) -> (bool, String) {
+    let (ok, out, err) = ssh3(key, port, cmd);
+    (ok, out + &err)
+}
+
+/// (success, stdout, stderr) of a command in the guest.
+fn ssh3(key: &Path, port: u16, cmd: &str) -> (bool, String, String) {
     let out = Command::new("ssh")
         .args(["-i"])
         .arg(key)
@@ -148,12 +154,13 @@ fn ssh(key: &Path, port: u16, cmd: &str) -> (bool, String) {
         .args(["-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=30", "tester@127.0.0.1", cmd])
         .output()
         .unwrap();
-    (out.status.success(), text(&out.stdout) + &text(&out.stderr))
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
 }
 
+/// stdout of a command in the guest that must succeed (sshd's banner goes to stderr).
 fn ssh_ok(key: &Path, port: u16, cmd: &str) -> String {
-    let (ok, out) = ssh(key, port, cmd);
-    assert!(ok, "in the guest: {cmd}\n{out}");
+    let (ok, out, err) = ssh3(key, port, cmd);
+    assert!(ok, "in the guest: {cmd}\n{out}{err}");
     out
 }
 
@@ -161,7 +168,9 @@ fn ssh_ok(key: &Path, port: u16, cmd: &str) -> String {
 const HASHES: &str = "sudo find /var/lib/private/notes /var/home/tester/papers -type f ! -name starts -print0 | sort -z | xargs -0 sudo sha256sum";
 
 fn backup_status(key: &Path, port: u16) -> serde_json::Value {
-    serde_json::from_str(&ssh_ok(key, port, "sudo kiln-agent backup status --json")).unwrap()
+    let (ok, out, err) = ssh3(key, port, "sudo kiln-agent backup status --json");
+    assert!(ok, "{out}{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
 fn host_restic(repo: &Path, args: &[&str]) -> std::process::Output {
@@ -202,7 +211,8 @@ state = true
 
 [backup]
 repository = "rest:http://{TARGET}/{REST_USER}"
-keep = {{ daily = 7, weekly = 4 }}
+# Keep one: the device's prune then has something to delete, which the server must refuse.
+keep = {{ last = 1 }}
 # Read all of it back in a drill: the test corrupts the repository on purpose.
 check_subset = "100%"
 retry = "30s"
@@ -265,13 +275,14 @@ retry = "30s"
     assert!(out.contains("restore drill passed"), "{out}");
 
     // Append-only: the device cannot delete, and the history is still there.
+    ssh_ok(&key, ssh_port, "echo second > ~/papers/second.txt; sudo kiln-agent backup now");
     let (ok, out) = ssh(&key, ssh_port, "sudo kiln-agent backup prune");
     println!("kiln-it: prune from the device: {}", out.trim());
     assert!(!ok && out.contains("append-only") && out.contains("Prune from a trusted machine"), "{out}");
     let snaps = host_restic(&repo, &["snapshots", "--json"]);
     assert!(snaps.status.success(), "stock restic on the host reads the repository: {}", text(&snaps.stderr));
     let list: Vec<serde_json::Value> = serde_json::from_slice(&snaps.stdout).unwrap();
-    assert_eq!(list.len(), 1, "the snapshot survived the device's forget: {list:?}");
+    assert_eq!(list.len(), 2, "both snapshots survived the device's forget: {list:?}");
 
     // Failures: each one clear in the status, the service running throughout.
     let pw = "/var/kiln/provision/backup/password";
@@ -300,7 +311,7 @@ retry = "30s"
     ssh_ok(&key, ssh_port, "sudo rm /var/lib/private/notes/docs/extra.bin");
 
     // The last good backup, and what it holds.
-    let before = ssh_ok(&key, ssh_port, HASHES);
+    let before = ssh3(&key, ssh_port, HASHES).1;
     let out = ssh_ok(&key, ssh_port, "sudo kiln-agent backup now");
     assert!(out.contains("kiln-agent: backup: snapshot"), "{out}");
     let s = backup_status(&key, ssh_port);
@@ -327,12 +338,12 @@ retry = "30s"
     let ready = vm.wait_for(&["KILN-READY", "KILN-NOT-READY"], BOOT);
     assert!(ready.contains("KILN-READY"), "{ready}\n{}", vm.tail());
     println!("kiln-it: boot 2 (self-restore) ready after {:.1}s", t.elapsed().as_secs_f64());
-    let after = ssh_ok(&key, ssh_port, HASHES);
+    let after = ssh3(&key, ssh_port, HASHES).1;
     let files = before.lines().count();
     assert!(files >= 43, "{before}");
     assert_eq!(after, before, "the restored data differs");
     println!("kiln-it: {files} files byte-identical after the self-restore (sha256 of the list {})", kiln::units::Sha256::of(after.as_bytes()).hex());
-    let starts = ssh_ok(&key, ssh_port, "sudo cat /var/lib/private/notes/starts");
+    let starts = ssh3(&key, ssh_port, "sudo cat /var/lib/private/notes/starts").1;
     assert!(starts.lines().count() >= 2, "the service started on its restored state (its earlier starts came back): {starts}");
 
     // A corrupted repository: the drill must say so.
