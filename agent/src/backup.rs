@@ -268,7 +268,7 @@ fn answers(mut s: std::net::TcpStream, repository: &str, host: &str) -> Result<(
         }
     }
     if &buf[..expect.len()] != expect.as_bytes() {
-        return Err(format!("it does not answer as a {} server", if expect == "SSH-" { "SSH" } else { "HTTP" }));
+        return Err(format!("it does not answer as {} server", if expect == "SSH-" { "an SSH" } else { "an HTTP" }));
     }
     Ok(())
 }

@@ -298,5 +298,11 @@ fn status(config: &std::path::Path, state_dir: &std::path::Path, json: bool) -> 
     println!("checked:   {}", state.last_check.map(|t| t.to_string()).unwrap_or_else(none));
     println!("result:    {}", state.last_result.clone().unwrap_or_else(none));
     println!("error:     {}", state.last_error.clone().unwrap_or_else(none));
+    if let Some(b) = config.as_ref().and_then(|c| c.backup.as_ref()) {
+        let mut s = backup::Status::load(state_dir).unwrap_or_default();
+        s.refresh_alerts(kiln_feed::Timestamp::now(), b.stale_after_secs);
+        let good = s.last_good_backup.as_ref().map(|r| format!("{} ({})", r.at, r.summary)).unwrap_or_else(none);
+        println!("backup:    last good {good}; {} alert(s) (kiln-agent backup status)", s.alerts.len());
+    }
     Ok(())
 }

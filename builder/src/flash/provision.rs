@@ -434,5 +434,13 @@ mod tests {
         fs::remove_file(d.join("ssh/authorized_keys/bob")).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", d.join("backup/env")).unwrap();
         assert!(err(d).ends_with("backup/env: a symbolic link; provisioning takes regular files only (copy the file itself)"), "{}", err(d));
+        fs::remove_file(d.join("backup/env")).unwrap();
+        fs::write(d.join("backup/env"), "RESTIC_REST_USERNAME=dev1\nrest_password=x\n").unwrap();
+        assert!(err(d).ends_with("backup/env: line 2: \"rest_password\" is not an environment variable name (capital letters, digits, '_')"), "{}", err(d));
+        fs::write(d.join("backup/env"), "RESTIC_REST_USERNAME=dev1\n").unwrap();
+        fs::write(d.join("backup/password"), "").unwrap();
+        assert!(err(d).ends_with("backup/password: the restic repository password is empty"), "{}", err(d));
+        fs::remove_file(d.join("backup/password")).unwrap();
+        assert!(err(d).contains("backup/password: missing: backup/ needs the restic repository password"), "{}", err(d));
     }
 }
