@@ -11,6 +11,9 @@
 //! `agent`: over-the-air updates end to end (named to sort first with `arm64`: the two longest
 //! tests start at once): keygen, publish, a feed on 127.0.0.1, the agent in
 //! QEMU installing, committing, rolling back, refusing bad releases, surviving power cuts.
+//! `backup`: restic backups end to end: a real restic-rest-server (append-only) on 127.0.0.1, the
+//! device in QEMU backing up, drilling, refused deletes and failures, self-restore after its
+//! data partition is wiped, a drill against a corrupted repository.
 //! `initramfs`: the initramfs built natively from a target tree, booted under QEMU (healthy,
 //! flipped byte, wrong root hash).
 
