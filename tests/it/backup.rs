@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 const BOOT: Duration = Duration::from_secs(600);
 /// The guest's address for the backup server (QEMU user-mode network, relayed to the host).
 const TARGET: &str = "10.0.2.100:80";
+/// Where the guest finds the release feed.
+const FEED: &str = "10.0.2.101:80";
 const REST_USER: &str = "kiln-dev1";
 const REST_PASSWORD: &str = "append-only-login";
 const REPO_PASSWORD: &str = "correct horse battery staple";
@@ -216,6 +218,10 @@ keep = {{ last = 1 }}
 # Read all of it back in a drill: the test corrupts the repository on purpose.
 check_subset = "100%"
 retry = "30s"
+
+[update]
+feed = "http://{FEED}/stable.atom"
+public_key = "../keys/kiln-release.pub"
 "#,
             public.trim()
         ),
@@ -223,10 +229,19 @@ retry = "30s"
     .unwrap();
     let dir = work.join("out/bk-pc-uefi");
     if !reuse {
+        kiln_ok(&work, &["keygen", "--out", "keys"]);
         let t = Instant::now();
         kiln_ok(&work, &["build", "--profile", "profiles/bk.toml", "--out", "out"]);
         println!("kiln-it: built bk-pc-uefi in {:.1}s", t.elapsed().as_secs_f64());
+        // The next release (from the cached tree), for the backup before an update.
+        let t = Instant::now();
+        kiln_ok(&work, &["build", "--profile", "profiles/bk.toml", "--release", "0.2.0", "--out", "out-v2"]);
+        println!("kiln-it: built release 0.2.0 in {:.1}s", t.elapsed().as_secs_f64());
     }
+    let site = work.join("site");
+    let _ = std::fs::remove_dir_all(&site);
+    kiln_ok(&work, &["publish", "out-v2/bk-pc-uefi", "--channel", "stable", "--to", "site", "--key", "keys/kiln-release.key", "--base-url", &format!("http://{FEED}/")]);
+    let feed = crate::httpd::Server::start(&site);
     let manifest: kiln::stages::manifest::Manifest = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
 
     // The device's own secrets: the repository password and its login on the server.
@@ -331,13 +346,15 @@ retry = "30s"
     provision(&disk, &prov);
     println!("kiln-it: data partition ({} MiB) wiped and provisioned again", data_size >> 20);
     let t = Instant::now();
-    let mut vm = Vm::start_with(&disk, &qemu, &[(TARGET, port)], Some(ssh_port), &log, &work.join("qemu"));
+    let mut vm = Vm::start_with(&disk, &qemu, &[(TARGET, port), (FEED, feed.port())], Some(ssh_port), &log, &work.join("qemu"));
     let restored = vm.wait_for(&["kiln-agent: self-restore:"], BOOT);
     println!("kiln-it: {restored}");
     assert!(restored.contains("self-restore: restored"), "{restored}\n{}", vm.tail());
     let ready = vm.wait_for(&["KILN-READY", "KILN-NOT-READY"], BOOT);
     assert!(ready.contains("KILN-READY"), "{ready}\n{}", vm.tail());
     println!("kiln-it: boot 2 (self-restore) ready after {:.1}s", t.elapsed().as_secs_f64());
+    // The test decides when the device checks for updates.
+    ssh_ok(&key, ssh_port, "sudo systemctl stop kiln-agent.timer");
     let after = ssh3(&key, ssh_port, HASHES).1;
     let files = before.lines().count();
     assert!(files >= 43, "{before}");
@@ -360,6 +377,25 @@ retry = "30s"
     assert!(s["alerts"].as_array().unwrap().iter().any(|a| a.as_str().unwrap().starts_with("restore drill failed")), "{s}");
     println!("kiln-it: drill on a corrupted repository ({corrupted} pack files with one byte flipped): {}", s["last_drill"]["summary"]);
     assert_eq!(ssh_ok(&key, ssh_port, "systemctl is-active notes").trim(), "active");
+    // Flipped back: the same bytes as before.
+    for pack in walk_files(&repo.join("data")) {
+        let len = std::fs::metadata(&pack).unwrap().len();
+        crate::flip_byte(&pack, len / 2);
+    }
+
+    // A new release: no install without a backup first (before_update = "require").
+    server.stop();
+    let out = ssh_ok(&key, ssh_port, "sudo kiln-agent check --now --no-reboot");
+    assert!(out.contains("release 0.2.0 waits: the backup before the update failed"), "{out}");
+    println!("kiln-it: update with the target down: {}", out.lines().find(|l| l.contains("waits")).unwrap_or_default());
+    server.restart(None);
+    let t = Instant::now();
+    let out = ssh_ok(&key, ssh_port, "sudo kiln-agent check --now --no-reboot");
+    assert!(out.contains("kiln-agent: backup before the update: snapshot") && out.contains("installed 0.2.0 into slot b"), "{out}");
+    println!("kiln-it: update with a backup first in {:.1}s: {}", t.elapsed().as_secs_f64(), out.lines().find(|l| l.contains("before the update")).unwrap_or_default());
+    let tagged = host_restic(&repo, &["snapshots", "--json", "--tag", "before-update"]);
+    let tagged: Vec<serde_json::Value> = serde_json::from_slice(&tagged.stdout).unwrap();
+    assert_eq!(tagged.len(), 1, "one snapshot tagged before-update: {tagged:?}");
     vm.kill();
 }
 
