@@ -199,6 +199,7 @@ fn resolve_backup(file: &str, b: &crate::profile::Backup, services: &[crate::ser
             self_restore: b.self_restore.unwrap_or(true),
             retry_secs: secs(&b.retry, 300),
             services: backup_services,
+            alert_url: b.alert_url.clone(),
         },
         schedule: b.schedule.clone().unwrap_or_else(|| "daily".into()),
         restore_drill: (drill != "off").then_some(drill),

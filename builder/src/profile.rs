@@ -77,6 +77,9 @@ pub struct Backup {
     pub self_restore: Option<bool>,
     /// How long a target that does not answer is retried before a run fails (default "5m").
     pub retry: Option<String>,
+    /// A URL alerts are POSTed to as plain text, when raised and when cleared
+    /// ("https://ntfy.sh/my-backups", a webhook). Always: the journal and `kiln-agent backup status`.
+    pub alert_url: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Default, Debug, Clone, PartialEq)]
@@ -679,6 +682,11 @@ fn check_backup(src: &Source, b: &Backup) -> Result<(), ProfileError> {
             if humantime::parse_duration(d).is_err() {
                 return err(key, format!("expected a duration such as \"2d\" or \"5m\", found {d:?}"));
             }
+        }
+    }
+    if let Some(u) = &b.alert_url {
+        if !(u.starts_with("http://") || u.starts_with("https://")) || u.chars().any(char::is_whitespace) {
+            return err("alert_url", format!("expected an http:// or https:// URL alerts are POSTed to, such as \"https://ntfy.sh/my-backups\", found {u:?}"));
         }
     }
     if let Some(u) = &b.before_update {

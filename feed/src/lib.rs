@@ -354,6 +354,10 @@ pub struct BackupConfig {
     pub retry_secs: u64,
     /// Services whose state is backed up, and how each is made consistent.
     pub services: Vec<BackupService>,
+    /// Where alerts are POSTed as plain text when raised and when cleared (ntfy, gotify-compatible
+    /// relays, any webhook); None: journal, console and status only.
+    #[serde(default)]
+    pub alert_url: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

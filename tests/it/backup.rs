@@ -218,6 +218,7 @@ keep = {{ last = 1 }}
 # Read all of it back in a drill: the test corrupts the repository on purpose.
 check_subset = "100%"
 retry = "30s"
+alert_url = "http://{FEED}/alerts"
 
 [update]
 feed = "http://{FEED}/stable.atom"
@@ -264,10 +265,12 @@ public_key = "../keys/kiln-release.pub"
 
     // Boot 1: a fresh device with credentials and an empty repository.
     let t = Instant::now();
-    let mut vm = Vm::start_with(&disk, &qemu, &[(TARGET, port)], Some(ssh_port), &log, &work.join("qemu"));
+    let mut vm = Vm::start_with(&disk, &qemu, &[(TARGET, port), (FEED, feed.port())], Some(ssh_port), &log, &work.join("qemu"));
     let ready = vm.wait_for(&["KILN-READY", "KILN-NOT-READY"], BOOT);
     assert!(ready.contains("KILN-READY"), "{ready}\n{}", vm.tail());
     println!("kiln-it: boot 1 ready after {:.1}s", t.elapsed().as_secs_f64());
+    // The test decides when the device checks for updates (release 0.2.0 is in the feed).
+    ssh_ok(&key, ssh_port, "sudo systemctl stop kiln-agent.timer");
     let first = backup_status(&key, ssh_port);
     assert_eq!(first["self_restore"]["outcome"], "fresh", "an empty repository: nothing to restore: {first}");
 
@@ -307,6 +310,8 @@ public_key = "../keys/kiln-release.pub"
     assert!(s["last_backup"]["summary"].as_str().unwrap().contains("wrong repository password"), "{s}");
     assert!(s["alerts"].as_array().unwrap().iter().any(|a| a.as_str().unwrap().starts_with("backup failed")), "{s}");
     println!("kiln-it: wrong password: {}", s["last_backup"]["summary"]);
+    let alerts = feed.posts();
+    assert!(alerts.iter().any(|(p, b)| p == "/alerts" && b.starts_with("dev1: backup alert") && b.contains("wrong repository password")), "the alert reached the webhook: {alerts:?}");
 
     server.stop();
     let t = Instant::now();
@@ -331,6 +336,9 @@ public_key = "../keys/kiln-release.pub"
     assert!(out.contains("kiln-agent: backup: snapshot"), "{out}");
     let s = backup_status(&key, ssh_port);
     assert!(s["alerts"].as_array().unwrap().is_empty(), "a good backup clears the alerts: {s}");
+    let alerts = feed.posts();
+    assert!(alerts.last().is_some_and(|(_, b)| b.starts_with("dev1: backups healthy again")), "{alerts:?}");
+    println!("kiln-it: {} alert deliveries so far, the last: {:?}", alerts.len(), alerts.last().map(|(_, b)| b.lines().next().unwrap_or_default()));
 
     // Stock restic on the host restores the same bytes.
     let host_dir = work.join("host-restore");
@@ -376,6 +384,7 @@ public_key = "../keys/kiln-release.pub"
     assert_eq!(s["last_drill"]["ok"], false, "{s}");
     assert!(s["alerts"].as_array().unwrap().iter().any(|a| a.as_str().unwrap().starts_with("restore drill failed")), "{s}");
     println!("kiln-it: drill on a corrupted repository ({corrupted} pack files with one byte flipped): {}", s["last_drill"]["summary"]);
+    assert!(feed.posts().iter().any(|(_, b)| b.contains("restore drill failed")), "{:?}", feed.posts());
     assert_eq!(ssh_ok(&key, ssh_port, "systemctl is-active notes").trim(), "active");
     // Flipped back: the same bytes as before.
     for pack in walk_files(&repo.join("data")) {

@@ -27,6 +27,7 @@ pub struct Server {
     port: u16,
     faults: Arc<Mutex<Faults>>,
     log: Arc<Mutex<Vec<Request>>>,
+    posts: Arc<Mutex<Vec<(String, String)>>>,
 }
 
 #[allow(dead_code)]
@@ -37,16 +38,17 @@ impl Server {
         let port = listener.local_addr().unwrap().port();
         let faults = Arc::new(Mutex::new(Faults::default()));
         let log = Arc::new(Mutex::new(Vec::new()));
-        let (root, f, l) = (root.to_path_buf(), faults.clone(), log.clone());
+        let posts = Arc::new(Mutex::new(Vec::new()));
+        let (root, f, l, p) = (root.to_path_buf(), faults.clone(), log.clone(), posts.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (root, f, l) = (root.clone(), f.clone(), l.clone());
+                let (root, f, l, p) = (root.clone(), f.clone(), l.clone(), p.clone());
                 std::thread::spawn(move || {
-                    let _ = serve(stream, &root, &f, &l);
+                    let _ = serve(stream, &root, &f, &l, &p);
                 });
             }
         });
-        Server { port, faults, log }
+        Server { port, faults, log, posts }
     }
 
     pub fn port(&self) -> u16 {
@@ -64,6 +66,11 @@ impl Server {
     pub fn requests(&self) -> Vec<Request> {
         self.log.lock().unwrap().clone()
     }
+
+    /// (path, body) of every POST received (a webhook's deliveries).
+    pub fn posts(&self) -> Vec<(String, String)> {
+        self.posts.lock().unwrap().clone()
+    }
 }
 
 fn resolve(root: &Path, url_path: &str) -> Option<PathBuf> {
@@ -75,7 +82,7 @@ fn resolve(root: &Path, url_path: &str) -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
-fn serve(stream: TcpStream, root: &Path, faults: &Mutex<Faults>, log: &Mutex<Vec<Request>>) -> std::io::Result<()> {
+fn serve(stream: TcpStream, root: &Path, faults: &Mutex<Faults>, log: &Mutex<Vec<Request>>, posts: &Mutex<Vec<(String, String)>>) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
@@ -83,6 +90,7 @@ fn serve(stream: TcpStream, root: &Path, faults: &Mutex<Faults>, log: &Mutex<Vec
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("/").to_string());
     let mut range = None;
+    let mut length = 0usize;
     loop {
         let mut h = String::new();
         if reader.read_line(&mut h)? == 0 || h.trim().is_empty() {
@@ -92,7 +100,18 @@ fn serve(stream: TcpStream, root: &Path, faults: &Mutex<Faults>, log: &Mutex<Vec
             if k.eq_ignore_ascii_case("range") {
                 range = Some(v.trim().to_string());
             }
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse().unwrap_or(0);
+            }
         }
+    }
+    if method == "POST" {
+        let mut body = vec![0u8; length.min(1 << 20)];
+        reader.read_exact(&mut body)?;
+        posts.lock().unwrap().push((path.clone(), String::from_utf8_lossy(&body).into_owned()));
+        log.lock().unwrap().push(Request { path, range, status: 200 });
+        let mut out = stream;
+        return out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     }
     let f = faults.lock().unwrap().clone();
     let mut out = stream;
