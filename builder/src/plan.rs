@@ -102,6 +102,9 @@ pub struct HardeningPlan {
     /// RuntimeWatchdogSec (None: off).
     pub watchdog_secs: Option<u64>,
     pub journal_max_use_mib: u64,
+    /// auditd with kiln's rules (`rootfs/audit.rules.tera`).
+    pub audit: bool,
+    pub pam_tmpdir: bool,
 }
 
 #[derive(Serialize, Debug, Clone, PartialEq)]
@@ -273,7 +276,17 @@ impl Plan {
             allow_compilers: h.allow_compilers.unwrap_or(false),
             watchdog_secs,
             journal_max_use_mib: h.journal_max_use.map(|b| b.mib().max(16)).unwrap_or(256),
+            audit: h.audit.unwrap_or(true),
+            pam_tmpdir: h.pam_tmpdir.unwrap_or(true),
         };
+        if hardening.audit {
+            packages.insert("auditd".into());
+            // Processes started before auditd are audited too; the kernel queues their events.
+            kernel_cmdline.extend(["audit=1".to_string(), "audit_backlog_limit=8192".to_string()]);
+        }
+        if hardening.pam_tmpdir {
+            packages.insert("libpam-tmpdir".into());
+        }
 
         let health = p.health.clone().unwrap_or_default();
         let mut health_units = health.units.unwrap_or_default();
@@ -281,6 +294,10 @@ impl Plan {
             if !health_units.contains(&s.unit) {
                 health_units.push(s.unit.clone());
             }
+        }
+        // An appliance that should record privileged actions and does not is not healthy.
+        if hardening.audit && !health_units.iter().any(|u| u == "auditd.service") {
+            health_units.push("auditd.service".into());
         }
         let health = HealthPlan { units: health_units, commands: health.commands.unwrap_or_default(), timeout_secs: health.timeout.unwrap_or(240) };
 

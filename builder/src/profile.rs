@@ -112,6 +112,11 @@ pub struct Hardening {
     pub watchdog: Option<String>,
     /// Keep the journal on the data partition across boots, at most this big ("256MiB").
     pub journal_max_use: Option<crate::units::Bytes>,
+    /// Record privileged actions with the Linux audit system (auditd; kiln's rules, the log on
+    /// the data partition, bounded).
+    pub audit: Option<bool>,
+    /// Give every login session its own private temporary directory (libpam-tmpdir).
+    pub pam_tmpdir: Option<bool>,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]

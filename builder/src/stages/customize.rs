@@ -284,7 +284,7 @@ fn make_var_factory(tree: &Path) -> Result<()> {
     Ok(())
 }
 
-fn remove_any(p: &Path) -> Result<()> {
+pub(crate) fn remove_any(p: &Path) -> Result<()> {
     let meta = match p.symlink_metadata() {
         Ok(m) => m,
         Err(_) => return Ok(()),
