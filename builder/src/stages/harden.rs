@@ -55,6 +55,9 @@ pub struct Finding {
     pub exposure: f64,
 }
 
+/// libpam-tmpdir's setuid helper, which makes a session's private directory in /tmp/user.
+const PAM_TMPDIR_HELPER: &str = "/usr/libexec/pam-tmpdir/pam-tmpdir-helper";
+
 /// Programs that make an appliance a build machine for whoever gets in.
 const COMPILERS: &[&str] = &["gcc", "cc", "c++", "g++", "clang", "tcc", "as", "ld", "rustc", "go", "javac"];
 
@@ -126,7 +129,12 @@ pub fn harden(ctx: &Context) -> Result<SecurityReport> {
     }
 
     check_compilers(tree, h.allow_compilers)?;
-    let (setuid_kept, setuid_removed) = strip_setuid(tree, &h.setuid_allow)?;
+    let mut setuid_allow = h.setuid_allow.clone();
+    if h.pam_tmpdir {
+        // The session runs as the user when pam_tmpdir makes /tmp/user/<uid>: its helper does it.
+        setuid_allow.push(PAM_TMPDIR_HELPER.into());
+    }
+    let (setuid_kept, setuid_removed) = strip_setuid(tree, &setuid_allow)?;
 
     // The gate.
     let mut scores = Vec::new();
