@@ -105,6 +105,10 @@ pub struct HardeningPlan {
     /// auditd with kiln's rules (`rootfs/audit.rules.tera`).
     pub audit: bool,
     pub pam_tmpdir: bool,
+    /// /proc mounted hidepid=invisible.
+    pub hide_processes: bool,
+    /// /tmp, /dev/shm and /dev mounted noexec.
+    pub noexec_tmp: bool,
 }
 
 #[derive(Serialize, Debug, Clone, PartialEq)]
@@ -278,6 +282,8 @@ impl Plan {
             journal_max_use_mib: h.journal_max_use.map(|b| b.mib().max(16)).unwrap_or(256),
             audit: h.audit.unwrap_or(true),
             pam_tmpdir: h.pam_tmpdir.unwrap_or(true),
+            hide_processes: h.hide_processes.unwrap_or(true),
+            noexec_tmp: h.noexec_tmp.unwrap_or(true),
         };
         if hardening.audit {
             packages.insert("auditd".into());
