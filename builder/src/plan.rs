@@ -434,6 +434,26 @@ mod tests {
     }
 
     #[test]
+    fn audit_and_pam_tmpdir_bring_their_packages_and_can_be_switched_off() {
+        let p = plan();
+        assert!(p.hardening.audit && p.hardening.pam_tmpdir && p.hardening.hide_processes && p.hardening.noexec_tmp);
+        assert!(p.packages.contains(&"auditd".to_string()) && p.packages.contains(&"libpam-tmpdir".to_string()));
+        assert!(p.kernel_cmdline.contains(&"audit=1".to_string()));
+        assert!(p.health.units.contains(&"auditd.service".to_string()), "a stopped auditd fails the health check");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("quiet.toml");
+        std::fs::write(&file, "extends = \"minimal\"\n[hardening]\naudit = false\npam_tmpdir = false\n").unwrap();
+        let prof = load(Source::File(file)).unwrap();
+        let img = crate::image::load("pc-uefi", std::path::Path::new("/nonexistent")).unwrap();
+        let m = Mirror::from_uri("http://mirror.test/debian");
+        let p = Plan::resolve(&prof, &img, Some(&m), &Overrides::default(), 1_700_000_000).unwrap();
+        assert!(!p.packages.iter().any(|p| p == "auditd" || p == "libpam-tmpdir"));
+        assert!(!p.kernel_cmdline.iter().any(|a| a.starts_with("audit")));
+        assert!(!p.health.units.contains(&"auditd.service".to_string()));
+    }
+
+    #[test]
     fn plan_is_deterministic_and_seeded_by_inputs() {
         assert_eq!(plan(), plan());
         let prof = load(Source::Builtin("minimal")).unwrap();
