@@ -104,6 +104,13 @@ pub struct HardeningPlan {
     /// RuntimeWatchdogSec (None: off).
     pub watchdog_secs: Option<u64>,
     pub journal_max_use_mib: u64,
+    /// auditd with kiln's rules (`rootfs/audit.rules.tera`).
+    pub audit: bool,
+    pub pam_tmpdir: bool,
+    /// /proc mounted hidepid=invisible.
+    pub hide_processes: bool,
+    /// /tmp, /dev/shm and /dev mounted noexec.
+    pub noexec_tmp: bool,
 }
 
 /// `[backup]` resolved: what the agent gets (`device.json`) and when its timers fire.
@@ -340,7 +347,19 @@ impl Plan {
             allow_compilers: h.allow_compilers.unwrap_or(false),
             watchdog_secs,
             journal_max_use_mib: h.journal_max_use.map(|b| b.mib().max(16)).unwrap_or(256),
+            audit: h.audit.unwrap_or(true),
+            pam_tmpdir: h.pam_tmpdir.unwrap_or(true),
+            hide_processes: h.hide_processes.unwrap_or(true),
+            noexec_tmp: h.noexec_tmp.unwrap_or(true),
         };
+        if hardening.audit {
+            packages.insert("auditd".into());
+            // Processes started before auditd are audited too; the kernel queues their events.
+            kernel_cmdline.extend(["audit=1".to_string(), "audit_backlog_limit=8192".to_string()]);
+        }
+        if hardening.pam_tmpdir {
+            packages.insert("libpam-tmpdir".into());
+        }
 
         let health = p.health.clone().unwrap_or_default();
         let mut health_units = health.units.unwrap_or_default();
@@ -348,6 +367,10 @@ impl Plan {
             if !health_units.contains(&s.unit) {
                 health_units.push(s.unit.clone());
             }
+        }
+        // An appliance that should record privileged actions and does not is not healthy.
+        if hardening.audit && !health_units.iter().any(|u| u == "auditd.service") {
+            health_units.push("auditd.service".into());
         }
         let health = HealthPlan { units: health_units, commands: health.commands.unwrap_or_default(), timeout_secs: health.timeout.unwrap_or(240) };
 
@@ -541,6 +564,26 @@ restore_drill = "off"
         assert_eq!(root_a.offset, Bytes((1 + 64 + 128 + 128 + 1) * MIB));
         assert!(root_a.uuid.ends_with("-05") && root_a.uuid.starts_with(&p.disk.disk_guid), "{}", root_a.uuid);
         assert!(p.packages.contains(&"raspi-firmware".to_string()));
+    }
+
+    #[test]
+    fn audit_and_pam_tmpdir_bring_their_packages_and_can_be_switched_off() {
+        let p = plan();
+        assert!(p.hardening.audit && p.hardening.pam_tmpdir && p.hardening.hide_processes && p.hardening.noexec_tmp);
+        assert!(p.packages.contains(&"auditd".to_string()) && p.packages.contains(&"libpam-tmpdir".to_string()));
+        assert!(p.kernel_cmdline.contains(&"audit=1".to_string()));
+        assert!(p.health.units.contains(&"auditd.service".to_string()), "a stopped auditd fails the health check");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("quiet.toml");
+        std::fs::write(&file, "extends = \"minimal\"\n[hardening]\naudit = false\npam_tmpdir = false\n").unwrap();
+        let prof = load(Source::File(file)).unwrap();
+        let img = crate::image::load("pc-uefi", std::path::Path::new("/nonexistent")).unwrap();
+        let m = Mirror::from_uri("http://mirror.test/debian");
+        let p = Plan::resolve(&prof, &img, Some(&m), &Overrides::default(), 1_700_000_000).unwrap();
+        assert!(!p.packages.iter().any(|p| p == "auditd" || p == "libpam-tmpdir"));
+        assert!(!p.kernel_cmdline.iter().any(|a| a.starts_with("audit")));
+        assert!(!p.health.units.contains(&"auditd.service".to_string()));
     }
 
     #[test]

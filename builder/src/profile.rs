@@ -152,6 +152,17 @@ pub struct Hardening {
     pub watchdog: Option<String>,
     /// Keep the journal on the data partition across boots, at most this big ("256MiB").
     pub journal_max_use: Option<crate::units::Bytes>,
+    /// Record privileged actions with the Linux audit system (auditd; kiln's rules, the log on
+    /// the data partition, bounded).
+    pub audit: Option<bool>,
+    /// Give every login session its own private temporary directory (libpam-tmpdir).
+    pub pam_tmpdir: Option<bool>,
+    /// Mount /proc with hidepid=invisible: a user sees only their own processes (root and
+    /// services running as root see all).
+    pub hide_processes: Option<bool>,
+    /// Mount /tmp, /dev/shm and /dev noexec: programs run only from the verified root, not from
+    /// where anyone can write (a service that unpacks and loads native code in /tmp needs `false`).
+    pub noexec_tmp: Option<bool>,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]

@@ -40,6 +40,8 @@ pub const FILES: &[(&str, &str)] = templates![
     "rootfs/service-provision",
     "rootfs/tmpfiles-services.conf.tera",
     "rootfs/issue",
+    "rootfs/audit.rules.tera",
+    "rootfs/auditd-kiln.conf",
     "rootfs/coredump.conf",
     "rootfs/limits-core.conf",
     "rootfs/profile-hardening.sh",

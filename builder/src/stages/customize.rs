@@ -323,7 +323,7 @@ fn make_var_factory(tree: &Path) -> Result<()> {
     Ok(())
 }
 
-fn remove_any(p: &Path) -> Result<()> {
+pub(crate) fn remove_any(p: &Path) -> Result<()> {
     let meta = match p.symlink_metadata() {
         Ok(m) => m,
         Err(_) => return Ok(()),
@@ -409,5 +409,34 @@ mod tests {
         if let Ok(h) = host {
             assert_eq!(super::systemd_escape_path("/dev/disk/by-partuuid/0a1b-c.d"), h.trim());
         }
+    }
+}
+
+#[cfg(test)]
+mod fstab_tests {
+    use crate::plan::{Overrides, Plan};
+    use crate::profile::{load, Source};
+
+    fn fstab(hardening: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        std::fs::write(&file, format!("extends = \"minimal\"\n[hardening]\n{hardening}")).unwrap();
+        let img = crate::image::load("pc-uefi", std::path::Path::new("/nonexistent")).unwrap();
+        let m = crate::mirror::Mirror::from_uri("http://mirror.test/debian");
+        let plan = Plan::resolve(&load(Source::File(file)).unwrap(), &img, Some(&m), &Overrides::default(), 1_700_000_000).unwrap();
+        let mut tctx = tera::Context::from_serialize(&plan).unwrap();
+        tctx.insert("data_uuid", "d");
+        crate::templates::Templates::load().unwrap().render("rootfs/fstab.tera", &tctx).unwrap()
+    }
+
+    #[test]
+    fn fstab_hides_processes_and_mounts_writable_places_noexec_unless_switched_off() {
+        let on = fstab("");
+        assert!(on.contains("proc  /proc  proc  nosuid,nodev,noexec,hidepid=invisible  0  0\n"), "{on}");
+        for m in ["/tmp  tmpfs  mode=1777,strictatime,nosuid,nodev,noexec,", "/dev/shm  tmpfs  nosuid,nodev,noexec ", "/dev  devtmpfs  nosuid,noexec,"] {
+            assert!(on.contains(m), "{m} in {on}");
+        }
+        let off = fstab("hide_processes = false\nnoexec_tmp = false\n");
+        assert!(!off.contains("hidepid") && !off.contains("noexec"), "{off}");
     }
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use super::customize::write_file;
+use super::customize::{remove_any, write_file};
 
 /// What the build knows about the image's security, for the manifest and `kiln inspect`.
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
@@ -54,6 +54,9 @@ pub struct Finding {
     pub description: String,
     pub exposure: f64,
 }
+
+/// libpam-tmpdir's setuid helper, which makes a session's private directory in /tmp/user.
+const PAM_TMPDIR_HELPER: &str = "/usr/libexec/pam-tmpdir/pam-tmpdir-helper";
 
 /// Programs that make an appliance a build machine for whoever gets in.
 const COMPILERS: &[&str] = &["gcc", "cc", "c++", "g++", "clang", "tcc", "as", "ld", "rustc", "go", "javac"];
@@ -113,13 +116,25 @@ pub fn harden(ctx: &Context) -> Result<SecurityReport> {
     write_file(&tree.join("etc/security/limits.d/10-coredump-debian.conf"), t.render("rootfs/limits-core.conf", &tctx)?.as_bytes(), 0o644)?;
     write_file(&tree.join("etc/profile.d/kiln-hardening.sh"), t.render("rootfs/profile-hardening.sh", &tctx)?.as_bytes(), 0o644)?;
     harden_login_defs(tree)?;
+    if h.audit {
+        install_audit(ctx, &mut tctx)?;
+        units.push("auditd.service".into());
+    }
+    if h.pam_tmpdir && !std::fs::read_to_string(tree.join("etc/pam.d/common-session")).unwrap_or_default().contains("pam_tmpdir.so") {
+        bail!("hardening.pam_tmpdir: libpam-tmpdir did not enable pam_tmpdir.so in /etc/pam.d/common-session");
+    }
 
     if !units.is_empty() {
         Cmd::new("chroot").arg(tree).args(["systemctl", "enable", "--quiet"]).args(&units).run().context("enabling the services")?;
     }
 
     check_compilers(tree, h.allow_compilers)?;
-    let (setuid_kept, setuid_removed) = strip_setuid(tree, &h.setuid_allow)?;
+    let mut setuid_allow = h.setuid_allow.clone();
+    if h.pam_tmpdir {
+        // The session runs as the user when pam_tmpdir makes /tmp/user/<uid>: its helper does it.
+        setuid_allow.push(PAM_TMPDIR_HELPER.into());
+    }
+    let (setuid_kept, setuid_removed) = strip_setuid(tree, &setuid_allow)?;
 
     // The gate.
     let mut scores = Vec::new();
@@ -174,6 +189,71 @@ fn harden_login_defs(tree: &Path) -> Result<()> {
         out.push_str(&format!("{k} {v}\n"));
     }
     write_file(&path, out.as_bytes(), 0o644)
+}
+
+/// auditd with kiln's rules, compiled at build time (the root is read-only at run time, so
+/// augenrules finds nothing to change and only loads them); its log is on the data partition.
+fn install_audit(ctx: &Context, tctx: &mut tera::Context) -> Result<()> {
+    let tree = &ctx.tree;
+    if !tree.join("usr/sbin/auditd").exists() {
+        bail!("hardening.audit: the image has no auditd (the package auditd was not installed)");
+    }
+    tctx.insert("audit_arches", AUDIT_ARCHES);
+    let rules_d = tree.join("etc/audit/rules.d");
+    // Debian's own audit.rules there holds only the buffer settings, which kiln's file sets too.
+    remove_any(&rules_d.join("audit.rules"))?;
+    write_file(&rules_d.join("50-kiln.rules"), ctx.templates.render("rootfs/audit.rules.tera", tctx)?.as_bytes(), 0o640)?;
+    Cmd::new("chroot").arg(tree).arg("augenrules").run().context("compiling the audit rules (augenrules)")?;
+    set_keys(&tree.join("etc/audit/auditd.conf"), " = ", AUDITD_CONF)?;
+    write_file(&tree.join("etc/systemd/system/auditd.service.d/90-kiln.conf"), ctx.templates.render("rootfs/auditd-kiln.conf", tctx)?.as_bytes(), 0o644)?;
+    write_file(&tree.join("usr/lib/tmpfiles.d/kiln-audit.conf"), b"# Written by kiln: auditd's log on the data partition.\nd /var/log/audit 0700 root root -\n", 0o644)
+}
+
+/// The log stays bounded on the data partition: five files of 8 MiB, rotated; when the
+/// partition runs short auditd says so in the journal and stops recording rather than fill it.
+const AUDITD_CONF: &[(&str, &str)] = &[
+    ("log_file", "/var/log/audit/audit.log"),
+    ("max_log_file", "8"),
+    ("num_logs", "5"),
+    ("max_log_file_action", "ROTATE"),
+    ("space_left", "75"),
+    ("space_left_action", "SYSLOG"),
+    ("admin_space_left", "50"),
+    ("admin_space_left_action", "SUSPEND"),
+    ("disk_full_action", "SUSPEND"),
+    ("disk_error_action", "SYSLOG"),
+];
+
+/// Rules name syscalls per architecture: the native one (amd64, arm64) and its 32-bit compat
+/// one, through which a program would otherwise escape the native rules.
+const AUDIT_ARCHES: &[&str] = &["b64", "b32"];
+
+/// Sets `key<sep>value` lines in a configuration file: an existing line of the key is replaced
+/// in place, a missing key is appended.
+fn set_keys(path: &Path, sep: &str, set: &[(&str, &str)]) -> Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    write_file(path, set_keys_in(&text, sep, set).as_bytes(), 0o640)
+}
+
+fn set_keys_in(text: &str, sep: &str, set: &[(&str, &str)]) -> String {
+    let key_of = |l: &str| l.split(['=', ' ', '\t']).next().unwrap_or("").to_string();
+    let mut done = Vec::new();
+    let mut out = String::new();
+    for line in text.lines() {
+        match set.iter().find(|(k, _)| *k == key_of(line.trim_start())) {
+            Some((k, v)) => {
+                if !done.contains(k) {
+                    out.push_str(&format!("{k}{sep}{v}\n"));
+                    done.push(*k);
+                }
+            }
+            _ => out.push_str(&format!("{line}\n")),
+        }
+    }
+    for (k, v) in set.iter().filter(|(k, _)| !done.contains(k)) {
+        out.push_str(&format!("{k}{sep}{v}\n"));
+    }
+    out
 }
 
 fn gate_failure(s: &ServiceScore) -> String {
@@ -417,6 +497,16 @@ mod tests {
         assert_eq!(names, ["PrivateNetwork=", "IPAddressDeny=", "RootDirectory=/RootImage="]);
         assert_eq!(f[0].description, "Service has access to the host's network");
         assert!(parse_security("nothing").is_err());
+    }
+
+    #[test]
+    fn config_keys_are_replaced_in_place_or_appended() {
+        let text = "# max_log_file = 1\nlog_file = /var/log/audit/audit.log\nmax_log_file = 20\nnum_logs=2\nmax_log_file = 30\nflush = INCREMENTAL_ASYNC\n";
+        let out = set_keys_in(text, " = ", &[("max_log_file", "8"), ("num_logs", "5"), ("disk_full_action", "SUSPEND")]);
+        assert_eq!(
+            out,
+            "# max_log_file = 1\nlog_file = /var/log/audit/audit.log\nmax_log_file = 8\nnum_logs = 5\nflush = INCREMENTAL_ASYNC\ndisk_full_action = SUSPEND\n"
+        );
     }
 
     #[test]
