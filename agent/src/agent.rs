@@ -23,7 +23,8 @@ pub struct Agent {
 impl Agent {
     pub fn open(config_path: &Path, state_dir: &Path) -> Result<Agent> {
         let text = std::fs::read(config_path).with_context(|| format!("reading {}", config_path.display()))?;
-        let config: DeviceConfig = serde_json::from_slice(&text).with_context(|| format!("reading {}", config_path.display()))?;
+        let config: DeviceConfig =
+            serde_json::from_slice(&text).with_context(|| format!("reading {}", config_path.display()))?;
         let host = Host::default();
         let root = host.booted_root()?;
         let slot = config
@@ -31,7 +32,14 @@ impl Agent {
             .iter()
             .find(|p| p.role == "root" && p.number == root.number)
             .and_then(|p| p.slot.as_deref().and_then(Slot::parse))
-            .with_context(|| format!("the verified root is on {} (partition {}), which {} does not list as a root slot", root.name, root.number, config_path.display()))?;
+            .with_context(|| {
+                format!(
+                    "the verified root is on {} (partition {}), which {} does not list as a root slot",
+                    root.name,
+                    root.number,
+                    config_path.display()
+                )
+            })?;
         let medium = Medium::for_device(&config)?;
         Ok(Agent { running: config.version.clone(), config, host, medium, state_dir: state_dir.into(), root, slot })
     }
@@ -80,7 +88,11 @@ impl Agent {
         state.last_result = Some(format!("committed {version} in slot {}", self.slot));
         state.write(&self.state_dir)?;
         if booted.trial {
-            let previous = state.previous_version.as_ref().map(|v| format!("; {v} stays in slot {} as the fallback", !self.slot)).unwrap_or_default();
+            let previous = state
+                .previous_version
+                .as_ref()
+                .map(|v| format!("; {v} stays in slot {} as the fallback", !self.slot))
+                .unwrap_or_default();
             println!("kiln-agent: committed {version} in slot {}{previous}", self.slot);
         } else {
             println!("kiln-agent: {version} in slot {} is committed", self.slot);
@@ -96,9 +108,13 @@ impl Agent {
         let booted = self.medium.booted(&self.host, &self.config, self.slot, &self.running)?;
         state.observe_boot(&booted, Timestamp::now());
         if !booted.trial {
-            state.last_error = Some(format!("health check failed on the committed {} (slot {})", self.running, self.slot));
+            state.last_error =
+                Some(format!("health check failed on the committed {} (slot {})", self.running, self.slot));
             state.write(&self.state_dir)?;
-            println!("kiln-agent: health check failed on the committed {}; no rollback (nothing newer is on trial)", self.running);
+            println!(
+                "kiln-agent: health check failed on the committed {}; no rollback (nothing newer is on trial)",
+                self.running
+            );
             return Ok(());
         }
         let version = state.fail_trial(self.slot, "health check failed", Timestamp::now())?;
@@ -118,7 +134,10 @@ impl Agent {
     /// the new UKI's initramfs finds it.
     pub fn set_root_partuuid(&self, slot: Slot, root_hash: &str) -> Result<()> {
         use kiln_disk::gpt::{GptTable, SECTOR};
-        let hash: [u8; 32] = hex::decode(root_hash).ok().and_then(|v| v.try_into().ok()).with_context(|| format!("root hash {root_hash:?} is not 64 hex digits"))?;
+        let hash: [u8; 32] = hex::decode(root_hash)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .with_context(|| format!("root hash {root_hash:?} is not 64 hex digits"))?;
         let name = self
             .config
             .partitions
@@ -128,8 +147,13 @@ impl Agent {
             .with_context(|| format!("no root partition for slot {slot}"))?;
         let disk = self.host.disk_device(&self.root.disk);
         let size = system::device_size(&disk)?;
-        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&disk).with_context(|| format!("opening {}", disk.display()))?;
-        let mut table = GptTable::read(&mut f, size / SECTOR).with_context(|| format!("reading the GPT of {}", disk.display()))?;
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&disk)
+            .with_context(|| format!("opening {}", disk.display()))?;
+        let mut table =
+            GptTable::read(&mut f, size / SECTOR).with_context(|| format!("reading the GPT of {}", disk.display()))?;
         let Some(p) = table.partitions.iter_mut().find(|p| p.name == name) else {
             bail!("{} has no GPT partition named {name:?}", disk.display());
         };

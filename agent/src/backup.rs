@@ -93,7 +93,8 @@ impl Status {
     pub fn load(dir: &Path) -> Result<Status> {
         let path = dir.join(STATUS_FILE);
         match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{} is not a kiln-agent backup record", path.display())),
+            Ok(b) => serde_json::from_slice(&b)
+                .with_context(|| format!("{} is not a kiln-agent backup record", path.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Status::default()),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
@@ -116,11 +117,19 @@ impl Status {
             alerts.push(format!("restore drill failed at {}: {}", r.at, r.summary));
         }
         if let Some(r) = self.self_restore.as_ref().filter(|r| !r.ok) {
-            alerts.push(format!("self-restore failed at {}: {} (run `kiln-agent backup restore` once the target is reachable)", r.at, r.summary));
+            alerts.push(format!(
+                "self-restore failed at {}: {} (run `kiln-agent backup restore` once the target is reachable)",
+                r.at, r.summary
+            ));
         }
         match &self.last_good_backup {
             Some(g) if now.0.saturating_sub(g.at.0) > stale_after => {
-                alerts.push(format!("the last good backup is from {} ({} ago; alert_after is {})", g.at, human(now.0 - g.at.0), human(stale_after)));
+                alerts.push(format!(
+                    "the last good backup is from {} ({} ago; alert_after is {})",
+                    g.at,
+                    human(now.0 - g.at.0),
+                    human(stale_after)
+                ));
             }
             None if self.last_backup.is_some() => alerts.push("there is no good backup of this device yet".into()),
             _ => {}
@@ -176,7 +185,9 @@ impl Credentials {
             _ => cfg.repository.clone(),
         };
         let mut env = match std::fs::read_to_string(dir.join("env")) {
-            Ok(text) => kiln_feed::parse_backup_env(&text).map_err(|m| anyhow::anyhow!("{}: {m}", dir.join("env").display()))?,
+            Ok(text) => {
+                kiln_feed::parse_backup_env(&text).map_err(|m| anyhow::anyhow!("{}: {m}", dir.join("env").display()))?
+            }
             Err(_) => Vec::new(),
         };
         // RESTIC_REPOSITORY in env names the device's repository too (backup/repository wins).
@@ -185,7 +196,10 @@ impl Credentials {
         let sftp_args = dir.join("ssh_key").exists().then(|| {
             let mut a = format!("-i {} -o IdentitiesOnly=yes -o BatchMode=yes", dir.join("ssh_key").display());
             if dir.join("known_hosts").exists() {
-                a.push_str(&format!(" -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes", dir.join("known_hosts").display()));
+                a.push_str(&format!(
+                    " -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes",
+                    dir.join("known_hosts").display()
+                ));
             }
             a
         });
@@ -200,13 +214,24 @@ pub fn classify(lines: &[String], repository: &str) -> Option<String> {
     if has("wrong password or no key found") {
         return Some(format!("wrong repository password: {PROVISION_DIR}/password does not open {repository}"));
     }
-    if has("507 Insufficient Storage") || has("no space left on device") || has("QuotaExceeded") || has("quota exceeded") {
+    if has("507 Insufficient Storage")
+        || has("no space left on device")
+        || has("QuotaExceeded")
+        || has("quota exceeded")
+    {
         return Some(format!("the backup target is full ({repository}): free space there or raise its quota; nothing on the device was changed"));
     }
     if has("(401)") || has("401 Unauthorized") || has("AccessDenied") || has("Permission denied (publickey") {
-        return Some(format!("the backup target refused this device's credentials ({PROVISION_DIR}/env or ssh_key) for {repository}"));
+        return Some(format!(
+            "the backup target refused this device's credentials ({PROVISION_DIR}/env or ssh_key) for {repository}"
+        ));
     }
-    if has("connection refused") || has("no such host") || has("i/o timeout") || has("network is unreachable") || has("no route to host") {
+    if has("connection refused")
+        || has("no such host")
+        || has("i/o timeout")
+        || has("network is unreachable")
+        || has("no route to host")
+    {
         return Some(format!("cannot reach the backup target {repository}"));
     }
     None
@@ -214,7 +239,12 @@ pub fn classify(lines: &[String], repository: &str) -> Option<String> {
 
 /// A retry message restic prints while it keeps trying: is the answer final?
 fn final_refusal(line: &str) -> bool {
-    line.contains("retrying after") && (line.contains("(507)") || line.contains("(401)") || line.contains("(403)") || line.contains("(413)") || line.contains("no space left"))
+    line.contains("retrying after")
+        && (line.contains("(507)")
+            || line.contains("(401)")
+            || line.contains("(403)")
+            || line.contains("(413)")
+            || line.contains("no space left"))
 }
 
 /// host:port of a network repository, for a quick reachability probe.
@@ -238,7 +268,9 @@ pub fn endpoint(repository: &str) -> Option<(String, u16)> {
         return Some((host.to_string(), port));
     }
     match hostport.rsplit_once(':') {
-        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) && !p.is_empty() => Some((h.to_string(), p.parse().ok()?)),
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) && !p.is_empty() => {
+            Some((h.to_string(), p.parse().ok()?))
+        }
         _ => Some((hostport, default)),
     }
 }
@@ -295,8 +327,16 @@ struct Out {
 
 impl Backups {
     pub fn new(cfg: BackupConfig, state_dir: &Path, version: &str) -> Backups {
-        let hostname = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "kiln".into());
-        Backups { cfg, state_dir: state_dir.into(), provision: PROVISION_DIR.into(), cache: CACHE_DIR.into(), hostname, version: version.into() }
+        let hostname =
+            nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "kiln".into());
+        Backups {
+            cfg,
+            state_dir: state_dir.into(),
+            provision: PROVISION_DIR.into(),
+            cache: CACHE_DIR.into(),
+            hostname,
+            version: version.into(),
+        }
     }
 
     fn credentials(&self) -> Result<Credentials> {
@@ -309,8 +349,15 @@ impl Backups {
     }
 
     /// `restic`, also stopped (and failed) at the first message `refuse` matches.
-    fn restic_judged(&self, creds: &Credentials, args: &[String], keep: fn(&str) -> bool, refuse: fn(&str) -> bool) -> Result<Out> {
-        let mut full: Vec<String> = vec!["--repo".into(), creds.repository.clone(), "--cache-dir".into(), self.cache.display().to_string()];
+    fn restic_judged(
+        &self,
+        creds: &Credentials,
+        args: &[String],
+        keep: fn(&str) -> bool,
+        refuse: fn(&str) -> bool,
+    ) -> Result<Out> {
+        let mut full: Vec<String> =
+            vec!["--repo".into(), creds.repository.clone(), "--cache-dir".into(), self.cache.display().to_string()];
         full.push("--password-file".into());
         full.push(creds.password_file.display().to_string());
         if let Some(a) = &creds.sftp_args {
@@ -341,11 +388,31 @@ impl Backups {
         let mut lines = f.stderr.clone();
         lines.extend(f.stopped.iter().cloned());
         let what = classify(&lines, &creds.repository);
-        let detail = lines.iter().rev().find(|l| l.starts_with("Fatal:") || l.contains("error")).cloned().or_else(|| f.stopped.clone()).unwrap_or_else(|| lines.last().cloned().unwrap_or_default());
+        let detail = lines
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("Fatal:") || l.contains("error"))
+            .cloned()
+            .or_else(|| f.stopped.clone())
+            .unwrap_or_else(|| lines.last().cloned().unwrap_or_default());
         let code = f.code.map(|c| format!("exit {c}")).unwrap_or_else(|| "stopped".into());
         match what {
-            Some(w) => bail!(ResticError { code: f.code, message: format!("{w} (restic {} {code}: {})", args.first().map(String::as_str).unwrap_or(""), detail.trim()) }),
-            None => bail!(ResticError { code: f.code, message: format!("restic {} failed ({code}): {}", args.first().map(String::as_str).unwrap_or(""), detail.trim()) }),
+            Some(w) => bail!(ResticError {
+                code: f.code,
+                message: format!(
+                    "{w} (restic {} {code}: {})",
+                    args.first().map(String::as_str).unwrap_or(""),
+                    detail.trim()
+                )
+            }),
+            None => bail!(ResticError {
+                code: f.code,
+                message: format!(
+                    "restic {} failed ({code}): {}",
+                    args.first().map(String::as_str).unwrap_or(""),
+                    detail.trim()
+                )
+            }),
         }
     }
 
@@ -366,7 +433,10 @@ impl Backups {
             let attempt = (host.as_str(), port).to_socket_addrs().map_err(|e| e.to_string()).and_then(|addrs| {
                 let mut last = "no address".to_string();
                 for a in addrs {
-                    match std::net::TcpStream::connect_timeout(&a, Duration::from_secs(10)).map_err(|e| e.to_string()).and_then(|s| answers(s, &creds.repository, &host)) {
+                    match std::net::TcpStream::connect_timeout(&a, Duration::from_secs(10))
+                        .map_err(|e| e.to_string())
+                        .and_then(|s| answers(s, &creds.repository, &host))
+                    {
                         Ok(()) => return Ok(()),
                         Err(e) => last = e,
                     }
@@ -431,12 +501,14 @@ impl Backups {
         let resumed = self.resume(&stopped);
         let out = result?;
         resumed?;
-        let summary: serde_json::Value = out.stdout.last().and_then(|l| serde_json::from_str(l).ok()).context("restic backup printed no summary")?;
+        let summary: serde_json::Value =
+            out.stdout.last().and_then(|l| serde_json::from_str(l).ok()).context("restic backup printed no summary")?;
         let snapshot = summary["snapshot_id"].as_str().map(|s| s[..s.len().min(8)].to_string());
         let files = summary["total_files_processed"].as_u64();
         let bytes = summary["total_bytes_processed"].as_u64();
         let added = summary["data_added"].as_u64().unwrap_or(0);
-        let quiesced = if stopped.is_empty() { String::new() } else { format!("; {} stopped meanwhile", stopped.join(", ")) };
+        let quiesced =
+            if stopped.is_empty() { String::new() } else { format!("; {} stopped meanwhile", stopped.join(", ")) };
         Ok(Run {
             at: Timestamp::now(),
             ok: true,
@@ -486,8 +558,20 @@ impl Backups {
 
     /// The newest snapshot of this device (its hostname), if any: (id, time, paths).
     fn latest(&self, creds: &Credentials) -> Result<Option<serde_json::Value>> {
-        let out = self.restic(creds, &["snapshots".into(), "--json".into(), "--latest".into(), "1".into(), "--host".into(), self.hostname.clone()], |_| true)?;
-        let list: Vec<serde_json::Value> = serde_json::from_str(&out.stdout.join("\n")).context("reading restic's snapshot list")?;
+        let out = self.restic(
+            creds,
+            &[
+                "snapshots".into(),
+                "--json".into(),
+                "--latest".into(),
+                "1".into(),
+                "--host".into(),
+                self.hostname.clone(),
+            ],
+            |_| true,
+        )?;
+        let list: Vec<serde_json::Value> =
+            serde_json::from_str(&out.stdout.join("\n")).context("reading restic's snapshot list")?;
         Ok(list.into_iter().max_by_key(|s| s["time"].as_str().unwrap_or_default().to_string()))
     }
 
@@ -499,14 +583,20 @@ impl Backups {
         let start = Instant::now();
         let creds = self.credentials()?;
         self.probe(&creds)?;
-        self.restic(&creds, &["check".into(), format!("--read-data-subset={}", self.cfg.check_subset)], |_| false).context("restic check of the repository")?;
+        self.restic(&creds, &["check".into(), format!("--read-data-subset={}", self.cfg.check_subset)], |_| false)
+            .context("restic check of the repository")?;
         let Some(snap) = self.latest(&creds)? else {
             bail!("there is no snapshot of {} in {} to restore", self.hostname, creds.repository);
         };
         let id = snap["id"].as_str().context("snapshot without id")?.to_string();
         let short = id[..8.min(id.len())].to_string();
-        let stats = self.restic(&creds, &["stats".into(), "--json".into(), "--mode".into(), "restore-size".into(), id.clone()], |_| true)?;
-        let stats: serde_json::Value = serde_json::from_str(&stats.stdout.join("\n")).context("reading restic stats")?;
+        let stats = self.restic(
+            &creds,
+            &["stats".into(), "--json".into(), "--mode".into(), "restore-size".into(), id.clone()],
+            |_| true,
+        )?;
+        let stats: serde_json::Value =
+            serde_json::from_str(&stats.stdout.join("\n")).context("reading restic stats")?;
         let need = stats["total_size"].as_u64().unwrap_or(0);
         let scratch = self.state_dir.join("drill");
         remove_all(&scratch)?;
@@ -514,11 +604,15 @@ impl Backups {
         let free = system::free_bytes(&scratch)?;
         if need + need / 10 + (64 << 20) > free {
             remove_all(&scratch)?;
-            bail!("not enough room for the drill: snapshot {short} restores {need} bytes and {} has {free} bytes free", scratch.display());
+            bail!(
+                "not enough room for the drill: snapshot {short} restores {need} bytes and {} has {free} bytes free",
+                scratch.display()
+            );
         }
         let result = self.restore_and_compare(&creds, &id, &scratch);
         remove_all(&scratch)?;
-        let (files, bytes, digest) = result.with_context(|| format!("restoring snapshot {short} into {}", scratch.display()))?;
+        let (files, bytes, digest) =
+            result.with_context(|| format!("restoring snapshot {short} into {}", scratch.display()))?;
         Ok(Run {
             at: Timestamp::now(),
             ok: true,
@@ -536,8 +630,13 @@ impl Backups {
     }
 
     fn restore_and_compare(&self, creds: &Credentials, id: &str, scratch: &Path) -> Result<(u64, u64, String)> {
-        self.restic(creds, &["restore".into(), id.into(), "--target".into(), scratch.display().to_string(), "--verify".into()], |_| false)?;
-        let ls = self.restic(creds, &["ls".into(), "--json".into(), id.into()], |l| l.contains("\"struct_type\":\"node\""))?;
+        self.restic(
+            creds,
+            &["restore".into(), id.into(), "--target".into(), scratch.display().to_string(), "--verify".into()],
+            |_| false,
+        )?;
+        let ls =
+            self.restic(creds, &["ls".into(), "--json".into(), id.into()], |l| l.contains("\"struct_type\":\"node\""))?;
         let nodes: Vec<Node> = ls.stdout.iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
         compare_tree(&nodes, scratch)
     }
@@ -597,12 +696,19 @@ impl Backups {
         if !self.cfg.self_restore {
             return run(true, "disabled", "self_restore = false in the profile".into());
         }
-        if let Some(p) = self.cfg.paths.iter().find(|p| holds_data(Path::new(p), &Path::new(FACTORY_VAR).join(p.trim_start_matches("/var/")))) {
+        if let Some(p) = self
+            .cfg
+            .paths
+            .iter()
+            .find(|p| holds_data(Path::new(p), &Path::new(FACTORY_VAR).join(p.trim_start_matches("/var/"))))
+        {
             return run(true, "data-present", format!("{p} already holds data: nothing restored"));
         }
         let creds = match self.credentials() {
             Ok(c) => c,
-            Err(e) if e.downcast_ref::<NoCredentials>().is_some() => return run(true, "no-credentials", format!("{e:#}: starting with empty data")),
+            Err(e) if e.downcast_ref::<NoCredentials>().is_some() => {
+                return run(true, "no-credentials", format!("{e:#}: starting with empty data"))
+            }
             Err(e) => return run(false, "failed", format!("{e:#}")),
         };
         let attempt = || -> Result<Option<(String, u64)>> {
@@ -615,15 +721,30 @@ impl Backups {
             };
             let Some(snap) = snap else { return Ok(None) };
             let id = snap["id"].as_str().context("snapshot without id")?.to_string();
-            self.restic(&creds, &["restore".into(), id.clone(), "--target".into(), "/".into(), "--verify".into()], |_| false)?;
+            self.restic(
+                &creds,
+                &["restore".into(), id.clone(), "--target".into(), "/".into(), "--verify".into()],
+                |_| false,
+            )?;
             let files = snap["summary"]["total_files_processed"].as_u64().unwrap_or(0);
             Ok(Some((id, files)))
         };
         match attempt() {
-            Ok(None) => run(true, "fresh", format!("no snapshot of {} in {} yet: starting with empty data", self.hostname, creds.repository)),
+            Ok(None) => run(
+                true,
+                "fresh",
+                format!("no snapshot of {} in {} yet: starting with empty data", self.hostname, creds.repository),
+            ),
             Ok(Some((id, files))) => {
                 let short = id[..8.min(id.len())].to_string();
-                let mut r = run(true, "restored", format!("restored snapshot {short} ({files} files) from {} before the services started", creds.repository));
+                let mut r = run(
+                    true,
+                    "restored",
+                    format!(
+                        "restored snapshot {short} ({files} files) from {} before the services started",
+                        creds.repository
+                    ),
+                );
                 r.snapshot = Some(short);
                 r.files = Some(files);
                 r
@@ -642,7 +763,8 @@ impl Backups {
         let keep = keep_args(&self.cfg.keep);
         let mut args: Vec<String> = vec!["forget".into(), "--prune".into(), "--host".into(), self.hostname.clone()];
         args.extend(keep.iter().cloned());
-        let trusted = format!("restic -r {} forget --prune --host {} {}", creds.repository, self.hostname, keep.join(" "));
+        let trusted =
+            format!("restic -r {} forget --prune --host {} {}", creds.repository, self.hostname, keep.join(" "));
         // restic reports a refused delete as a message and still exits 0: a prune that could
         // not delete is a failed prune.
         match self.restic_judged(&creds, &args, |_| false, |l| l.contains("(403)") || l.contains("403 Forbidden")) {
@@ -652,7 +774,16 @@ impl Backups {
             ),
             Err(e) => return Err(e.context("restic forget --prune")),
         }
-        Ok(Run { at: Timestamp::now(), ok: true, summary: format!("pruned with {}", keep.join(" ")), snapshot: None, files: None, bytes: None, seconds: start.elapsed().as_secs_f64(), outcome: None })
+        Ok(Run {
+            at: Timestamp::now(),
+            ok: true,
+            summary: format!("pruned with {}", keep.join(" ")),
+            snapshot: None,
+            files: None,
+            bytes: None,
+            seconds: start.elapsed().as_secs_f64(),
+            outcome: None,
+        })
     }
 }
 
@@ -746,7 +877,8 @@ pub fn holds_data(dir: &Path, factory: &Path) -> bool {
                 return true;
             }
         } else if meta.is_file() {
-            let same = std::fs::read(&twin).ok().is_some_and(|f| std::fs::read(&path).ok().as_deref() == Some(f.as_slice()));
+            let same =
+                std::fs::read(&twin).ok().is_some_and(|f| std::fs::read(&path).ok().as_deref() == Some(f.as_slice()));
             if !same {
                 return true;
             }
@@ -769,7 +901,8 @@ fn remove_all(p: &Path) -> Result<()> {
 fn lock() -> Result<nix::fcntl::Flock<std::fs::File>> {
     std::fs::create_dir_all("/run/kiln-agent").context("creating /run/kiln-agent")?;
     let f = std::fs::File::create("/run/kiln-agent/backup.lock").context("creating /run/kiln-agent/backup.lock")?;
-    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| anyhow::anyhow!("locking /run/kiln-agent/backup.lock: {e}"))
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow::anyhow!("locking /run/kiln-agent/backup.lock: {e}"))
 }
 
 /// Records a run's outcome, refreshes the alerts and reports them: every current alert to the
@@ -786,10 +919,15 @@ pub fn record(state_dir: &Path, cfg: &BackupConfig, update: impl FnOnce(&mut Sta
         println!("<3>kiln-agent: ALERT: {a}");
     }
     if let Some(url) = &cfg.alert_url {
-        let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "kiln".into());
+        let host =
+            nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "kiln".into());
         let raised: Vec<&String> = status.alerts.iter().filter(|a| !before.iter().any(|b| same_alert(a, b))).collect();
         let message = if !raised.is_empty() {
-            Some((format!("{host}: backup alert"), raised.iter().map(|a| a.as_str()).collect::<Vec<_>>().join("\n"), "high"))
+            Some((
+                format!("{host}: backup alert"),
+                raised.iter().map(|a| a.as_str()).collect::<Vec<_>>().join("\n"),
+                "high",
+            ))
         } else if status.alerts.is_empty() && !before.is_empty() {
             Some((format!("{host}: backups healthy again"), format!("resolved: {}", before.join("; ")), "default"))
         } else {
@@ -854,8 +992,12 @@ mod tests {
     #[test]
     fn env_files_are_checked() {
         use kiln_feed::parse_backup_env as parse_env;
-        let env = parse_env("# rest-server login\nRESTIC_REST_USERNAME=dev1\nRESTIC_REST_PASSWORD = \"s3 cret\"\n\n").unwrap();
-        assert_eq!(env, vec![("RESTIC_REST_USERNAME".into(), "dev1".into()), ("RESTIC_REST_PASSWORD".into(), "s3 cret".into())]);
+        let env = parse_env("# rest-server login\nRESTIC_REST_USERNAME=dev1\nRESTIC_REST_PASSWORD = \"s3 cret\"\n\n")
+            .unwrap();
+        assert_eq!(
+            env,
+            vec![("RESTIC_REST_USERNAME".into(), "dev1".into()), ("RESTIC_REST_PASSWORD".into(), "s3 cret".into())]
+        );
         assert_eq!(parse_env("oops").unwrap_err(), "line 1: expected KEY=VALUE, such as RESTIC_REST_USERNAME=device1");
         assert!(parse_env("lower=1").unwrap_err().contains("not an environment variable name"));
         assert!(parse_env("RESTIC_PASSWORD=x").unwrap_err().contains("belongs in backup/password"));
@@ -864,21 +1006,38 @@ mod tests {
     #[test]
     fn restic_messages_become_actions() {
         let l = |s: &str| vec![s.to_string()];
-        assert!(classify(&l("Fatal: wrong password or no key found"), "rest:x").unwrap().starts_with("wrong repository password"));
+        assert!(classify(&l("Fatal: wrong password or no key found"), "rest:x")
+            .unwrap()
+            .starts_with("wrong repository password"));
         assert!(classify(&l("Save(<lock/1>) returned error, retrying after 6s: unexpected HTTP response (507): 507 Insufficient Storage"), "rest:x").unwrap().starts_with("the backup target is full"));
-        assert!(classify(&l("Fatal: unable to open config file: unexpected HTTP response (401): 401 Unauthorized"), "rest:x").unwrap().contains("refused this device's credentials"));
-        assert!(classify(&l("dial tcp 10.0.2.100:80: connect: connection refused"), "rest:x").unwrap().starts_with("cannot reach"));
+        assert!(classify(
+            &l("Fatal: unable to open config file: unexpected HTTP response (401): 401 Unauthorized"),
+            "rest:x"
+        )
+        .unwrap()
+        .contains("refused this device's credentials"));
+        assert!(classify(&l("dial tcp 10.0.2.100:80: connect: connection refused"), "rest:x")
+            .unwrap()
+            .starts_with("cannot reach"));
         assert_eq!(classify(&l("Fatal: something else"), "rest:x"), None);
         assert!(final_refusal("Save(<data/ab>) returned error, retrying after 1.2s: unexpected HTTP response (507): 507 Insufficient Storage"));
-        assert!(!final_refusal("Stat(<config/>) returned error, retrying after 610ms: dial tcp: connect: connection refused"));
+        assert!(!final_refusal(
+            "Stat(<config/>) returned error, retrying after 610ms: dial tcp: connect: connection refused"
+        ));
     }
 
     #[test]
     fn an_alert_that_only_got_older_is_not_raised_again() {
         assert!(same_alert("backup failed at 2026-12-01T03:00:00Z: x", "backup failed at 2026-12-02T03:00:00Z: x"));
         assert!(!same_alert("backup failed at 2026-12-01T03:00:00Z: x", "backup failed at 2026-12-02T03:00:00Z: y"));
-        assert!(same_alert("the last good backup is from 2026-11-28T03:00:00Z (3d ago; alert_after is 2d)", "the last good backup is from 2026-11-28T03:00:00Z (4d ago; alert_after is 2d)"));
-        assert!(!same_alert("backup failed at 2026-12-01T03:00:00Z: x", "restore drill failed at 2026-12-01T03:00:00Z: x"));
+        assert!(same_alert(
+            "the last good backup is from 2026-11-28T03:00:00Z (3d ago; alert_after is 2d)",
+            "the last good backup is from 2026-11-28T03:00:00Z (4d ago; alert_after is 2d)"
+        ));
+        assert!(!same_alert(
+            "backup failed at 2026-12-01T03:00:00Z: x",
+            "restore drill failed at 2026-12-01T03:00:00Z: x"
+        ));
     }
 
     #[test]
@@ -889,8 +1048,21 @@ mod tests {
 
     #[test]
     fn alerts_follow_the_record() {
-        let run = |at: u64, ok: bool| Run { at: Timestamp(at), ok, summary: "s".into(), snapshot: None, files: None, bytes: None, seconds: 0.0, outcome: None };
-        let mut s = Status { last_backup: Some(run(1000, true)), last_good_backup: Some(run(1000, true)), ..Default::default() };
+        let run = |at: u64, ok: bool| Run {
+            at: Timestamp(at),
+            ok,
+            summary: "s".into(),
+            snapshot: None,
+            files: None,
+            bytes: None,
+            seconds: 0.0,
+            outcome: None,
+        };
+        let mut s = Status {
+            last_backup: Some(run(1000, true)),
+            last_good_backup: Some(run(1000, true)),
+            ..Default::default()
+        };
         s.refresh_alerts(Timestamp(2000), 86400);
         assert!(s.alerts.is_empty());
         s.refresh_alerts(Timestamp(1000 + 3 * 86400), 86400);
@@ -914,14 +1086,23 @@ mod tests {
         std::fs::write(r.join("var/lib/private/notes/a"), b"hello").unwrap();
         std::os::unix::fs::symlink("a", r.join("var/lib/private/notes/l")).unwrap();
         let node = |p: &str, k: &str, s: Option<u64>| Node { path: p.into(), kind: k.into(), size: s };
-        let nodes = vec![node("/var/lib/private/notes", "dir", None), node("/var/lib/private/notes/a", "file", Some(5)), node("/var/lib/private/notes/l", "symlink", None)];
+        let nodes = vec![
+            node("/var/lib/private/notes", "dir", None),
+            node("/var/lib/private/notes/a", "file", Some(5)),
+            node("/var/lib/private/notes/l", "symlink", None),
+        ];
         let (files, bytes, digest) = compare_tree(&nodes, r).unwrap();
         assert_eq!((files, bytes, digest.len()), (1, 5, 64));
         let mut wrong = nodes.clone();
         wrong[1].size = Some(6);
         wrong.push(node("/var/lib/private/notes/b", "file", Some(1)));
         let e = compare_tree(&wrong, r).unwrap_err().to_string();
-        assert!(e.contains("differs from the snapshot in 2 place(s)") && e.contains("notes/b is missing") && e.contains("has 5 bytes, the snapshot 6"), "{e}");
+        assert!(
+            e.contains("differs from the snapshot in 2 place(s)")
+                && e.contains("notes/b is missing")
+                && e.contains("has 5 bytes, the snapshot 6"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -51,7 +51,9 @@ impl UkiName {
 
 /// Renders autoboot.txt from the same template the builder uses.
 pub fn autoboot_txt(normal_partition: u32, tryboot_partition: u32) -> String {
-    AUTOBOOT_TEMPLATE.replace("{{ default_partition }}", &normal_partition.to_string()).replace("{{ tryboot_partition }}", &tryboot_partition.to_string())
+    AUTOBOOT_TEMPLATE
+        .replace("{{ default_partition }}", &normal_partition.to_string())
+        .replace("{{ tryboot_partition }}", &tryboot_partition.to_string())
 }
 
 /// `[all]`'s and `[tryboot]`'s boot_partition from autoboot.txt.
@@ -61,7 +63,8 @@ pub fn parse_autoboot(text: &str) -> Result<(u32, u32)> {
         if let Some(s) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
             section = s.to_string();
         } else if let Some(n) = line.strip_prefix("boot_partition=") {
-            let n: u32 = n.trim().parse().with_context(|| format!("autoboot.txt: boot_partition={n} is not a number"))?;
+            let n: u32 =
+                n.trim().parse().with_context(|| format!("autoboot.txt: boot_partition={n} is not a number"))?;
             match section.as_str() {
                 "all" => normal = Some(n),
                 "tryboot" => tryboot = Some(n),
@@ -105,8 +108,11 @@ impl Medium {
     pub fn ukis(esp: &Path) -> Result<Vec<(String, UkiName)>> {
         let dir = Self::uki_dir(esp);
         let mut out = Vec::new();
-        for e in std::fs::read_dir(&dir).with_context(|| format!("reading {} (is the ESP mounted on {}?)", dir.display(), esp.display()))? {
-            let name = e.with_context(|| format!("reading {}", dir.display()))?.file_name().to_string_lossy().to_string();
+        for e in std::fs::read_dir(&dir)
+            .with_context(|| format!("reading {} (is the ESP mounted on {}?)", dir.display(), esp.display()))?
+        {
+            let name =
+                e.with_context(|| format!("reading {}", dir.display()))?.file_name().to_string_lossy().to_string();
             if let Some(u) = UkiName::parse(&name) {
                 out.push((name, u));
             }
@@ -119,12 +125,14 @@ impl Medium {
     pub fn booted(&self, host: &Host, config: &DeviceConfig, slot: Slot, version: &Version) -> Result<Booted> {
         let trial = match self {
             Medium::Uefi { esp } => {
-                let mine: Vec<_> = Self::ukis(esp)?.into_iter().filter(|(_, u)| u.version == version.as_str()).collect();
+                let mine: Vec<_> =
+                    Self::ukis(esp)?.into_iter().filter(|(_, u)| u.version == version.as_str()).collect();
                 // Counted and not blessed: a trial. (A blessed copy next to it would win.)
                 !mine.is_empty() && mine.iter().all(|(_, u)| u.tries_left.is_some())
             }
             Medium::Rpi { autoboot } => {
-                let text = std::fs::read_to_string(autoboot.join("autoboot.txt")).with_context(|| format!("reading {}/autoboot.txt", autoboot.display()))?;
+                let text = std::fs::read_to_string(autoboot.join("autoboot.txt"))
+                    .with_context(|| format!("reading {}/autoboot.txt", autoboot.display()))?;
                 let (normal, _) = parse_autoboot(&text)?;
                 let booted_part = host.rpi_boot_partition().unwrap_or(boot_partition(config, slot)?);
                 booted_part != normal
@@ -181,11 +189,14 @@ impl Medium {
                         if blessed.exists() {
                             std::fs::remove_file(dir.join(&file)).with_context(|| format!("removing {file}"))?;
                         } else {
-                            std::fs::rename(dir.join(&file), &blessed).with_context(|| format!("renaming {file} to {}", blessed.display()))?;
+                            std::fs::rename(dir.join(&file), &blessed)
+                                .with_context(|| format!("renaming {file} to {}", blessed.display()))?;
                         }
                     }
                 }
-                std::fs::File::open(&dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))?;
+                std::fs::File::open(&dir)
+                    .and_then(|d| d.sync_all())
+                    .with_context(|| format!("syncing {}", dir.display()))?;
             }
             Medium::Rpi { autoboot } => {
                 let text = autoboot_txt(boot_partition(config, booted)?, boot_partition(config, !booted)?);
@@ -257,7 +268,10 @@ mod tests {
     fn uki_names() {
         assert_eq!(UkiName::parse("kiln-0.2.0.efi"), Some(UkiName { version: "0.2.0".into(), tries_left: None }));
         assert_eq!(UkiName::parse("kiln-0.2.0+3.efi"), Some(UkiName { version: "0.2.0".into(), tries_left: Some(3) }));
-        assert_eq!(UkiName::parse("kiln-0.2.0+0-3.efi"), Some(UkiName { version: "0.2.0".into(), tries_left: Some(0) }));
+        assert_eq!(
+            UkiName::parse("kiln-0.2.0+0-3.efi"),
+            Some(UkiName { version: "0.2.0".into(), tries_left: Some(0) })
+        );
         assert_eq!(UkiName::parse(".kiln-0.2.0.efi.tmp"), None);
         assert_eq!(UkiName::parse("other.efi"), None);
     }
@@ -273,7 +287,10 @@ mod tests {
     #[test]
     fn cmdline_retargeting() {
         let c = "console=ttyS1,115200 kiln.root=PARTUUID=1234abcd-05 kiln.verity=ff rootwait\n";
-        assert_eq!(retarget_cmdline(c, "1234abcd-06").unwrap(), "console=ttyS1,115200 kiln.root=PARTUUID=1234abcd-06 kiln.verity=ff rootwait\n");
+        assert_eq!(
+            retarget_cmdline(c, "1234abcd-06").unwrap(),
+            "console=ttyS1,115200 kiln.root=PARTUUID=1234abcd-06 kiln.verity=ff rootwait\n"
+        );
         assert!(retarget_cmdline("quiet", "x").is_err());
     }
 

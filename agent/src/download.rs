@@ -77,7 +77,14 @@ pub fn fetch_small(client: &Client, url: &str, limit: u64) -> Result<Vec<u8>> {
 }
 
 /// Streams `url` into `dest` at offsets [start, size), after hashing [0, start) from `dest`.
-pub fn download(client: &Client, url: &str, expect: &Expect, dest: &mut std::fs::File, start: u64, progress: &mut dyn FnMut(u64) -> Result<()>) -> Result<Report, DownloadError> {
+pub fn download(
+    client: &Client,
+    url: &str,
+    expect: &Expect,
+    dest: &mut std::fs::File,
+    start: u64,
+    progress: &mut dyn FnMut(u64) -> Result<()>,
+) -> Result<Report, DownloadError> {
     let io = |what: String| move |source| DownloadError::Io { what, source };
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
@@ -110,7 +117,13 @@ pub fn download(client: &Client, url: &str, expect: &Expect, dest: &mut std::fs:
         };
         match resp.status() {
             StatusCode::PARTIAL_CONTENT => {
-                let from = resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("bytes ")).and_then(|v| v.split('-').next()).and_then(|v| v.parse::<u64>().ok());
+                let from = resp
+                    .headers()
+                    .get(CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("bytes "))
+                    .and_then(|v| v.split('-').next())
+                    .and_then(|v| v.parse::<u64>().ok());
                 if from != Some(pos) {
                     return Err(DownloadError::Http { url: url.into(), status: resp.status() });
                 }
@@ -151,7 +164,10 @@ pub fn download(client: &Client, url: &str, expect: &Expect, dest: &mut std::fs:
             if pos - synced >= SYNC_EVERY {
                 dest.sync_data().map_err(io("syncing".into()))?;
                 synced = pos;
-                progress(pos).map_err(|e| DownloadError::Io { what: "recording progress".into(), source: std::io::Error::other(format!("{e:#}")) })?;
+                progress(pos).map_err(|e| DownloadError::Io {
+                    what: "recording progress".into(),
+                    source: std::io::Error::other(format!("{e:#}")),
+                })?;
             }
         }
         if pos >= expect.size {
@@ -167,8 +183,15 @@ pub fn download(client: &Client, url: &str, expect: &Expect, dest: &mut std::fs:
     dest.sync_data().map_err(io("syncing".into()))?;
     let actual: [u8; 32] = hasher.finalize().into();
     if actual != expect.sha256 {
-        return Err(DownloadError::HashMismatch { url: url.into(), expected: hex::encode(expect.sha256), actual: hex::encode(actual) });
+        return Err(DownloadError::HashMismatch {
+            url: url.into(),
+            expected: hex::encode(expect.sha256),
+            actual: hex::encode(actual),
+        });
     }
-    progress(pos).map_err(|e| DownloadError::Io { what: "recording progress".into(), source: std::io::Error::other(format!("{e:#}")) })?;
+    progress(pos).map_err(|e| DownloadError::Io {
+        what: "recording progress".into(),
+        source: std::io::Error::other(format!("{e:#}")),
+    })?;
     Ok(report)
 }

@@ -18,7 +18,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "kiln-agent", version, about = "kiln's on-device updater: signed feed, A/B slots, health-gated commit, rollback")]
+#[command(
+    name = "kiln-agent",
+    version,
+    about = "kiln's on-device updater: signed feed, A/B slots, health-gated commit, rollback"
+)]
 struct Cli {
     /// The device description the builder baked into the image.
     #[arg(long, default_value = kiln_feed::DEVICE_CONFIG, global = true)]
@@ -124,7 +128,10 @@ fn run(cli: Cli) -> Result<()> {
                     s.clone()
                 }
                 Ok(update::Outcome::Installed { version, slot, downloaded }) => {
-                    format!("installed {version} into slot {slot} ({downloaded} bytes downloaded, peak RSS {} KiB)", peak_rss_kib())
+                    format!(
+                        "installed {version} into slot {slot} ({downloaded} bytes downloaded, peak RSS {} KiB)",
+                        peak_rss_kib()
+                    )
                 }
                 Err(e) => {
                     state.last_error = Some(format!("{e:#}"));
@@ -147,7 +154,8 @@ fn run(cli: Cli) -> Result<()> {
 
 fn backup(config: &std::path::Path, state_dir: &std::path::Path, action: &BackupAction) -> Result<()> {
     let text = std::fs::read(config).with_context(|| format!("reading {}", config.display()))?;
-    let device: kiln_feed::DeviceConfig = serde_json::from_slice(&text).with_context(|| format!("reading {}", config.display()))?;
+    let device: kiln_feed::DeviceConfig =
+        serde_json::from_slice(&text).with_context(|| format!("reading {}", config.display()))?;
     let Some(cfg) = device.backup.clone() else {
         if let BackupAction::Status { .. } | BackupAction::SelfRestore = action {
             println!("kiln-agent: this image's profile has no [backup] section");
@@ -208,13 +216,22 @@ fn backup(config: &std::path::Path, state_dir: &std::path::Path, action: &Backup
         BackupAction::SelfRestore => {
             let status = backup::Status::load(state_dir)?;
             if let Some(r) = status.self_restore.as_ref().filter(|r| r.ok) {
-                println!("kiln-agent: self-restore: decided at {} ({}); nothing to do", r.at, r.outcome.as_deref().unwrap_or("?"));
+                println!(
+                    "kiln-agent: self-restore: decided at {} ({}); nothing to do",
+                    r.at,
+                    r.outcome.as_deref().unwrap_or("?")
+                );
                 return Ok(());
             }
             let run = b.self_restore();
             backup::record(state_dir, &cfg, |s| s.self_restore = Some(run.clone()))?;
             // Never fails the unit: the device comes up either way, and the record says why.
-            println!("kiln-agent: self-restore: {}: {} ({:.1}s)", run.outcome.as_deref().unwrap_or("?"), run.summary, run.seconds);
+            println!(
+                "kiln-agent: self-restore: {}: {} ({:.1}s)",
+                run.outcome.as_deref().unwrap_or("?"),
+                run.summary,
+                run.seconds
+            );
             Ok(())
         }
         BackupAction::Prune => {
@@ -255,13 +272,18 @@ fn backup(config: &std::path::Path, state_dir: &std::path::Path, action: &Backup
 fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0))))
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0))
+            })
+        })
         .unwrap_or(0)
 }
 
 fn status(config: &std::path::Path, state_dir: &std::path::Path, json: bool) -> Result<()> {
     let state = state::State::load(state_dir)?;
-    let config: Option<kiln_feed::DeviceConfig> = std::fs::read(config).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let config: Option<kiln_feed::DeviceConfig> =
+        std::fs::read(config).ok().and_then(|b| serde_json::from_slice(&b).ok());
     if json {
         let v = serde_json::json!({
             "image": config.as_ref().map(|c| &c.image),
@@ -281,13 +303,23 @@ fn status(config: &std::path::Path, state_dir: &std::path::Path, json: bool) -> 
     let none = || "-".to_string();
     if let Some(c) = &config {
         println!("image:     {} ({}), running {}", c.image, c.arch, c.version);
-        println!("feed:      {}", c.update.as_ref().map(|u| u.feed.clone()).unwrap_or_else(|| "none ([update] not set in the profile)".into()));
+        println!(
+            "feed:      {}",
+            c.update
+                .as_ref()
+                .map(|u| u.feed.clone())
+                .unwrap_or_else(|| "none ([update] not set in the profile)".into())
+        );
     }
     println!("booted:    slot {}", state.booted.map(|s| s.to_string()).unwrap_or_else(none));
     println!("current:   {}", state.current_version.as_ref().map(|v| v.to_string()).unwrap_or_else(none));
     println!("previous:  {}", state.previous_version.as_ref().map(|v| v.to_string()).unwrap_or_else(none));
     for (slot, rec) in &state.slots {
-        println!("slot {slot}:    {:?} {}", rec.status, rec.version.as_ref().map(|v| v.to_string()).unwrap_or_default());
+        println!(
+            "slot {slot}:    {:?} {}",
+            rec.status,
+            rec.version.as_ref().map(|v| v.to_string()).unwrap_or_default()
+        );
     }
     if let Some(i) = &state.install {
         println!("installing {} into slot {} ({} artifact(s) in progress)", i.version, i.slot, i.done.len());

@@ -166,7 +166,9 @@ impl State {
     pub fn load(dir: &Path) -> Result<State> {
         let path = dir.join(STATUS_FILE);
         match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("reading {}: not a kiln-agent status file (move it away to start afresh)", path.display())),
+            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
+                format!("reading {}: not a kiln-agent status file (move it away to start afresh)", path.display())
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
@@ -248,9 +250,16 @@ impl State {
         if self.booted == Some(slot) {
             bail!("refusing to install into slot {slot}: it is the running slot");
         }
-        let resuming = self.install.as_ref().is_some_and(|i| i.slot == slot && &i.version == version && i.root_hash == root_hash);
+        let resuming =
+            self.install.as_ref().is_some_and(|i| i.slot == slot && &i.version == version && i.root_hash == root_hash);
         if !resuming {
-            self.install = Some(Install { version: version.clone(), slot, root_hash: root_hash.into(), started: now, done: BTreeMap::new() });
+            self.install = Some(Install {
+                version: version.clone(),
+                slot,
+                root_hash: root_hash.into(),
+                started: now,
+                done: BTreeMap::new(),
+            });
         }
         let rec = self.slot_mut(slot);
         rec.status = SlotStatus::Installing;

@@ -62,7 +62,11 @@ impl Host {
             .parse()
             .with_context(|| format!("reading the partition number of {name}"))?;
         let real = std::fs::canonicalize(&sys).with_context(|| format!("resolving {}", sys.display()))?;
-        let disk = real.parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().to_string()).with_context(|| format!("no parent disk for {name}"))?;
+        let disk = real
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().to_string())
+            .with_context(|| format!("no parent disk for {name}"))?;
         Ok(BlockPartition { disk, name: name.into(), number })
     }
 
@@ -117,11 +121,8 @@ pub fn device_size(path: &Path) -> Result<u64> {
 
 /// Runs a command to completion; the only place the agent starts processes.
 pub fn run(program: &str, args: &[&str]) -> Result<()> {
-    let out = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {program}"))?;
+    let out =
+        Command::new(program).args(args).stdin(Stdio::null()).output().with_context(|| format!("running {program}"))?;
     if !out.status.success() {
         bail!("{program} {} failed ({}): {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
@@ -166,7 +167,9 @@ pub fn run_watched(
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
-    let out_thread = std::thread::spawn(move || std::io::BufReader::new(stdout).lines().map_while(Result::ok).filter(|l| keep(l)).collect::<Vec<_>>());
+    let out_thread = std::thread::spawn(move || {
+        std::io::BufReader::new(stdout).lines().map_while(Result::ok).filter(|l| keep(l)).collect::<Vec<_>>()
+    });
     let done = Arc::new(Mutex::new(false));
     let stopped: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let stop = move |reason: String, stopped: &Arc<Mutex<Option<String>>>| {
@@ -207,7 +210,13 @@ pub fn run_watched(
     *done.lock().unwrap() = true;
     let stdout = out_thread.join().unwrap_or_default();
     let stopped = stopped.lock().unwrap().clone();
-    Ok(Finished { success: status.success() && stopped.is_none(), code: status.code(), stdout, stderr: tail.into(), stopped })
+    Ok(Finished {
+        success: status.success() && stopped.is_none(),
+        code: status.code(),
+        stdout,
+        stderr: tail.into(),
+        stopped,
+    })
 }
 
 /// Runs a command and returns its stdout, or None when it failed (for questions such as
@@ -306,7 +315,11 @@ mod tests {
         std::fs::create_dir_all(r.join("sys/class/block")).unwrap();
         for p in ["vda", "vda/vda1", "vda/vda3"] {
             let name = p.rsplit('/').next().unwrap();
-            std::os::unix::fs::symlink(r.join("sys/devices/pci0/virtio1/block").join(p), r.join("sys/class/block").join(name)).unwrap();
+            std::os::unix::fs::symlink(
+                r.join("sys/devices/pci0/virtio1/block").join(p),
+                r.join("sys/class/block").join(name),
+            )
+            .unwrap();
         }
         mk("sys/block/dm-0/dm/name", "root\n");
         mk("sys/block/dm-0/slaves/vda3", "");

@@ -29,7 +29,11 @@ pub enum Outcome {
     UpToDate(String),
     /// Refused on purpose: a clear reason, the device keeps running what it runs.
     Refused(String),
-    Installed { version: String, slot: Slot, downloaded: u64 },
+    Installed {
+        version: String,
+        slot: Slot,
+        downloaded: u64,
+    },
     Skipped(String),
 }
 
@@ -55,10 +59,22 @@ fn backup_before_update(agent: &Agent, release: &Release) -> Result<Option<Strin
             Ok(None)
         }
         Err(e) => {
-            let failed = backup::Run { at: Timestamp::now(), ok: false, summary: format!("{e:#}"), snapshot: None, files: None, bytes: None, seconds: 0.0, outcome: Some("before-update".into()) };
+            let failed = backup::Run {
+                at: Timestamp::now(),
+                ok: false,
+                summary: format!("{e:#}"),
+                snapshot: None,
+                files: None,
+                bytes: None,
+                seconds: 0.0,
+                outcome: Some("before-update".into()),
+            };
             backup::record(&agent.state_dir, &cfg, |s| s.last_backup = Some(failed))?;
             if cfg.before_update == "require" {
-                Ok(Some(format!("release {} waits: the backup before the update failed ({e:#}); the next check tries again", release.version)))
+                Ok(Some(format!(
+                    "release {} waits: the backup before the update failed ({e:#}); the next check tries again",
+                    release.version
+                )))
             } else {
                 println!("kiln-agent: the backup before the update failed ({e:#}); installing anyway (before_update = \"try\")");
                 Ok(None)
@@ -79,7 +95,10 @@ pub fn check(agent: &Agent, ignore_window: bool) -> Result<Outcome> {
     if let (Some(w), false) = (&update.window, ignore_window) {
         let w = system::Window::parse(w)?;
         if !w.contains(system::local_minutes(now.0)) {
-            return Ok(Outcome::Skipped(format!("outside the update window {}", update.window.as_deref().unwrap_or(""))));
+            return Ok(Outcome::Skipped(format!(
+                "outside the update window {}",
+                update.window.as_deref().unwrap_or("")
+            )));
         }
     }
 
@@ -93,10 +112,20 @@ pub fn check(agent: &Agent, ignore_window: bool) -> Result<Outcome> {
     }
     let meta: Metadata = match serde_json::from_slice(&json) {
         Ok(m) => m,
-        Err(e) => return Ok(Outcome::Refused(format!("metadata {} refused: signed, but not kiln release metadata: {e}", update.metadata))),
+        Err(e) => {
+            return Ok(Outcome::Refused(format!(
+                "metadata {} refused: signed, but not kiln release metadata: {e}",
+                update.metadata
+            )))
+        }
     };
     if meta.format != kiln_feed::FORMAT {
-        return Ok(Outcome::Refused(format!("metadata {} refused: format {} (this agent reads {})", update.metadata, meta.format, kiln_feed::FORMAT)));
+        return Ok(Outcome::Refused(format!(
+            "metadata {} refused: format {} (this agent reads {})",
+            update.metadata,
+            meta.format,
+            kiln_feed::FORMAT
+        )));
     }
     if now > meta.expires {
         return Ok(Outcome::Refused(format!(
@@ -106,7 +135,8 @@ pub fn check(agent: &Agent, ignore_window: bool) -> Result<Outcome> {
     }
     state.last_check = Some(now);
     let others = meta.releases.iter().filter(|r| r.image != agent.config.image || r.arch != agent.config.arch).count();
-    let Some(release) = meta.releases.iter().find(|r| r.image == agent.config.image && r.arch == agent.config.arch) else {
+    let Some(release) = meta.releases.iter().find(|r| r.image == agent.config.image && r.arch == agent.config.arch)
+    else {
         return Ok(Outcome::Refused(format!(
             "metadata {} has no release for this device's image {} ({}); {others} release(s) for other images ignored",
             update.metadata, agent.config.image, agent.config.arch
@@ -122,7 +152,10 @@ pub fn check(agent: &Agent, ignore_window: bool) -> Result<Outcome> {
         return Ok(Outcome::UpToDate(format!("running {}, the newest release", agent.running)));
     }
     if let Some(f) = state.has_failed(&release.version) {
-        return Ok(Outcome::Refused(format!("release {} skipped: it failed on this device at {} ({})", release.version, f.at, f.reason)));
+        return Ok(Outcome::Refused(format!(
+            "release {} skipped: it failed on this device at {} ({})",
+            release.version, f.at, f.reason
+        )));
     }
     let target = !agent.slot;
     if let Err(e) = check_space(agent, release, target) {
@@ -133,7 +166,10 @@ pub fn check(agent: &Agent, ignore_window: bool) -> Result<Outcome> {
         return Ok(Outcome::Refused(refused));
     }
 
-    println!("kiln-agent: installing {} into slot {target} (running {} in slot {})", release.version, agent.running, agent.slot);
+    println!(
+        "kiln-agent: installing {} into slot {target} (running {} in slot {})",
+        release.version, agent.running, agent.slot
+    );
     state.begin_install(target, &release.version, &release.root_hash, now)?;
     state.write(&agent.state_dir)?;
     let retired = agent.medium.retire_other(&agent.config, agent.slot, &agent.running)?;
@@ -146,11 +182,19 @@ pub fn check(agent: &Agent, ignore_window: bool) -> Result<Outcome> {
     if let Err(e) = result {
         // A refused artifact (hash, size) will not get better by retrying the same bytes: the
         // slot is abandoned and the next check starts it afresh. Network errors keep progress.
-        let fatal = e.downcast_ref::<DownloadError>().is_some_and(|d| matches!(d, DownloadError::HashMismatch { .. } | DownloadError::Truncated { .. } | DownloadError::TooLarge { .. }));
+        let fatal = e.downcast_ref::<DownloadError>().is_some_and(|d| {
+            matches!(
+                d,
+                DownloadError::HashMismatch { .. } | DownloadError::Truncated { .. } | DownloadError::TooLarge { .. }
+            )
+        });
         if fatal {
             state.abandon_install();
             state.write(&agent.state_dir)?;
-            return Ok(Outcome::Refused(format!("release {} refused: {e:#}; slot {target} left empty, still running {}", release.version, agent.running)));
+            return Ok(Outcome::Refused(format!(
+                "release {} refused: {e:#}; slot {target} left empty, still running {}",
+                release.version, agent.running
+            )));
         }
         state.write(&agent.state_dir)?;
         return Err(e);
@@ -172,7 +216,11 @@ fn check_space(agent: &Agent, release: &Release, target: Slot) -> Result<()> {
     let dev = agent.partition_device("root", target)?;
     let room = system::device_size(&dev)?;
     if root.size > room {
-        bail!("not enough space: the root image is {} bytes, slot {target}'s partition {} holds {room}", root.size, dev.display());
+        bail!(
+            "not enough space: the root image is {} bytes, slot {target}'s partition {} holds {room}",
+            root.size,
+            dev.display()
+        );
     }
     match &agent.medium {
         Medium::Uefi { esp } => {
@@ -197,7 +245,11 @@ fn check_space(agent: &Agent, release: &Release, target: Slot) -> Result<()> {
             let dev = agent.partition_device("boot", target)?;
             let room = system::device_size(&dev)?;
             if b.size > room {
-                bail!("not enough space: the boot image is {} bytes, boot slot {target} ({}) holds {room}", b.size, dev.display());
+                bail!(
+                    "not enough space: the boot image is {} bytes, boot slot {target} ({}) holds {room}",
+                    b.size,
+                    dev.display()
+                );
             }
         }
     }
@@ -211,10 +263,24 @@ fn sha256_of(a: &Artifact) -> Result<[u8; 32]> {
 
 /// Streams one artifact into `dest` (a partition or a staging file), resuming from the
 /// recorded progress, recording progress durably as it goes.
-fn fetch_into(agent: &Agent, state: &mut crate::state::State, client: &reqwest::blocking::Client, metadata_url: &str, a: &Artifact, dest: &Path, downloaded: &mut u64) -> Result<()> {
+fn fetch_into(
+    agent: &Agent,
+    state: &mut crate::state::State,
+    client: &reqwest::blocking::Client,
+    metadata_url: &str,
+    a: &Artifact,
+    dest: &Path,
+    downloaded: &mut u64,
+) -> Result<()> {
     let url = kiln_feed::join_url(metadata_url, &a.url);
     let expect = Expect { size: a.size, sha256: sha256_of(a)? };
-    let mut file = std::fs::OpenOptions::new().read(true).write(true).create(dest.starts_with(&agent.state_dir)).truncate(false).open(dest).with_context(|| format!("opening {}", dest.display()))?;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(dest.starts_with(&agent.state_dir))
+        .truncate(false)
+        .open(dest)
+        .with_context(|| format!("opening {}", dest.display()))?;
     let start = state.install.as_ref().and_then(|i| i.done.get(&a.sha256).copied()).unwrap_or(0).min(a.size);
     if start > 0 {
         println!("kiln-agent: resuming {} at {start} of {} bytes", a.name, a.size);
@@ -237,7 +303,14 @@ fn fetch_into(agent: &Agent, state: &mut crate::state::State, client: &reqwest::
     Ok(())
 }
 
-fn install(agent: &Agent, state: &mut crate::state::State, release: &Release, target: Slot, client: &reqwest::blocking::Client, downloaded: &mut u64) -> Result<()> {
+fn install(
+    agent: &Agent,
+    state: &mut crate::state::State,
+    release: &Release,
+    target: Slot,
+    client: &reqwest::blocking::Client,
+    downloaded: &mut u64,
+) -> Result<()> {
     let update = agent.config.update.as_ref().context("no [update]")?;
     let root = artifact(release, ArtifactKind::Root)?;
     let root_dev = agent.partition_device("root", target)?;
@@ -269,8 +342,13 @@ fn install(agent: &Agent, state: &mut crate::state::State, release: &Release, ta
 
 /// For the Pi: boot slot `target`'s cmdline.txt gets root slot `target`'s PARTUUID.
 pub fn retarget(cmdline_path: &Path, own_cmdline: &str, root_number: u32) -> Result<()> {
-    let own = system::cmdline_value(own_cmdline, "kiln.root").context("the running kernel command line has no kiln.root=")?;
-    let disk_id = own.strip_prefix("PARTUUID=").and_then(|p| p.split_once('-')).map(|(d, _)| d).context("kiln.root= is not PARTUUID=<disk id>-<nn>")?;
+    let own =
+        system::cmdline_value(own_cmdline, "kiln.root").context("the running kernel command line has no kiln.root=")?;
+    let disk_id = own
+        .strip_prefix("PARTUUID=")
+        .and_then(|p| p.split_once('-'))
+        .map(|(d, _)| d)
+        .context("kiln.root= is not PARTUUID=<disk id>-<nn>")?;
     let text = std::fs::read_to_string(cmdline_path).with_context(|| format!("reading {}", cmdline_path.display()))?;
     let new = boot::retarget_cmdline(&text, &format!("{disk_id}-{root_number:02x}"))?;
     boot::replace_file(cmdline_path, new.as_bytes())
@@ -278,6 +356,11 @@ pub fn retarget(cmdline_path: &Path, own_cmdline: &str, root_number: u32) -> Res
 
 /// Checks the metadata's signature against the keys baked into the image.
 fn verify_signature(json: &[u8], sig: &str, keys: &[String]) -> Result<(), String> {
-    let keys: Vec<kiln_feed::PublicKey> = keys.iter().map(|k| kiln_feed::PublicKey::parse(k).map_err(|e| format!("{}: update.public_keys: {e}", kiln_feed::DEVICE_CONFIG))).collect::<Result<_, _>>()?;
+    let keys: Vec<kiln_feed::PublicKey> = keys
+        .iter()
+        .map(|k| {
+            kiln_feed::PublicKey::parse(k).map_err(|e| format!("{}: update.public_keys: {e}", kiln_feed::DEVICE_CONFIG))
+        })
+        .collect::<Result<_, _>>()?;
     kiln_feed::verify(json, sig, &keys).map(|_| ()).map_err(|e| e.to_string())
 }

@@ -218,7 +218,10 @@ impl Bmap {
         x.push_str(&format!("    <BlockSize> {} </BlockSize>\n\n", self.block_size));
         x.push_str("    <!-- Count of blocks in the image file -->\n");
         x.push_str(&format!("    <BlocksCount> {} </BlocksCount>\n\n", self.blocks_count()));
-        x.push_str(&format!("    <!-- Count of mapped blocks: {} or {percent:.1}% -->\n", human_size(mapped * self.block_size)));
+        x.push_str(&format!(
+            "    <!-- Count of mapped blocks: {} or {percent:.1}% -->\n",
+            human_size(mapped * self.block_size)
+        ));
         x.push_str(&format!("    <MappedBlocksCount> {mapped} </MappedBlocksCount>\n\n"));
         x.push_str("    <!-- Type of checksum used in this file -->\n");
         x.push_str("    <ChecksumType> sha256 </ChecksumType>\n\n");
@@ -256,7 +259,11 @@ impl Bmap {
 
     /// Reads and checks a map written by kiln or by `bmaptool create` (format 2.0, sha256).
     pub fn read_xml(path: &Path) -> Result<Bmap, BmapError> {
-        let bytes = std::fs::read(path).map_err(|source| BmapError::Io { path: path.to_path_buf(), what: "reading the block map", source })?;
+        let bytes = std::fs::read(path).map_err(|source| BmapError::Io {
+            path: path.to_path_buf(),
+            what: "reading the block map",
+            source,
+        })?;
         Bmap::parse(&bytes, path)
     }
 
@@ -267,11 +274,19 @@ impl Bmap {
             let line = bytes[..e.valid_up_to()].iter().filter(|b| **b == b'\n').count() + 1;
             BmapError::Syntax { path: path.to_path_buf(), line, msg: "not UTF-8 text (is this a bmap file?)".into() }
         })?;
-        let raw = parse_document(text).map_err(|(line, msg)| BmapError::Syntax { path: path.to_path_buf(), line, msg })?;
+        let raw =
+            parse_document(text).map_err(|(line, msg)| BmapError::Syntax { path: path.to_path_buf(), line, msg })?;
         let invalid = |msg: String| BmapError::Invalid { path: path.to_path_buf(), msg };
-        let (major, minor) = raw.version.split_once('.').and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?))).ok_or_else(|| invalid(format!("bmap version {:?} is not a version number", raw.version)))?;
+        let (major, minor) = raw
+            .version
+            .split_once('.')
+            .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)))
+            .ok_or_else(|| invalid(format!("bmap version {:?} is not a version number", raw.version)))?;
         if !(major == 2 || (major, minor) == (1, 4)) {
-            return Err(invalid(format!("bmap format version {} is not supported (kiln reads version 2.0, which `bmaptool create` writes)", raw.version)));
+            return Err(invalid(format!(
+                "bmap format version {} is not supported (kiln reads version 2.0, which `bmaptool create` writes)",
+                raw.version
+            )));
         }
         if !raw.checksum_type.eq_ignore_ascii_case("sha256") {
             return Err(invalid(format!("checksum type {:?} is not supported (kiln reads sha256 maps: `bmaptool create` writes them by default)", raw.checksum_type)));
@@ -295,24 +310,47 @@ impl Bmap {
         }
         let blocks = raw.image_size.div_ceil(raw.block_size);
         if raw.blocks_count != blocks {
-            return Err(invalid(format!("BlocksCount is {} but an image of {} bytes has {blocks} blocks of {}", raw.blocks_count, raw.image_size, raw.block_size)));
+            return Err(invalid(format!(
+                "BlocksCount is {} but an image of {} bytes has {blocks} blocks of {}",
+                raw.blocks_count, raw.image_size, raw.block_size
+            )));
         }
         let mut prev_last: Option<u64> = None;
         for (line, r) in &raw.ranges {
             if r.last < r.first {
-                return Err(BmapError::Syntax { path: path.to_path_buf(), line: *line, msg: format!("range {}-{} ends before it starts", r.first, r.last) });
+                return Err(BmapError::Syntax {
+                    path: path.to_path_buf(),
+                    line: *line,
+                    msg: format!("range {}-{} ends before it starts", r.first, r.last),
+                });
             }
             if r.last >= blocks {
-                return Err(BmapError::Syntax { path: path.to_path_buf(), line: *line, msg: format!("{r} lies beyond the image's {blocks} blocks") });
+                return Err(BmapError::Syntax {
+                    path: path.to_path_buf(),
+                    line: *line,
+                    msg: format!("{r} lies beyond the image's {blocks} blocks"),
+                });
             }
             if prev_last.is_some_and(|p| r.first <= p) {
-                return Err(BmapError::Syntax { path: path.to_path_buf(), line: *line, msg: format!("{r} overlaps or comes before the previous range") });
+                return Err(BmapError::Syntax {
+                    path: path.to_path_buf(),
+                    line: *line,
+                    msg: format!("{r} overlaps or comes before the previous range"),
+                });
             }
             prev_last = Some(r.last);
         }
-        let bmap = Bmap { image_size: raw.image_size, block_size: raw.block_size, ranges: raw.ranges.into_iter().map(|(_, r)| r).collect() };
+        let bmap = Bmap {
+            image_size: raw.image_size,
+            block_size: raw.block_size,
+            ranges: raw.ranges.into_iter().map(|(_, r)| r).collect(),
+        };
         if bmap.mapped_blocks() != raw.mapped_blocks_count {
-            return Err(invalid(format!("MappedBlocksCount is {} but the ranges hold {} blocks", raw.mapped_blocks_count, bmap.mapped_blocks())));
+            return Err(invalid(format!(
+                "MappedBlocksCount is {} but the ranges hold {} blocks",
+                raw.mapped_blocks_count,
+                bmap.mapped_blocks()
+            )));
         }
         Ok(bmap)
     }
@@ -410,7 +448,11 @@ fn parse_tag(tag: &str) -> Result<Tag<'_>, String> {
         let eq = rest.find('=').ok_or_else(|| format!("<{name}>: an attribute without a value"))?;
         let key = rest[..eq].trim();
         let after = rest[eq + 1..].trim_start();
-        let quote = after.chars().next().filter(|c| *c == '"' || *c == '\'').ok_or_else(|| format!("<{name}>: attribute {key} is not quoted"))?;
+        let quote = after
+            .chars()
+            .next()
+            .filter(|c| *c == '"' || *c == '\'')
+            .ok_or_else(|| format!("<{name}>: attribute {key} is not quoted"))?;
         let close = after[1..].find(quote).ok_or_else(|| format!("<{name}>: attribute {key} has no closing quote"))?;
         let value = &after[1..1 + close];
         if value.contains('&') || value.contains('<') {
@@ -422,7 +464,8 @@ fn parse_tag(tag: &str) -> Result<Tag<'_>, String> {
     }
 }
 
-const ELEMENTS: &[&str] = &["ImageSize", "BlockSize", "BlocksCount", "MappedBlocksCount", "ChecksumType", "BmapFileChecksum", "BlockMap"];
+const ELEMENTS: &[&str] =
+    &["ImageSize", "BlockSize", "BlocksCount", "MappedBlocksCount", "ChecksumType", "BmapFileChecksum", "BlockMap"];
 
 fn parse_document(s: &str) -> Result<RawBmap, ParseError> {
     let tokens = tokenize(s)?;
@@ -493,7 +536,10 @@ fn parse_document(s: &str) -> Result<RawBmap, ParseError> {
     };
     let file_checksum = fields["BmapFileChecksum"].1.clone();
     if file_checksum.len() != 64 || !file_checksum.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err((fields["BmapFileChecksum"].0, format!("<BmapFileChecksum>: expected 64 hex digits, found {file_checksum:?}")));
+        return Err((
+            fields["BmapFileChecksum"].0,
+            format!("<BmapFileChecksum>: expected 64 hex digits, found {file_checksum:?}"),
+        ));
     }
     Ok(RawBmap {
         version,
@@ -520,21 +566,31 @@ fn parse_block_map<'a>(it: &mut impl Iterator<Item = Token<'a>>) -> Result<Vec<(
                         other => return Err((line, format!("<Range>: unknown attribute {other:?} (expected chksum)"))),
                     }
                 }
-                let sum = sum.ok_or((line, "<Range> has no chksum: kiln verifies every range (make the map with checksums)".to_string()))?;
-                let sha256 = Sha256::try_from(sum.to_ascii_lowercase()).map_err(|_| (line, format!("<Range>: chksum {sum:?} is not a sha256")))?;
+                let sum = sum.ok_or((
+                    line,
+                    "<Range> has no chksum: kiln verifies every range (make the map with checksums)".to_string(),
+                ))?;
+                let sha256 = Sha256::try_from(sum.to_ascii_lowercase())
+                    .map_err(|_| (line, format!("<Range>: chksum {sum:?} is not a sha256")))?;
                 let text = match it.next() {
                     Some(Token::Text { text, .. }) => text,
                     other => return Err(unexpected(other, "a block range like 12-34")),
                 };
                 expect_close(it.next(), "Range")?;
-                let block = |t: &str| t.trim().parse::<u64>().map_err(|_| (line, format!("<Range>: expected a block number or first-last, found {text:?}")));
+                let block = |t: &str| {
+                    t.trim()
+                        .parse::<u64>()
+                        .map_err(|_| (line, format!("<Range>: expected a block number or first-last, found {text:?}")))
+                };
                 let (first, last) = match text.split_once('-') {
                     Some((a, b)) => (block(a)?, block(b)?),
                     None => (block(text)?, block(text)?),
                 };
                 ranges.push((line, BlockRange { first, last, sha256 }));
             }
-            Some(Token::Open { name, line, .. }) => return Err((line, format!("unknown element <{name}> in <BlockMap> (expected <Range>)"))),
+            Some(Token::Open { name, line, .. }) => {
+                return Err((line, format!("unknown element <{name}> in <BlockMap> (expected <Range>)")))
+            }
             other => return Err(unexpected(other, "<Range> or </BlockMap>")),
         }
     }
@@ -671,10 +727,19 @@ mod tests {
         assert_eq!(err("<bmap version=\"2.0\">\n</bmap>\n"), "x.bmap:2: <ImageSize> is missing");
         assert_eq!(err("<bmap version=\"1.3\"><ImageSize>1</ImageSize><BlockSize>4096</BlockSize><BlocksCount>1</BlocksCount><MappedBlocksCount>0</MappedBlocksCount><ChecksumType>sha1</ChecksumType><BmapFileChecksum>0000000000000000000000000000000000000000000000000000000000000000</BmapFileChecksum><BlockMap></BlockMap></bmap>"),
             "x.bmap: bmap format version 1.3 is not supported (kiln reads version 2.0, which `bmaptool create` writes)");
-        let ok = Bmap { image_size: 8192, block_size: 4096, ranges: vec![BlockRange { first: 1, last: 1, sha256: Sha256([7; 32]) }] }.to_xml();
+        let ok = Bmap {
+            image_size: 8192,
+            block_size: 4096,
+            ranges: vec![BlockRange { first: 1, last: 1, sha256: Sha256([7; 32]) }],
+        }
+        .to_xml();
         assert!(Bmap::parse(ok.as_bytes(), p).is_ok());
         let no_sum = reseal(&ok.replacen(&format!(" chksum=\"{}\"", Sha256([7; 32])), "", 1));
-        assert!(err(&no_sum).ends_with("<Range> has no chksum: kiln verifies every range (make the map with checksums)"), "{}", err(&no_sum));
+        assert!(
+            err(&no_sum).ends_with("<Range> has no chksum: kiln verifies every range (make the map with checksums)"),
+            "{}",
+            err(&no_sum)
+        );
         let beyond = reseal(&ok.replacen("> 1 </Range>", "> 2 </Range>", 1));
         assert!(err(&beyond).contains("block 2 lies beyond the image's 2 blocks"), "{}", err(&beyond));
     }
@@ -696,7 +761,12 @@ mod tests {
 
     fn run(cmd: &mut Command) -> String {
         let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-        assert!(out.status.success(), "{cmd:?} failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
@@ -709,16 +779,31 @@ mod tests {
         create(&img, &[(0, MIB)]).unwrap().write_xml(&bmap).unwrap();
         let out = dir.path().join("out.img");
         run(Command::new(tool).arg("copy").arg("--bmap").arg(&bmap).arg(&img).arg(&out));
-        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap(), "bmaptool copy with our map gives the same file");
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            std::fs::read(&img).unwrap(),
+            "bmaptool copy with our map gives the same file"
+        );
 
         // A map whose range checksum is wrong is refused by bmaptool too (so it does check them).
         let m = create(&img, &[(0, MIB)]).unwrap();
         let mut bad = m.clone();
         bad.ranges[0].sha256 = Sha256([0xee; 32]);
         bad.write_xml(&bmap).unwrap();
-        let o = Command::new(tool).arg("copy").arg("--bmap").arg(&bmap).arg(&img).arg(dir.path().join("out2.img")).output().unwrap();
+        let o = Command::new(tool)
+            .arg("copy")
+            .arg("--bmap")
+            .arg(&bmap)
+            .arg(&img)
+            .arg(dir.path().join("out2.img"))
+            .output()
+            .unwrap();
         assert!(!o.status.success(), "bmaptool accepted a wrong range checksum");
-        assert!(String::from_utf8_lossy(&o.stderr).contains("checksum mismatch"), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("checksum mismatch"),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
 
     #[test]

@@ -35,7 +35,8 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
     // the image's timestamp from here; `exec::Cmd` passes it on.
     std::env::set_var("SOURCE_DATE_EPOCH", plan.source_date_epoch.to_string());
     std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
-    let out_dir = std::fs::canonicalize(&opts.out_dir).with_context(|| format!("resolving {}", opts.out_dir.display()))?;
+    let out_dir =
+        std::fs::canonicalize(&opts.out_dir).with_context(|| format!("resolving {}", opts.out_dir.display()))?;
     let opts = &BuildOptions { out_dir, keep_work: opts.keep_work, locked: opts.locked.clone() };
     let final_dir = opts.out_dir.join(&plan.output_name);
     let work = opts.out_dir.join(".work").join(&plan.output_name);
@@ -49,7 +50,13 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
     check_free_space(&opts.out_dir, plan)?;
     // The agent goes into every image: find it before minutes of bootstrapping.
     crate::device::agent_for(plan)?;
-    let ctx = Context { plan, tree: work.join("tree"), work: work.clone(), staging: staging.clone(), templates: crate::templates::Templates::load()? };
+    let ctx = Context {
+        plan,
+        tree: work.join("tree"),
+        work: work.clone(),
+        staging: staging.clone(),
+        templates: crate::templates::Templates::load()?,
+    };
 
     let cache = Cache::open_default()?;
     let (boot_files, locked) = match &opts.locked {
@@ -87,7 +94,8 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
 
     // Artifacts next to the disk: the root image (the update payload) and the boot stage's.
     let root_out = staging.join("root.img");
-    std::fs::rename(&root.path, &root_out).with_context(|| format!("moving the root image to {}", root_out.display()))?;
+    std::fs::rename(&root.path, &root_out)
+        .with_context(|| format!("moving the root image to {}", root_out.display()))?;
     let mut outputs = vec![disk, bmap_path, root_out];
     for a in &boot.artifacts {
         let dest = staging.join(a.file_name().expect("artifact file name"));
@@ -100,13 +108,24 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
         artifacts.insert(name, stages::manifest::artifact(p)?);
     }
     let partuuids = stages::disk::partuuids(&ctx, &root)?;
-    let manifest = stages::manifest::write(&ctx, &root, &boot_files.kernel_version, &boot.cmdline, &partuuids, artifacts, packages, security)?;
+    let manifest = stages::manifest::write(
+        &ctx,
+        &root,
+        &boot_files.kernel_version,
+        &boot.cmdline,
+        &partuuids,
+        artifacts,
+        packages,
+        security,
+    )?;
     stages::sbom::write(&manifest, &ctx.tree, &staging)?;
 
     if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).with_context(|| format!("replacing the old output {}", final_dir.display()))?;
+        std::fs::remove_dir_all(&final_dir)
+            .with_context(|| format!("replacing the old output {}", final_dir.display()))?;
     }
-    std::fs::rename(&staging, &final_dir).with_context(|| format!("moving {} to {}", staging.display(), final_dir.display()))?;
+    std::fs::rename(&staging, &final_dir)
+        .with_context(|| format!("moving {} to {}", staging.display(), final_dir.display()))?;
     if !opts.keep_work {
         std::fs::remove_dir_all(&work).with_context(|| format!("removing the work directory {}", work.display()))?;
     }
@@ -123,7 +142,13 @@ pub fn lock(plan: &Plan, out_dir: &Path) -> Result<LockFile> {
         std::fs::remove_dir_all(&work).with_context(|| format!("removing the leftover {}", work.display()))?;
     }
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-    let ctx = Context { plan, tree: work.join("tree"), work: work.clone(), staging: work.join("staging"), templates: crate::templates::Templates::load()? };
+    let ctx = Context {
+        plan,
+        tree: work.join("tree"),
+        work: work.clone(),
+        staging: work.join("staging"),
+        templates: crate::templates::Templates::load()?,
+    };
     let cache = Cache::open_default()?;
     stages::bootstrap::bootstrap(&ctx, Packages::Resolve)?;
     let packages = stages::bootstrap::collect_locked(&ctx, &cache)?;

@@ -76,7 +76,14 @@ impl Cache {
     }
 
     /// Stores downloaded bytes that must hash to `sha256` (else nothing is stored).
-    pub fn store_deb_bytes(&self, package: &str, version: &str, url: &str, data: &[u8], sha256: &str) -> Result<PathBuf> {
+    pub fn store_deb_bytes(
+        &self,
+        package: &str,
+        version: &str,
+        url: &str,
+        data: &[u8],
+        sha256: &str,
+    ) -> Result<PathBuf> {
         let got = Sha256::of(data).hex();
         if got != sha256 {
             bail!("package {package} {version}: {url} has sha256 {got} but the lock says {sha256}: the mirror serves a different file under this version; refusing it");

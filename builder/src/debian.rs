@@ -86,7 +86,9 @@ impl DebianError {
 pub fn compare_versions(a: &str, b: &str) -> Ordering {
     let (ea, ua, ra) = split_version(a);
     let (eb, ub, rb) = split_version(b);
-    compare_numeric(ea, eb).then_with(|| verrevcmp(ua.as_bytes(), ub.as_bytes())).then_with(|| verrevcmp(ra.as_bytes(), rb.as_bytes()))
+    compare_numeric(ea, eb)
+        .then_with(|| verrevcmp(ua.as_bytes(), ub.as_bytes()))
+        .then_with(|| verrevcmp(ra.as_bytes(), rb.as_bytes()))
 }
 
 /// Splits into (epoch digits, upstream, revision), as dpkg's `parseversion` does: the epoch is
@@ -270,7 +272,11 @@ pub struct PackageEntry {
 /// Filename, Size or SHA256 is an error naming its package (or its line when the package is
 /// unknown), as is one of those fields (or Source) given twice, or a malformed Size or SHA256.
 pub fn parse_packages(text: &str) -> Result<Vec<PackageEntry>, DebianError> {
-    let paras = paragraphs(text).map_err(|e| DebianError::Packages { line: e.paragraph_line, package: None, problem: e.problem })?;
+    let paras = paragraphs(text).map_err(|e| DebianError::Packages {
+        line: e.paragraph_line,
+        package: None,
+        problem: e.problem,
+    })?;
     paras.iter().map(package_entry).collect()
 }
 
@@ -301,7 +307,8 @@ fn package_entry(p: &Paragraph<'_>) -> Result<PackageEntry, DebianError> {
     };
     let name = required(package, "Package")?;
     let size_text = required(size, "Size")?;
-    let size = size_text.parse::<u64>().map_err(|_| err(format!("Size: expected a number of bytes, found {size_text:?}")))?;
+    let size =
+        size_text.parse::<u64>().map_err(|_| err(format!("Size: expected a number of bytes, found {size_text:?}")))?;
     let sha256 = required(sha256, "SHA256")?;
     if !is_sha256(&sha256) {
         return Err(err(format!("SHA256: expected 64 hex digits, found {sha256:?}")));
@@ -363,7 +370,8 @@ pub fn parse_release(text: &str) -> Result<Release, DebianError> {
     for line in sha256_text.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let bad = || err(format!("SHA256: expected \"<sha256> <size> <path>\", found {line:?}"));
         let mut words = line.split_whitespace();
-        let (Some(hash), Some(size), Some(path), None) = (words.next(), words.next(), words.next(), words.next()) else {
+        let (Some(hash), Some(size), Some(path), None) = (words.next(), words.next(), words.next(), words.next())
+        else {
             return Err(bad());
         };
         let size = size.parse::<u64>().map_err(|_| bad())?;
@@ -487,7 +495,13 @@ impl Fetcher {
     /// `Packages.xz`, `Packages.gz`, `Packages` that the Release file lists and the mirror has
     /// (by hash when the Release file allows it), checked against the Release file's size and
     /// SHA256, decompressed (and checked again when the Release file lists the plain file).
-    pub fn packages(&self, mirror: &str, suite: &str, component: &str, arch: &str) -> Result<Vec<PackageEntry>, DebianError> {
+    pub fn packages(
+        &self,
+        mirror: &str,
+        suite: &str,
+        component: &str,
+        arch: &str,
+    ) -> Result<Vec<PackageEntry>, DebianError> {
         let (release_url, release) = self.release_with_url(mirror, suite)?;
         let base = suite_url(mirror, suite);
         let dir = format!("{component}/binary-{arch}");
@@ -509,12 +523,17 @@ impl Fetcher {
                         continue;
                     }
                     Err(DebianError::TooLarge { url, limit }) => {
-                        return Err(DebianError::SizeMismatch { url, expected: limit, got: format!("more than {limit}") })
+                        return Err(DebianError::SizeMismatch {
+                            url,
+                            expected: limit,
+                            got: format!("more than {limit}"),
+                        })
                     }
                     Err(e) => return Err(e),
                 };
                 verify(&url, &bytes, digest)?;
-                let plain_digest = if compression == Compression::None { None } else { release.sha256.get(&plain_path) };
+                let plain_digest =
+                    if compression == Compression::None { None } else { release.sha256.get(&plain_path) };
                 let text = decompress(&url, compression, bytes, plain_digest)?;
                 return parse_packages(&String::from_utf8_lossy(&text)).map_err(|e| e.at(&url));
             }
@@ -546,7 +565,8 @@ impl Fetcher {
         }
         let mut body = Vec::new();
         response.take(limit.saturating_add(1)).read_to_end(&mut body).map_err(|e| {
-            let reqwest_timeout = e.get_ref().and_then(|i| i.downcast_ref::<reqwest::Error>()).is_some_and(|r| r.is_timeout());
+            let reqwest_timeout =
+                e.get_ref().and_then(|i| i.downcast_ref::<reqwest::Error>()).is_some_and(|r| r.is_timeout());
             if reqwest_timeout || e.kind() == std::io::ErrorKind::TimedOut {
                 timeout(url)
             } else {
@@ -563,7 +583,12 @@ impl Fetcher {
 /// Fetches the `Packages` index of `<mirror>/dists/<suite>` for one component and architecture,
 /// verified against the suite's Release file (see [`Fetcher::packages`]), with the default
 /// [`FetchConfig`].
-pub fn fetch_packages(mirror: &str, suite: &str, component: &str, arch: &str) -> Result<Vec<PackageEntry>, DebianError> {
+pub fn fetch_packages(
+    mirror: &str,
+    suite: &str,
+    component: &str,
+    arch: &str,
+) -> Result<Vec<PackageEntry>, DebianError> {
     Fetcher::new(FetchConfig::default())?.packages(mirror, suite, component, arch)
 }
 
@@ -593,7 +618,11 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// Checks a download against the Release file's digest.
 fn verify(url: &str, bytes: &[u8], digest: &FileDigest) -> Result<(), DebianError> {
     if bytes.len() as u64 != digest.size {
-        return Err(DebianError::SizeMismatch { url: url.to_string(), expected: digest.size, got: bytes.len().to_string() });
+        return Err(DebianError::SizeMismatch {
+            url: url.to_string(),
+            expected: digest.size,
+            got: bytes.len().to_string(),
+        });
     }
     let got = sha256_hex(bytes);
     if got != digest.sha256 {
@@ -640,7 +669,12 @@ impl Write for BoundedVec {
 
 /// Decompresses a verified download; when the Release file lists the plain file too, the result
 /// is checked against that as well.
-fn decompress(url: &str, compression: Compression, bytes: Vec<u8>, plain: Option<&FileDigest>) -> Result<Vec<u8>, DebianError> {
+fn decompress(
+    url: &str,
+    compression: Compression,
+    bytes: Vec<u8>,
+    plain: Option<&FileDigest>,
+) -> Result<Vec<u8>, DebianError> {
     let limit = plain.map_or(PACKAGES_LIMIT, |d| d.size);
     // Reserve the listed size, or a guess (Packages files compress about 6:1).
     let capacity = plain.map_or(bytes.len().saturating_mul(6), |d| usize::try_from(d.size).unwrap_or(0));
@@ -650,7 +684,8 @@ fn decompress(url: &str, compression: Compression, bytes: Vec<u8>, plain: Option
         Compression::None => return Ok(bytes),
         Compression::Xz => lzma_rs::xz_decompress(&mut &bytes[..], &mut out).map_err(|e| failed(e.to_string()))?,
         Compression::Gz => {
-            std::io::copy(&mut flate2::read::MultiGzDecoder::new(&bytes[..]), &mut out).map_err(|e| failed(e.to_string()))?;
+            std::io::copy(&mut flate2::read::MultiGzDecoder::new(&bytes[..]), &mut out)
+                .map_err(|e| failed(e.to_string()))?;
         }
     }
     if let Some(digest) = plain {
@@ -877,7 +912,10 @@ mod tests {
             "Packages paragraph at line 1 (package libc6): SHA256: expected 64 hex digits, found \"abc\""
         );
         let text = packages_text().replace("Size: 260000", "Size: 1\r\nsize: 2");
-        assert_eq!(parse_packages(&text).unwrap_err().to_string(), "Packages paragraph at line 14 (package tzdata): field size appears twice");
+        assert_eq!(
+            parse_packages(&text).unwrap_err().to_string(),
+            "Packages paragraph at line 14 (package tzdata): field size appears twice"
+        );
     }
 
     #[test]
@@ -922,7 +960,10 @@ mod tests {
         let listed: Vec<_> = r.sha256.iter().map(|(p, d)| (p.as_str(), d.size, d.sha256.as_str())).collect();
         assert_eq!(
             listed,
-            vec![("main/binary-amd64/Packages", 100, SHA_A), ("main/binary-amd64/Packages.xz", 40, &*SHA_B.to_ascii_lowercase())]
+            vec![
+                ("main/binary-amd64/Packages", 100, SHA_A),
+                ("main/binary-amd64/Packages.xz", 40, &*SHA_B.to_ascii_lowercase())
+            ]
         );
     }
 
@@ -983,11 +1024,29 @@ mod tests {
     #[test]
     fn outdated_picks_the_newest_across_suites() {
         let indexes = vec![
-            ("trixie".to_string(), vec![entry("openssl", "3.5.0-1", "amd64"), entry("zlib1g", "1:1.3.dfsg-3", "amd64"), entry("bash", "5.2-1", "amd64")]),
-            ("trixie-updates".to_string(), vec![entry("zlib1g", "1:1.3.dfsg-3+deb13u1", "amd64"), entry("openssl", "3.5.0-1+deb13u1", "amd64")]),
-            ("trixie-security".to_string(), vec![entry("openssl", "3.5.0-1+deb13u2", "amd64"), entry("zlib1g", "1:1.3.dfsg-3~sec1", "amd64")]),
+            (
+                "trixie".to_string(),
+                vec![
+                    entry("openssl", "3.5.0-1", "amd64"),
+                    entry("zlib1g", "1:1.3.dfsg-3", "amd64"),
+                    entry("bash", "5.2-1", "amd64"),
+                ],
+            ),
+            (
+                "trixie-updates".to_string(),
+                vec![entry("zlib1g", "1:1.3.dfsg-3+deb13u1", "amd64"), entry("openssl", "3.5.0-1+deb13u1", "amd64")],
+            ),
+            (
+                "trixie-security".to_string(),
+                vec![entry("openssl", "3.5.0-1+deb13u2", "amd64"), entry("zlib1g", "1:1.3.dfsg-3~sec1", "amd64")],
+            ),
         ];
-        let locked = lock(&[("zlib1g", "1:1.3.dfsg-3", "amd64"), ("openssl", "3.5.0-1", "amd64"), ("bash", "5.2-1", "amd64"), ("absent", "1", "amd64")]);
+        let locked = lock(&[
+            ("zlib1g", "1:1.3.dfsg-3", "amd64"),
+            ("openssl", "3.5.0-1", "amd64"),
+            ("bash", "5.2-1", "amd64"),
+            ("absent", "1", "amd64"),
+        ]);
         assert_eq!(
             outdated(&locked, &indexes),
             vec![
@@ -1177,17 +1236,27 @@ mod tests {
     fn fixture_mirror() -> tempfile::TempDir {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path();
-        let trixie = packages_file(&[("libc6", "2.41-12", "amd64"), ("openssl", "3.5.1-1", "amd64"), ("tzdata", "2025b-4", "all"), ("bash", "5.2.37-2", "amd64")]);
+        let trixie = packages_file(&[
+            ("libc6", "2.41-12", "amd64"),
+            ("openssl", "3.5.1-1", "amd64"),
+            ("tzdata", "2025b-4", "all"),
+            ("bash", "5.2.37-2", "amd64"),
+        ]);
         write_suite(root, "trixie", "stable", &trixie, Layout::Xz, false);
         let updates = packages_file(&[("tzdata", "2025c-0+deb13u1", "all"), ("openssl", "3.5.1-1+deb13u1", "amd64")]);
         write_suite(root, "trixie-updates", "stable-updates", &updates, Layout::Gz, true);
-        let security = packages_file(&[("libc6", "2.41-12+deb13u1", "amd64"), ("openssl", "3.5.1-1+deb13u2", "amd64"), ("openssl", "9.9-1", "arm64")]);
+        let security = packages_file(&[
+            ("libc6", "2.41-12+deb13u1", "amd64"),
+            ("openssl", "3.5.1-1+deb13u2", "amd64"),
+            ("openssl", "9.9-1", "arm64"),
+        ]);
         write_suite(root, "trixie-security", "stable-security", &security, Layout::XzByHash, false);
         dir
     }
 
     fn test_fetcher() -> Fetcher {
-        Fetcher::new(FetchConfig { connect_timeout: Duration::from_secs(5), timeout: Duration::from_secs(10) }).expect("HTTP client")
+        Fetcher::new(FetchConfig { connect_timeout: Duration::from_secs(5), timeout: Duration::from_secs(10) })
+            .expect("HTTP client")
     }
 
     #[test]
@@ -1197,12 +1266,18 @@ mod tests {
         let fetcher = test_fetcher();
         let mut indexes = Vec::new();
         for suite in ["trixie", "trixie-updates", "trixie-security"] {
-            let entries = fetcher.packages(&server.url(), suite, "main", "amd64").unwrap_or_else(|e| panic!("{suite}: {e}"));
+            let entries =
+                fetcher.packages(&server.url(), suite, "main", "amd64").unwrap_or_else(|e| panic!("{suite}: {e}"));
             indexes.push((suite.to_string(), entries));
         }
         assert_eq!(indexes.iter().map(|(_, e)| e.len()).collect::<Vec<_>>(), [4, 2, 3]);
         assert_eq!(indexes[0].1[0].filename, "pool/main/libc6_2.41-12_amd64.deb");
-        let locked = lock(&[("libc6", "2.41-12", "amd64"), ("openssl", "3.5.1-1", "amd64"), ("tzdata", "2025b-4", "all"), ("bash", "5.2.37-2", "amd64")]);
+        let locked = lock(&[
+            ("libc6", "2.41-12", "amd64"),
+            ("openssl", "3.5.1-1", "amd64"),
+            ("tzdata", "2025b-4", "all"),
+            ("bash", "5.2.37-2", "amd64"),
+        ]);
         assert_eq!(
             outdated(&locked, &indexes),
             vec![
@@ -1212,7 +1287,10 @@ mod tests {
             ]
         );
         // The free function does the same with its own client.
-        assert_eq!(fetch_packages(&server.url(), "trixie-security", "main", "amd64").expect("fetch_packages"), indexes[2].1);
+        assert_eq!(
+            fetch_packages(&server.url(), "trixie-security", "main", "amd64").expect("fetch_packages"),
+            indexes[2].1
+        );
     }
 
     #[test]
@@ -1230,14 +1308,20 @@ mod tests {
         tampered[last] ^= 0xff;
         write(&path, &tampered);
         let err = test_fetcher().packages(&server.url(), "trixie", "main", "amd64").unwrap_err();
-        assert_eq!(err.to_string(), format!("{url}: sha256 mismatch: Release lists {expected}, got {}", sha256_hex(&tampered)));
+        assert_eq!(
+            err.to_string(),
+            format!("{url}: sha256 mismatch: Release lists {expected}, got {}", sha256_hex(&tampered))
+        );
 
         // Longer than listed.
         let mut longer = good.clone();
         longer.extend_from_slice(b"more");
         write(&path, &longer);
         let err = test_fetcher().packages(&server.url(), "trixie", "main", "amd64").unwrap_err();
-        assert_eq!(err.to_string(), format!("{url}: size mismatch: Release lists {} bytes, got more than {}", good.len(), good.len()));
+        assert_eq!(
+            err.to_string(),
+            format!("{url}: size mismatch: Release lists {} bytes, got more than {}", good.len(), good.len())
+        );
 
         // Shorter than listed.
         write(&path, &good[..10]);
@@ -1257,12 +1341,21 @@ mod tests {
         let release = std::fs::read_to_string(suite_dir.join("Release")).expect("read fixture Release");
         let release: String = release
             .lines()
-            .map(|l| if l.ends_with("Packages.xz") { format!(" {} {} main/binary-amd64/Packages.xz\n", sha256_hex(&other), other.len()) } else { format!("{l}\n") })
+            .map(|l| {
+                if l.ends_with("Packages.xz") {
+                    format!(" {} {} main/binary-amd64/Packages.xz\n", sha256_hex(&other), other.len())
+                } else {
+                    format!("{l}\n")
+                }
+            })
             .collect();
         write(&suite_dir.join("Release"), release.as_bytes());
         let err = test_fetcher().packages(&server.url(), "trixie", "main", "amd64").unwrap_err();
         let url = format!("{}/dists/trixie/main/binary-amd64/Packages.xz (decompressed)", server.url());
-        assert!(matches!(&err, DebianError::SizeMismatch { url: u, .. } | DebianError::HashMismatch { url: u, .. } if *u == url), "{err}");
+        assert!(
+            matches!(&err, DebianError::SizeMismatch { url: u, .. } | DebianError::HashMismatch { url: u, .. } if *u == url),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1282,7 +1375,8 @@ mod tests {
         let err = fetcher.packages(&base, "trixie", "contrib", "amd64").unwrap_err();
         assert_eq!(err.to_string(), format!("{base}/dists/trixie/Release: no usable contrib/binary-amd64/Packages{{.xz,.gz,}} index (tried: none listed)"));
 
-        std::fs::remove_file(dir.path().join("dists/trixie/main/binary-amd64/Packages.xz")).expect("remove fixture Packages.xz");
+        std::fs::remove_file(dir.path().join("dists/trixie/main/binary-amd64/Packages.xz"))
+            .expect("remove fixture Packages.xz");
         let err = fetcher.packages(&base, "trixie", "main", "amd64").unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -1291,7 +1385,8 @@ mod tests {
 
         let err = fetcher.release(&base, "bookworm").unwrap_err();
         assert!(err.to_string().starts_with("no Release file for suite bookworm"), "{err}");
-        std::fs::rename(dir.path().join("dists/trixie"), dir.path().join("dists/bookworm")).expect("rename fixture suite");
+        std::fs::rename(dir.path().join("dists/trixie"), dir.path().join("dists/bookworm"))
+            .expect("rename fixture suite");
         let err = fetcher.release(&base, "bookworm").unwrap_err();
         assert_eq!(err.to_string(), format!("{base}/dists/bookworm/Release: asked for suite bookworm, but the Release file is for suite stable (codename trixie)"));
     }
@@ -1313,7 +1408,9 @@ mod tests {
         // A listener that never accepts: the connection is made (backlog) but nothing answers.
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let base = format!("http://{}/debian", listener.local_addr().expect("local address"));
-        let fetcher = Fetcher::new(FetchConfig { connect_timeout: Duration::from_secs(2), timeout: Duration::from_millis(500) }).expect("HTTP client");
+        let fetcher =
+            Fetcher::new(FetchConfig { connect_timeout: Duration::from_secs(2), timeout: Duration::from_millis(500) })
+                .expect("HTTP client");
         let started = std::time::Instant::now();
         let err = fetcher.packages(&base, "trixie", "main", "amd64").unwrap_err();
         assert_eq!(err.to_string(), format!("GET {base}/dists/trixie/Release: timed out after 0.5s"));

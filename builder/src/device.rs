@@ -24,8 +24,16 @@ pub fn agent_binary(arch: Arch) -> Result<PathBuf> {
     if path.is_file() {
         return Ok(path);
     }
-    let how = if arch.is_host() { "cargo build -p kiln-agent (with the same profile as kiln)".to_string() } else { format!("scripts/build-agent --arch {}", arch.debian()) };
-    bail!("the on-device agent for {} is missing: looked for {} (or $KILN_AGENT); build it with `{how}`", arch.debian(), path.display())
+    let how = if arch.is_host() {
+        "cargo build -p kiln-agent (with the same profile as kiln)".to_string()
+    } else {
+        format!("scripts/build-agent --arch {}", arch.debian())
+    };
+    bail!(
+        "the on-device agent for {} is missing: looked for {} (or $KILN_AGENT); build it with `{how}`",
+        arch.debian(),
+        path.display()
+    )
 }
 
 /// The agent for this plan's image. A foreign-architecture agent that was not built is allowed
@@ -44,7 +52,9 @@ pub fn agent_for(plan: &Plan) -> Result<Option<PathBuf>> {
 
 /// `/usr/lib/kiln/device.json` for this plan.
 pub fn device_config(plan: &Plan) -> Result<kiln_feed::DeviceConfig> {
-    let role = |r: crate::image::Role| serde_json::to_value(r).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    let role = |r: crate::image::Role| {
+        serde_json::to_value(r).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+    };
     Ok(kiln_feed::DeviceConfig {
         profile: plan.profile.clone(),
         image: plan.image.clone(),
@@ -64,7 +74,13 @@ pub fn device_config(plan: &Plan) -> Result<kiln_feed::DeviceConfig> {
             .disk
             .partitions
             .iter()
-            .map(|p| kiln_feed::DevicePartition { name: p.name.clone(), number: p.number, role: role(p.role), slot: p.slot.map(|s| if s == crate::image::Slot::A { "a".to_string() } else { "b".to_string() }), size: p.size.0 })
+            .map(|p| kiln_feed::DevicePartition {
+                name: p.name.clone(),
+                number: p.number,
+                role: role(p.role),
+                slot: p.slot.map(|s| if s == crate::image::Slot::A { "a".to_string() } else { "b".to_string() }),
+                size: p.size.0,
+            })
             .collect(),
         health_timeout: plan.health.timeout_secs,
         update: plan.update.clone(),

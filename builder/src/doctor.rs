@@ -18,32 +18,169 @@ pub struct Tool {
 }
 
 pub const TOOLS: &[Tool] = &[
-    Tool { name: "mmdebstrap", probe: "mmdebstrap", package: "mmdebstrap", backports_on_bookworm: false, used_for: "bootstrapping the Debian root" },
-    Tool { name: "mkfs.erofs", probe: "mkfs.erofs", package: "erofs-utils", backports_on_bookworm: false, used_for: "the read-only root filesystem" },
-    Tool { name: "veritysetup", probe: "veritysetup", package: "cryptsetup-bin", backports_on_bookworm: false, used_for: "dm-verity hash trees" },
-    Tool { name: "mkfs.vfat", probe: "mkfs.vfat", package: "dosfstools", backports_on_bookworm: false, used_for: "the EFI system partition" },
-    Tool { name: "mcopy", probe: "mcopy", package: "mtools", backports_on_bookworm: false, used_for: "filling the ESP without a loop device" },
-    Tool { name: "objcopy", probe: "objcopy", package: "binutils", backports_on_bookworm: false, used_for: "unified kernel images" },
-    Tool { name: "dpkg-query", probe: "dpkg-query", package: "dpkg", backports_on_bookworm: false, used_for: "the package list of the manifest" },
-    Tool { name: "sfdisk", probe: "sfdisk", package: "fdisk", backports_on_bookworm: false, used_for: "checking partition tables (tests)" },
-    Tool { name: "mkfs.ext4", probe: "mkfs.ext4", package: "e2fsprogs", backports_on_bookworm: false, used_for: "kiln flash --provision: the data partition" },
-    Tool { name: "debugfs", probe: "debugfs", package: "e2fsprogs", backports_on_bookworm: false, used_for: "kiln flash --provision: the journal's blocks" },
-    Tool { name: "bmaptool", probe: "bmaptool", package: "bmap-tools", backports_on_bookworm: false, used_for: "checking block maps against bmap-tools (tests)" },
-    Tool { name: "qemu-img", probe: "qemu-img", package: "qemu-utils", backports_on_bookworm: true, used_for: "disk image conversion" },
-    Tool { name: "qemu-system-x86_64", probe: "qemu-system-x86_64", package: "qemu-system-x86", backports_on_bookworm: true, used_for: "kiln boot of x86-64 images" },
-    Tool { name: "OVMF", probe: "/usr/share/OVMF/OVMF_CODE_4M.fd", package: "ovmf", backports_on_bookworm: false, used_for: "UEFI firmware for kiln boot" },
-    Tool { name: "qemu-system-aarch64", probe: "qemu-system-aarch64", package: "qemu-system-arm", backports_on_bookworm: true, used_for: "kiln boot of arm64 (Raspberry Pi) images" },
-    Tool { name: "qemu-aarch64 binfmt", probe: "/usr/lib/binfmt.d/qemu-aarch64.conf", package: "qemu-user-binfmt", backports_on_bookworm: true, used_for: "arm64 builds on an x86-64 host (maintainer scripts)" },
-    Tool { name: "qemu-aarch64", probe: "/usr/libexec/qemu-binfmt/aarch64-binfmt-P", package: "qemu-user", backports_on_bookworm: true, used_for: "arm64 builds on an x86-64 host (maintainer scripts)" },
-    Tool { name: "zstd", probe: "zstd", package: "zstd", backports_on_bookworm: false, used_for: "zstd-compressed kernel modules for kiln's initramfs" },
-    Tool { name: "cpio", probe: "cpio", package: "cpio", backports_on_bookworm: false, used_for: "checking initramfs archives (tests)" },
-    Tool { name: "openssl", probe: "openssl", package: "openssl", backports_on_bookworm: false, used_for: "CA certificate hashes for arm64 images" },
-    Tool { name: "restic", probe: "restic", package: "restic", backports_on_bookworm: false, used_for: "reading devices' backups from a trusted machine (tests: stock restic lists and restores them)" },
+    Tool {
+        name: "mmdebstrap",
+        probe: "mmdebstrap",
+        package: "mmdebstrap",
+        backports_on_bookworm: false,
+        used_for: "bootstrapping the Debian root",
+    },
+    Tool {
+        name: "mkfs.erofs",
+        probe: "mkfs.erofs",
+        package: "erofs-utils",
+        backports_on_bookworm: false,
+        used_for: "the read-only root filesystem",
+    },
+    Tool {
+        name: "veritysetup",
+        probe: "veritysetup",
+        package: "cryptsetup-bin",
+        backports_on_bookworm: false,
+        used_for: "dm-verity hash trees",
+    },
+    Tool {
+        name: "mkfs.vfat",
+        probe: "mkfs.vfat",
+        package: "dosfstools",
+        backports_on_bookworm: false,
+        used_for: "the EFI system partition",
+    },
+    Tool {
+        name: "mcopy",
+        probe: "mcopy",
+        package: "mtools",
+        backports_on_bookworm: false,
+        used_for: "filling the ESP without a loop device",
+    },
+    Tool {
+        name: "objcopy",
+        probe: "objcopy",
+        package: "binutils",
+        backports_on_bookworm: false,
+        used_for: "unified kernel images",
+    },
+    Tool {
+        name: "dpkg-query",
+        probe: "dpkg-query",
+        package: "dpkg",
+        backports_on_bookworm: false,
+        used_for: "the package list of the manifest",
+    },
+    Tool {
+        name: "sfdisk",
+        probe: "sfdisk",
+        package: "fdisk",
+        backports_on_bookworm: false,
+        used_for: "checking partition tables (tests)",
+    },
+    Tool {
+        name: "mkfs.ext4",
+        probe: "mkfs.ext4",
+        package: "e2fsprogs",
+        backports_on_bookworm: false,
+        used_for: "kiln flash --provision: the data partition",
+    },
+    Tool {
+        name: "debugfs",
+        probe: "debugfs",
+        package: "e2fsprogs",
+        backports_on_bookworm: false,
+        used_for: "kiln flash --provision: the journal's blocks",
+    },
+    Tool {
+        name: "bmaptool",
+        probe: "bmaptool",
+        package: "bmap-tools",
+        backports_on_bookworm: false,
+        used_for: "checking block maps against bmap-tools (tests)",
+    },
+    Tool {
+        name: "qemu-img",
+        probe: "qemu-img",
+        package: "qemu-utils",
+        backports_on_bookworm: true,
+        used_for: "disk image conversion",
+    },
+    Tool {
+        name: "qemu-system-x86_64",
+        probe: "qemu-system-x86_64",
+        package: "qemu-system-x86",
+        backports_on_bookworm: true,
+        used_for: "kiln boot of x86-64 images",
+    },
+    Tool {
+        name: "OVMF",
+        probe: "/usr/share/OVMF/OVMF_CODE_4M.fd",
+        package: "ovmf",
+        backports_on_bookworm: false,
+        used_for: "UEFI firmware for kiln boot",
+    },
+    Tool {
+        name: "qemu-system-aarch64",
+        probe: "qemu-system-aarch64",
+        package: "qemu-system-arm",
+        backports_on_bookworm: true,
+        used_for: "kiln boot of arm64 (Raspberry Pi) images",
+    },
+    Tool {
+        name: "qemu-aarch64 binfmt",
+        probe: "/usr/lib/binfmt.d/qemu-aarch64.conf",
+        package: "qemu-user-binfmt",
+        backports_on_bookworm: true,
+        used_for: "arm64 builds on an x86-64 host (maintainer scripts)",
+    },
+    Tool {
+        name: "qemu-aarch64",
+        probe: "/usr/libexec/qemu-binfmt/aarch64-binfmt-P",
+        package: "qemu-user",
+        backports_on_bookworm: true,
+        used_for: "arm64 builds on an x86-64 host (maintainer scripts)",
+    },
+    Tool {
+        name: "zstd",
+        probe: "zstd",
+        package: "zstd",
+        backports_on_bookworm: false,
+        used_for: "zstd-compressed kernel modules for kiln's initramfs",
+    },
+    Tool {
+        name: "cpio",
+        probe: "cpio",
+        package: "cpio",
+        backports_on_bookworm: false,
+        used_for: "checking initramfs archives (tests)",
+    },
+    Tool {
+        name: "openssl",
+        probe: "openssl",
+        package: "openssl",
+        backports_on_bookworm: false,
+        used_for: "CA certificate hashes for arm64 images",
+    },
+    Tool {
+        name: "restic",
+        probe: "restic",
+        package: "restic",
+        backports_on_bookworm: false,
+        used_for: "reading devices' backups from a trusted machine (tests: stock restic lists and restores them)",
+    },
 ];
 
 /// The tools `kiln build` needs for an image of `arch` (the rest serve boot, flash and tests).
 pub fn build_tools(arch: crate::image::Arch) -> impl Iterator<Item = &'static Tool> {
-    const NOT_FOR_BUILD: &[&str] = &["qemu-system-x86_64", "qemu-system-aarch64", "OVMF", "sfdisk", "bmaptool", "debugfs", "mkfs.ext4", "cpio", "qemu-img", "restic"];
+    const NOT_FOR_BUILD: &[&str] = &[
+        "qemu-system-x86_64",
+        "qemu-system-aarch64",
+        "OVMF",
+        "sfdisk",
+        "bmaptool",
+        "debugfs",
+        "mkfs.ext4",
+        "cpio",
+        "qemu-img",
+        "restic",
+    ];
     let foreign = !arch.is_host();
     TOOLS.iter().filter(move |t| !NOT_FOR_BUILD.contains(&t.name) && (foreign || !t.name.starts_with("qemu-aarch64")))
 }
@@ -96,8 +233,10 @@ pub fn install(missing: &[&Tool]) -> Result<()> {
         anyhow::bail!("installing host tools needs root: run `sudo kiln doctor --install`");
     }
     let bookworm = host_codename() == "bookworm";
-    let backports: Vec<&str> = missing.iter().filter(|t| bookworm && t.backports_on_bookworm).map(|t| t.package).collect();
-    let plain: Vec<&str> = missing.iter().filter(|t| !(bookworm && t.backports_on_bookworm)).map(|t| t.package).collect();
+    let backports: Vec<&str> =
+        missing.iter().filter(|t| bookworm && t.backports_on_bookworm).map(|t| t.package).collect();
+    let plain: Vec<&str> =
+        missing.iter().filter(|t| !(bookworm && t.backports_on_bookworm)).map(|t| t.package).collect();
     if !backports.is_empty() {
         ensure_backports_source()?;
     }
@@ -146,10 +285,16 @@ pub fn ensure_binfmt(arch: &str) -> Result<()> {
         .with_context(|| format!("{arch} images need qemu-user for their maintainer scripts, and {} is missing: run `kiln doctor --install` (Debian packages qemu-user, qemu-user-binfmt)", conf.display()))?;
     if !dir.join("register").exists() {
         nix::mount::mount(Some("binfmt_misc"), dir, Some("binfmt_misc"), nix::mount::MsFlags::empty(), None::<&str>)
-            .with_context(|| format!("mounting binfmt_misc on {} (needed to run {arch} programs; are we root?)", dir.display()))?;
+            .with_context(|| {
+                format!("mounting binfmt_misc on {} (needed to run {arch} programs; are we root?)", dir.display())
+            })?;
     }
-    let rule = rule.lines().find(|l| l.starts_with(':')).with_context(|| format!("{} holds no binfmt rule", conf.display()))?;
-    std::fs::write(dir.join("register"), rule).with_context(|| format!("registering {} with binfmt_misc", conf.display()))?;
+    let rule = rule
+        .lines()
+        .find(|l| l.starts_with(':'))
+        .with_context(|| format!("{} holds no binfmt rule", conf.display()))?;
+    std::fs::write(dir.join("register"), rule)
+        .with_context(|| format!("registering {} with binfmt_misc", conf.display()))?;
     eprintln!("registered the qemu-{qemu_name} binfmt handler from {}", conf.display());
     Ok(())
 }

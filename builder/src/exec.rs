@@ -134,7 +134,11 @@ impl Cmd {
         }
         let lines: Vec<&str> = stderr.lines().collect();
         let start = lines.len().saturating_sub(STDERR_TAIL_LINES);
-        Err(ExecError::Failed { cmd: self.to_string(), status: describe_status(status), stderr_tail: lines[start..].join("\n") })
+        Err(ExecError::Failed {
+            cmd: self.to_string(),
+            status: describe_status(status),
+            stderr_tail: lines[start..].join("\n"),
+        })
     }
 
     /// Runs the command; stdout and stderr are captured (stderr is kept for the error).
@@ -240,8 +244,7 @@ pub fn describe_status(status: ExitStatus) -> String {
 
 /// Quotes one word for a POSIX shell, only when needed.
 pub fn shell_quote(word: &str) -> String {
-    let safe = !word.is_empty()
-        && word.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%^".contains(&b));
+    let safe = !word.is_empty() && word.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%^".contains(&b));
     if safe {
         word.to_string()
     } else {

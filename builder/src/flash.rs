@@ -114,7 +114,12 @@ pub fn run(args: &FlashArgs) -> Result<()> {
         bail!("refusing to write {}: it has no medium (size 0): is the card in the reader?", args.device.display());
     }
     if dev_size < map.image_size {
-        bail!("refusing to write {}: it holds {} but the image needs {}; use a larger card", args.device.display(), human_size(dev_size), human_size(map.image_size));
+        bail!(
+            "refusing to write {}: it holds {} but the image needs {}; use a larger card",
+            args.device.display(),
+            human_size(dev_size),
+            human_size(map.image_size)
+        );
     }
     if dev_size > args.max_size.0 && !args.force {
         bail!(
@@ -125,7 +130,8 @@ pub fn run(args: &FlashArgs) -> Result<()> {
             dev.model()
         );
     }
-    let table = parttable::read(&mut &image, image_len).with_context(|| format!("reading the partition table of {}", args.image.display()))?;
+    let table = parttable::read(&mut &image, image_len)
+        .with_context(|| format!("reading the partition table of {}", args.image.display()))?;
     let data = table.as_ref().and_then(|t| t.last()).cloned();
     let provision = match &args.provision {
         Some(dir) => {
@@ -133,7 +139,9 @@ pub fn run(args: &FlashArgs) -> Result<()> {
                 bail!("--provision needs root: the files on the device must belong to root (run kiln flash with sudo)");
             }
             let p = provision::Provision::load(dir)?;
-            let part = data.clone().with_context(|| format!("{} has no partition table: --provision needs the image's data partition", args.image.display()))?;
+            let part = data.clone().with_context(|| {
+                format!("{} has no partition table: --provision needs the image's data partition", args.image.display())
+            })?;
             Some((p, part))
         }
         None => None,
@@ -141,7 +149,12 @@ pub fn run(args: &FlashArgs) -> Result<()> {
 
     // 3. Say what is about to happen, and ask.
     let model = dev.model();
-    eprintln!("device  {}: {model}, {}{}", args.device.display(), human_size(dev_size), if dev.removable() { ", removable" } else { "" });
+    eprintln!(
+        "device  {}: {model}, {}{}",
+        args.device.display(),
+        human_size(dev_size),
+        if dev.removable() { ", removable" } else { "" }
+    );
     eprintln!(
         "image   {}: {}, {} mapped ({:.1}%), map {}",
         args.image.display(),
@@ -151,13 +164,22 @@ pub fn run(args: &FlashArgs) -> Result<()> {
         bmap_path.display()
     );
     if let Some((p, part)) = &provision {
-        eprintln!("data    partition {} ({}): a new ext4 filesystem holding {}", part.number, describe(part), p.dir.display());
+        eprintln!(
+            "data    partition {} ({}): a new ext4 filesystem holding {}",
+            part.number,
+            describe(part),
+            p.dir.display()
+        );
     }
 
     let figures = if args.verify_only {
         let skip = data.as_ref().map(|p| p.start..p.end());
         if let Some(p) = &data {
-            eprintln!("        the data partition {} ({}) is not compared: the device changes it once it runs", p.number, describe(p));
+            eprintln!(
+                "        the data partition {} ({}) is not compared: the device changes it once it runs",
+                p.number,
+                describe(p)
+            );
         }
         let file = open_device(&dev, false)?;
         let src = Source { file: &image, path: &args.image, map: &map, shift: 0, label: "image" };
@@ -172,14 +194,19 @@ pub fn run(args: &FlashArgs) -> Result<()> {
         };
         let file = open_device(&dev, true)?;
         let skip = data_fs.as_ref().map(|(_, part)| part.start..part.end());
-        let total = kept_bytes(&map, skip.as_ref()) + data_fs.as_ref().map(|(fs, _)| fs.bmap.mapped_bytes()).unwrap_or(0);
+        let total =
+            kept_bytes(&map, skip.as_ref()) + data_fs.as_ref().map(|(fs, _)| fs.bmap.mapped_bytes()).unwrap_or(0);
         let mut meter = Meter::new("write", total);
         let src = Source { file: &image, path: &args.image, map: &map, shift: 0, label: "image" };
-        let mut pieces = write_source(&src, skip.as_ref(), &file, &mut meter).map_err(|e| anyhow::anyhow!("{e:#}; {}", partial_warning(&dev)))?;
+        let mut pieces = write_source(&src, skip.as_ref(), &file, &mut meter)
+            .map_err(|e| anyhow::anyhow!("{e:#}; {}", partial_warning(&dev)))?;
         if let Some((fs, part)) = &data_fs {
             let f = File::open(&fs.image).with_context(|| format!("opening {}", fs.image.display()))?;
             let src = Source { file: &f, path: &fs.image, map: &fs.bmap, shift: part.start, label: "data partition" };
-            pieces.extend(write_source(&src, None, &file, &mut meter).map_err(|e| anyhow::anyhow!("{e:#}; {}", partial_warning(&dev)))?);
+            pieces.extend(
+                write_source(&src, None, &file, &mut meter)
+                    .map_err(|e| anyhow::anyhow!("{e:#}; {}", partial_warning(&dev)))?,
+            );
         }
         meter.note("syncing (waiting for the device to store the last writes)");
         file.sync_all().with_context(|| format!("flushing the writes to {} (fsync)", args.device.display()))?;
@@ -229,7 +256,12 @@ fn confirm(args: &FlashArgs, model: &str, size: u64) -> Result<()> {
             args.device.display()
         );
     }
-    eprint!("Write {} to {} ({model}, {})? All data on it will be lost. [y/N] ", args.image.display(), args.device.display(), human_size(size));
+    eprint!(
+        "Write {} to {} ({model}, {})? All data on it will be lost. [y/N] ",
+        args.image.display(),
+        args.device.display(),
+        human_size(size)
+    );
     let mut answer = String::new();
     std::io::stdin().read_line(&mut answer).context("reading the answer from the terminal")?;
     if !matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
@@ -255,7 +287,12 @@ fn open_device(dev: &BlockDevice, write: bool) -> Result<File> {
         })?;
     let meta = file.metadata().with_context(|| format!("reading {}", dev.path.display()))?;
     if DevId::from_rdev(meta.rdev()) != dev.dev {
-        bail!("{} changed while kiln was checking it (now device {}, was {}); run kiln flash again", dev.path.display(), DevId::from_rdev(meta.rdev()), dev.dev);
+        bail!(
+            "{} changed while kiln was checking it (now device {}, was {}); run kiln flash again",
+            dev.path.display(),
+            DevId::from_rdev(meta.rdev()),
+            dev.dev
+        );
     }
     Ok(file)
 }
@@ -350,7 +387,12 @@ const WRITEBACK_WINDOW: u64 = 32 << 20;
 /// writing, each with its expected hash. A range cut by `skip` is still read whole, to check it
 /// against the map; with `read_uncut` false, ranges `skip` does not cut are not read at all
 /// (their expected hash is the map's).
-fn read_ranges(src: &Source, skip: Option<&Range<u64>>, read_uncut: bool, mut sink: impl FnMut(AlignedBuf, usize, u64) -> Result<AlignedBuf>) -> Result<Vec<Piece>> {
+fn read_ranges(
+    src: &Source,
+    skip: Option<&Range<u64>>,
+    read_uncut: bool,
+    mut sink: impl FnMut(AlignedBuf, usize, u64) -> Result<AlignedBuf>,
+) -> Result<Vec<Piece>> {
     let mut buf = AlignedBuf::new();
     let mut pieces = Vec::new();
     for r in &src.map.ranges {
@@ -368,7 +410,12 @@ fn read_ranges(src: &Source, skip: Option<&Range<u64>>, read_uncut: bool, mut si
             }
         };
         if !read_uncut && !cut {
-            pieces.push(Piece { start: span.start + src.shift, len: span.end - span.start, sha256: r.sha256, what: what(&span) });
+            pieces.push(Piece {
+                start: span.start + src.shift,
+                len: span.end - span.start,
+                sha256: r.sha256,
+                what: what(&span),
+            });
             continue;
         }
         let mut whole = sha2::Sha256::new();
@@ -387,7 +434,11 @@ fn read_ranges(src: &Source, skip: Option<&Range<u64>>, read_uncut: bool, mut si
             let chunk = &mut buf.get()[..n];
             src.file.read_exact_at(chunk, pos).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    anyhow::anyhow!("{} ends before byte {next}, which its block map maps ({}): the image is truncated", src.path.display(), r)
+                    anyhow::anyhow!(
+                        "{} ends before byte {next}, which its block map maps ({}): the image is truncated",
+                        src.path.display(),
+                        r
+                    )
                 } else {
                     anyhow::Error::new(e).context(format!("reading bytes {pos}-{} of {}", next - 1, src.path.display()))
                 }
@@ -413,10 +464,20 @@ fn read_ranges(src: &Source, skip: Option<&Range<u64>>, read_uncut: bool, mut si
         }
         if cut {
             for (k, h) in kept.iter().zip(parts) {
-                pieces.push(Piece { start: k.start + src.shift, len: k.end - k.start, sha256: Sha256(h.finalize().into()), what: what(k) });
+                pieces.push(Piece {
+                    start: k.start + src.shift,
+                    len: k.end - k.start,
+                    sha256: Sha256(h.finalize().into()),
+                    what: what(k),
+                });
             }
         } else {
-            pieces.push(Piece { start: span.start + src.shift, len: span.end - span.start, sha256: r.sha256, what: what(&span) });
+            pieces.push(Piece {
+                start: span.start + src.shift,
+                len: span.end - span.start,
+                sha256: r.sha256,
+                what: what(&span),
+            });
         }
     }
     Ok(pieces)
@@ -442,7 +503,8 @@ fn write_source(src: &Source, skip: Option<&Range<u64>>, dev: &File, meter: &mut
             let mut pending_bytes = 0u64;
             let mut in_flight: Option<Range<u64>> = None;
             for (mut buf, n, at) in full_rx {
-                dev.write_all_at(&buf.get()[..n], at).with_context(|| format!("writing {n} bytes at byte {at} of the device"))?;
+                dev.write_all_at(&buf.get()[..n], at)
+                    .with_context(|| format!("writing {n} bytes at byte {at} of the device"))?;
                 let span = at..at + n as u64;
                 pending = Some(pending.map_or(span.clone(), |p| p.start.min(span.start)..p.end.max(span.end)));
                 pending_bytes += n as u64;
@@ -482,7 +544,11 @@ fn write_source(src: &Source, skip: Option<&Range<u64>>, dev: &File, meter: &mut
 /// fsync at the end is what makes the data safe.
 fn writeback(dev: &File, span: &Range<u64>, wait: bool) {
     use nix::libc::{SYNC_FILE_RANGE_WAIT_AFTER, SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE};
-    let flags = if wait { SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER } else { SYNC_FILE_RANGE_WRITE };
+    let flags = if wait {
+        SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
+    } else {
+        SYNC_FILE_RANGE_WRITE
+    };
     // SAFETY: a system call on an open descriptor, with no pointers.
     unsafe { nix::libc::sync_file_range(dev.as_raw_fd(), span.start as i64, (span.end - span.start) as i64, flags) };
 }
@@ -492,7 +558,10 @@ fn writeback(dev: &File, span: &Range<u64>, wait: bool) {
 fn verify(file: &File, dev: &BlockDevice, pieces: &[Piece]) -> Result<(u64, Duration)> {
     let total: u64 = pieces.iter().map(|p| p.len).sum();
     if let Err(e) = set_direct(file) {
-        eprintln!("        O_DIRECT is not available on {} ({e}): reading back through the (dropped) page cache", dev.path.display());
+        eprintln!(
+            "        O_DIRECT is not available on {} ({e}): reading back through the (dropped) page cache",
+            dev.path.display()
+        );
     }
     let mut meter = Meter::new("verify", total);
     let sums = hash_pieces(file, &dev.path, pieces, &mut meter)?;
@@ -501,7 +570,15 @@ fn verify(file: &File, dev: &BlockDevice, pieces: &[Piece]) -> Result<(u64, Dura
         .iter()
         .zip(&sums)
         .filter(|(p, got)| p.sha256 != **got)
-        .map(|(p, got)| format!("{} at device bytes {}-{}: the device has sha256 {got}, the image {}", p.what, p.start, p.start + p.len - 1, p.sha256))
+        .map(|(p, got)| {
+            format!(
+                "{} at device bytes {}-{}: the device has sha256 {got}, the image {}",
+                p.what,
+                p.start,
+                p.start + p.len - 1,
+                p.sha256
+            )
+        })
         .collect();
     if !bad.is_empty() {
         bail!(
@@ -540,7 +617,8 @@ fn hash_pieces(file: &File, name: &Path, pieces: &[Piece], meter: &mut Meter) ->
     std::thread::scope(|s| {
         let reader = s.spawn(move || -> Result<()> {
             for p in pieces {
-                read_piece(file, p.start, p.len, &free_rx, &full_tx).with_context(|| format!("reading back {} from {}", p.what, name.display()))?;
+                read_piece(file, p.start, p.len, &free_rx, &full_tx)
+                    .with_context(|| format!("reading back {} from {}", p.what, name.display()))?;
                 if full_tx.send(ReadBack::End).is_err() {
                     break;
                 }
@@ -566,7 +644,13 @@ fn hash_pieces(file: &File, name: &Path, pieces: &[Piece], meter: &mut Meter) ->
 
 /// Reads `len` bytes at `start` in aligned chunks (O_DIRECT needs aligned offsets, lengths and
 /// buffers) and sends the wanted part of each.
-fn read_piece(file: &File, start: u64, len: u64, free: &mpsc::Receiver<AlignedBuf>, out: &mpsc::SyncSender<ReadBack>) -> Result<()> {
+fn read_piece(
+    file: &File,
+    start: u64,
+    len: u64,
+    free: &mpsc::Receiver<AlignedBuf>,
+    out: &mpsc::SyncSender<ReadBack>,
+) -> Result<()> {
     let stopped = || anyhow::anyhow!("the hashing thread stopped");
     let end = start + len;
     let mut pos = start / ALIGN * ALIGN;
@@ -610,9 +694,11 @@ impl Meter {
         let bar = tty.then(|| {
             let b = ProgressBar::new(total);
             b.set_style(
-                ProgressStyle::with_template("{prefix:>8.bold} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}")
-                    .expect("valid template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{prefix:>8.bold} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
             );
             b.set_prefix(label);
             b
@@ -628,7 +714,13 @@ impl Meter {
         if let Some(b) = &self.bar {
             b.set_position(self.done);
         } else if self.total > 0 && self.done >= self.next_line && self.done < self.total {
-            eprintln!("    {} {:>3}% ({} of {})", self.label, self.done * 100 / self.total, human_size(self.done), human_size(self.total));
+            eprintln!(
+                "    {} {:>3}% ({} of {})",
+                self.label,
+                self.done * 100 / self.total,
+                human_size(self.done),
+                human_size(self.total)
+            );
             while self.next_line <= self.done {
                 self.next_line += (self.total / 10).max(1);
             }
@@ -661,7 +753,12 @@ fn rate(bytes: u64, d: Duration) -> String {
 
 fn print_figures(args: &FlashArgs, dev: &BlockDevice, map: &Bmap, f: &Figures) {
     if args.verify_only {
-        println!("verified {} against {}: {} match", args.device.display(), args.image.display(), human_size(f.verified));
+        println!(
+            "verified {} against {}: {} match",
+            args.device.display(),
+            args.image.display(),
+            human_size(f.verified)
+        );
     } else {
         println!("flashed {} to {} and verified it", args.image.display(), dev.path.display());
         println!(
@@ -671,9 +768,19 @@ fn print_figures(args: &FlashArgs, dev: &BlockDevice, map: &Bmap, f: &Figures) {
             map.mapped_bytes() as f64 * 100.0 / map.image_size as f64,
             if args.provision.is_some() { ", data partition replaced by the provisioned filesystem" } else { "" }
         );
-        println!("  write    {:.2} s  {} ({} written, fsync included)", f.write.as_secs_f64(), rate(f.written, f.write), human_size(f.written));
+        println!(
+            "  write    {:.2} s  {} ({} written, fsync included)",
+            f.write.as_secs_f64(),
+            rate(f.written, f.write),
+            human_size(f.written)
+        );
     }
-    println!("  verify   {:.2} s  {} ({} read back with O_DIRECT)", f.verify.as_secs_f64(), rate(f.verified, f.verify), human_size(f.verified));
+    println!(
+        "  verify   {:.2} s  {} ({} read back with O_DIRECT)",
+        f.verify.as_secs_f64(),
+        rate(f.verified, f.verify),
+        human_size(f.verified)
+    );
 }
 
 #[cfg(test)]
@@ -720,7 +827,13 @@ mod tests {
         w.write_all_at(b"!", MIB + 5).unwrap();
         let err = plan_pieces(&src, Some(&(MIB..2 * MIB))).unwrap_err().to_string();
         assert!(err.starts_with(&format!("{}: blocks 0-767 (bytes 0-3145727) have sha256 ", img.display())), "{err}");
-        assert!(err.ends_with(&format!("but the block map says {}: the image is damaged, or the map was made for another image", map.ranges[0].sha256)), "{err}");
+        assert!(
+            err.ends_with(&format!(
+                "but the block map says {}: the image is damaged, or the map was made for another image",
+                map.ranges[0].sha256
+            )),
+            "{err}"
+        );
     }
 
     fn quiet_meter() -> Meter {
@@ -751,7 +864,10 @@ mod tests {
             assert_eq!(&written[p.start as usize..(p.start + p.len) as usize], &image[a..b], "{}", p.what);
             assert_eq!(Sha256::of(&image[a..b]), p.sha256, "{}", p.what);
         }
-        assert!(written[(3 * MIB + 4096) as usize..(5 * MIB + 4096) as usize].iter().all(|b| *b == 0), "the skipped span was written");
+        assert!(
+            written[(3 * MIB + 4096) as usize..(5 * MIB + 4096) as usize].iter().all(|b| *b == 0),
+            "the skipped span was written"
+        );
         let mut meter = quiet_meter();
         let sums = hash_pieces(&dev, &out, &pieces, &mut meter).unwrap();
         assert_eq!(sums, pieces.iter().map(|p| p.sha256).collect::<Vec<_>>());
@@ -770,6 +886,14 @@ mod tests {
         assert_eq!(sums, [Sha256::of(&data[5000..(MIB as usize + 1000)]), Sha256::of(&data[..10])]);
         assert_eq!(meter.done, MIB - 4000 + 10);
         let err = hash_pieces(&f, &img, &[piece(MIB, 2000)], &mut meter).unwrap_err();
-        assert_eq!(format!("{err:#}"), format!("reading back piece from {}: the device ends at byte {}, before byte {}", img.display(), MIB + 1000, MIB + 2000));
+        assert_eq!(
+            format!("{err:#}"),
+            format!(
+                "reading back piece from {}: the device ends at byte {}, before byte {}",
+                img.display(),
+                MIB + 1000,
+                MIB + 2000
+            )
+        );
     }
 }

@@ -194,12 +194,14 @@ pub struct LoadedImage {
 pub fn load(arg: &str, cwd: &Path) -> Result<LoadedImage, ProfileError> {
     let (name, source, text) = if arg.contains('/') || arg.ends_with(".toml") {
         let p = PathBuf::from(arg);
-        let text = std::fs::read_to_string(&p).map_err(|e| ProfileError::new(arg, None, format!("cannot read image definition: {e}")))?;
+        let text = std::fs::read_to_string(&p)
+            .map_err(|e| ProfileError::new(arg, None, format!("cannot read image definition: {e}")))?;
         let name = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         (name, arg.to_string(), text)
     } else if cwd.join("images").join(format!("{arg}.toml")).is_file() {
         let rel = format!("images/{arg}.toml");
-        let text = std::fs::read_to_string(cwd.join(&rel)).map_err(|e| ProfileError::new(&rel, None, format!("cannot read: {e}")))?;
+        let text = std::fs::read_to_string(cwd.join(&rel))
+            .map_err(|e| ProfileError::new(&rel, None, format!("cannot read: {e}")))?;
         (arg.to_string(), rel, text)
     } else if let Some((_, text)) = BUILTIN_IMAGES.iter().find(|(n, _)| *n == arg) {
         (arg.to_string(), format!("<built-in>/images/{arg}.toml"), text.to_string())
@@ -208,10 +210,15 @@ pub fn load(arg: &str, cwd: &Path) -> Result<LoadedImage, ProfileError> {
         return Err(ProfileError::new(
             format!("--image {arg}"),
             None,
-            format!("no image named {arg:?}: looked for images/{arg}.toml and the built-in images ({})", names.join(", ")),
+            format!(
+                "no image named {arg:?}: looked for images/{arg}.toml and the built-in images ({})",
+                names.join(", ")
+            ),
         ));
     };
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ProfileError::new(&source, None, format!("not valid TOML: {}", e.message())))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ProfileError::new(&source, None, format!("not valid TOML: {}", e.message())))?;
     let def: ImageDef = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
         let path = e.path().to_string();
         ProfileError::new(&source, Some(&path), e.into_inner().to_string())
@@ -249,7 +256,9 @@ fn validate(src: &Source, def: &ImageDef) -> Result<(), ProfileError> {
             for slot in [Slot::A, Slot::B] {
                 let n = parts.iter().position(|p| p.role == Role::Boot && p.slot == Some(slot));
                 // tryboot's boot_partition must be a primary partition: numbers 2 and 3.
-                if parts.iter().filter(|p| p.role == Role::Boot && p.slot == Some(slot)).count() != 1 || !matches!(n, Some(1 | 2)) {
+                if parts.iter().filter(|p| p.role == Role::Boot && p.slot == Some(slot)).count() != 1
+                    || !matches!(n, Some(1 | 2))
+                {
                     return err("disk.partitions", "a Raspberry Pi image needs boot partitions for slot \"a\" and \"b\" as its second and third partitions");
                 }
             }
@@ -257,7 +266,10 @@ fn validate(src: &Source, def: &ImageDef) -> Result<(), ProfileError> {
                 return err("rpi", "bootloader = \"rpi-firmware\" needs an [rpi] section (firmware_files, dtbs)");
             }
             if def.qemu.firmware != Firmware::Rpi && def.arch == Arch::Arm64 && def.qemu.machine.starts_with("raspi") {
-                return err("qemu.firmware", "QEMU's raspi machines need firmware = \"rpi\" (direct boot of the slot's kernel)");
+                return err(
+                    "qemu.firmware",
+                    "QEMU's raspi machines need firmware = \"rpi\" (direct boot of the slot's kernel)",
+                );
             }
         }
     }
@@ -266,22 +278,34 @@ fn validate(src: &Source, def: &ImageDef) -> Result<(), ProfileError> {
     }
     for slot in [Slot::A, Slot::B] {
         if parts.iter().filter(|p| p.role == Role::Root && p.slot == Some(slot)).count() != 1 {
-            return err("disk.partitions", "an image needs exactly one root partition for slot \"a\" and one for slot \"b\" (A/B updates)");
+            return err(
+                "disk.partitions",
+                "an image needs exactly one root partition for slot \"a\" and one for slot \"b\" (A/B updates)",
+            );
         }
     }
     if count(Role::Data) != 1 || parts.last().map(|p| p.role) != Some(Role::Data) {
         return err("disk.partitions", "an image needs one partition with role = \"data\", and it must be the last one (it grows to fill the disk)");
     }
     for (i, p) in parts.iter().enumerate() {
-        if p.name.is_empty() || p.name.len() > 36 || !p.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            return err(&format!("disk.partitions[{i}].name"), "expected a short partition name of letters, digits, '-' and '_'");
+        if p.name.is_empty()
+            || p.name.len() > 36
+            || !p.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return err(
+                &format!("disk.partitions[{i}].name"),
+                "expected a short partition name of letters, digits, '-' and '_'",
+            );
         }
         if p.size.0 < crate::units::MIB || p.size.0 % crate::units::MIB != 0 {
             return err(&format!("disk.partitions[{i}].size"), "expected a whole number of MiB");
         }
         let slotted = matches!(p.role, Role::Root | Role::Boot);
         if slotted != p.slot.is_some() {
-            return err(&format!("disk.partitions[{i}].slot"), "root and boot partitions need a slot (\"a\" or \"b\"), other partitions have none");
+            return err(
+                &format!("disk.partitions[{i}].slot"),
+                "root and boot partitions need a slot (\"a\" or \"b\"), other partitions have none",
+            );
         }
     }
     if def.qemu.firmware == Firmware::Rpi && def.qemu.dtb.is_none() && def.qemu.machine.starts_with("raspi") {
@@ -292,7 +316,11 @@ fn validate(src: &Source, def: &ImageDef) -> Result<(), ProfileError> {
 
 impl ImageDef {
     pub fn root_partition(&self, slot: Slot) -> &PartitionDef {
-        self.disk.partitions.iter().find(|p| p.role == Role::Root && p.slot == Some(slot)).expect("validated: both root slots exist")
+        self.disk
+            .partitions
+            .iter()
+            .find(|p| p.role == Role::Root && p.slot == Some(slot))
+            .expect("validated: both root slots exist")
     }
 }
 

@@ -52,7 +52,14 @@ pub struct InitramfsInfo {
 
 impl std::fmt::Display for InitramfsInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:.1} MiB ({} bytes), {} modules, {} files", self.size.0 as f64 / MIB as f64, self.size.0, self.modules, self.files)
+        write!(
+            f,
+            "{:.1} MiB ({} bytes), {} modules, {} files",
+            self.size.0 as f64 / MIB as f64,
+            self.size.0,
+            self.modules,
+            self.files
+        )
     }
 }
 
@@ -79,7 +86,8 @@ pub fn build(tree: &Path, kernel_version: &str, modules: &[String], out: &Path) 
     if let Some(missing) = APPLETS.iter().find(|a| !has_applet(&busybox_data, a)) {
         bail!("the busybox of {} ({busybox}) has no {missing} applet, which the initramfs needs", tree.root.display());
     }
-    let applets: Vec<&str> = APPLETS.iter().chain(DEBUG_APPLETS.iter().filter(|a| has_applet(&busybox_data, a))).copied().collect();
+    let applets: Vec<&str> =
+        APPLETS.iter().chain(DEBUG_APPLETS.iter().filter(|a| has_applet(&busybox_data, a))).copied().collect();
     archive.place(&tree, "/bin/busybox", Node::File { mode: 0o755, data: busybox_data })?;
     for applet in applets {
         archive.place(&tree, &format!("/bin/{applet}"), Node::Symlink { target: "busybox".into() })?;
@@ -87,9 +95,13 @@ pub fn build(tree: &Path, kernel_version: &str, modules: &[String], out: &Path) 
     // A dynamically linked busybox (the `busybox` package) brings its libraries.
     archive.copy_with_libraries(&tree, &busybox, false)?;
 
-    let blkid = tree
-        .find_first(BLKID)?
-        .ok_or_else(|| anyhow!("no blkid in {} (looked for {}): it comes with the Debian package util-linux", tree.root.display(), BLKID.join(", ")))?;
+    let blkid = tree.find_first(BLKID)?.ok_or_else(|| {
+        anyhow!(
+            "no blkid in {} (looked for {}): it comes with the Debian package util-linux",
+            tree.root.display(),
+            BLKID.join(", ")
+        )
+    })?;
     let veritysetup = tree.find_first(VERITYSETUP)?.ok_or_else(|| {
         anyhow!(
             "no veritysetup in {} (looked for {}): add the Debian package cryptsetup-bin to the image's packages",
@@ -143,14 +155,22 @@ fn render_init(ctx: &tera::Context) -> Result<String> {
 /// The archive's timestamp: SOURCE_DATE_EPOCH when set, else 0.
 fn source_date_epoch() -> Result<u32> {
     match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(v) => v.trim().parse().map_err(|_| anyhow!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds that fits the cpio format")),
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| anyhow!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds that fits the cpio format")),
         Err(_) => Ok(0),
     }
 }
 
 /// Adds the modules for `requested` (decompressed, as `.ko`) and returns their paths in load
 /// order with whether each is optional.
-fn add_modules(tree: &Tree, archive: &mut Archive, kernel_version: &str, requested: &[String]) -> Result<Vec<(String, bool)>> {
+fn add_modules(
+    tree: &Tree,
+    archive: &mut Archive,
+    kernel_version: &str,
+    requested: &[String],
+) -> Result<Vec<(String, bool)>> {
     if kernel_version.is_empty() || kernel_version.contains('/') {
         bail!("{kernel_version:?} is not a kernel version");
     }
@@ -162,7 +182,10 @@ fn add_modules(tree: &Tree, archive: &mut Archive, kernel_version: &str, request
                 let data = tree.read(&real)?;
                 String::from_utf8(data).with_context(|| format!("{path} in {} is not text", tree.root.display()))
             }
-            None if required => bail!("no {path} in {}: kernel {kernel_version} is not installed there, or depmod did not run for it", tree.root.display()),
+            None if required => bail!(
+                "no {path} in {}: kernel {kernel_version} is not installed there, or depmod did not run for it",
+                tree.root.display()
+            ),
             None => Ok(String::new()),
         }
     };
@@ -178,7 +201,11 @@ fn add_modules(tree: &Tree, archive: &mut Archive, kernel_version: &str, request
     for step in order {
         let logical = if step.path.starts_with('/') { step.path.clone() } else { format!("{dir}/{}", step.path) };
         let real = tree.resolve(&logical)?.ok_or_else(|| {
-            anyhow!("module {} of kernel {kernel_version} is listed in modules.dep but {logical} is not in {}", step.name, tree.root.display())
+            anyhow!(
+                "module {} of kernel {kernel_version} is listed in modules.dep but {logical} is not in {}",
+                step.name,
+                tree.root.display()
+            )
         })?;
         let data = decompress_module(&tree.host(&real), &logical)?;
         let plain = strip_compression(&logical);
@@ -203,11 +230,14 @@ fn decompress_module(host: &Path, logical: &str) -> Result<Vec<u8>> {
     let data = std::fs::read(host).with_context(|| format!("reading the module {}", host.display()))?;
     let plain = if logical.ends_with(".xz") {
         let mut out = Vec::new();
-        lzma_rs::xz_decompress(&mut data.as_slice(), &mut out).map_err(|e| anyhow!("decompressing the module {} (xz): {e:?}", host.display()))?;
+        lzma_rs::xz_decompress(&mut data.as_slice(), &mut out)
+            .map_err(|e| anyhow!("decompressing the module {} (xz): {e:?}", host.display()))?;
         out
     } else if logical.ends_with(".gz") {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(data.as_slice()).read_to_end(&mut out).with_context(|| format!("decompressing the module {} (gzip)", host.display()))?;
+        flate2::read::GzDecoder::new(data.as_slice())
+            .read_to_end(&mut out)
+            .with_context(|| format!("decompressing the module {} (gzip)", host.display()))?;
         out
     } else if logical.ends_with(".zst") {
         Cmd::new("zstd").args(["-d", "-c", "-q"]).arg(host).output()?
@@ -291,8 +321,12 @@ impl Tree {
                     if links.len() == MAX_SYMLINKS {
                         bail!("too many levels of symlinks resolving {path} in {}", self.root.display());
                     }
-                    let target = std::fs::read_link(&host).with_context(|| format!("reading the symlink {}", host.display()))?;
-                    let target = target.to_str().ok_or_else(|| anyhow!("the symlink {} points to a path that is not UTF-8", host.display()))?.to_string();
+                    let target =
+                        std::fs::read_link(&host).with_context(|| format!("reading the symlink {}", host.display()))?;
+                    let target = target
+                        .to_str()
+                        .ok_or_else(|| anyhow!("the symlink {} points to a path that is not UTF-8", host.display()))?
+                        .to_string();
                     done.pop();
                     if target.starts_with('/') {
                         done.clear();
@@ -415,7 +449,8 @@ impl Archive {
             if !files.insert(real.clone()) {
                 continue;
             }
-            let info = elf::parse(&data).with_context(|| format!("reading the ELF headers of {p} in {}", tree.root.display()))?;
+            let info = elf::parse(&data)
+                .with_context(|| format!("reading the ELF headers of {p} in {}", tree.root.display()))?;
             match machine {
                 None => machine = Some(info.machine),
                 Some(m) if m != info.machine => {
@@ -430,7 +465,8 @@ impl Archive {
                 todo.push((interp.clone(), true));
             }
             let origin = real.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
-            let mut dirs: Vec<String> = info.runpath.iter().map(|d| d.replace("${ORIGIN}", origin).replace("$ORIGIN", origin)).collect();
+            let mut dirs: Vec<String> =
+                info.runpath.iter().map(|d| d.replace("${ORIGIN}", origin).replace("$ORIGIN", origin)).collect();
             if let Some(triplet) = info.multiarch() {
                 dirs.push(format!("/lib/{triplet}"));
                 dirs.push(format!("/usr/lib/{triplet}"));
@@ -453,7 +489,13 @@ impl Archive {
                     }
                     found
                 };
-                let lib = found.ok_or_else(|| anyhow!("{needed}, needed by {p}, is not in {} (looked in {})", tree.root.display(), dirs.join(", ")))?;
+                let lib = found.ok_or_else(|| {
+                    anyhow!(
+                        "{needed}, needed by {p}, is not in {} (looked in {})",
+                        tree.root.display(),
+                        dirs.join(", ")
+                    )
+                })?;
                 todo.push((lib, true));
             }
         }
@@ -464,8 +506,10 @@ impl Archive {
     fn write_gzip(&self, out: &Path, mtime: u32) -> Result<u64> {
         let tmp = out.with_extension("part");
         let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let mut gz = flate2::GzBuilder::new().mtime(0).write(std::io::BufWriter::new(file), flate2::Compression::best());
-        cpio::write(&mut gz, self.entries.iter().map(|(k, v)| (k.as_str(), v)), mtime).with_context(|| format!("writing {}", tmp.display()))?;
+        let mut gz =
+            flate2::GzBuilder::new().mtime(0).write(std::io::BufWriter::new(file), flate2::Compression::best());
+        cpio::write(&mut gz, self.entries.iter().map(|(k, v)| (k.as_str(), v)), mtime)
+            .with_context(|| format!("writing {}", tmp.display()))?;
         let mut writer = gz.finish().with_context(|| format!("writing {}", tmp.display()))?;
         writer.flush().with_context(|| format!("writing {}", tmp.display()))?;
         drop(writer);
@@ -518,7 +562,11 @@ mod tests {
         write(root, &format!("{lib}/ld-linux-aarch64.so.1"), &synthetic(A, None, &[], None));
         write(root, &format!("{lib}/libc.so.6"), &synthetic(A, Some(ld), &["ld-linux-aarch64.so.1"], None));
         link(root, &format!("{lib}/libcryptsetup.so.12"), "libcryptsetup.so.12.10.0");
-        write(root, &format!("{lib}/libcryptsetup.so.12.10.0"), &synthetic(A, None, &["libdevmapper.so.1.02.1", "libc.so.6"], None));
+        write(
+            root,
+            &format!("{lib}/libcryptsetup.so.12.10.0"),
+            &synthetic(A, None, &["libdevmapper.so.1.02.1", "libc.so.6"], None),
+        );
         write(root, &format!("{lib}/libdevmapper.so.1.02.1"), &synthetic(A, None, &["libc.so.6"], None));
         link(root, &format!("{lib}/libblkid.so.1"), "/usr/lib/aarch64-linux-gnu/libblkid.so.1.1.0");
         write(root, &format!("{lib}/libblkid.so.1.1.0"), &synthetic(A, None, &["libc.so.6"], None));
@@ -592,8 +640,17 @@ mod tests {
         assert_eq!(read_link("usr/bin/sh"), "busybox");
         assert_eq!(read_link("usr/lib/ld-linux-aarch64.so.1"), "aarch64-linux-gnu/ld-linux-aarch64.so.1");
         assert_eq!(read_link("usr/lib/aarch64-linux-gnu/libcryptsetup.so.12"), "libcryptsetup.so.12.10.0");
-        assert_eq!(read_link("usr/lib/aarch64-linux-gnu/libblkid.so.1"), "/usr/lib/aarch64-linux-gnu/libblkid.so.1.1.0");
-        for lib in ["ld-linux-aarch64.so.1", "libc.so.6", "libcryptsetup.so.12.10.0", "libdevmapper.so.1.02.1", "libblkid.so.1.1.0"] {
+        assert_eq!(
+            read_link("usr/lib/aarch64-linux-gnu/libblkid.so.1"),
+            "/usr/lib/aarch64-linux-gnu/libblkid.so.1.1.0"
+        );
+        for lib in [
+            "ld-linux-aarch64.so.1",
+            "libc.so.6",
+            "libcryptsetup.so.12.10.0",
+            "libdevmapper.so.1.02.1",
+            "libblkid.so.1.1.0",
+        ] {
             assert!(x.join("usr/lib/aarch64-linux-gnu").join(lib).is_file(), "{lib}");
         }
         assert!(x.join("lib/ld-linux-aarch64.so.1").is_file(), "the interpreter resolves inside the archive");
@@ -646,7 +703,10 @@ mod tests {
         assert!(err.to_string().starts_with("no /lib/modules/6.0-other/modules.dep in "), "{err}");
         std::fs::remove_file(root.join("usr/lib/aarch64-linux-gnu/libdevmapper.so.1.02.1")).unwrap();
         let err = format!("{:#}", build(&root, KVER, &modules(), &out).unwrap_err());
-        assert!(err.starts_with("libdevmapper.so.1.02.1, needed by /lib/aarch64-linux-gnu/libcryptsetup.so.12, is not in "), "{err}");
+        assert!(
+            err.starts_with("libdevmapper.so.1.02.1, needed by /lib/aarch64-linux-gnu/libcryptsetup.so.12, is not in "),
+            "{err}"
+        );
         std::fs::remove_file(root.join("usr/bin/busybox")).unwrap();
         let err = build(&root, KVER, &modules(), &out).unwrap_err().to_string();
         assert!(err.contains("busybox-static"), "{err}");

@@ -43,7 +43,10 @@ pub fn print(m: &Manifest, packages: bool) {
 pub fn print_security(s: &crate::stages::harden::SecurityReport) {
     if !s.services.is_empty() {
         println!("services (systemd-analyze security exposure, 0 = fully sandboxed):");
-        println!("  {:<12} {:<22} {:>8} {:<8} {:>6}  {:<26} {}", "name", "unit", "exposure", "rating", "budget", "ports", "loosened");
+        println!(
+            "  {:<12} {:<22} {:>8} {:<8} {:>6}  {:<26} {}",
+            "name", "unit", "exposure", "rating", "budget", "ports", "loosened"
+        );
         for v in &s.services {
             let loosened: Vec<String> = v.loosened.iter().map(|l| format!("{}={}", l.directive, l.now)).collect();
             println!(
@@ -64,7 +67,12 @@ pub fn print_security(s: &crate::stages::harden::SecurityReport) {
         println!("firewall:  OFF (hardening.firewall = false)");
     }
     if !s.setuid_kept.is_empty() || !s.setuid_removed.is_empty() {
-        println!("setuid:    {} kept ({}), {} stripped", s.setuid_kept.len(), s.setuid_kept.join(", "), s.setuid_removed.len());
+        println!(
+            "setuid:    {} kept ({}), {} stripped",
+            s.setuid_kept.len(),
+            s.setuid_kept.join(", "),
+            s.setuid_removed.len()
+        );
     }
 }
 
@@ -74,7 +82,12 @@ pub fn verify(dir: &Path, m: &Manifest) -> Result<()> {
         let p = dir.join(name);
         let got = sha256_file(&p).with_context(|| format!("hashing {}", p.display()))?;
         if got.hex() != a.sha256 {
-            bail!("{}: sha256 is {} but the manifest says {}: the file was changed after the build", p.display(), got.hex(), a.sha256);
+            bail!(
+                "{}: sha256 is {} but the manifest says {}: the file was changed after the build",
+                p.display(),
+                got.hex(),
+                a.sha256
+            );
         }
     }
     let disk = dir.join("disk.img");
@@ -82,10 +95,14 @@ pub fn verify(dir: &Path, m: &Manifest) -> Result<()> {
     let mut f = std::fs::File::open(&disk).with_context(|| format!("opening {}", disk.display()))?;
     // (name or "", offset, partuuid) as the disk has them.
     let found: Vec<(String, u64, String)> = if m.partition_table == "mbr" {
-        let t = crate::mbr::MbrTable::read(&mut f).with_context(|| format!("reading the partition table of {}", disk.display()))?;
-        (0..t.partitions.len()).map(|i| (String::new(), t.partitions[i].first_lba * crate::mbr::SECTOR, t.partuuid(i))).collect()
+        let t = crate::mbr::MbrTable::read(&mut f)
+            .with_context(|| format!("reading the partition table of {}", disk.display()))?;
+        (0..t.partitions.len())
+            .map(|i| (String::new(), t.partitions[i].first_lba * crate::mbr::SECTOR, t.partuuid(i)))
+            .collect()
     } else {
-        let t = GptTable::read(&mut f, size / SECTOR).with_context(|| format!("reading the partition table of {}", disk.display()))?;
+        let t = GptTable::read(&mut f, size / SECTOR)
+            .with_context(|| format!("reading the partition table of {}", disk.display()))?;
         t.partitions.iter().map(|p| (p.name.clone(), p.first_lba * SECTOR, p.guid.to_string())).collect()
     };
     if found.len() != m.partitions.len() {

@@ -60,10 +60,16 @@ pub fn request_hash(plan: &Plan) -> String {
 
 impl LockFile {
     pub fn read(path: &Path) -> Result<LockFile> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading the lock file {} (make it with `kiln lock`)", path.display()))?;
-        let lock: LockFile = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not a kiln lock file: {}", path.display(), e.message()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the lock file {} (make it with `kiln lock`)", path.display()))?;
+        let lock: LockFile = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: not a kiln lock file: {}", path.display(), e.message()))?;
         if lock.format != FORMAT {
-            bail!("{}: lock format {} is not supported by this kiln (expected {FORMAT}); run `kiln lock` again", path.display(), lock.format);
+            bail!(
+                "{}: lock format {} is not supported by this kiln (expected {FORMAT}); run `kiln lock` again",
+                path.display(),
+                lock.format
+            );
         }
         Ok(lock)
     }
@@ -87,10 +93,20 @@ impl LockFile {
     /// Checks that this lock answers the plan's request.
     pub fn check_matches(&self, plan: &Plan, path: &Path) -> Result<()> {
         if self.suite != plan.suite || self.arch != plan.arch.debian() {
-            bail!("{}: locked for {} {} but the plan builds {} {}; run `kiln lock` again", path.display(), self.suite, self.arch, plan.suite, plan.arch.debian());
+            bail!(
+                "{}: locked for {} {} but the plan builds {} {}; run `kiln lock` again",
+                path.display(),
+                self.suite,
+                self.arch,
+                plan.suite,
+                plan.arch.debian()
+            );
         }
         if self.request != request_hash(plan) {
-            bail!("{}: the profile's packages changed since it was locked; run `kiln lock` (or `kiln rebuild`) again", path.display());
+            bail!(
+                "{}: the profile's packages changed since it was locked; run `kiln lock` (or `kiln rebuild`) again",
+                path.display()
+            );
         }
         Ok(())
     }
@@ -158,8 +174,18 @@ mod tests {
             request: "ab".into(),
             host_tools: BTreeMap::from([("mkfs.erofs".into(), "mkfs.erofs 1.5".into())]),
             packages: vec![
-                LockedPackage { name: "zlib1g".into(), version: "1:1.3.dfsg-3".into(), arch: "amd64".into(), sha256: "00".repeat(32) },
-                LockedPackage { name: "adduser".into(), version: "3.152".into(), arch: "all".into(), sha256: "11".repeat(32) },
+                LockedPackage {
+                    name: "zlib1g".into(),
+                    version: "1:1.3.dfsg-3".into(),
+                    arch: "amd64".into(),
+                    sha256: "00".repeat(32),
+                },
+                LockedPackage {
+                    name: "adduser".into(),
+                    version: "3.152".into(),
+                    arch: "all".into(),
+                    sha256: "11".repeat(32),
+                },
             ],
         }
     }
@@ -177,8 +203,16 @@ mod tests {
         let mut newer = sample();
         newer.packages[0].version = "1:1.3.dfsg-4".into();
         newer.packages.pop();
-        newer.packages.push(LockedPackage { name: "vim-tiny".into(), version: "2:9.1".into(), arch: "amd64".into(), sha256: "22".repeat(32) });
-        assert_eq!(diff(&sample(), &newer), ["- adduser 3.152", "+ vim-tiny 2:9.1", "~ zlib1g 1:1.3.dfsg-3 -> 1:1.3.dfsg-4"]);
+        newer.packages.push(LockedPackage {
+            name: "vim-tiny".into(),
+            version: "2:9.1".into(),
+            arch: "amd64".into(),
+            sha256: "22".repeat(32),
+        });
+        assert_eq!(
+            diff(&sample(), &newer),
+            ["- adduser 3.152", "+ vim-tiny 2:9.1", "~ zlib1g 1:1.3.dfsg-3 -> 1:1.3.dfsg-4"]
+        );
         std::fs::write(&p, text.replace("format = 1", "format = 9")).unwrap();
         assert!(LockFile::read(&p).unwrap_err().to_string().contains("lock format 9 is not supported"));
     }

@@ -261,10 +261,9 @@ fn resolve_with(t: &Target, epoch: Option<u64>) -> Result<plan::Plan> {
     let needs_host_mirror = t.mirror.is_none() && prof.merged.system.as_ref().and_then(|s| s.mirror.as_ref()).is_none();
     let host = if needs_host_mirror { Some(mirror::from_host(Path::new("/etc/apt"))?) } else { None };
     let overrides = plan::Overrides { mirror: t.mirror.clone(), version: t.release.clone(), source_date_epoch: epoch };
-    let epoch = std::env::var("SOURCE_DATE_EPOCH")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
+    let epoch = std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    });
     Ok(plan::Plan::resolve(&prof, &img, host.as_ref(), &overrides, epoch)?)
 }
 
@@ -296,7 +295,14 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("missing host tools: {}; run `kiln doctor --install`", names.join(", "));
             }
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            eprintln!("building {} {} ({} {}, from {})", plan.output_name, plan.version, plan.suite, plan.arch.debian(), plan.mirror.debian);
+            eprintln!(
+                "building {} {} ({} {}, from {})",
+                plan.output_name,
+                plan.version,
+                plan.suite,
+                plan.arch.debian(),
+                plan.mirror.debian
+            );
             let r = build::build(&plan, &build::BuildOptions { out_dir: out, keep_work, locked: lock })?;
             let disk = &r.manifest.artifacts["disk.img"];
             let root = &r.manifest.artifacts["root.img"];
@@ -307,7 +313,20 @@ fn run(cli: Cli) -> Result<()> {
             kiln::inspect::print_security(&r.manifest.security);
             println!("next: kiln boot {} --check", r.dir.join("disk.img").display());
         }
-        Command::Boot { image, check, timeout, persist, ssh_port, forward, accel, log, verbose, tryboot, machine, then } => {
+        Command::Boot {
+            image,
+            check,
+            timeout,
+            persist,
+            ssh_port,
+            forward,
+            accel,
+            log,
+            verbose,
+            tryboot,
+            machine,
+            then,
+        } => {
             if !then.is_empty() && !check {
                 bail!("a command after -- needs --check (it runs once the guest is ready)");
             }
@@ -330,7 +349,8 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("--tryboot is for Raspberry Pi images (autoboot.txt); {} boots with UEFI", disk.display());
             }
             let net_rules = forward.iter().map(|(h, g)| format!("hostfwd=tcp:127.0.0.1:{h}-:{g}")).collect();
-            let opts = qemu::BootOptions { disk, qemu: q, accel, persist, ssh_port, net_rules, log: log.clone(), tryboot };
+            let opts =
+                qemu::BootOptions { disk, qemu: q, accel, persist, ssh_port, net_rules, log: log.clone(), tryboot };
             let result = if check {
                 let then_cmd = then.split_first().map(|(prog, args)| {
                     let mut c = kiln::exec::Cmd::new(prog).args(args);
@@ -404,7 +424,8 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 indexes.push((suite, entries));
             }
-            let locked: Vec<(String, String, String)> = lock.packages.iter().map(|p| (p.name.clone(), p.version.clone(), p.arch.clone())).collect();
+            let locked: Vec<(String, String, String)> =
+                lock.packages.iter().map(|p| (p.name.clone(), p.version.clone(), p.arch.clone())).collect();
             let updates = kiln::debian::outdated(&locked, &indexes);
             if updates.is_empty() {
                 println!("{}: all {} locked packages are current", path.display(), lock.packages.len());
@@ -412,10 +433,20 @@ fn run(cli: Cli) -> Result<()> {
             }
             println!("{:<32} {:<28} {:<28} suite", "package", "locked", "available");
             for u in &updates {
-                println!("{:<32} {:<28} {:<28} {}{}", u.name, u.locked, u.available, u.suite, if u.security { "  SECURITY" } else { "" });
+                println!(
+                    "{:<32} {:<28} {:<28} {}{}",
+                    u.name,
+                    u.locked,
+                    u.available,
+                    u.suite,
+                    if u.security { "  SECURITY" } else { "" }
+                );
             }
             let security = updates.iter().filter(|u| u.security).count();
-            println!("{} packages have newer versions ({security} security updates): run `kiln rebuild` or `kiln lock`", updates.len());
+            println!(
+                "{} packages have newer versions ({security} security updates): run `kiln rebuild` or `kiln lock`",
+                updates.len()
+            );
             std::process::exit(2);
         }
         Command::Rebuild { target, lock, out } => {
@@ -427,19 +458,31 @@ fn run(cli: Cli) -> Result<()> {
             keep_epoch_if_unchanged(old.as_ref(), &mut new);
             new.write(&path)?;
             let plan = resolve_with(&target, Some(new.source_date_epoch))?;
-            let r = build::build(&plan, &build::BuildOptions { out_dir: out, keep_work: false, locked: Some(new.clone()) })?;
+            let r = build::build(
+                &plan,
+                &build::BuildOptions { out_dir: out, keep_work: false, locked: Some(new.clone()) },
+            )?;
             let changes = old.as_ref().map(|o| kiln::lock::changes(o, &new)).unwrap_or_else(|| kiln::lock::Changes {
                 added: new.packages.iter().map(|p| (p.name.clone(), p.version.clone())).collect(),
                 ..Default::default()
             });
-            let mut text = format!("{} {}: {} packages; {} upgraded, {} added, {} removed\n", plan.output_name, plan.version, new.packages.len(), changes.upgraded.len(), changes.added.len(), changes.removed.len());
+            let mut text = format!(
+                "{} {}: {} packages; {} upgraded, {} added, {} removed\n",
+                plan.output_name,
+                plan.version,
+                new.packages.len(),
+                changes.upgraded.len(),
+                changes.added.len(),
+                changes.removed.len()
+            );
             for l in changes.lines() {
                 text.push_str(&format!("{l}\n"));
             }
             let txt = r.dir.join("changelog.txt");
             std::fs::write(&txt, &text).with_context(|| format!("writing {}", txt.display()))?;
             let json = r.dir.join("changelog.json");
-            std::fs::write(&json, serde_json::to_string_pretty(&changes)? + "\n").with_context(|| format!("writing {}", json.display()))?;
+            std::fs::write(&json, serde_json::to_string_pretty(&changes)? + "\n")
+                .with_context(|| format!("writing {}", json.display()))?;
             print!("{text}");
             println!("built {} in {:.1}s (changelog in {})", r.dir.display(), r.seconds, txt.display());
         }
@@ -468,7 +511,11 @@ fn run(cli: Cli) -> Result<()> {
                         }
                     }
                     let (n, bytes) = cache.prune(&keep)?;
-                    println!("removed {n} .debs ({}) that no lock refers to; kept {}", stages::manifest::size(bytes), keep.len());
+                    println!(
+                        "removed {n} .debs ({}) that no lock refers to; kept {}",
+                        stages::manifest::size(bytes),
+                        keep.len()
+                    );
                     let (n, bytes) = cache.prune_trees()?;
                     println!("removed {n} bootstrapped trees ({})", stages::manifest::size(bytes));
                 }
@@ -481,19 +528,31 @@ fn run(cli: Cli) -> Result<()> {
         Command::Flash(args) => kiln::flash::run(&args)?,
         Command::Keygen { out, force } => {
             let (secret, public, id) = kiln::publish::keygen(&out, force)?;
-            println!("key {id}: secret {} (keep it off the devices and out of version control), public {}", secret.display(), public.display());
+            println!(
+                "key {id}: secret {} (keep it off the devices and out of version control), public {}",
+                secret.display(),
+                public.display()
+            );
             println!("{}", std::fs::read_to_string(&public).unwrap_or_default().trim());
-            println!("put the public key into the profile: [update] public_key = \"{}\" (relative to the profile file)", public.display());
+            println!(
+                "put the public key into the profile: [update] public_key = \"{}\" (relative to the profile file)",
+                public.display()
+            );
         }
         Command::Publish { output, channel, to, key, base_url, valid_for, notes, keep, force } => {
-            let valid_for = humantime::parse_duration(&valid_for).map_err(|e| anyhow::anyhow!("--valid-for {valid_for:?}: {e}"))?;
+            let valid_for =
+                humantime::parse_duration(&valid_for).map_err(|e| anyhow::anyhow!("--valid-for {valid_for:?}: {e}"))?;
             if valid_for.as_secs() == 0 {
                 eprintln!("warning: --valid-for 0s: devices will refuse this metadata as expired (meant for tests)");
             }
-            let opts = kiln::publish::PublishOptions { channel, site: to, key, base_url, valid_for, notes, keep, force };
+            let opts =
+                kiln::publish::PublishOptions { channel, site: to, key, base_url, valid_for, notes, keep, force };
             let p = kiln::publish::publish(&output, &opts)?;
             let r = &p.release;
-            println!("published {} {} for {} ({}) in channel {}; expires {}", r.profile, r.version, r.image, r.arch, opts.channel, p.expires);
+            println!(
+                "published {} {} for {} ({}) in channel {}; expires {}",
+                r.profile, r.version, r.image, r.arch, opts.channel, p.expires
+            );
             for a in &r.artifacts {
                 println!("  {:<24} {:>10.1} MiB  {}", a.name, a.size as f64 / 1048576.0, a.url);
             }
@@ -547,7 +606,9 @@ fn print_tail(tail: &[String], log: Option<&Path>) {
 /// `--forward HOST:GUEST`.
 fn parse_forward(s: &str) -> std::result::Result<(u16, u16), String> {
     let (h, g) = s.split_once(':').ok_or_else(|| format!("expected HOST:GUEST ports such as 8080:80, found {s:?}"))?;
-    let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("expected a port from 1 to 65535, found {p:?}"));
+    let port = |p: &str| {
+        p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("expected a port from 1 to 65535, found {p:?}"))
+    };
     Ok((port(h)?, port(g)?))
 }
 

@@ -100,16 +100,23 @@ impl MbrTable {
         let logical = &self.partitions[primary..];
         if let (Some(first), Some(last)) = (logical.first(), logical.last()) {
             let prev_end = self.partitions[primary - 1].first_lba + self.partitions[primary - 1].sectors;
-            let ext_start = first.first_lba.checked_sub(EBR_GAP_SECTORS).filter(|s| *s >= prev_end).with_context(|| {
-                format!("logical partition at sector {} needs {EBR_GAP_SECTORS} free sectors before it for its EBR", first.first_lba)
-            })?;
+            let ext_start =
+                first.first_lba.checked_sub(EBR_GAP_SECTORS).filter(|s| *s >= prev_end).with_context(|| {
+                    format!(
+                        "logical partition at sector {} needs {EBR_GAP_SECTORS} free sectors before it for its EBR",
+                        first.first_lba
+                    )
+                })?;
             entries.push(entry(TYPE_EXTENDED_LBA, false, ext_start, last.first_lba + last.sectors - ext_start)?);
             for (i, p) in logical.iter().enumerate() {
                 let ebr = p.first_lba - EBR_GAP_SECTORS;
                 if i > 0 {
                     let prev = &logical[i - 1];
                     if ebr < prev.first_lba + prev.sectors {
-                        bail!("logical partition at sector {} needs {EBR_GAP_SECTORS} free sectors before it for its EBR", p.first_lba);
+                        bail!(
+                            "logical partition at sector {} needs {EBR_GAP_SECTORS} free sectors before it for its EBR",
+                            p.first_lba
+                        );
                     }
                 }
                 // Entry 1: the partition, relative to this EBR. Entry 2: the next EBR, relative
@@ -117,7 +124,12 @@ impl MbrTable {
                 let mut e = vec![entry(p.kind, p.bootable, EBR_GAP_SECTORS, p.sectors)?];
                 if let Some(next) = logical.get(i + 1) {
                     let next_ebr = next.first_lba - EBR_GAP_SECTORS;
-                    e.push(entry(TYPE_EXTENDED_LBA, false, next_ebr - ext_start, next.first_lba + next.sectors - next_ebr)?);
+                    e.push(entry(
+                        TYPE_EXTENDED_LBA,
+                        false,
+                        next_ebr - ext_start,
+                        next.first_lba + next.sectors - next_ebr,
+                    )?);
                 }
                 w.seek(SeekFrom::Start(ebr * SECTOR))?;
                 w.write_all(&sector_with(&e, None))?;

@@ -71,12 +71,19 @@ pub fn from_host(etc_apt: &Path) -> Result<Mirror, NoMirror> {
     let is_security = |s: &str| s.ends_with("-security") || s.ends_with("/updates");
     let debian = entries
         .iter()
-        .find(|(uri, suites)| suites.iter().any(|s| !is_security(s) && !s.contains("backports")) && !uri.contains("security"))
+        .find(|(uri, suites)| {
+            suites.iter().any(|s| !is_security(s) && !s.contains("backports")) && !uri.contains("security")
+        })
         .map(|(u, _)| u.trim_end_matches('/').to_string());
-    let security = entries.iter().find(|(_, suites)| suites.iter().any(|s| is_security(s))).map(|(u, _)| u.trim_end_matches('/').to_string());
+    let security = entries
+        .iter()
+        .find(|(_, suites)| suites.iter().any(|s| is_security(s)))
+        .map(|(u, _)| u.trim_end_matches('/').to_string());
     match debian {
         Some(debian) => Ok(Mirror { debian, security }),
-        None => Err(NoMirror { searched: format!("{}/sources.list.d/*.sources, *.list and sources.list", etc_apt.display()) }),
+        None => Err(NoMirror {
+            searched: format!("{}/sources.list.d/*.sources, *.list and sources.list", etc_apt.display()),
+        }),
     }
 }
 
@@ -142,7 +149,13 @@ mod tests {
         )
         .unwrap();
         let m = from_host(dir.path()).unwrap();
-        assert_eq!(m, Mirror { debian: "http://mirror.test/debian".into(), security: Some("http://mirror.test/debian-security".into()) });
+        assert_eq!(
+            m,
+            Mirror {
+                debian: "http://mirror.test/debian".into(),
+                security: Some("http://mirror.test/debian-security".into())
+            }
+        );
         assert_eq!(
             m.source_lines("trixie", "main"),
             vec![
@@ -153,7 +166,8 @@ mod tests {
         );
 
         let dir2 = tempfile::tempdir().unwrap();
-        std::fs::write(dir2.path().join("sources.list"), "# x\ndeb [arch=amd64] http://m.test/debian bookworm main\n").unwrap();
+        std::fs::write(dir2.path().join("sources.list"), "# x\ndeb [arch=amd64] http://m.test/debian bookworm main\n")
+            .unwrap();
         assert_eq!(from_host(dir2.path()).unwrap().debian, "http://m.test/debian");
 
         let empty = tempfile::tempdir().unwrap();

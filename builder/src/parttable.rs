@@ -169,7 +169,13 @@ pub fn read<R: Read + Seek>(disk: &mut R, disk_size: u64) -> Result<Option<Parti
 }
 
 fn dos_partition(number: u32, lba: u64, e: &MbrEntry) -> Partition {
-    Partition { number, start: lba * SECTOR, size: e.sectors * SECTOR, name: String::new(), type_id: format!("0x{:02x}", e.kind) }
+    Partition {
+        number,
+        start: lba * SECTOR,
+        size: e.sectors * SECTOR,
+        name: String::new(),
+        type_id: format!("0x{:02x}", e.kind),
+    }
 }
 
 #[cfg(test)]
@@ -231,7 +237,10 @@ mod tests {
     fn broken_chains_are_errors() {
         let mut d = pi_like();
         d[(18432 + 22528) * 512 + 511] = 0;
-        assert_eq!(read(&mut Cursor::new(d), DISK).unwrap_err().to_string(), "the extended boot record at sector 40960 has no 0x55AA signature");
+        assert_eq!(
+            read(&mut Cursor::new(d), DISK).unwrap_err().to_string(),
+            "the extended boot record at sector 40960 has no 0x55AA signature"
+        );
         let mut d = pi_like();
         // EBR 2 pointing back at EBR 1.
         put_entry(&mut d[(18432 + 22528) * 512..(18432 + 22528) * 512 + 512], 1, 0x05, 0, 30000);
@@ -249,9 +258,27 @@ mod tests {
             disk_guid: Uuid::derive("t", "disk"),
             disk_sectors: DISK / 512,
             partitions: vec![
-                GptPartition { type_guid: u(crate::gpt::TYPE_ESP), guid: Uuid::derive("t", "esp"), first_lba: 2048, last_lba: 4095, name: "esp".into() },
-                GptPartition { type_guid: u(crate::gpt::TYPE_LINUX_DATA), guid: Uuid::derive("t", "data"), first_lba: 8192, last_lba: 16383, name: "data".into() },
-                GptPartition { type_guid: u(crate::gpt::TYPE_LINUX_DATA), guid: Uuid::derive("t", "root"), first_lba: 4096, last_lba: 8191, name: "root".into() },
+                GptPartition {
+                    type_guid: u(crate::gpt::TYPE_ESP),
+                    guid: Uuid::derive("t", "esp"),
+                    first_lba: 2048,
+                    last_lba: 4095,
+                    name: "esp".into(),
+                },
+                GptPartition {
+                    type_guid: u(crate::gpt::TYPE_LINUX_DATA),
+                    guid: Uuid::derive("t", "data"),
+                    first_lba: 8192,
+                    last_lba: 16383,
+                    name: "data".into(),
+                },
+                GptPartition {
+                    type_guid: u(crate::gpt::TYPE_LINUX_DATA),
+                    guid: Uuid::derive("t", "root"),
+                    first_lba: 4096,
+                    last_lba: 8191,
+                    name: "root".into(),
+                },
             ],
         };
         let mut c = Cursor::new(vec![0u8; DISK as usize]);
@@ -272,7 +299,15 @@ mod tests {
         let path = dir.path().join("d.img");
         std::fs::File::create(&path).unwrap().set_len(DISK).unwrap();
         let script = "label: dos\nstart=2048, size=16384, type=c\nstart=18432, size=16384, type=c\nstart=34816, type=5\nsize=8192, type=83\nsize=8192, type=83\ntype=83\n";
-        let mut child = Command::new("sfdisk").arg("--no-reread").arg("-q").arg(&path).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("sfdisk (fdisk package) is installed");
+        let mut child = Command::new("sfdisk")
+            .arg("--no-reread")
+            .arg("-q")
+            .arg(&path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("sfdisk (fdisk package) is installed");
         child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -284,8 +319,17 @@ mod tests {
             .filter(|l| l.contains(" : start="))
             .filter(|l| !l.contains("type=5"))
             .map(|l| {
-                let num: u32 = l.split(" : ").next().unwrap().trim().strip_prefix(path.to_str().unwrap()).unwrap().parse().unwrap();
-                let field = |k: &str| l.split(k).nth(1).unwrap().split(',').next().unwrap().trim().parse::<u64>().unwrap();
+                let num: u32 = l
+                    .split(" : ")
+                    .next()
+                    .unwrap()
+                    .trim()
+                    .strip_prefix(path.to_str().unwrap())
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                let field =
+                    |k: &str| l.split(k).nth(1).unwrap().split(',').next().unwrap().trim().parse::<u64>().unwrap();
                 (num, field("start="), field("size="))
             })
             .collect();

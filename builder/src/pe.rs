@@ -18,7 +18,9 @@ fn u16_at(b: &[u8], o: usize) -> Result<u16, PeError> {
 }
 
 fn u32_at(b: &[u8], o: usize) -> Result<u32, PeError> {
-    b.get(o..o + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]])).ok_or_else(|| PeError(format!("truncated at {o}")))
+    b.get(o..o + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+        .ok_or_else(|| PeError(format!("truncated at {o}")))
 }
 
 fn u64_at(b: &[u8], o: usize) -> Result<u64, PeError> {

@@ -161,7 +161,11 @@ pub const ALIGN: u64 = MIB;
 /// `[backup]` with its defaults filled in (values were checked when the file was read). The
 /// default paths are every service's state directory (unless its `backup = "skip"`), /home and
 /// /srv; the services whose state is inside the paths are quiesced as their entry says.
-fn resolve_backup(file: &str, b: &crate::profile::Backup, services: &[crate::services::ServicePlan]) -> Result<BackupPlan, ProfileError> {
+fn resolve_backup(
+    file: &str,
+    b: &crate::profile::Backup,
+    services: &[crate::services::ServicePlan],
+) -> Result<BackupPlan, ProfileError> {
     let err = |k: &str, m: &str| ProfileError::new(file, Some(&format!("backup.{k}")), m.to_string());
     let repository = b.repository.clone().ok_or_else(|| {
         err("repository", "required: the restic repository devices back up to, such as \"rest:https://backup.example.org/home\" (append-only recommended)")
@@ -181,7 +185,8 @@ fn resolve_backup(file: &str, b: &crate::profile::Backup, services: &[crate::ser
         }
         _ => state.iter().map(|(_, p)| p.clone()).chain(["/var/home".to_string(), "/var/srv".to_string()]).collect(),
     };
-    let inside = |p: &str| paths.iter().any(|q| p == q || p.starts_with(&format!("{q}/")) || q.starts_with(&format!("{p}/")));
+    let inside =
+        |p: &str| paths.iter().any(|q| p == q || p.starts_with(&format!("{q}/")) || q.starts_with(&format!("{p}/")));
     let backup_services = state
         .iter()
         .filter(|(_, p)| inside(p))
@@ -191,7 +196,9 @@ fn resolve_backup(file: &str, b: &crate::profile::Backup, services: &[crate::ser
         Some(k) => k.iter().map(|(k, v)| (k.clone(), *v as u32)).collect(),
         None => [("daily", 7), ("weekly", 4), ("monthly", 12)].into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
     };
-    let secs = |d: &Option<String>, default: u64| d.as_deref().and_then(|d| humantime::parse_duration(d).ok()).map(|d| d.as_secs()).unwrap_or(default);
+    let secs = |d: &Option<String>, default: u64| {
+        d.as_deref().and_then(|d| humantime::parse_duration(d).ok()).map(|d| d.as_secs()).unwrap_or(default)
+    };
     let drill = b.restore_drill.clone().unwrap_or_else(|| "monthly".into());
     Ok(BackupPlan {
         device: kiln_feed::BackupConfig {
@@ -216,21 +223,30 @@ fn resolve_backup(file: &str, b: &crate::profile::Backup, services: &[crate::ser
 /// `[update]` with its defaults filled in (values were checked when the file was read).
 fn resolve_update(file: &str, u: &crate::profile::Update) -> Result<kiln_feed::UpdateConfig, ProfileError> {
     let err = |key: &str, msg: &str| ProfileError::new(file, Some(key), msg);
-    let feed = u.feed.clone().ok_or_else(|| err("update.feed", "required: the feed URL devices follow, such as \"https://updates.example.org/stable.atom\""))?;
+    let feed = u.feed.clone().ok_or_else(|| {
+        err("update.feed", "required: the feed URL devices follow, such as \"https://updates.example.org/stable.atom\"")
+    })?;
     let metadata = match &u.metadata {
         Some(m) => m.clone(),
         None => {
             let m = kiln_feed::metadata_url(&feed);
             if m == feed {
-                return Err(err("update.metadata", "required when update.feed does not end in .atom or .rss (the signed .json next to it)"));
+                return Err(err(
+                    "update.metadata",
+                    "required when update.feed does not end in .atom or .rss (the signed .json next to it)",
+                ));
             }
             m
         }
     };
     let stem = metadata.rsplit('/').next().unwrap_or("").trim_end_matches(".json").to_string();
     let channel = u.channel.clone().unwrap_or(if stem.is_empty() { "stable".into() } else { stem });
-    let key = u.public_key.clone().ok_or_else(|| err("update.public_key", "required: the release key's public half (`kiln keygen`), which devices trust"))?;
-    let secs = |d: &Option<String>, default: u64| d.as_deref().and_then(|d| humantime::parse_duration(d).ok()).map(|d| d.as_secs()).unwrap_or(default);
+    let key = u.public_key.clone().ok_or_else(|| {
+        err("update.public_key", "required: the release key's public half (`kiln keygen`), which devices trust")
+    })?;
+    let secs = |d: &Option<String>, default: u64| {
+        d.as_deref().and_then(|d| humantime::parse_duration(d).ok()).map(|d| d.as_secs()).unwrap_or(default)
+    };
     Ok(kiln_feed::UpdateConfig {
         feed,
         metadata,
@@ -261,7 +277,11 @@ impl Plan {
             (Some(m), _, _) | (None, Some(m), _) => Mirror::from_uri(m),
             (None, None, Some(h)) => h.clone(),
             (None, None, None) => {
-                return Err(ProfileError::new(&file, Some("system.mirror"), "no mirror: the host's apt sources name none; set system.mirror or pass --mirror URI"))
+                return Err(ProfileError::new(
+                    &file,
+                    Some("system.mirror"),
+                    "no mirror: the host's apt sources name none; set system.mirror or pass --mirror URI",
+                ))
             }
         };
         let sources = mirror.source_lines(&suite, &def.components.join(" "));
@@ -300,7 +320,11 @@ impl Plan {
         let release = p.release.clone().unwrap_or_default();
         let version = overrides.version.clone().or(release.version).unwrap_or_else(|| "0.1.0".into());
         if !crate::profile::valid_version(&version) {
-            return Err(ProfileError::new("--release", None, format!("expected a version starting with a digit, such as \"1.4.0\", found {version:?}")));
+            return Err(ProfileError::new(
+                "--release",
+                None,
+                format!("expected a version starting with a digit, such as \"1.4.0\", found {version:?}"),
+            ));
         }
         let source_date_epoch = overrides.source_date_epoch.or(release.source_date_epoch).unwrap_or(now_epoch);
 
@@ -319,7 +343,11 @@ impl Plan {
         for s in &services {
             for pp in &s.ports {
                 if pp.port == 22 && pp.proto == "tcp" {
-                    return Err(ProfileError::new(&file, Some(&format!("services.{}.ports", s.name)), "port 22/tcp is SSH's".to_string()));
+                    return Err(ProfileError::new(
+                        &file,
+                        Some(&format!("services.{}.ports", s.name)),
+                        "port 22/tcp is SSH's".to_string(),
+                    ));
                 }
                 if let Some(other) = open_ports.iter().find(|o| o.port == pp.port && o.proto == pp.proto) {
                     return Err(ProfileError::new(
@@ -372,7 +400,11 @@ impl Plan {
         if hardening.audit && !health_units.iter().any(|u| u == "auditd.service") {
             health_units.push("auditd.service".into());
         }
-        let health = HealthPlan { units: health_units, commands: health.commands.unwrap_or_default(), timeout_secs: health.timeout.unwrap_or(240) };
+        let health = HealthPlan {
+            units: health_units,
+            commands: health.commands.unwrap_or_default(),
+            timeout_secs: health.timeout.unwrap_or(240),
+        };
 
         let update = match &p.update {
             None => None,
@@ -394,7 +426,12 @@ impl Plan {
         // appliance (profile + image) must name the same partitions (the data partition in
         // fstab, the Pi's disk id), so their ids come from the appliance's identity alone,
         // never from the version or the contents.
-        let layout_seed = Sha256::of(serde_json::json!({ "profile": profile.name, "image": image.name, "layout": def.disk }).to_string().as_bytes()).hex();
+        let layout_seed = Sha256::of(
+            serde_json::json!({ "profile": profile.name, "image": image.name, "layout": def.disk })
+                .to_string()
+                .as_bytes(),
+        )
+        .hex();
         let disk = layout(def.disk.table, &def.disk.partitions, &layout_seed);
 
         Ok(Plan {
@@ -432,7 +469,11 @@ impl Plan {
     }
 
     pub fn partition(&self, role: Role, slot: Option<Slot>) -> &PartitionPlan {
-        self.disk.partitions.iter().find(|p| p.role == role && p.slot == slot).expect("image validated: partition exists")
+        self.disk
+            .partitions
+            .iter()
+            .find(|p| p.role == role && p.slot == slot)
+            .expect("image validated: partition exists")
     }
 }
 
@@ -454,7 +495,15 @@ fn layout(table: PartitionTable, parts: &[PartitionDef], seed: &str) -> DiskPlan
                 (n, crate::mbr::partuuid(disk_id, n))
             }
         };
-        out.push(PartitionPlan { name: p.name.clone(), role: p.role, slot: p.slot, number, offset: Bytes(offset), size: p.size, uuid });
+        out.push(PartitionPlan {
+            name: p.name.clone(),
+            role: p.role,
+            slot: p.slot,
+            number,
+            offset: Bytes(offset),
+            size: p.size,
+            uuid,
+        });
         offset += p.size.0.div_ceil(ALIGN) * ALIGN;
     }
     let disk_guid = match table {
@@ -508,7 +557,10 @@ repository = "rest:https://backup.example.org/home"
         );
         let b = p.backup.as_ref().unwrap();
         assert!(p.packages.contains(&"restic".to_string()));
-        assert_eq!(b.device.paths, ["/var/lib/private/caddy", "/var/lib/legacy", "/var/lib/private/syncthing", "/var/home", "/var/srv"]);
+        assert_eq!(
+            b.device.paths,
+            ["/var/lib/private/caddy", "/var/lib/legacy", "/var/lib/private/syncthing", "/var/home", "/var/srv"]
+        );
         let svc: Vec<(&str, &str)> = b.device.services.iter().map(|s| (s.unit.as_str(), s.quiesce.as_str())).collect();
         assert_eq!(svc, [("caddy.service", "live"), ("legacy.service", "stop"), ("syncthing.service", "stop")]);
         assert_eq!(b.schedule, "daily");

@@ -18,10 +18,8 @@ pub const APPENDING_LISTS: &[&str] =
     &["system.packages", "system.kernel_cmdline", "health.units", "health.commands", "hardening.disable_modules"];
 
 /// The profiles compiled into kiln, used when no file of that name is found on disk.
-pub const BUILTIN_PROFILES: &[(&str, &str)] = &[
-    ("base", include_str!("../../profiles/base.toml")),
-    ("minimal", include_str!("../../profiles/minimal.toml")),
-];
+pub const BUILTIN_PROFILES: &[(&str, &str)] =
+    &[("base", include_str!("../../profiles/base.toml")), ("minimal", include_str!("../../profiles/minimal.toml"))];
 
 /// One profile file as written; every field optional because a child may set only a few.
 #[derive(Deserialize, Serialize, Default, Debug, Clone, PartialEq)]
@@ -321,7 +319,10 @@ pub fn locate(arg: &str, cwd: &Path) -> Result<Source, ProfileError> {
         ProfileError::new(
             format!("--profile {arg}"),
             None,
-            format!("no profile named {arg:?}: looked for profiles/{arg}.toml and the built-in profiles ({})", builtin_names()),
+            format!(
+                "no profile named {arg:?}: looked for profiles/{arg}.toml and the built-in profiles ({})",
+                builtin_names()
+            ),
         )
     })
 }
@@ -336,8 +337,9 @@ fn builtin_names() -> String {
 
 fn read_source(src: &Source) -> Result<String, ProfileError> {
     match src {
-        Source::File(p) => std::fs::read_to_string(p)
-            .map_err(|e| ProfileError::new(p.display(), None, format!("cannot read: {e}"))),
+        Source::File(p) => {
+            std::fs::read_to_string(p).map_err(|e| ProfileError::new(p.display(), None, format!("cannot read: {e}")))
+        }
         Source::Builtin(name) => {
             Ok(BUILTIN_PROFILES.iter().find(|(n, _)| n == name).map(|(_, t)| t.to_string()).unwrap_or_default())
         }
@@ -348,7 +350,11 @@ fn read_source(src: &Source) -> Result<String, ProfileError> {
 pub fn parse_file(src: &Source, text: &str) -> Result<(toml::Table, ProfileFile), ProfileError> {
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
         let msg = e.message().to_string();
-        let at = e.span().map(|s| line_col(text, s.start)).map(|(l, c)| format!(" (line {l}, column {c})")).unwrap_or_default();
+        let at = e
+            .span()
+            .map(|s| line_col(text, s.start))
+            .map(|(l, c)| format!(" (line {l}, column {c})"))
+            .unwrap_or_default();
         ProfileError::new(src, None, format!("not valid TOML{at}: {msg}"))
     })?;
     let typed = typed_from_table(src, &table)?;
@@ -372,15 +378,14 @@ fn explain_serde_error(path: &str, inner: &str) -> (Option<String>, String) {
     // toml's value deserializer appends "\nin `key`\n"; the key path is reported separately.
     let cleaned: String = inner.lines().filter(|l| !l.starts_with("in `")).collect::<Vec<_>>().join("");
     let cleaned = cleaned.replace("a sequence", "a list").replace("a map", "a table");
-    let cleaned = ["u8", "u16", "u32", "u64"].iter().fold(cleaned, |c, t| c.replace(&format!("expected {t}"), "expected a whole number"));
+    let cleaned = ["u8", "u16", "u32", "u64"]
+        .iter()
+        .fold(cleaned, |c, t| c.replace(&format!("expected {t}"), "expected a whole number"));
     let inner = cleaned.as_str();
     let path = if path == "." || path.is_empty() { None } else { Some(path.to_string()) };
     if let Some(rest) = inner.strip_prefix("unknown field `") {
         let (field, tail) = rest.split_once('`').unwrap_or((rest, ""));
-        let expected = tail
-            .trim_start_matches(", expected one of ")
-            .trim_start_matches(", expected ")
-            .replace('`', "");
+        let expected = tail.trim_start_matches(", expected one of ").trim_start_matches(", expected ").replace('`', "");
         // serde_path_to_error's path already ends with the unknown key.
         let key = path.unwrap_or_else(|| field.to_string());
         return (Some(key), format!("unknown key (expected one of: {expected})"));
@@ -407,7 +412,10 @@ fn check_values(src: &Source, p: &ProfileFile) -> Result<(), ProfileError> {
     if let Some(sys) = &p.system {
         if let Some(suite) = &sys.suite {
             if suite.is_empty() || !suite.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
-                return err("system.suite", format!("expected a Debian suite name such as \"trixie\", found {suite:?}"));
+                return err(
+                    "system.suite",
+                    format!("expected a Debian suite name such as \"trixie\", found {suite:?}"),
+                );
             }
         }
         if let Some(h) = &sys.hostname {
@@ -416,20 +424,32 @@ fn check_values(src: &Source, p: &ProfileFile) -> Result<(), ProfileError> {
             }
         }
         if let Some(tz) = &sys.timezone {
-            let ok = !tz.is_empty() && !tz.starts_with('/') && !tz.contains("..") && tz.chars().all(|c| c.is_ascii_alphanumeric() || "/_+-".contains(c));
+            let ok = !tz.is_empty()
+                && !tz.starts_with('/')
+                && !tz.contains("..")
+                && tz.chars().all(|c| c.is_ascii_alphanumeric() || "/_+-".contains(c));
             if !ok {
-                return err("system.timezone", format!("expected an IANA time zone such as \"Europe/Berlin\", found {tz:?}"));
+                return err(
+                    "system.timezone",
+                    format!("expected an IANA time zone such as \"Europe/Berlin\", found {tz:?}"),
+                );
             }
         }
         if let Some(loc) = &sys.locale {
             if !(loc == "C.UTF-8" || (loc.contains('_') && loc.ends_with(".UTF-8"))) {
-                return err("system.locale", format!("expected \"C.UTF-8\" or a UTF-8 locale such as \"de_DE.UTF-8\", found {loc:?}"));
+                return err(
+                    "system.locale",
+                    format!("expected \"C.UTF-8\" or a UTF-8 locale such as \"de_DE.UTF-8\", found {loc:?}"),
+                );
             }
         }
         if let Some(pkgs) = &sys.packages {
             for (i, name) in pkgs.iter().enumerate() {
                 if !valid_package(name) {
-                    return err(&format!("system.packages[{i}]"), format!("expected a Debian package name (optionally name=version), found {name:?}"));
+                    return err(
+                        &format!("system.packages[{i}]"),
+                        format!("expected a Debian package name (optionally name=version), found {name:?}"),
+                    );
                 }
             }
         }
@@ -441,10 +461,16 @@ fn check_values(src: &Source, p: &ProfileFile) -> Result<(), ProfileError> {
         if let Some(args) = &sys.kernel_cmdline {
             for (i, a) in args.iter().enumerate() {
                 if a.is_empty() || a.chars().any(char::is_whitespace) {
-                    return err(&format!("system.kernel_cmdline[{i}]"), format!("expected one kernel argument without spaces, found {a:?}"));
+                    return err(
+                        &format!("system.kernel_cmdline[{i}]"),
+                        format!("expected one kernel argument without spaces, found {a:?}"),
+                    );
                 }
                 if a.starts_with("root=") || a.starts_with("kiln.") {
-                    return err(&format!("system.kernel_cmdline[{i}]"), format!("{a:?} is set by kiln itself (verified root) and cannot be overridden"));
+                    return err(
+                        &format!("system.kernel_cmdline[{i}]"),
+                        format!("{a:?} is set by kiln itself (verified root) and cannot be overridden"),
+                    );
                 }
             }
         }
@@ -455,11 +481,17 @@ fn check_values(src: &Source, p: &ProfileFile) -> Result<(), ProfileError> {
                 return err(&format!("users.{name}"), "expected a user name: lowercase letters, digits, '_' or '-', starting with a letter, at most 32 characters".into());
             }
             if name == "root" {
-                return err("users.root", "the root account stays locked; add a user in the \"sudo\" group instead".into());
+                return err(
+                    "users.root",
+                    "the root account stays locked; add a user in the \"sudo\" group instead".into(),
+                );
             }
             for (i, k) in u.ssh_keys.iter().flatten().enumerate() {
                 if !valid_ssh_key(k) {
-                    return err(&format!("users.{name}.ssh_keys[{i}]"), "expected an OpenSSH public key line such as \"ssh-ed25519 AAAA... comment\"".into());
+                    return err(
+                        &format!("users.{name}.ssh_keys[{i}]"),
+                        "expected an OpenSSH public key line such as \"ssh-ed25519 AAAA... comment\"".into(),
+                    );
                 }
             }
             for (i, g) in u.groups.iter().flatten().enumerate() {
@@ -472,21 +504,28 @@ fn check_values(src: &Source, p: &ProfileFile) -> Result<(), ProfileError> {
     if let Some(rel) = &p.release {
         if let Some(v) = &rel.version {
             if !valid_version(v) {
-                return err("release.version", format!("expected a version starting with a digit, such as \"1.4.0\", found {v:?}"));
+                return err(
+                    "release.version",
+                    format!("expected a version starting with a digit, such as \"1.4.0\", found {v:?}"),
+                );
             }
         }
     }
     if let Some(u) = &p.update {
         for (key, url) in [("update.feed", &u.feed), ("update.metadata", &u.metadata)] {
             if let Some(url) = url {
-                if !(url.starts_with("http://") || url.starts_with("https://")) || url.chars().any(char::is_whitespace) {
+                if !(url.starts_with("http://") || url.starts_with("https://")) || url.chars().any(char::is_whitespace)
+                {
                     return err(key, format!("expected an http:// or https:// URL, found {url:?}"));
                 }
             }
         }
         if let Some(w) = &u.window {
             if !valid_window(w) {
-                return err("update.window", format!("expected a daily window \"HH:MM-HH:MM\" such as \"03:00-05:00\", found {w:?}"));
+                return err(
+                    "update.window",
+                    format!("expected a daily window \"HH:MM-HH:MM\" such as \"03:00-05:00\", found {w:?}"),
+                );
             }
         }
         for (key, d) in [("update.interval", &u.interval), ("update.jitter", &u.jitter)] {
@@ -543,9 +582,16 @@ impl Port {
                 let proto = match p {
                     "tcp" => "tcp",
                     "udp" => "udp",
-                    _ => return Err(format!("expected a port such as 8080, \"8080/tcp\" or \"51820/udp\", found {t:?}")),
+                    _ => {
+                        return Err(format!("expected a port such as 8080, \"8080/tcp\" or \"51820/udp\", found {t:?}"))
+                    }
                 };
-                (n.parse::<i64>().map_err(|_| format!("expected a port such as 8080, \"8080/tcp\" or \"51820/udp\", found {t:?}"))?, proto)
+                (
+                    n.parse::<i64>().map_err(|_| {
+                        format!("expected a port such as 8080, \"8080/tcp\" or \"51820/udp\", found {t:?}")
+                    })?,
+                    proto,
+                )
             }
         };
         if !(1..=65535).contains(&num) {
@@ -559,7 +605,11 @@ fn check_service(src: &Source, name: &str, s: &Service) -> Result<(), ProfileErr
     let key = |k: &str| format!("services.{name}.{k}");
     let err = |k: String, msg: String| Err(ProfileError::new(src, Some(&k), msg));
     if !valid_service_name(name) {
-        return err(format!("services.{name}"), "expected a service name: lowercase letters, digits and '-', starting with a letter, at most 32 characters".into());
+        return err(
+            format!("services.{name}"),
+            "expected a service name: lowercase letters, digits and '-', starting with a letter, at most 32 characters"
+                .into(),
+        );
     }
     if let Some(e) = &s.exec {
         if !e.starts_with('/') || e.contains('\n') {
@@ -582,9 +632,13 @@ fn check_service(src: &Source, name: &str, s: &Service) -> Result<(), ProfileErr
         }
     }
     for (k, v) in s.environment.iter().flatten() {
-        let ok = k.starts_with(|c: char| c.is_ascii_uppercase() || c == '_') && k.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+        let ok = k.starts_with(|c: char| c.is_ascii_uppercase() || c == '_')
+            && k.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
         if !ok {
-            return err(key(&format!("environment.{k}")), "expected a variable name of capital letters, digits and '_'".into());
+            return err(
+                key(&format!("environment.{k}")),
+                "expected a variable name of capital letters, digits and '_'".into(),
+            );
         }
         if v.contains('\n') || v.contains('"') {
             return err(key(&format!("environment.{k}")), "expected a value on one line without '\"'".into());
@@ -592,12 +646,21 @@ fn check_service(src: &Source, name: &str, s: &Service) -> Result<(), ProfileErr
     }
     if let Some(b) = &s.backup {
         if !BACKUP_MODES.contains(&b.as_str()) {
-            return err(key("backup"), format!("expected one of {} (how the state directory is backed up), found {b:?}", quoted(BACKUP_MODES)));
+            return err(
+                key("backup"),
+                format!("expected one of {} (how the state directory is backed up), found {b:?}", quoted(BACKUP_MODES)),
+            );
         }
     }
     for (k, v) in s.loosen.iter().flatten() {
-        if k.is_empty() || !k.starts_with(|c: char| c.is_ascii_uppercase()) || !k.chars().all(|c| c.is_ascii_alphanumeric()) {
-            return err(key(&format!("loosen.{k}")), "expected a systemd directive name such as \"MemoryDenyWriteExecute\"".into());
+        if k.is_empty()
+            || !k.starts_with(|c: char| c.is_ascii_uppercase())
+            || !k.chars().all(|c| c.is_ascii_alphanumeric())
+        {
+            return err(
+                key(&format!("loosen.{k}")),
+                "expected a systemd directive name such as \"MemoryDenyWriteExecute\"".into(),
+            );
         }
         if v.contains('\n') {
             return err(key(&format!("loosen.{k}")), "expected a value on one line".into());
@@ -611,15 +674,32 @@ fn check_service(src: &Source, name: &str, s: &Service) -> Result<(), ProfileErr
     for (i, site) in s.sites.iter().flatten().enumerate() {
         let k = key(&format!("sites[{i}]"));
         match (&site.root, &site.proxy) {
-            (Some(_), Some(_)) | (None, None) => return err(k, "expected either root (a directory to serve) or proxy (an address to forward to), not both or neither".into()),
-            (Some(r), None) if !r.starts_with('/') || r.contains(char::is_whitespace) => return err(format!("{k}.root"), format!("expected an absolute directory such as \"/srv/www\", found {r:?}")),
-            (None, Some(p)) if p.is_empty() || p.contains(char::is_whitespace) || p.contains(['{', '}']) => return err(format!("{k}.proxy"), format!("expected an address such as \"127.0.0.1:5232\", found {p:?}")),
+            (Some(_), Some(_)) | (None, None) => return err(
+                k,
+                "expected either root (a directory to serve) or proxy (an address to forward to), not both or neither"
+                    .into(),
+            ),
+            (Some(r), None) if !r.starts_with('/') || r.contains(char::is_whitespace) => {
+                return err(
+                    format!("{k}.root"),
+                    format!("expected an absolute directory such as \"/srv/www\", found {r:?}"),
+                )
+            }
+            (None, Some(p)) if p.is_empty() || p.contains(char::is_whitespace) || p.contains(['{', '}']) => {
+                return err(
+                    format!("{k}.proxy"),
+                    format!("expected an address such as \"127.0.0.1:5232\", found {p:?}"),
+                )
+            }
             _ => {}
         }
         if let Some(d) = &site.domain {
             let ok = !d.is_empty() && d.split('.').all(|l| valid_hostname(l) || l == "*") && d.contains('.');
             if !ok {
-                return err(format!("{k}.domain"), format!("expected a domain name such as \"home.example.org\", found {d:?}"));
+                return err(
+                    format!("{k}.domain"),
+                    format!("expected a domain name such as \"home.example.org\", found {d:?}"),
+                );
             }
         }
     }
@@ -669,7 +749,10 @@ fn check_backup(src: &Source, b: &Backup) -> Result<(), ProfileError> {
     for (key, v) in [("schedule", &b.schedule), ("restore_drill", &b.restore_drill)] {
         if let Some(v) = v {
             if v.trim().is_empty() || v.contains('\n') {
-                return err(key, format!("expected a systemd calendar expression such as \"daily\" or \"*-*-* 03:30\", found {v:?}"));
+                return err(
+                    key,
+                    format!("expected a systemd calendar expression such as \"daily\" or \"*-*-* 03:30\", found {v:?}"),
+                );
             }
         }
     }
@@ -680,12 +763,18 @@ fn check_backup(src: &Source, b: &Backup) -> Result<(), ProfileError> {
     }
     for (i, x) in b.exclude.iter().flatten().enumerate() {
         if x.is_empty() || x.contains('\n') {
-            return err(&format!("exclude[{i}]"), format!("expected a restic exclude pattern on one line, found {x:?}"));
+            return err(
+                &format!("exclude[{i}]"),
+                format!("expected a restic exclude pattern on one line, found {x:?}"),
+            );
         }
     }
     if let Some(s) = &b.check_subset {
         if !valid_subset(s) {
-            return err("check_subset", format!("expected a share of the repository's data such as \"10%\" or \"1/5\", found {s:?}"));
+            return err(
+                "check_subset",
+                format!("expected a share of the repository's data such as \"10%\" or \"1/5\", found {s:?}"),
+            );
         }
     }
     for (key, d) in [("alert_after", &b.alert_after), ("retry", &b.retry)] {
@@ -714,7 +803,9 @@ fn check_backup(src: &Source, b: &Backup) -> Result<(), ProfileError> {
 pub fn backup_path(p: &str) -> Result<String, String> {
     let clean = p.trim_end_matches('/');
     if !clean.starts_with('/') || clean.split('/').any(|c| c == ".." || c == ".") || p.contains('\n') {
-        return Err(format!("expected an absolute path such as \"/var/lib/private/myapp\" or \"/home/alice\", found {p:?}"));
+        return Err(format!(
+            "expected an absolute path such as \"/var/lib/private/myapp\" or \"/home/alice\", found {p:?}"
+        ));
     }
     for (link, real) in [("/home", "/var/home"), ("/srv", "/var/srv")] {
         if clean == link || clean.starts_with(&format!("{link}/")) {
@@ -724,7 +815,9 @@ pub fn backup_path(p: &str) -> Result<String, String> {
     if clean == "/var" || clean.starts_with("/var/") {
         return Ok(clean.to_string());
     }
-    Err(format!("{p} is on the read-only root, which the image rebuilds: only /var, /home and /srv hold a device's data"))
+    Err(format!(
+        "{p} is on the read-only root, which the image rebuilds: only /var, /home and /srv hold a device's data"
+    ))
 }
 
 /// restic's `--read-data-subset`: "n%", "n/t" or a size is not supported here.
@@ -742,13 +835,19 @@ fn check_hardening(src: &Source, h: &Hardening) -> Result<(), ProfileError> {
     let err = |k: String, msg: String| Err(ProfileError::new(src, Some(&k), msg));
     if let Some(b) = h.exposure_budget {
         if !(0.0..=10.0).contains(&b) {
-            return err("hardening.exposure_budget".into(), format!("expected an exposure from 0.0 to 10.0, found {b}"));
+            return err(
+                "hardening.exposure_budget".into(),
+                format!("expected an exposure from 0.0 to 10.0, found {b}"),
+            );
         }
     }
     for (k, v) in h.sysctl.iter().flatten() {
         let key_ok = !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || "._-/*".contains(c));
         if !key_ok {
-            return err(format!("hardening.sysctl.{k}"), "expected a kernel setting name such as \"kernel.kptr_restrict\"".into());
+            return err(
+                format!("hardening.sysctl.{k}"),
+                "expected a kernel setting name such as \"kernel.kptr_restrict\"".into(),
+            );
         }
         if v.to_string().contains('\n') {
             return err(format!("hardening.sysctl.{k}"), "expected a value on one line".into());
@@ -756,17 +855,26 @@ fn check_hardening(src: &Source, h: &Hardening) -> Result<(), ProfileError> {
     }
     for (i, m) in h.disable_modules.iter().flatten().enumerate() {
         if m.is_empty() || !m.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-            return err(format!("hardening.disable_modules[{i}]"), format!("expected a kernel module name such as \"dccp\", found {m:?}"));
+            return err(
+                format!("hardening.disable_modules[{i}]"),
+                format!("expected a kernel module name such as \"dccp\", found {m:?}"),
+            );
         }
     }
     for (i, f) in h.setuid_allow.iter().flatten().enumerate() {
         if !f.starts_with('/') || f.contains("..") {
-            return err(format!("hardening.setuid_allow[{i}]"), format!("expected an absolute path such as \"/usr/bin/sudo\", found {f:?}"));
+            return err(
+                format!("hardening.setuid_allow[{i}]"),
+                format!("expected an absolute path such as \"/usr/bin/sudo\", found {f:?}"),
+            );
         }
     }
     if let Some(w) = &h.watchdog {
         if w != "off" && humantime::parse_duration(w).is_err() {
-            return err("hardening.watchdog".into(), format!("expected a duration such as \"30s\" or \"off\", found {w:?}"));
+            return err(
+                "hardening.watchdog".into(),
+                format!("expected a duration such as \"30s\" or \"off\", found {w:?}"),
+            );
         }
     }
     Ok(())
@@ -780,7 +888,14 @@ pub fn valid_version(v: &str) -> bool {
 
 /// "HH:MM-HH:MM".
 pub fn valid_window(w: &str) -> bool {
-    let hm = |t: &str| t.split_once(':').is_some_and(|(h, m)| h.len() == 2 && m.len() == 2 && h.parse::<u32>().is_ok_and(|h| h < 24) && m.parse::<u32>().is_ok_and(|m| m < 60));
+    let hm = |t: &str| {
+        t.split_once(':').is_some_and(|(h, m)| {
+            h.len() == 2
+                && m.len() == 2
+                && h.parse::<u32>().is_ok_and(|h| h < 24)
+                && m.parse::<u32>().is_ok_and(|m| m < 60)
+        })
+    };
     w.split_once('-').is_some_and(|(a, b)| hm(a) && hm(b))
 }
 
@@ -796,13 +911,21 @@ pub fn resolve_public_key(declared_in: &Source, value: &str) -> Result<String, P
         };
         let path = profile.parent().unwrap_or(Path::new("")).join(value);
         std::fs::read_to_string(&path)
-            .map_err(|e| err(format!("cannot read {}: {e}; make a key pair with `kiln keygen --out DIR` and name DIR/kiln-release.pub", path.display())))?
+            .map_err(|e| {
+                err(format!(
+                    "cannot read {}: {e}; make a key pair with `kiln keygen --out DIR` and name DIR/kiln-release.pub",
+                    path.display()
+                ))
+            })?
             .trim()
             .to_string()
     };
     match line.strip_prefix("kiln-ed25519:") {
         Some(hex) if hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()) => Ok(hex.to_ascii_lowercase()),
-        _ => Err(err(format!("expected a public key line \"kiln-ed25519:<64 hex digits>\" (the .pub file of `kiln keygen`), found {:?}", line.chars().take(80).collect::<String>()))),
+        _ => Err(err(format!(
+            "expected a public key line \"kiln-ed25519:<64 hex digits>\" (the .pub file of `kiln keygen`), found {:?}",
+            line.chars().take(80).collect::<String>()
+        ))),
     }
 }
 
@@ -817,7 +940,11 @@ fn resolve_binary(declared_in: &Source, service: &str, value: &str) -> Result<St
     match std::fs::metadata(&path) {
         Ok(m) if m.is_file() => Ok(std::path::absolute(&path).unwrap_or(path).to_string_lossy().into_owned()),
         Ok(_) => Err(ProfileError::new(declared_in, Some(&key), format!("{} is not a file", path.display()))),
-        Err(e) => Err(ProfileError::new(declared_in, Some(&key), format!("cannot read {}: {e} (the path is relative to {})", path.display(), profile.display()))),
+        Err(e) => Err(ProfileError::new(
+            declared_in,
+            Some(&key),
+            format!("cannot read {}: {e} (the path is relative to {})", path.display(), profile.display()),
+        )),
     }
 }
 
@@ -853,7 +980,10 @@ pub fn valid_ssh_key(k: &str) -> bool {
         || kind.starts_with("ecdsa-sha2-")
         || kind.starts_with("sk-ssh-ed25519@")
         || kind.starts_with("sk-ecdsa-sha2-");
-    known && blob.len() >= 16 && blob.chars().all(|c| c.is_ascii_alphanumeric() || "+/=".contains(c)) && !k.contains('\n')
+    known
+        && blob.len() >= 16
+        && blob.chars().all(|c| c.is_ascii_alphanumeric() || "+/=".contains(c))
+        && !k.contains('\n')
 }
 
 /// Loads a profile and its `extends` chain, and merges it.
@@ -874,7 +1004,11 @@ pub fn load(src: Source) -> Result<LoadedProfile, ProfileError> {
         let next = resolve_extends(&current, &parent)?;
         if let Some(pos) = chain.iter().position(|s| same_source(s, &next)) {
             let cycle: Vec<String> = chain[pos..].iter().chain(std::iter::once(&next)).map(|s| s.to_string()).collect();
-            return Err(ProfileError::new(&current, Some("extends"), format!("inheritance cycle: {}", cycle.join(" -> "))));
+            return Err(ProfileError::new(
+                &current,
+                Some("extends"),
+                format!("inheritance cycle: {}", cycle.join(" -> ")),
+            ));
         }
         current = next;
     }
@@ -887,7 +1021,8 @@ pub fn load(src: Source) -> Result<LoadedProfile, ProfileError> {
     let mut typed = typed_from_table(chain.first().expect("chain has the profile itself"), &merged)?;
     if let Some(key) = typed.update.as_mut().and_then(|u| u.public_key.as_mut()) {
         // The file that set it, child first: a relative path is relative to that file.
-        let declared = tables.iter().position(|t| t.get("update").and_then(|u| u.get("public_key")).is_some()).unwrap_or(0);
+        let declared =
+            tables.iter().position(|t| t.get("update").and_then(|u| u.get("public_key")).is_some()).unwrap_or(0);
         *key = format!("kiln-ed25519:{}", resolve_public_key(&chain[declared], key)?);
     }
     if let Some(services) = typed.services.as_mut() {
@@ -896,7 +1031,9 @@ pub fn load(src: Source) -> Result<LoadedProfile, ProfileError> {
             // The file that set it, child first: a relative path is relative to that file.
             let declared = tables
                 .iter()
-                .position(|t| t.get("services").and_then(|x| x.get(svc.as_str())).and_then(|x| x.get("binary")).is_some())
+                .position(|t| {
+                    t.get("services").and_then(|x| x.get(svc.as_str())).and_then(|x| x.get("binary")).is_some()
+                })
                 .unwrap_or(0);
             *bin = resolve_binary(&chain[declared], svc, bin)?;
         }
@@ -934,7 +1071,11 @@ fn resolve_extends(child: &Source, parent: &str) -> Result<Source, ProfileError>
         return Err(ProfileError::new(
             child,
             Some("extends"),
-            format!("no profile {parent:?} to extend: looked for {} and the built-in profiles ({})", candidate.display(), builtin_names()),
+            format!(
+                "no profile {parent:?} to extend: looked for {} and the built-in profiles ({})",
+                candidate.display(),
+                builtin_names()
+            ),
         ));
     }
     builtin(parent).map(Source::Builtin).ok_or_else(|| {
@@ -990,13 +1131,19 @@ mod tests {
             parse("[users.al]\nssh_keys = [\"not a key\"]\n").unwrap_err().key.as_deref(),
             Some("users.al.ssh_keys[0]")
         );
-        assert_eq!(parse("[system]\nkernel_cmdline = [\"root=/dev/sda\"]\n").unwrap_err().key.as_deref(), Some("system.kernel_cmdline[0]"));
+        assert_eq!(
+            parse("[system]\nkernel_cmdline = [\"root=/dev/sda\"]\n").unwrap_err().key.as_deref(),
+            Some("system.kernel_cmdline[0]")
+        );
         assert!(parse("[system]\npackages = [\"vim\", \"curl=8.1-1\"]\n").is_ok());
     }
 
     #[test]
     fn tables_merge_and_lists_follow_their_rule() {
-        let mut base: toml::Table = "[system]\nhostname = \"a\"\npackages = [\"x\"]\n[health]\ncommands=[\"true\"]\ntimeout = 5\n".parse().unwrap();
+        let mut base: toml::Table =
+            "[system]\nhostname = \"a\"\npackages = [\"x\"]\n[health]\ncommands=[\"true\"]\ntimeout = 5\n"
+                .parse()
+                .unwrap();
         let child: toml::Table = "[system]\npackages = [\"y\", \"x\"]\n[health]\ntimeout = 9\n".parse().unwrap();
         merge_tables(&mut base, &child, "");
         let sys = base["system"].as_table().unwrap();

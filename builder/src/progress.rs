@@ -16,7 +16,10 @@ impl StageProgress {
         let tty = std::io::stderr().is_terminal() && !crate::exec::debug_enabled();
         let bar = if tty {
             let b = ProgressBar::new_spinner();
-            b.set_style(ProgressStyle::with_template("{spinner} {prefix:.bold} {elapsed:>4} {wide_msg}").expect("valid template"));
+            b.set_style(
+                ProgressStyle::with_template("{spinner} {prefix:.bold} {elapsed:>4} {wide_msg}")
+                    .expect("valid template"),
+            );
             b.set_prefix(name);
             b.set_message(what.to_string());
             b.enable_steady_tick(Duration::from_millis(120));

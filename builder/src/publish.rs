@@ -28,8 +28,16 @@ pub fn keygen(dir: &Path, force: bool) -> Result<(PathBuf, PathBuf, String)> {
     }
     let key = SecretKey::generate().context("reading random bytes for the key")?;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&secret).with_context(|| format!("writing {}", secret.display()))?;
-    f.write_all(key.to_text().as_bytes()).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", secret.display()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&secret)
+        .with_context(|| format!("writing {}", secret.display()))?;
+    f.write_all(key.to_text().as_bytes())
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", secret.display()))?;
     std::fs::write(&public, key.public().to_text()).with_context(|| format!("writing {}", public.display()))?;
     Ok((secret, public, key.public().key_id()))
 }
@@ -66,7 +74,9 @@ fn changelog(old: &[Package], new: &[Package]) -> Vec<Change> {
     for (name, v) in &n {
         match o.get(name) {
             None => out.push(Change { package: name.to_string(), from: None, to: Some(v.to_string()) }),
-            Some(ov) if ov != v => out.push(Change { package: name.to_string(), from: Some(ov.to_string()), to: Some(v.to_string()) }),
+            Some(ov) if ov != v => {
+                out.push(Change { package: name.to_string(), from: Some(ov.to_string()), to: Some(v.to_string()) })
+            }
             _ => {}
         }
     }
@@ -80,11 +90,15 @@ fn changelog(old: &[Package], new: &[Package]) -> Vec<Change> {
 
 pub fn publish(out_dir: &Path, opts: &PublishOptions) -> Result<Published> {
     let manifest_path = out_dir.join(crate::stages::manifest::FILE);
-    let manifest: Manifest = serde_json::from_str(&std::fs::read_to_string(&manifest_path).with_context(|| format!("reading {} (is {} a kiln build output?)", manifest_path.display(), out_dir.display()))?)
-        .with_context(|| format!("reading {}", manifest_path.display()))?;
-    let key_text = std::fs::read_to_string(&opts.key).with_context(|| format!("reading the signing key {}", opts.key.display()))?;
+    let manifest: Manifest = serde_json::from_str(&std::fs::read_to_string(&manifest_path).with_context(|| {
+        format!("reading {} (is {} a kiln build output?)", manifest_path.display(), out_dir.display())
+    })?)
+    .with_context(|| format!("reading {}", manifest_path.display()))?;
+    let key_text = std::fs::read_to_string(&opts.key)
+        .with_context(|| format!("reading the signing key {}", opts.key.display()))?;
     let key = SecretKey::parse(&key_text).map_err(|e| anyhow::anyhow!("{}: {e}", opts.key.display()))?;
-    let version: kiln_feed::Version = manifest.version.parse().map_err(|e: String| anyhow::anyhow!("{}: {e}", manifest_path.display()))?;
+    let version: kiln_feed::Version =
+        manifest.version.parse().map_err(|e: String| anyhow::anyhow!("{}: {e}", manifest_path.display()))?;
 
     // Which files make a release of this kind of image.
     let uki = format!("kiln-{}.efi", manifest.version);
@@ -94,7 +108,10 @@ pub fn publish(out_dir: &Path, opts: &PublishOptions) -> Result<Published> {
     } else if manifest.artifacts.contains_key("boot.img") {
         wanted.push((ArtifactKind::Boot, "boot.img".into()));
     } else {
-        bail!("{}: the build has neither {uki} (UEFI) nor boot.img (Raspberry Pi): rebuild it with this kiln", out_dir.display());
+        bail!(
+            "{}: the build has neither {uki} (UEFI) nor boot.img (Raspberry Pi): rebuild it with this kiln",
+            out_dir.display()
+        );
     }
 
     // Artifacts, by content, each checked against the manifest.
@@ -102,7 +119,10 @@ pub fn publish(out_dir: &Path, opts: &PublishOptions) -> Result<Published> {
     std::fs::create_dir_all(&store).with_context(|| format!("creating {}", store.display()))?;
     let mut artifacts = Vec::new();
     for (kind, name) in wanted {
-        let rec = manifest.artifacts.get(&name).with_context(|| format!("{}: no {name} in the manifest", manifest_path.display()))?;
+        let rec = manifest
+            .artifacts
+            .get(&name)
+            .with_context(|| format!("{}: no {name} in the manifest", manifest_path.display()))?;
         let src = out_dir.join(&name);
         let actual = sha256_file(&src).with_context(|| format!("hashing {}", src.display()))?.hex();
         if actual != rec.sha256 {
@@ -113,7 +133,9 @@ pub fn publish(out_dir: &Path, opts: &PublishOptions) -> Result<Published> {
         if !present {
             let tmp = store.join(format!(".{actual}.tmp"));
             std::fs::copy(&src, &tmp).with_context(|| format!("copying {} to {}", src.display(), tmp.display()))?;
-            std::fs::File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", tmp.display()))?;
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("syncing {}", tmp.display()))?;
             std::fs::rename(&tmp, &dest).with_context(|| format!("renaming {}", tmp.display()))?;
         }
         artifacts.push(Artifact { kind, name, url: format!("artifacts/{actual}"), size: rec.size, sha256: actual });
@@ -129,10 +151,14 @@ pub fn publish(out_dir: &Path, opts: &PublishOptions) -> Result<Published> {
         match kiln_feed::verify(&json, &sig, &[key.public()]) {
             Ok(_) => {}
             Err(e) if opts.force => eprintln!("warning: {}: {e}; replacing it (--force)", json_path.display()),
-            Err(e) => bail!("{}: {e}; refusing to add to a channel this key did not sign (--force starts it afresh)", json_path.display()),
+            Err(e) => bail!(
+                "{}: {e}; refusing to add to a channel this key did not sign (--force starts it afresh)",
+                json_path.display()
+            ),
         }
         if !opts.force {
-            let old: Metadata = serde_json::from_slice(&json).with_context(|| format!("reading {}", json_path.display()))?;
+            let old: Metadata =
+                serde_json::from_slice(&json).with_context(|| format!("reading {}", json_path.display()))?;
             releases = old.releases;
         }
     }
@@ -149,7 +175,8 @@ pub fn publish(out_dir: &Path, opts: &PublishOptions) -> Result<Published> {
     let changelog = match releases.iter().find(|r| r.image == manifest.image) {
         Some(prev) => {
             let p = packages_file(prev.version.as_str());
-            let old: Vec<Package> = std::fs::read(&p).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+            let old: Vec<Package> =
+                std::fs::read(&p).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
             changelog(&old, &manifest.packages)
         }
         None => Vec::new(),

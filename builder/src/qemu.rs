@@ -48,9 +48,21 @@ pub struct BootOptions {
 #[derive(Debug)]
 pub enum CheckOutcome {
     /// `then` is the result of the command run against the ready guest, if one was given.
-    Ready { seconds: f64, line: String, then: Option<Result<(), String>> },
-    NotReady { seconds: f64, line: String, tail: Vec<String> },
-    Failed { seconds: f64, reason: String, tail: Vec<String> },
+    Ready {
+        seconds: f64,
+        line: String,
+        then: Option<Result<(), String>>,
+    },
+    NotReady {
+        seconds: f64,
+        line: String,
+        tail: Vec<String>,
+    },
+    Failed {
+        seconds: f64,
+        reason: String,
+        tail: Vec<String>,
+    },
 }
 
 /// The QEMU command for an image. The VARS copy (or the Pi's boot files) live in `scratch`.
@@ -117,7 +129,8 @@ fn rpi_command(opts: &BootOptions, scratch: &Path, interactive: bool) -> Result<
     let q = &opts.qemu;
     let disk = &opts.disk;
     let mut f = std::fs::File::open(disk).with_context(|| format!("opening {}", disk.display()))?;
-    let table = crate::mbr::MbrTable::read(&mut f).with_context(|| format!("reading the partition table of {}", disk.display()))?;
+    let table = crate::mbr::MbrTable::read(&mut f)
+        .with_context(|| format!("reading the partition table of {}", disk.display()))?;
     let offset_of = |number: u32| -> Result<u64> {
         (0..table.partitions.len())
             .find(|i| crate::mbr::partition_number(*i, table.partitions.len()) == number)
@@ -131,8 +144,12 @@ fn rpi_command(opts: &BootOptions, scratch: &Path, interactive: bool) -> Result<
     let part = autoboot.partition(opts.tryboot);
     let slot = crate::rpi::slot_of_partition(part).map(|s| format!("{s:?}")).unwrap_or_else(|| "?".into());
     let boot_offset = offset_of(part)?;
-    let config = crate::rpi::parse_config(&std::fs::read_to_string(read_fat_file(disk, boot_offset, "config.txt", &files)?).context("reading config.txt")?)?;
-    let cmdline = std::fs::read_to_string(read_fat_file(disk, boot_offset, "cmdline.txt", &files)?).context("reading cmdline.txt")?;
+    let config = crate::rpi::parse_config(
+        &std::fs::read_to_string(read_fat_file(disk, boot_offset, "config.txt", &files)?)
+            .context("reading config.txt")?,
+    )?;
+    let cmdline = std::fs::read_to_string(read_fat_file(disk, boot_offset, "cmdline.txt", &files)?)
+        .context("reading cmdline.txt")?;
     let console = q.console.clone().unwrap_or_else(|| "ttyAMA0".into());
     let mut args: Vec<&str> = cmdline.split_whitespace().filter(|a| !a.starts_with("console=")).collect();
     let console_arg = format!("console={console},115200");
@@ -142,7 +159,11 @@ fn rpi_command(opts: &BootOptions, scratch: &Path, interactive: bool) -> Result<
     // The image's watchdog setting (hardening.watchdog) stays as it is for real hardware.
     args.push("systemd.watchdog_sec=off");
     let kernel = read_fat_file(disk, boot_offset, &config.kernel, &files)?;
-    eprintln!("firmware (played by kiln): autoboot.txt -> partition {part} (slot {slot}{}), kernel {}", if opts.tryboot { ", tryboot" } else { "" }, config.kernel);
+    eprintln!(
+        "firmware (played by kiln): autoboot.txt -> partition {part} (slot {slot}{}), kernel {}",
+        if opts.tryboot { ", tryboot" } else { "" },
+        config.kernel
+    );
 
     let mut cmd = Cmd::new(format!("qemu-system-{}", q.system))
         .args(["-accel", "tcg", "-machine", &q.machine, "-cpu", &q.cpu, "-m", &q.memory, "-smp", &q.smp.to_string()])
@@ -163,8 +184,12 @@ fn rpi_command(opts: &BootOptions, scratch: &Path, interactive: bool) -> Result<
     let size = std::fs::metadata(disk).with_context(|| format!("reading {}", disk.display()))?.len();
     let drive = if opts.persist {
         if raspi && !size.is_power_of_two() {
-            let f = std::fs::OpenOptions::new().write(true).open(disk).with_context(|| format!("opening {} for writing", disk.display()))?;
-            f.set_len(size.next_power_of_two()).with_context(|| format!("growing {} to a power of two for QEMU's SD card", disk.display()))?;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(disk)
+                .with_context(|| format!("opening {} for writing", disk.display()))?;
+            f.set_len(size.next_power_of_two())
+                .with_context(|| format!("growing {} to a power of two for QEMU's SD card", disk.display()))?;
         }
         format!("file={},format=raw", disk.display())
     } else {
@@ -182,7 +207,12 @@ fn rpi_command(opts: &BootOptions, scratch: &Path, interactive: bool) -> Result<
     cmd = if raspi {
         cmd.arg("-drive").arg(format!("{drive},if=sd"))
     } else {
-        cmd.arg("-drive").arg(format!("{drive},if=none,id=disk0")).args(["-device", "virtio-blk-pci,drive=disk0", "-device", "virtio-rng-pci"])
+        cmd.arg("-drive").arg(format!("{drive},if=none,id=disk0")).args([
+            "-device",
+            "virtio-blk-pci,drive=disk0",
+            "-device",
+            "virtio-rng-pci",
+        ])
     };
     // raspi3b's device tree gives the PL011 to Bluetooth: the console is the mini UART, QEMU's
     // second serial port.
@@ -255,7 +285,10 @@ pub fn choose_accel(requested: Accel, qemu: &Qemu, scratch: &Path) -> Accel {
                 }
             }
             let verdict = if probe_kvm(qemu, scratch) { Accel::Kvm } else { Accel::Tcg };
-            let _ = std::fs::write(&cache, format!("{} {}\n", boot_id.trim(), if verdict == Accel::Kvm { "kvm" } else { "tcg" }));
+            let _ = std::fs::write(
+                &cache,
+                format!("{} {}\n", boot_id.trim(), if verdict == Accel::Kvm { "kvm" } else { "tcg" }),
+            );
             verdict
         }
     }
@@ -305,9 +338,21 @@ fn probe_kvm(qemu: &Qemu, scratch: &Path) -> bool {
 
 /// Boots and waits for the readiness marker. With `then`, runs that command while the guest is
 /// still up (e.g. an SSH smoke test against `--ssh-port`), then stops the guest.
-pub fn check(opts: &BootOptions, timeout: Duration, scratch: &Path, echo: bool, then: Option<&Cmd>) -> Result<CheckOutcome> {
+pub fn check(
+    opts: &BootOptions,
+    timeout: Duration,
+    scratch: &Path,
+    echo: bool,
+    then: Option<&Cmd>,
+) -> Result<CheckOutcome> {
     let accel = choose_accel(opts.accel, &opts.qemu, scratch);
-    eprintln!("booting {} under {} ({}), waiting up to {}s for {READY_MARKER}", opts.disk.display(), opts.qemu.system, if accel == Accel::Kvm { "kvm" } else { "tcg" }, timeout.as_secs());
+    eprintln!(
+        "booting {} under {} ({}), waiting up to {}s for {READY_MARKER}",
+        opts.disk.display(),
+        opts.qemu.system,
+        if accel == Accel::Kvm { "kvm" } else { "tcg" },
+        timeout.as_secs()
+    );
     let cmd = command(opts, accel, scratch, false)?;
     let mut child = cmd.spawn_piped(false)?;
     let started = Instant::now();
@@ -333,7 +378,11 @@ pub fn check(opts: &BootOptions, timeout: Duration, scratch: &Path, echo: bool, 
     let deadline = started + timeout;
     let outcome = loop {
         let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-            break CheckOutcome::Failed { seconds: started.elapsed().as_secs_f64(), reason: format!("no {READY_MARKER} within {}s", timeout.as_secs()), tail: vec![] };
+            break CheckOutcome::Failed {
+                seconds: started.elapsed().as_secs_f64(),
+                reason: format!("no {READY_MARKER} within {}s", timeout.as_secs()),
+                tail: vec![],
+            };
         };
         match rx.recv_timeout(left) {
             Ok(line) => {
@@ -357,7 +406,9 @@ pub fn check(opts: &BootOptions, timeout: Duration, scratch: &Path, echo: bool, 
                 if line.contains("Kernel panic - not syncing") {
                     // Let a few more lines of the panic arrive.
                     let until = Instant::now() + Duration::from_secs(2);
-                    while let Some(l) = until.checked_duration_since(Instant::now()).and_then(|d| rx.recv_timeout(d).ok()) {
+                    while let Some(l) =
+                        until.checked_duration_since(Instant::now()).and_then(|d| rx.recv_timeout(d).ok())
+                    {
                         tail.push_back(l);
                         if tail.len() > TAIL_LINES {
                             tail.pop_front();
@@ -369,7 +420,11 @@ pub fn check(opts: &BootOptions, timeout: Duration, scratch: &Path, echo: bool, 
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 let status = child.wait().map(crate::exec::describe_status).unwrap_or_default();
-                break CheckOutcome::Failed { seconds: started.elapsed().as_secs_f64(), reason: format!("QEMU exited ({status}) before {READY_MARKER}"), tail: vec![] };
+                break CheckOutcome::Failed {
+                    seconds: started.elapsed().as_secs_f64(),
+                    reason: format!("QEMU exited ({status}) before {READY_MARKER}"),
+                    tail: vec![],
+                };
             }
         }
     };
@@ -407,7 +462,11 @@ pub fn check(opts: &BootOptions, timeout: Duration, scratch: &Path, echo: bool, 
 /// Runs QEMU attached to this terminal (serial console; Ctrl-A X quits).
 pub fn interactive(opts: &BootOptions, scratch: &Path) -> Result<()> {
     let accel = choose_accel(opts.accel, &opts.qemu, scratch);
-    eprintln!("serial console of {} (Ctrl-A X quits QEMU){}", opts.disk.display(), if opts.persist { "" } else { "; changes are thrown away (use --persist to keep them)" });
+    eprintln!(
+        "serial console of {} (Ctrl-A X quits QEMU){}",
+        opts.disk.display(),
+        if opts.persist { "" } else { "; changes are thrown away (use --persist to keep them)" }
+    );
     let cmd = command(opts, accel, scratch, true)?;
     let status = cmd.spawn_piped(true)?.wait().context("waiting for QEMU")?;
     if !status.success() {
@@ -473,7 +532,16 @@ mod tests {
             eprintln!("ovmf not installed; the boot tests cover this");
             return;
         }
-        let opts = BootOptions { disk: "d.img".into(), qemu, accel: Accel::Tcg, persist: false, ssh_port: Some(2222), net_rules: vec![], log: None, tryboot: false };
+        let opts = BootOptions {
+            disk: "d.img".into(),
+            qemu,
+            accel: Accel::Tcg,
+            persist: false,
+            ssh_port: Some(2222),
+            net_rules: vec![],
+            log: None,
+            tryboot: false,
+        };
         let cmd = command(&opts, Accel::Tcg, dir.path(), false).unwrap().to_string();
         assert!(cmd.contains("-nic user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22"), "{cmd}");
         assert!(cmd.contains("snapshot=on"));

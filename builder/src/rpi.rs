@@ -127,7 +127,8 @@ pub fn parse_autoboot(text: &str) -> Result<Autoboot> {
             continue;
         }
         let Some((key, value)) = line.split_once('=') else { bail!("autoboot.txt: cannot read the line {line:?}") };
-        let num = || value.trim().parse::<u32>().with_context(|| format!("autoboot.txt: {key}={value} is not a number"));
+        let num =
+            || value.trim().parse::<u32>().with_context(|| format!("autoboot.txt: {key}={value} is not a number"));
         match (section, key.trim()) {
             ("[none]", _) => {}
             ("[all]", "tryboot_a_b") => ab = num()? == 1,
@@ -220,7 +221,10 @@ mod tests {
             let text = config_txt("rpi4", "1.2.0", slot, &extra).unwrap();
             assert!(text.contains(&format!("Boot slot {slot:?} of rpi4 1.2.0")), "{text}");
             let c = parse_config(&text).unwrap();
-            assert_eq!(c, BootConfig { kernel: "vmlinuz".into(), initramfs: Some("initrd.img".into()), arm_64bit: true });
+            assert_eq!(
+                c,
+                BootConfig { kernel: "vmlinuz".into(), initramfs: Some("initrd.img".into()), arm_64bit: true }
+            );
             assert!(text.lines().any(|l| l == "upstream_kernel=1"));
         }
     }

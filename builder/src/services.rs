@@ -234,11 +234,18 @@ pub fn resolve(file: &str, name: &str, svc: &Service, default_budget: f64) -> Re
     }
     let sites = svc.sites.clone().unwrap_or_default();
     if entry.options.iter().any(|o| o == "sites") && sites.is_empty() {
-        return Err(err(".sites", "required: at least one site, such as sites = [{ domain = \"home.example.org\", root = \"/srv/www\" }]".into()));
+        return Err(err(
+            ".sites",
+            "required: at least one site, such as sites = [{ domain = \"home.example.org\", root = \"/srv/www\" }]"
+                .into(),
+        ));
     }
 
     let binary = svc.binary.as_ref().map(|src| {
-        let file_name = std::path::Path::new(src).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| name.to_string());
+        let file_name = std::path::Path::new(src)
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_else(|| name.to_string());
         BinaryPlan { source: src.clone(), dest: format!("/usr/local/bin/{file_name}") }
     });
     let exec = match (&svc.exec, &entry.exec, &binary) {
@@ -271,7 +278,10 @@ pub fn resolve(file: &str, name: &str, svc: &Service, default_budget: f64) -> Re
         let Some(old) = directives.get(k) else {
             return Err(err(
                 &format!(".loosen.{k}"),
-                format!("kiln does not set {k} for {name}; the directives that can be loosened are: {}", directives.keys().cloned().collect::<Vec<_>>().join(", ")),
+                format!(
+                    "kiln does not set {k} for {name}; the directives that can be loosened are: {}",
+                    directives.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
             ));
         };
         loosened.push(Loosened { directive: k.clone(), was: old.lines().join("; "), now: v.clone() });
@@ -321,10 +331,17 @@ mod tests {
         for (name, _) in CATALOG {
             let e = catalog_entry(name).unwrap();
             for f in e.files.values() {
-                assert!(crate::templates::CATALOG_FILES.iter().any(|(n, _)| *n == f.template), "{name}: no template {}", f.template);
+                assert!(
+                    crate::templates::CATALOG_FILES.iter().any(|(n, _)| *n == f.template),
+                    "{name}: no template {}",
+                    f.template
+                );
             }
             for d in e.directives.keys() {
-                assert!(baseline().contains_key(d), "{name}: {d} is not a baseline directive: add it to hardening.toml");
+                assert!(
+                    baseline().contains_key(d),
+                    "{name}: {d} is not a baseline directive: add it to hardening.toml"
+                );
             }
         }
         parse_entry("custom", CUSTOM);
@@ -347,7 +364,13 @@ mod tests {
 
     #[test]
     fn custom_service_and_its_errors() {
-        let s = resolve("p.toml", "myapp", &svc("binary = \"/x/dist/myapp\"\nports = [8080, \"9000/udp\"]\nstate = true"), 2.0).unwrap();
+        let s = resolve(
+            "p.toml",
+            "myapp",
+            &svc("binary = \"/x/dist/myapp\"\nports = [8080, \"9000/udp\"]\nstate = true"),
+            2.0,
+        )
+        .unwrap();
         assert_eq!(s.exec, "/usr/local/bin/myapp");
         assert_eq!(s.kind, "custom");
         assert!(s.state);
@@ -363,11 +386,26 @@ mod tests {
 
     #[test]
     fn loosening_is_explicit_and_recorded() {
-        let s = resolve("p.toml", "myapp", &svc("exec = \"/usr/bin/myapp\"\nloosen = { MemoryDenyWriteExecute = \"no\" }"), 2.0).unwrap();
-        assert_eq!(s.loosened, [Loosened { directive: "MemoryDenyWriteExecute".into(), was: "yes".into(), now: "no".into() }]);
+        let s = resolve(
+            "p.toml",
+            "myapp",
+            &svc("exec = \"/usr/bin/myapp\"\nloosen = { MemoryDenyWriteExecute = \"no\" }"),
+            2.0,
+        )
+        .unwrap();
+        assert_eq!(
+            s.loosened,
+            [Loosened { directive: "MemoryDenyWriteExecute".into(), was: "yes".into(), now: "no".into() }]
+        );
         let mdwe = s.directives.iter().find(|d| d.key == "MemoryDenyWriteExecute").unwrap();
         assert_eq!(mdwe.values, ["no"]);
-        let e = resolve("p.toml", "myapp", &svc("exec = \"/usr/bin/myapp\"\nloosen = { MemoryDenyWriteExecut = \"no\" }"), 2.0).unwrap_err();
+        let e = resolve(
+            "p.toml",
+            "myapp",
+            &svc("exec = \"/usr/bin/myapp\"\nloosen = { MemoryDenyWriteExecut = \"no\" }"),
+            2.0,
+        )
+        .unwrap_err();
         assert_eq!(e.key.as_deref(), Some("services.myapp.loosen.MemoryDenyWriteExecut"));
         assert!(e.message.contains("MemoryDenyWriteExecute"), "{e}");
     }

@@ -55,7 +55,8 @@ macro_rules! catalog_templates {
 }
 
 /// The service catalog's templates (`catalog/`), named as catalog entries name them.
-pub const CATALOG_FILES: &[(&str, &str)] = catalog_templates!["service.tera", "caddy/Caddyfile.tera", "radicale/config.tera"];
+pub const CATALOG_FILES: &[(&str, &str)] =
+    catalog_templates!["service.tera", "caddy/Caddyfile.tera", "radicale/config.tera"];
 
 pub struct Templates {
     tera: tera::Tera,
@@ -90,7 +91,11 @@ impl Templates {
                 anyhow::anyhow!(msg)
             })
         } else {
-            FILES.iter().find(|(n, _)| *n == name).map(|(_, t)| t.to_string()).with_context(|| format!("no template {name}"))
+            FILES
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, t)| t.to_string())
+                .with_context(|| format!("no template {name}"))
         }
     }
 }

@@ -54,7 +54,9 @@ impl<'de> Deserialize<'de> for Bytes {
             Int(u64),
             Str(String),
         }
-        match Raw::deserialize(d).map_err(|_| serde::de::Error::custom("expected a size: an integer of bytes or a string like \"512MiB\""))? {
+        match Raw::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("expected a size: an integer of bytes or a string like \"512MiB\""))?
+        {
             Raw::Int(n) => Ok(Bytes(n)),
             Raw::Str(s) => Bytes::parse(&s).map_err(serde::de::Error::custom),
         }

@@ -34,7 +34,9 @@ pub struct GptTable {
 
 #[derive(Debug, thiserror::Error)]
 pub enum GptError {
-    #[error("partition {name:?} (sectors {first}..={last}) does not fit the usable area {usable_first}..={usable_last}")]
+    #[error(
+        "partition {name:?} (sectors {first}..={last}) does not fit the usable area {usable_first}..={usable_last}"
+    )]
     OutOfRange { name: String, first: u64, last: u64, usable_first: u64, usable_last: u64 },
     #[error("partitions {a:?} and {b:?} overlap")]
     Overlap { a: String, b: String },
@@ -169,13 +171,16 @@ impl GptTable {
         if crc32fast::hash(&entries) != u32::from_le_bytes(h[88..92].try_into().expect("4 bytes")) {
             return Err(GptError::Invalid("partition entry array CRC mismatch".into()));
         }
-        let from_gpt = |b: &[u8]| Uuid([b[3], b[2], b[1], b[0], b[5], b[4], b[7], b[6], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]);
+        let from_gpt = |b: &[u8]| {
+            Uuid([b[3], b[2], b[1], b[0], b[5], b[4], b[7], b[6], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]])
+        };
         let mut partitions = Vec::new();
         for e in entries.chunks(ENTRY_SIZE as usize) {
             if e[0..16].iter().all(|b| *b == 0) {
                 continue;
             }
-            let units: Vec<u16> = e[56..128].chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).take_while(|u| *u != 0).collect();
+            let units: Vec<u16> =
+                e[56..128].chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).take_while(|u| *u != 0).collect();
             partitions.push(GptPartition {
                 type_guid: from_gpt(&e[0..16]),
                 guid: from_gpt(&e[16..32]),
@@ -199,8 +204,20 @@ mod tests {
             disk_guid: Uuid::derive("t", "disk"),
             disk_sectors: 8192,
             partitions: vec![
-                GptPartition { type_guid: u(TYPE_ESP), guid: Uuid::derive("t", "esp"), first_lba: 2048, last_lba: 4095, name: "esp".into() },
-                GptPartition { type_guid: u(TYPE_LINUX_DATA), guid: Uuid::derive("t", "data"), first_lba: 4096, last_lba: 6143, name: "data".into() },
+                GptPartition {
+                    type_guid: u(TYPE_ESP),
+                    guid: Uuid::derive("t", "esp"),
+                    first_lba: 2048,
+                    last_lba: 4095,
+                    name: "esp".into(),
+                },
+                GptPartition {
+                    type_guid: u(TYPE_LINUX_DATA),
+                    guid: Uuid::derive("t", "data"),
+                    first_lba: 4096,
+                    last_lba: 6143,
+                    name: "data".into(),
+                },
             ],
         }
     }
@@ -243,8 +260,15 @@ mod tests {
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(text.contains("label: gpt"), "{text}");
-        assert!(text.contains("start=        2048, size=        2048, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B"), "{text}");
+        assert!(
+            text.contains("start=        2048, size=        2048, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B"),
+            "{text}"
+        );
         assert!(text.contains("name=\"data\""), "{text}");
-        assert!(String::from_utf8_lossy(&out.stderr).is_empty(), "sfdisk complained: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).is_empty(),
+            "sfdisk complained: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

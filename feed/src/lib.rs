@@ -38,13 +38,16 @@ impl Version {
 impl FromStr for Version {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let parts: Result<Vec<u64>, _> = s.split('.').map(|p| {
-            if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
-                Err(())
-            } else {
-                p.parse::<u64>().map_err(|_| ())
-            }
-        }).collect();
+        let parts: Result<Vec<u64>, _> = s
+            .split('.')
+            .map(|p| {
+                if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+                    Err(())
+                } else {
+                    p.parse::<u64>().map_err(|_| ())
+                }
+            })
+            .collect();
         match parts {
             Ok(parts) if !parts.is_empty() => Ok(Version { parts, text: s.to_string() }),
             _ => Err(format!("version {s:?} is not dot-separated numbers such as \"1.4.0\"")),
@@ -104,7 +107,8 @@ impl Timestamp {
 impl FromStr for Timestamp {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let t = humantime::parse_rfc3339(s).map_err(|e| format!("time {s:?} is not RFC 3339 UTC (\"2026-11-22T03:00:00Z\"): {e}"))?;
+        let t = humantime::parse_rfc3339(s)
+            .map_err(|e| format!("time {s:?} is not RFC 3339 UTC (\"2026-11-22T03:00:00Z\"): {e}"))?;
         Ok(Timestamp(t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)))
     }
 }
@@ -316,7 +320,10 @@ pub fn parse_backup_env(text: &str) -> Result<Vec<(String, String)>, String> {
         };
         let k = k.trim();
         if k.is_empty() || !k.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_') {
-            return Err(format!("line {}: {k:?} is not an environment variable name (capital letters, digits, '_')", i + 1));
+            return Err(format!(
+                "line {}: {k:?} is not an environment variable name (capital letters, digits, '_')",
+                i + 1
+            ));
         }
         if k == "RESTIC_PASSWORD" || k == "RESTIC_PASSWORD_FILE" || k == "RESTIC_PASSWORD_COMMAND" {
             return Err(format!("line {}: the repository password belongs in backup/password, not {k}", i + 1));

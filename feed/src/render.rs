@@ -62,7 +62,13 @@ fn html(r: &Release) -> String {
     }
     h.push_str("<ul>");
     for a in &r.artifacts {
-        h.push_str(&format!("<li>{} ({}, {}): sha256 <code>{}</code></li>", xml_escape(&a.name), xml_escape(&format!("{:?}", a.kind).to_lowercase()), mib(a.size), xml_escape(&a.sha256)));
+        h.push_str(&format!(
+            "<li>{} ({}, {}): sha256 <code>{}</code></li>",
+            xml_escape(&a.name),
+            xml_escape(&format!("{:?}", a.kind).to_lowercase()),
+            mib(a.size),
+            xml_escape(&a.sha256)
+        ));
     }
     h.push_str(&format!("</ul><p>dm-verity root hash <code>{}</code></p>", xml_escape(&r.root_hash)));
     if r.changelog.is_empty() {
@@ -82,13 +88,22 @@ pub fn atom(meta: &Metadata, base_url: &str, feed_title: &str) -> String {
     let base = xml_escape(base_url);
     let ch = xml_escape(&meta.channel);
     let updated = meta.releases.first().map(|r| r.published).unwrap_or(meta.generated);
-    let mut x = String::from("<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<feed xmlns=\"http://www.w3.org/2005/Atom\">\n");
-    x.push_str(&format!("  <id>{base}{ch}.atom</id>\n  <title>{}</title>\n  <updated>{updated}</updated>\n", xml_escape(feed_title)));
+    let mut x =
+        String::from("<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<feed xmlns=\"http://www.w3.org/2005/Atom\">\n");
+    x.push_str(&format!(
+        "  <id>{base}{ch}.atom</id>\n  <title>{}</title>\n  <updated>{updated}</updated>\n",
+        xml_escape(feed_title)
+    ));
     x.push_str(&format!("  <link rel=\"self\" type=\"application/atom+xml\" href=\"{base}{ch}.atom\"/>\n"));
     x.push_str(&format!("  <link rel=\"alternate\" type=\"application/json\" href=\"{base}{ch}.json\"/>\n"));
     x.push_str("  <author><name>kiln publish</name></author>\n  <generator>kiln</generator>\n");
     for r in &meta.releases {
-        let id = format!("{base}{ch}.json#{}-{}-{}", xml_escape(&r.profile), xml_escape(&r.image), xml_escape(r.version.as_str()));
+        let id = format!(
+            "{base}{ch}.json#{}-{}-{}",
+            xml_escape(&r.profile),
+            xml_escape(&r.image),
+            xml_escape(r.version.as_str())
+        );
         x.push_str("  <entry>\n");
         x.push_str(&format!("    <id>{id}</id>\n    <title>{}</title>\n", xml_escape(&title(r))));
         x.push_str(&format!("    <published>{}</published>\n    <updated>{}</updated>\n", r.published, r.published));
@@ -106,12 +121,22 @@ pub fn rss(meta: &Metadata, base_url: &str, feed_title: &str) -> String {
     let ch = xml_escape(&meta.channel);
     let mut x = String::from("<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<rss version=\"2.0\">\n<channel>\n");
     x.push_str(&format!("  <title>{}</title>\n  <link>{base}{ch}.rss</link>\n", xml_escape(feed_title)));
-    x.push_str(&format!("  <description>Releases of the {ch} channel, signed metadata at {base}{ch}.json</description>\n"));
-    x.push_str(&format!("  <lastBuildDate>{}</lastBuildDate>\n  <generator>kiln</generator>\n", rfc822(meta.generated)));
+    x.push_str(&format!(
+        "  <description>Releases of the {ch} channel, signed metadata at {base}{ch}.json</description>\n"
+    ));
+    x.push_str(&format!(
+        "  <lastBuildDate>{}</lastBuildDate>\n  <generator>kiln</generator>\n",
+        rfc822(meta.generated)
+    ));
     for r in &meta.releases {
         x.push_str("  <item>\n");
         x.push_str(&format!("    <title>{}</title>\n    <link>{base}{ch}.json</link>\n", xml_escape(&title(r))));
-        x.push_str(&format!("    <guid isPermaLink=\"false\">{}-{}-{}</guid>\n", xml_escape(&r.profile), xml_escape(&r.image), xml_escape(r.version.as_str())));
+        x.push_str(&format!(
+            "    <guid isPermaLink=\"false\">{}-{}-{}</guid>\n",
+            xml_escape(&r.profile),
+            xml_escape(&r.image),
+            xml_escape(r.version.as_str())
+        ));
         x.push_str(&format!("    <pubDate>{}</pubDate>\n", rfc822(r.published)));
         x.push_str(&format!("    <description>{}</description>\n", xml_escape(&html(r))));
         x.push_str("  </item>\n");

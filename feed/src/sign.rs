@@ -44,8 +44,13 @@ impl SecretKey {
         if t.starts_with(PUBLIC_PREFIX) {
             return Err(KeyError("this is a public key; signing needs the secret key file (kiln-release.key)".into()));
         }
-        let hex = t.strip_prefix(SECRET_PREFIX).ok_or_else(|| KeyError(format!("not a kiln secret key (expected \"{SECRET_PREFIX}<64 hex digits>\")")))?;
-        let seed: [u8; 32] = hex::decode(hex).ok().and_then(|v| v.try_into().ok()).ok_or_else(|| KeyError("the secret key is not 64 hex digits".into()))?;
+        let hex = t
+            .strip_prefix(SECRET_PREFIX)
+            .ok_or_else(|| KeyError(format!("not a kiln secret key (expected \"{SECRET_PREFIX}<64 hex digits>\")")))?;
+        let seed: [u8; 32] = hex::decode(hex)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| KeyError("the secret key is not 64 hex digits".into()))?;
         Ok(SecretKey(SigningKey::from_bytes(&seed)))
     }
 
@@ -66,7 +71,9 @@ impl PublicKey {
             return Err(KeyError("this is a secret key; never give it to a device".into()));
         }
         let hex = t.strip_prefix(PUBLIC_PREFIX).unwrap_or(t);
-        let bytes: [u8; 32] = hex::decode(hex).ok().and_then(|v| v.try_into().ok()).ok_or_else(|| KeyError(format!("not an ed25519 public key (expected \"{PUBLIC_PREFIX}<64 hex digits>\")")))?;
+        let bytes: [u8; 32] = hex::decode(hex).ok().and_then(|v| v.try_into().ok()).ok_or_else(|| {
+            KeyError(format!("not an ed25519 public key (expected \"{PUBLIC_PREFIX}<64 hex digits>\")"))
+        })?;
         VerifyingKey::from_bytes(&bytes).map(PublicKey).map_err(|_| KeyError("not a valid ed25519 public key".into()))
     }
 
@@ -93,8 +100,12 @@ pub fn verify(data: &[u8], sig_text: &str, keys: &[PublicKey]) -> Result<String,
     let rest = sig_text.trim().strip_prefix(SIG_PREFIX).ok_or(SignatureError::Malformed)?;
     let (id, sig_hex) = rest.split_once(':').ok_or(SignatureError::Malformed)?;
     let sig: [u8; 64] = hex::decode(sig_hex).ok().and_then(|v| v.try_into().ok()).ok_or(SignatureError::Malformed)?;
-    let key = keys.iter().find(|k| k.key_id() == id).ok_or_else(|| SignatureError::UnknownKey(id.into(), keys.iter().map(|k| k.key_id()).collect::<Vec<_>>().join(", ")))?;
-    key.0.verify_strict(data, &ed25519_dalek::Signature::from_bytes(&sig)).map_err(|_| SignatureError::Bad(id.into()))?;
+    let key = keys.iter().find(|k| k.key_id() == id).ok_or_else(|| {
+        SignatureError::UnknownKey(id.into(), keys.iter().map(|k| k.key_id()).collect::<Vec<_>>().join(", "))
+    })?;
+    key.0
+        .verify_strict(data, &ed25519_dalek::Signature::from_bytes(&sig))
+        .map_err(|_| SignatureError::Bad(id.into()))?;
     Ok(id.into())
 }
 
@@ -111,7 +122,10 @@ mod tests {
         assert_eq!(PublicKey::parse(&pubk.hex()).unwrap(), pubk);
         let sig = sign(&k, b"{\"format\":1}");
         assert_eq!(verify(b"{\"format\":1}", &sig, std::slice::from_ref(&pubk)), Ok(pubk.key_id()));
-        assert_eq!(verify(b"{\"format\":2}", &sig, std::slice::from_ref(&pubk)), Err(SignatureError::Bad(pubk.key_id())));
+        assert_eq!(
+            verify(b"{\"format\":2}", &sig, std::slice::from_ref(&pubk)),
+            Err(SignatureError::Bad(pubk.key_id()))
+        );
         let other = SecretKey::generate().unwrap().public();
         assert!(matches!(verify(b"{\"format\":1}", &sig, &[other]), Err(SignatureError::UnknownKey(..))));
         assert_eq!(verify(b"x", "garbage", &[pubk.clone()]), Err(SignatureError::Malformed));

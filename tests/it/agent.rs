@@ -60,9 +60,21 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
     assert!(nix::unistd::geteuid().is_root(), "the OTA test needs root (mmdebstrap --mode=root)");
     let work = repo_root().join("target/kiln-it-ota");
     // KILN_IT_REUSE=1 keeps the five builds of an earlier run (for working on this test).
-    let reuse = std::env::var_os("KILN_IT_REUSE").is_some() && work.join("out-0.5.0/ota-pc-uefi/manifest.json").exists();
+    let reuse =
+        std::env::var_os("KILN_IT_REUSE").is_some() && work.join("out-0.5.0/ota-pc-uefi/manifest.json").exists();
     if reuse {
-        for d in ["site", "site-staging", "site-old", "site-expired", "meta-v2", "meta-v3", "meta-v4", "meta-v5", "meta-bad-sig", "qemu"] {
+        for d in [
+            "site",
+            "site-staging",
+            "site-old",
+            "site-expired",
+            "meta-v2",
+            "meta-v3",
+            "meta-v4",
+            "meta-v5",
+            "meta-bad-sig",
+            "qemu",
+        ] {
             let _ = std::fs::remove_dir_all(work.join(d));
         }
         let _ = std::fs::remove_file(work.join("console.log"));
@@ -89,7 +101,8 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
     // in real life: same appliance, same partitions, a check that does not pass).
     std::fs::write(
         work.join("profiles/ota.toml"),
-        std::fs::read_to_string(work.join("profiles/ota.toml")).unwrap() + "[health]\ncommands = [\"! grep -q '^IMAGE_VERSION=0.3.0$' /usr/lib/os-release\"]\n",
+        std::fs::read_to_string(work.join("profiles/ota.toml")).unwrap()
+            + "[health]\ncommands = [\"! grep -q '^IMAGE_VERSION=0.3.0$' /usr/lib/os-release\"]\n",
     )
     .unwrap();
 
@@ -104,7 +117,20 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
         let t = Instant::now();
         let out = format!("out-{v}");
         if !reuse {
-            kiln_ok(&work, &["build", "--profile", &format!("profiles/{profile}.toml"), "--lock", lock, "--release", v, "--out", &out]);
+            kiln_ok(
+                &work,
+                &[
+                    "build",
+                    "--profile",
+                    &format!("profiles/{profile}.toml"),
+                    "--lock",
+                    lock,
+                    "--release",
+                    v,
+                    "--out",
+                    &out,
+                ],
+            );
             println!("kiln-it: built {profile} {v} in {:.1}s", t.elapsed().as_secs_f64());
         }
         outs.push(work.join(out).join(format!("{profile}-pc-uefi")));
@@ -114,15 +140,33 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
     // Publish every release into one staging site, keeping each step's metadata.
     let staging = work.join("site-staging");
     let publish = |dir: &Path, site: &Path, extra: &[&str]| {
-        let mut args = vec!["publish", dir.to_str().unwrap(), "--channel", "stable", "--to", site.to_str().unwrap(), "--key", "keys/kiln-release.key"];
+        let mut args = vec![
+            "publish",
+            dir.to_str().unwrap(),
+            "--channel",
+            "stable",
+            "--to",
+            site.to_str().unwrap(),
+            "--key",
+            "keys/kiln-release.key",
+        ];
         args.extend_from_slice(&["--base-url", "http://10.0.2.100/"]);
         args.extend_from_slice(extra);
         kiln_ok(&work, &args)
     };
     publish(&outs[1], &staging, &[]);
     let meta_v2 = snapshot(&staging, &work.join("meta-v2"));
-    let feed_check = Command::new(repo_root().join("scripts/feed-validate")).arg(staging.join("stable.atom")).arg(staging.join("stable.rss")).output().unwrap();
-    assert!(feed_check.status.success(), "feedparser rejected the feed:\n{}\n{}", text(&feed_check.stdout), text(&feed_check.stderr));
+    let feed_check = Command::new(repo_root().join("scripts/feed-validate"))
+        .arg(staging.join("stable.atom"))
+        .arg(staging.join("stable.rss"))
+        .output()
+        .unwrap();
+    assert!(
+        feed_check.status.success(),
+        "feedparser rejected the feed:\n{}\n{}",
+        text(&feed_check.stdout),
+        text(&feed_check.stderr)
+    );
     println!("kiln-it: feedparser: {}", text(&feed_check.stdout).trim().replace('\n', " | "));
     publish(&outs[2], &staging, &[]);
     let meta_v3 = snapshot(&staging, &work.join("meta-v3"));
@@ -151,7 +195,8 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
     let port = server.port();
 
     // The device: v1's disk image, kept across power cycles.
-    let manifest: kiln::stages::manifest::Manifest = serde_json::from_str(&std::fs::read_to_string(outs[0].join("manifest.json")).unwrap()).unwrap();
+    let manifest: kiln::stages::manifest::Manifest =
+        serde_json::from_str(&std::fs::read_to_string(outs[0].join("manifest.json")).unwrap()).unwrap();
     let disk = work.join("device.img");
     let cp = Command::new("cp").arg("--sparse=always").arg(outs[0].join("disk.img")).arg(&disk).status().unwrap();
     assert!(cp.success());
@@ -174,7 +219,10 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
     vm.wait_for(&["KILN-READY version=0.2.0"], BOOT);
     vm.wait_for(&["kiln-agent: committed 0.2.0 in slot b"], BOOT);
     vm.wait_for(&["kiln-agent: running 0.2.0, the newest release"], BOOT);
-    println!("kiln-it: v1 -> v2 installed in {install_secs:.1}s ({installed}), committed {:.1}s after v1 started", t.elapsed().as_secs_f64());
+    println!(
+        "kiln-it: v1 -> v2 installed in {install_secs:.1}s ({installed}), committed {:.1}s after v1 started",
+        t.elapsed().as_secs_f64()
+    );
 
     // v3 fails its health check: the device goes back to v2 by itself and never retries v3.
     serve(&site, &meta_v3);
@@ -193,8 +241,13 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
 
     // v4, four ways wrong: each refused with its reason, v2 keeps running.
     let artifacts = staging.join("artifacts");
-    let v4_meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(meta_v4.join("stable.json")).unwrap()).unwrap();
-    let v4_root = v4_meta["releases"][0]["artifacts"].as_array().unwrap().iter().find(|a| a["kind"] == "root").unwrap()["sha256"].as_str().unwrap().to_string();
+    let v4_meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(meta_v4.join("stable.json")).unwrap()).unwrap();
+    let v4_root = v4_meta["releases"][0]["artifacts"].as_array().unwrap().iter().find(|a| a["kind"] == "root").unwrap()
+        ["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let root_path = artifacts.join(&v4_root);
     let whole = std::fs::read(&root_path).unwrap();
     let cases: [(&str, PathBuf, &str); 4] = [
@@ -236,7 +289,10 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
         } else {
             (&["kiln-agent: installing 0.5.0", "kiln-agent: resuming"], rng.between(1.0, 12.0))
         };
-        let line = v.wait_for(&[trigger[0], trigger.get(1).copied().unwrap_or(trigger[0]), "kiln-agent: committed 0.5.0"], Duration::from_secs(900));
+        let line = v.wait_for(
+            &[trigger[0], trigger.get(1).copied().unwrap_or(trigger[0]), "kiln-agent: committed 0.5.0"],
+            Duration::from_secs(900),
+        );
         assert!(!line.contains("committed 0.5.0"), "v5 was committed after only {} cuts: {cuts:#?}", cuts.len());
         std::thread::sleep(Duration::from_secs_f64(delay));
         let at = v.lines.lock().unwrap().iter().rev().find(|l| l.contains("kiln-agent:")).cloned().unwrap_or_default();
@@ -255,7 +311,14 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
     }
     let mut v = vm.take().unwrap_or_else(start);
     server.set_rate_limit(None);
-    let end = v.wait_for(&["kiln-agent: committed 0.5.0 in slot a", "kiln-agent: running 0.5.0, the newest release"], Duration::from_secs(900));
+    let end = v.wait_for(
+        &["kiln-agent: committed 0.5.0 in slot a", "kiln-agent: running 0.5.0, the newest release"],
+        Duration::from_secs(900),
+    );
     v.kill();
-    println!("kiln-it: power cuts: {} (seed {seed}); after every one the device came up on a committed slot; finally: {}", cuts.len(), end.trim());
+    println!(
+        "kiln-it: power cuts: {} (seed {seed}); after every one the device came up on a committed slot; finally: {}",
+        cuts.len(),
+        end.trim()
+    );
 }

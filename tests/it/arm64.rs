@@ -16,7 +16,11 @@ fn run(cmd: &mut Command) -> String {
 
 /// A file from the FAT partition at `offset` of `disk`, read with mtools.
 fn fat_file(disk: &Path, offset: u64, name: &str) -> String {
-    run(Command::new("mtype").arg("-i").arg(format!("{}@@{offset}", disk.display())).arg(format!("::{name}")).env("MTOOLS_SKIP_CHECK", "1"))
+    run(Command::new("mtype")
+        .arg("-i")
+        .arg(format!("{}@@{offset}", disk.display()))
+        .arg(format!("::{name}"))
+        .env("MTOOLS_SKIP_CHECK", "1"))
 }
 
 #[test]
@@ -30,18 +34,28 @@ fn rpi4_image_builds_and_boots_in_qemu() {
     std::fs::write(work.join("profiles/pi.toml"), "extends = \"minimal\"\n[system]\nhostname = \"kiln-pi\"\n").unwrap();
 
     let t = Instant::now();
-    let build = Command::new(kiln_bin()).args(["build", "--profile", "profiles/pi.toml", "--image", "rpi4", "--out"]).arg(&out).current_dir(&work).output().unwrap();
+    let build = Command::new(kiln_bin())
+        .args(["build", "--profile", "profiles/pi.toml", "--image", "rpi4", "--out"])
+        .arg(&out)
+        .current_dir(&work)
+        .output()
+        .unwrap();
     assert!(build.status.success(), "kiln build --image rpi4 failed:\n{}", text(&build.stderr));
     let secs = t.elapsed().as_secs_f64();
     // The per-stage summary lines ("    bootstrap   512.3s  kernel ...").
-    let stages: Vec<String> = text(&build.stderr).lines().filter(|l| l.starts_with("    ") && !l.trim_start().starts_with("==>")).map(|l| l.trim().to_string()).collect();
+    let stages: Vec<String> = text(&build.stderr)
+        .lines()
+        .filter(|l| l.starts_with("    ") && !l.trim_start().starts_with("==>"))
+        .map(|l| l.trim().to_string())
+        .collect();
     println!("kiln-it: built pi-rpi4 (arm64, cold) in {secs:.1}s");
     for s in stages.iter().take(12) {
         println!("kiln-it:   {s}");
     }
     let dir = out.join("pi-rpi4");
     let disk = dir.join("disk.img");
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["arch"], "arm64");
     assert_eq!(manifest["partition_table"], "mbr");
 
@@ -67,7 +81,11 @@ fn rpi4_image_builds_and_boots_in_qemu() {
     assert_eq!(cmdline.lines().count(), 1, "{cmdline}");
     assert!(cmdline.contains(&format!("kiln.root=PARTUUID={label_id}-05")), "{cmdline}");
     assert!(cmdline.contains(&format!("kiln.verity={hash}")), "{cmdline}");
-    let listing = run(Command::new("mdir").arg("-i").arg(format!("{}@@{}", disk.display(), offset("boot-a"))).args(["-b", "::"]).env("MTOOLS_SKIP_CHECK", "1"));
+    let listing = run(Command::new("mdir")
+        .arg("-i")
+        .arg(format!("{}@@{}", disk.display(), offset("boot-a")))
+        .args(["-b", "::"])
+        .env("MTOOLS_SKIP_CHECK", "1"));
     for want in ["start4.elf", "fixup4.dat", "bcm2711-rpi-4-b.dtb", "bcm2711-rpi-400.dtb", "vmlinuz", "initrd.img"] {
         assert!(listing.contains(want), "boot-a lacks {want}:\n{listing}");
     }
@@ -88,5 +106,9 @@ fn rpi4_image_builds_and_boots_in_qemu() {
     let boot_out = text(&boot.stdout);
     assert!(boot.status.success(), "boot check of the rpi4 image failed:\n{boot_out}\n{}", text(&boot.stderr));
     assert!(boot_out.contains("KILN-READY"), "{boot_out}");
-    println!("kiln-it: raspi3b boot: {} ({:.1}s wall)", boot_out.lines().next().unwrap_or_default().trim(), t.elapsed().as_secs_f64());
+    println!(
+        "kiln-it: raspi3b boot: {} ({:.1}s wall)",
+        boot_out.lines().next().unwrap_or_default().trim(),
+        t.elapsed().as_secs_f64()
+    );
 }

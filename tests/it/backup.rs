@@ -26,7 +26,8 @@ const REST_PASSWORD: &str = "append-only-login";
 const REPO_PASSWORD: &str = "correct horse battery staple";
 
 /// A stand-in for a service of your own: counts its starts in its state directory.
-const NOTES: &str = "#!/bin/sh\nset -eu\necho \"start $(date +%s)\" >> \"$STATE_DIRECTORY/starts\"\nexec sleep infinity\n";
+const NOTES: &str =
+    "#!/bin/sh\nset -eu\necho \"start $(date +%s)\" >> \"$STATE_DIRECTORY/starts\"\nexec sleep infinity\n";
 
 /// Debian's restic-rest-server for the host, from the same mirror the images come from
 /// (trixie; bookworm has none), checked against the archive's index.
@@ -41,7 +42,11 @@ fn rest_server(tools: &Path) -> PathBuf {
     let entry = index.iter().find(|p| p.name == "restic-rest-server").expect("trixie has restic-rest-server");
     let fetcher = kiln::debian::Fetcher::new(kiln::debian::FetchConfig::default()).unwrap();
     let deb = fetcher.file(&format!("{}/{}", mirror.debian.trim_end_matches('/'), entry.filename), entry.size).unwrap();
-    assert_eq!(kiln::units::Sha256::of(&deb).hex(), entry.sha256, "restic-rest-server .deb does not match the archive's index");
+    assert_eq!(
+        kiln::units::Sha256::of(&deb).hex(),
+        entry.sha256,
+        "restic-rest-server .deb does not match the archive's index"
+    );
     std::fs::create_dir_all(tools).unwrap();
     let file = tools.join("restic-rest-server.deb");
     std::fs::write(&file, &deb).unwrap();
@@ -65,7 +70,12 @@ impl Server {
         let sha = htpasswd_sha(REST_PASSWORD);
         std::fs::write(data.join(".htpasswd"), format!("{REST_USER}:{{SHA}}{sha}\n")).unwrap();
         let mut cmd = Command::new(bin);
-        cmd.arg("--path").arg(data).args(["--listen", &format!("127.0.0.1:{port}"), "--append-only", "--private-repos"]);
+        cmd.arg("--path").arg(data).args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--append-only",
+            "--private-repos",
+        ]);
         if let Some(m) = max_size {
             cmd.args(["--max-size", &m.to_string()]);
         }
@@ -152,7 +162,16 @@ fn ssh3(key: &Path, port: u16, cmd: &str) -> (bool, String, String) {
     let out = Command::new("ssh")
         .args(["-i"])
         .arg(key)
-        .args(["-p", &port.to_string(), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=30"])
+        .args([
+            "-p",
+            &port.to_string(),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=30",
+        ])
         .args(["-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=30", "tester@127.0.0.1", cmd])
         .output()
         .unwrap();
@@ -176,7 +195,13 @@ fn backup_status(key: &Path, port: u16) -> serde_json::Value {
 }
 
 fn host_restic(repo: &Path, args: &[&str]) -> std::process::Output {
-    Command::new("restic").arg("-r").arg(repo).args(args).env("RESTIC_PASSWORD", REPO_PASSWORD).output().expect("restic on the host (kiln doctor --install)")
+    Command::new("restic")
+        .arg("-r")
+        .arg(repo)
+        .args(args)
+        .env("RESTIC_PASSWORD", REPO_PASSWORD)
+        .output()
+        .expect("restic on the host (kiln doctor --install)")
 }
 
 #[test]
@@ -193,7 +218,11 @@ fn backups_restore_themselves_resist_deletion_and_report_failures() {
     let server_bin = rest_server(&root.join("target/kiln-it-tools"));
     let key = work.join("id_ed25519");
     if !key.exists() {
-        let kg = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "kiln-it", "-f"]).arg(&key).status().unwrap();
+        let kg = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "kiln-it", "-f"])
+            .arg(&key)
+            .status()
+            .unwrap();
         assert!(kg.success());
     }
     let public = std::fs::read_to_string(work.join("id_ed25519.pub")).unwrap();
@@ -241,9 +270,24 @@ public_key = "../keys/kiln-release.pub"
     }
     let site = work.join("site");
     let _ = std::fs::remove_dir_all(&site);
-    kiln_ok(&work, &["publish", "out-v2/bk-pc-uefi", "--channel", "stable", "--to", "site", "--key", "keys/kiln-release.key", "--base-url", &format!("http://{FEED}/")]);
+    kiln_ok(
+        &work,
+        &[
+            "publish",
+            "out-v2/bk-pc-uefi",
+            "--channel",
+            "stable",
+            "--to",
+            "site",
+            "--key",
+            "keys/kiln-release.key",
+            "--base-url",
+            &format!("http://{FEED}/"),
+        ],
+    );
     let feed = crate::httpd::Server::start(&site);
-    let manifest: kiln::stages::manifest::Manifest = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    let manifest: kiln::stages::manifest::Manifest =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
 
     // The device's own secrets: the repository password and its login on the server.
     let prov = work.join("provision");
@@ -251,7 +295,11 @@ public_key = "../keys/kiln-release.pub"
     std::fs::create_dir_all(prov.join("backup")).unwrap();
     std::fs::write(prov.join("hostname"), "dev1\n").unwrap();
     std::fs::write(prov.join("backup/password"), format!("{REPO_PASSWORD}\n")).unwrap();
-    std::fs::write(prov.join("backup/env"), format!("RESTIC_REST_USERNAME={REST_USER}\nRESTIC_REST_PASSWORD={REST_PASSWORD}\n")).unwrap();
+    std::fs::write(
+        prov.join("backup/env"),
+        format!("RESTIC_REST_USERNAME={REST_USER}\nRESTIC_REST_PASSWORD={REST_PASSWORD}\n"),
+    )
+    .unwrap();
     let disk = work.join("disk.img");
     std::fs::copy(dir.join("disk.img"), &disk).unwrap();
     let data_size = provision(&disk, &prov);
@@ -265,7 +313,8 @@ public_key = "../keys/kiln-release.pub"
 
     // Boot 1: a fresh device with credentials and an empty repository.
     let t = Instant::now();
-    let mut vm = Vm::start_with(&disk, &qemu, &[(TARGET, port), (FEED, feed.port())], Some(ssh_port), &log, &work.join("qemu"));
+    let mut vm =
+        Vm::start_with(&disk, &qemu, &[(TARGET, port), (FEED, feed.port())], Some(ssh_port), &log, &work.join("qemu"));
     let ready = vm.wait_for(&["KILN-READY", "KILN-NOT-READY"], BOOT);
     assert!(ready.contains("KILN-READY"), "{ready}\n{}", vm.tail());
     println!("kiln-it: boot 1 ready after {:.1}s", t.elapsed().as_secs_f64());
@@ -311,13 +360,22 @@ public_key = "../keys/kiln-release.pub"
     assert!(s["alerts"].as_array().unwrap().iter().any(|a| a.as_str().unwrap().starts_with("backup failed")), "{s}");
     println!("kiln-it: wrong password: {}", s["last_backup"]["summary"]);
     let alerts = feed.posts();
-    assert!(alerts.iter().any(|(p, b)| p == "/alerts" && b.starts_with("dev1: backup alert") && b.contains("wrong repository password")), "the alert reached the webhook: {alerts:?}");
+    assert!(
+        alerts.iter().any(|(p, b)| p == "/alerts"
+            && b.starts_with("dev1: backup alert")
+            && b.contains("wrong repository password")),
+        "the alert reached the webhook: {alerts:?}"
+    );
 
     server.stop();
     let t = Instant::now();
     let (ok, out) = ssh(&key, ssh_port, "sudo kiln-agent backup now");
     assert!(!ok && out.contains("cannot reach the backup target"), "{out}");
-    println!("kiln-it: target down, failed in {:.1}s: {}", t.elapsed().as_secs_f64(), out.lines().last().unwrap_or_default());
+    println!(
+        "kiln-it: target down, failed in {:.1}s: {}",
+        t.elapsed().as_secs_f64(),
+        out.lines().last().unwrap_or_default()
+    );
 
     let used: u64 = dir_size(&work.join("repo"));
     server.restart(Some(used + 64 * 1024));
@@ -325,7 +383,11 @@ public_key = "../keys/kiln-release.pub"
     let t = Instant::now();
     let (ok, out) = ssh(&key, ssh_port, "sudo kiln-agent backup now");
     assert!(!ok && out.contains("the backup target is full"), "{out}");
-    println!("kiln-it: target full, failed in {:.1}s: {}", t.elapsed().as_secs_f64(), out.lines().last().unwrap_or_default());
+    println!(
+        "kiln-it: target full, failed in {:.1}s: {}",
+        t.elapsed().as_secs_f64(),
+        out.lines().last().unwrap_or_default()
+    );
     assert_eq!(ssh_ok(&key, ssh_port, "systemctl is-active notes").trim(), "active", "the service keeps running");
     server.restart(None);
     ssh_ok(&key, ssh_port, "sudo rm /var/lib/private/notes/docs/extra.bin");
@@ -338,7 +400,11 @@ public_key = "../keys/kiln-release.pub"
     assert!(s["alerts"].as_array().unwrap().is_empty(), "a good backup clears the alerts: {s}");
     let alerts = feed.posts();
     assert!(alerts.last().is_some_and(|(_, b)| b.starts_with("dev1: backups healthy again")), "{alerts:?}");
-    println!("kiln-it: {} alert deliveries so far, the last: {:?}", alerts.len(), alerts.last().map(|(_, b)| b.lines().next().unwrap_or_default()));
+    println!(
+        "kiln-it: {} alert deliveries so far, the last: {:?}",
+        alerts.len(),
+        alerts.last().map(|(_, b)| b.lines().next().unwrap_or_default())
+    );
 
     // Stock restic on the host restores the same bytes.
     let host_dir = work.join("host-restore");
@@ -354,7 +420,8 @@ public_key = "../keys/kiln-release.pub"
     provision(&disk, &prov);
     println!("kiln-it: data partition ({} MiB) wiped and provisioned again", data_size >> 20);
     let t = Instant::now();
-    let mut vm = Vm::start_with(&disk, &qemu, &[(TARGET, port), (FEED, feed.port())], Some(ssh_port), &log, &work.join("qemu"));
+    let mut vm =
+        Vm::start_with(&disk, &qemu, &[(TARGET, port), (FEED, feed.port())], Some(ssh_port), &log, &work.join("qemu"));
     let restored = vm.wait_for(&["kiln-agent: self-restore:"], BOOT);
     println!("kiln-it: {restored}");
     assert!(restored.contains("self-restore: restored"), "{restored}\n{}", vm.tail());
@@ -367,9 +434,15 @@ public_key = "../keys/kiln-release.pub"
     let files = before.lines().count();
     assert!(files >= 43, "{before}");
     assert_eq!(after, before, "the restored data differs");
-    println!("kiln-it: {files} files byte-identical after the self-restore (sha256 of the list {})", kiln::units::Sha256::of(after.as_bytes()).hex());
+    println!(
+        "kiln-it: {files} files byte-identical after the self-restore (sha256 of the list {})",
+        kiln::units::Sha256::of(after.as_bytes()).hex()
+    );
     let starts = ssh3(&key, ssh_port, "sudo cat /var/lib/private/notes/starts").1;
-    assert!(starts.lines().count() >= 2, "the service started on its restored state (its earlier starts came back): {starts}");
+    assert!(
+        starts.lines().count() >= 2,
+        "the service started on its restored state (its earlier starts came back): {starts}"
+    );
 
     // A corrupted repository: the drill must say so.
     let mut corrupted = 0;
@@ -382,8 +455,14 @@ public_key = "../keys/kiln-release.pub"
     assert!(!ok && out.contains("restore drill failed"), "{out}");
     let s = backup_status(&key, ssh_port);
     assert_eq!(s["last_drill"]["ok"], false, "{s}");
-    assert!(s["alerts"].as_array().unwrap().iter().any(|a| a.as_str().unwrap().starts_with("restore drill failed")), "{s}");
-    println!("kiln-it: drill on a corrupted repository ({corrupted} pack files with one byte flipped): {}", s["last_drill"]["summary"]);
+    assert!(
+        s["alerts"].as_array().unwrap().iter().any(|a| a.as_str().unwrap().starts_with("restore drill failed")),
+        "{s}"
+    );
+    println!(
+        "kiln-it: drill on a corrupted repository ({corrupted} pack files with one byte flipped): {}",
+        s["last_drill"]["summary"]
+    );
     assert!(feed.posts().iter().any(|(_, b)| b.contains("restore drill failed")), "{:?}", feed.posts());
     assert_eq!(ssh_ok(&key, ssh_port, "systemctl is-active notes").trim(), "active");
     // Flipped back: the same bytes as before.
@@ -400,8 +479,15 @@ public_key = "../keys/kiln-release.pub"
     server.restart(None);
     let t = Instant::now();
     let out = ssh_ok(&key, ssh_port, "sudo kiln-agent check --now --no-reboot");
-    assert!(out.contains("kiln-agent: backup before the update: snapshot") && out.contains("installed 0.2.0 into slot b"), "{out}");
-    println!("kiln-it: update with a backup first in {:.1}s: {}", t.elapsed().as_secs_f64(), out.lines().find(|l| l.contains("before the update")).unwrap_or_default());
+    assert!(
+        out.contains("kiln-agent: backup before the update: snapshot") && out.contains("installed 0.2.0 into slot b"),
+        "{out}"
+    );
+    println!(
+        "kiln-it: update with a backup first in {:.1}s: {}",
+        t.elapsed().as_secs_f64(),
+        out.lines().find(|l| l.contains("before the update")).unwrap_or_default()
+    );
     let tagged = host_restic(&repo, &["snapshots", "--json", "--tag", "before-update"]);
     let tagged: Vec<serde_json::Value> = serde_json::from_slice(&tagged.stdout).unwrap();
     assert_eq!(tagged.len(), 1, "one snapshot tagged before-update: {tagged:?}");

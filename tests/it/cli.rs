@@ -9,7 +9,8 @@ fn plan_of_the_default_profile_has_the_ab_layout() {
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(plan["output_name"], "minimal-pc-uefi");
     assert_eq!(plan["suite"], "trixie");
-    let names: Vec<&str> = plan["disk"]["partitions"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> =
+        plan["disk"]["partitions"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["esp", "root-a", "root-b", "data"]);
     assert_eq!(plan["sources"][0], "deb http://mirror.invalid/debian trixie main");
 }
@@ -24,7 +25,10 @@ fn a_child_profile_adds_packages_and_users() {
          [users.alice]\nssh_keys = [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGxJ1nJ8Qv0bGz2jQ8g7 alice\"]\ngroups = [\"sudo\"]\n",
     )
     .unwrap();
-    let out = kiln(dir.path(), &["plan", "--profile", "home", "--mirror", "http://mirror.invalid/debian", "--release", "2.1.0"]);
+    let out = kiln(
+        dir.path(),
+        &["plan", "--profile", "home", "--mirror", "http://mirror.invalid/debian", "--release", "2.1.0"],
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let pkgs: Vec<&str> = plan["packages"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
@@ -40,5 +44,10 @@ fn inspect_of_a_missing_output_names_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let out = kiln(dir.path(), &["inspect", "nothing-here"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).starts_with("error: reading nothing-here/manifest.json (is nothing-here a kiln build output?)"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr)
+            .starts_with("error: reading nothing-here/manifest.json (is nothing-here a kiln build output?)"),
+        "{}",
+        text(&out.stderr)
+    );
 }

@@ -21,7 +21,10 @@ const ROOT_AT: u64 = 9 * MIB;
 const DATA_AT: u64 = 25 * MIB;
 
 fn require_root() {
-    assert!(nix::unistd::geteuid().is_root(), "the flash tests need root (loop devices, mounts); run the README's test command, which runs as root");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the flash tests need root (loop devices, mounts); run the README's test command, which runs as root"
+    );
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -79,9 +82,27 @@ fn make_image(dir: &Path) -> (PathBuf, Bmap) {
         disk_guid: Uuid::derive("flash-test", "disk"),
         disk_sectors: IMAGE_SIZE / 512,
         partitions: vec![
-            GptPartition { type_guid: u(TYPE_ESP), guid: Uuid::derive("flash-test", "esp"), first_lba: ESP_AT / 512, last_lba: ROOT_AT / 512 - 1, name: "esp".into() },
-            GptPartition { type_guid: u(TYPE_ROOT_AMD64), guid: Uuid::derive("flash-test", "root"), first_lba: ROOT_AT / 512, last_lba: DATA_AT / 512 - 1, name: "root-a".into() },
-            GptPartition { type_guid: u(TYPE_LINUX_DATA), guid: Uuid::derive("flash-test", "data"), first_lba: DATA_AT / 512, last_lba: IMAGE_SIZE / 512 - 34, name: "data".into() },
+            GptPartition {
+                type_guid: u(TYPE_ESP),
+                guid: Uuid::derive("flash-test", "esp"),
+                first_lba: ESP_AT / 512,
+                last_lba: ROOT_AT / 512 - 1,
+                name: "esp".into(),
+            },
+            GptPartition {
+                type_guid: u(TYPE_ROOT_AMD64),
+                guid: Uuid::derive("flash-test", "root"),
+                first_lba: ROOT_AT / 512,
+                last_lba: DATA_AT / 512 - 1,
+                name: "root-a".into(),
+            },
+            GptPartition {
+                type_guid: u(TYPE_LINUX_DATA),
+                guid: Uuid::derive("flash-test", "data"),
+                first_lba: DATA_AT / 512,
+                last_lba: IMAGE_SIZE / 512 - 34,
+                name: "data".into(),
+            },
         ],
     };
     table.write(&mut f).unwrap();
@@ -125,18 +146,31 @@ fn flash_writes_only_mapped_blocks_and_detects_corruption() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(stdout.starts_with(&format!("flashed {} to {} and verified it\n", img.display(), lp.dev)), "{stdout}");
-    println!("kiln-it: flash of a 64 MiB image with {} mapped: {}", bmap::human_size(map.mapped_bytes()), stdout.lines().skip(2).collect::<Vec<_>>().join(";"));
+    println!(
+        "kiln-it: flash of a 64 MiB image with {} mapped: {}",
+        bmap::human_size(map.mapped_bytes()),
+        stdout.lines().skip(2).collect::<Vec<_>>().join(";")
+    );
 
     let device = read_device(&lp.dev, 80 * MIB);
     let image = fs::read(&img).unwrap();
     for r in &map.ranges {
         let b = map.bytes(r);
-        assert!(device[b.start as usize..b.end as usize] == image[b.start as usize..b.end as usize], "{r} differs on the device");
+        assert!(
+            device[b.start as usize..b.end as usize] == image[b.start as usize..b.end as usize],
+            "{r} differs on the device"
+        );
     }
     // The head of the data partition is zeroed although the image only has a hole there ...
-    assert!(device[DATA_AT as usize..(DATA_AT + MIB) as usize].iter().all(|b| *b == 0), "the stale head of the data partition survived");
+    assert!(
+        device[DATA_AT as usize..(DATA_AT + MIB) as usize].iter().all(|b| *b == 0),
+        "the stale head of the data partition survived"
+    );
     // ... while unmapped blocks are not written at all (the card's old bytes stay).
-    assert!(device[(DATA_AT + 5 * MIB) as usize..(DATA_AT + 6 * MIB) as usize].iter().all(|b| *b == 0xAA), "unmapped blocks were written");
+    assert!(
+        device[(DATA_AT + 5 * MIB) as usize..(DATA_AT + 6 * MIB) as usize].iter().all(|b| *b == 0xAA),
+        "unmapped blocks were written"
+    );
     assert!(device[IMAGE_SIZE as usize..].iter().all(|b| *b == 0xAA), "bytes past the image were written");
 
     // The read-back check passes on the good card, then catches one flipped byte.
@@ -159,7 +193,10 @@ fn flash_writes_only_mapped_blocks_and_detects_corruption() {
         "{stderr}"
     );
     assert!(stderr.contains(&format!(", the image {}", r.sha256)), "{stderr}");
-    println!("kiln-it: a flipped byte at {at} is reported: {}", stderr.lines().find(|l| l.contains("the device has sha256")).unwrap_or("").trim());
+    println!(
+        "kiln-it: a flipped byte at {at} is reported: {}",
+        stderr.lines().find(|l| l.contains("the device has sha256")).unwrap_or("").trim()
+    );
 
     // An image changed after its map was made is caught while it is read.
     let tampered = dir.path().join("tampered.img");
@@ -169,8 +206,17 @@ fn flash_writes_only_mapped_blocks_and_detects_corruption() {
     let out = kiln(dir.path(), &["flash", tampered.to_str().unwrap(), &lp.dev, "--yes"]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains(&format!("{}: {r} (bytes {}-{}) have sha256 ", tampered.display(), span.start, span.end - 1)), "{stderr}");
-    assert!(stderr.contains(&format!("but the block map says {}: the image is damaged, or the map was made for another image", r.sha256)), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}: {r} (bytes {}-{}) have sha256 ", tampered.display(), span.start, span.end - 1)),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "but the block map says {}: the image is damaged, or the map was made for another image",
+            r.sha256
+        )),
+        "{stderr}"
+    );
     assert!(stderr.contains(&format!("{} now holds a partial image", lp.dev)), "{stderr}");
 }
 
@@ -178,7 +224,13 @@ fn flash_writes_only_mapped_blocks_and_detects_corruption() {
 fn partitioned_card(dir: &Path) -> (PathBuf, Loop) {
     let card = dir.join("card.img");
     File::create(&card).unwrap().set_len(80 * MIB).unwrap();
-    let mut child = Command::new("sfdisk").args(["-q", "--no-reread"]).arg(&card).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    let mut child = Command::new("sfdisk")
+        .args(["-q", "--no-reread"])
+        .arg(&card)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
     use std::io::Write;
     child.stdin.take().unwrap().write_all(b"label: dos\nstart=2048, size=32768, type=83\n").unwrap();
     assert!(child.wait().unwrap().success());
@@ -229,7 +281,10 @@ fn a_partition_is_refused() {
 fn root_disk() -> String {
     let source = run(Command::new("findmnt").args(["-n", "-o", "SOURCE", "/"]));
     let source = source.trim().split('[').next().unwrap().to_string();
-    assert!(source.starts_with("/dev/"), "/ is mounted from {source:?}, not a block device: this test needs a host whose root is on a disk");
+    assert!(
+        source.starts_with("/dev/"),
+        "/ is mounted from {source:?}, not a block device: this test needs a host whose root is on a disk"
+    );
     let parent = run(Command::new("lsblk").args(["-n", "-d", "-o", "PKNAME"]).arg(&source));
     let disk = if parent.trim().is_empty() { source } else { format!("/dev/{}", parent.trim()) };
     assert!(fs::metadata(&disk).is_ok(), "{disk} does not exist");
@@ -247,7 +302,11 @@ fn the_disk_holding_root_is_refused() {
     let out = kiln(dir.path(), &["flash", img.to_str().unwrap(), &disk]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.starts_with(&format!("error: refusing to write {disk}: it holds the running system (/ is mounted from ")), "{stderr}");
+    assert!(
+        stderr
+            .starts_with(&format!("error: refusing to write {disk}: it holds the running system (/ is mounted from ")),
+        "{stderr}"
+    );
     println!("kiln-it: {}", stderr.trim());
 }
 
@@ -289,7 +348,15 @@ fn without_yes_and_without_a_terminal_nothing_is_written() {
 /// `debugfs -R "stat PATH"`: (mode, uid, gid).
 fn stat(dev: &str, path: &str) -> (String, String, String) {
     let out = run(Command::new("debugfs").args(["-R", &format!("stat {path}"), dev]));
-    let field = |key: &str| out.split(key).nth(1).unwrap_or_else(|| panic!("no {key} in {out}")).split_whitespace().next().unwrap().to_string();
+    let field = |key: &str| {
+        out.split(key)
+            .nth(1)
+            .unwrap_or_else(|| panic!("no {key} in {out}"))
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
     (field("Mode:"), field("User:"), field("Group:"))
 }
 
@@ -304,7 +371,9 @@ fn provision_writes_an_ext4_data_partition() {
 
     let prov = dir.path().join("device-1");
     fs::create_dir_all(prov.join("ssh/authorized_keys")).unwrap();
-    run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "alice@laptop", "-f"]).arg(dir.path().join("id")));
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "alice@laptop", "-f"])
+        .arg(dir.path().join("id")));
     let key = fs::read_to_string(dir.path().join("id.pub")).unwrap();
     fs::write(prov.join("ssh/authorized_keys/alice"), &key).unwrap();
     fs::create_dir_all(prov.join("backup")).unwrap();
@@ -317,16 +386,21 @@ fn provision_writes_an_ext4_data_partition() {
     // An unknown entry is refused before anything is written.
     fs::write(prov.join("notes.txt"), "x").unwrap();
     let before = sha256_file(&card).unwrap();
-    let out = kiln(dir.path(), &["flash", img.to_str().unwrap(), &lp.dev, "--yes", "--provision", prov.to_str().unwrap()]);
+    let out =
+        kiln(dir.path(), &["flash", img.to_str().unwrap(), &lp.dev, "--yes", "--provision", prov.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         text(&out.stderr).lines().last().unwrap(),
-        format!("error: {}: unknown provisioning entry (known: ssh/authorized_keys/<user>, backup/, wifi/, hostname)", prov.join("notes.txt").display())
+        format!(
+            "error: {}: unknown provisioning entry (known: ssh/authorized_keys/<user>, backup/, wifi/, hostname)",
+            prov.join("notes.txt").display()
+        )
     );
     assert_eq!(sha256_file(&card).unwrap(), before, "the device was changed");
     fs::remove_file(prov.join("notes.txt")).unwrap();
 
-    let out = kiln(dir.path(), &["flash", img.to_str().unwrap(), &lp.dev, "--yes", "--provision", prov.to_str().unwrap()]);
+    let out =
+        kiln(dir.path(), &["flash", img.to_str().unwrap(), &lp.dev, "--yes", "--provision", prov.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     println!("kiln-it: provisioned flash: {}", text(&out.stdout).lines().skip(1).collect::<Vec<_>>().join(";"));
     lp.update_partitions();

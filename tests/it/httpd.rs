@@ -82,7 +82,13 @@ fn resolve(root: &Path, url_path: &str) -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
-fn serve(stream: TcpStream, root: &Path, faults: &Mutex<Faults>, log: &Mutex<Vec<Request>>, posts: &Mutex<Vec<(String, String)>>) -> std::io::Result<()> {
+fn serve(
+    stream: TcpStream,
+    root: &Path,
+    faults: &Mutex<Faults>,
+    log: &Mutex<Vec<Request>>,
+    posts: &Mutex<Vec<(String, String)>>,
+) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
@@ -135,7 +141,11 @@ fn serve(stream: TcpStream, root: &Path, faults: &Mutex<Faults>, log: &Mutex<Vec
         (from, to, status) = (a, b, 206);
     }
     log.lock().unwrap().push(Request { path, range, status });
-    let mut head = format!("HTTP/1.1 {status} {}\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\nConnection: close\r\n", if status == 206 { "Partial Content" } else { "OK" }, to - from);
+    let mut head = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\nConnection: close\r\n",
+        if status == 206 { "Partial Content" } else { "OK" },
+        to - from
+    );
     if status == 206 {
         head.push_str(&format!("Content-Range: bytes {from}-{}/{len}\r\n", to - 1));
     }

@@ -39,16 +39,23 @@ fn minimal_image_builds_verifies_and_boots() {
 
     // Build.
     let t = Instant::now();
-    let build = Command::new(kiln_bin()).args(["build", "--profile", "profiles/it.toml", "--out"]).arg(&out).current_dir(&work).output().unwrap();
+    let build = Command::new(kiln_bin())
+        .args(["build", "--profile", "profiles/it.toml", "--out"])
+        .arg(&out)
+        .current_dir(&work)
+        .output()
+        .unwrap();
     assert!(build.status.success(), "kiln build failed:\n{}", text(&build.stderr));
     println!("kiln-it: built it-pc-uefi (minimal + a user) in {:.1}s", t.elapsed().as_secs_f64());
     let dir = out.join("it-pc-uefi");
     let disk = dir.join("disk.img");
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
 
     // The partition table, as sfdisk reads it.
     let dump = run(Command::new("sfdisk").arg("-d").arg(&disk));
-    let names: Vec<&str> = dump.lines().filter_map(|l| l.split("name=\"").nth(1)).map(|n| n.trim_end_matches('"')).collect();
+    let names: Vec<&str> =
+        dump.lines().filter_map(|l| l.split("name=\"").nth(1)).map(|n| n.trim_end_matches('"')).collect();
     assert_eq!(names, ["esp", "root-a", "root-b", "data"], "{dump}");
     assert!(dump.contains("type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B"), "ESP type: {dump}");
     println!("kiln-it: sfdisk sees {names:?}");
@@ -57,7 +64,12 @@ fn minimal_image_builds_verifies_and_boots() {
     let hash = manifest["verity"]["root_hash"].as_str().unwrap().to_string();
     let offset = manifest["verity"]["hash_offset"].as_u64().unwrap();
     let root_img = dir.join("root.img");
-    run(Command::new("veritysetup").arg("verify").arg(&root_img).arg(&root_img).arg(&hash).arg(format!("--hash-offset={offset}")));
+    run(Command::new("veritysetup")
+        .arg("verify")
+        .arg(&root_img)
+        .arg(&root_img)
+        .arg(&hash)
+        .arg(format!("--hash-offset={offset}")));
     println!("kiln-it: veritysetup verify accepts root.img with root hash {hash}");
 
     // The SBOM is valid SPDX 2.3 (checked by the spdx-tools validator).
@@ -67,12 +79,20 @@ fn minimal_image_builds_verifies_and_boots() {
     let pkgs = doc["packages"].as_array().unwrap();
     let licensed = pkgs.iter().filter(|p| p["licenseDeclared"].as_str().is_some_and(|l| l != "NOASSERTION")).count();
     assert!(pkgs.len() > 100, "the SBOM lists every package");
-    println!("kiln-it: sbom.spdx.json valid (pyspdxtools): {} packages, {} with a declared license", pkgs.len(), licensed);
+    println!(
+        "kiln-it: sbom.spdx.json valid (pyspdxtools): {} packages, {} with a declared license",
+        pkgs.len(),
+        licensed
+    );
 
     // The manifest matches the files.
     let inspect = kiln(&root, &["inspect", "--verify", dir.to_str().unwrap()]);
     assert!(inspect.status.success(), "{}", text(&inspect.stderr));
-    assert!(text(&inspect.stdout).contains("verified: 4 artifacts and 4 partitions match the manifest"), "{}", text(&inspect.stdout));
+    assert!(
+        text(&inspect.stdout).contains("verified: 4 artifacts and 4 partitions match the manifest"),
+        "{}",
+        text(&inspect.stdout)
+    );
 
     // It boots to the readiness marker; then the test user logs in over SSH with its key (and
     // sudo works, / is the verified EROFS, /var the data partition), while a password login
@@ -87,15 +107,40 @@ fn minimal_image_builds_verifies_and_boots() {
          && if {ssh} -o BatchMode=yes -o PubkeyAuthentication=no -o PreferredAuthentications=password,keyboard-interactive tester@127.0.0.1 true 2>&1; \
             then echo password-login-accepted; else echo password-login-refused; fi"
     );
-    let boot = kiln(&root, &["boot", "--check", "--timeout", "400", "--ssh-port", &port.to_string(), disk.to_str().unwrap(), "--", "sh", "-c", &script]);
+    let boot = kiln(
+        &root,
+        &[
+            "boot",
+            "--check",
+            "--timeout",
+            "400",
+            "--ssh-port",
+            &port.to_string(),
+            disk.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
     let boot_out = text(&boot.stdout);
     assert!(boot.status.success(), "boot check failed:\n{boot_out}\n{}", text(&boot.stderr));
     assert!(boot_out.contains("KILN-READY version=0.1.0"), "{boot_out}");
-    for want in ["login-ok", "sudo-ok", "/dev/mapper/root erofs", "ext4", "Read-only file system", "Permission denied (publickey)", "password-login-refused"] {
+    for want in [
+        "login-ok",
+        "sudo-ok",
+        "/dev/mapper/root erofs",
+        "ext4",
+        "Read-only file system",
+        "Permission denied (publickey)",
+        "password-login-refused",
+    ] {
         assert!(boot_out.contains(want), "expected {want:?} in the SSH session output:\n{boot_out}");
     }
     println!("kiln-it: {}", boot_out.lines().next().unwrap_or_default().trim());
-    println!("kiln-it: SSH key login, sudo, read-only verified root, /var on ext4 and refused password login all checked");
+    println!(
+        "kiln-it: SSH key login, sudo, read-only verified root, /var on ext4 and refused password login all checked"
+    );
 
     // One flipped byte in root-a (in the EROFS superblock, read at mount) must stop the boot.
     let bad_dir = out.join("corrupt");
@@ -108,13 +153,22 @@ fn minimal_image_builds_verifies_and_boots() {
     flip_byte(&bad, at);
     let bad_boot = kiln(&root, &["boot", "--check", "--timeout", "400", bad.to_str().unwrap()]);
     let stderr = text(&bad_boot.stderr);
-    assert_eq!(bad_boot.status.code(), Some(1), "a corrupted root must not boot:\n{}\n{stderr}", text(&bad_boot.stdout));
+    assert_eq!(
+        bad_boot.status.code(),
+        Some(1),
+        "a corrupted root must not boot:\n{}\n{stderr}",
+        text(&bad_boot.stdout)
+    );
     let log = std::fs::read_to_string(bad_dir.join("boot-console.log")).unwrap();
     assert!(
         log.contains("dm-verity device corrupted") || log.contains("is corrupted"),
         "the failure should come from dm-verity; console:\n{log}"
     );
-    let verity_line = log.lines().find(|l| l.contains("is corrupted")).or_else(|| log.lines().find(|l| l.contains("corrupted"))).unwrap_or_default();
+    let verity_line = log
+        .lines()
+        .find(|l| l.contains("is corrupted"))
+        .or_else(|| log.lines().find(|l| l.contains("corrupted")))
+        .unwrap_or_default();
     println!("kiln-it: flipped byte at {at} of disk.img: boot refused: {}", verity_line.trim());
 }
 

@@ -46,16 +46,33 @@ fn native_initramfs_opens_the_verified_root_and_boots_systemd() {
     let again = work.join("initrd-again.img");
     kiln::initramfs::build(&tree, &kver, &modules, &again).unwrap();
     assert!(std::fs::read(&initrd).unwrap() == std::fs::read(&again).unwrap(), "two builds of the initramfs differ");
-    println!("kiln-it: initramfs for {kver} built natively in {build_seconds:.1}s: {info}; a second build is byte-identical");
+    println!(
+        "kiln-it: initramfs for {kver} built natively in {build_seconds:.1}s: {info}; a second build is byte-identical"
+    );
 
     // The root: EROFS + dm-verity hash tree, on a GPT disk.
     let t = Instant::now();
     let root = work.join("root.img");
-    Cmd::new("mkfs.erofs").args(["-zlz4", "-T0", "-U", "6b696c6e-0000-4000-8000-000000000001"]).arg(&root).arg(&tree).run().unwrap();
+    Cmd::new("mkfs.erofs")
+        .args(["-zlz4", "-T0", "-U", "6b696c6e-0000-4000-8000-000000000001"])
+        .arg(&root)
+        .arg(&tree)
+        .run()
+        .unwrap();
     let fs_size = std::fs::metadata(&root).unwrap().len();
     let offset = fs_size.div_ceil(4096) * 4096;
-    let format = Cmd::new("veritysetup").arg("format").arg(&root).arg(&root).arg(format!("--hash-offset={offset}")).read().unwrap();
-    let hash = format.lines().find_map(|l| l.strip_prefix("Root hash:")).map(|h| h.trim().to_string()).expect("veritysetup prints the root hash");
+    let format = Cmd::new("veritysetup")
+        .arg("format")
+        .arg(&root)
+        .arg(&root)
+        .arg(format!("--hash-offset={offset}"))
+        .read()
+        .unwrap();
+    let hash = format
+        .lines()
+        .find_map(|l| l.strip_prefix("Root hash:"))
+        .map(|h| h.trim().to_string())
+        .expect("veritysetup prints the root hash");
     let disk = work.join("disk.img");
     make_disk(&root, &hash, &disk, arch.root_type);
     println!(
@@ -64,14 +81,22 @@ fn native_initramfs_opens_the_verified_root_and_boots_systemd() {
         &hash[..16],
         t.elapsed().as_secs_f64()
     );
-    let guest = Guest { arch: &arch, kernel: tree.join(format!("boot/vmlinuz-{kver}")), initrd: initrd.clone(), logs: work.clone() };
-    let append = |hash: &str, extra: &str| format!("console={} kiln.verity={hash} kiln.verity_offset={offset} panic=10 {extra}", arch.console);
+    let guest = Guest {
+        arch: &arch,
+        kernel: tree.join(format!("boot/vmlinuz-{kver}")),
+        initrd: initrd.clone(),
+        logs: work.clone(),
+    };
+    let append = |hash: &str, extra: &str| {
+        format!("console={} kiln.verity={hash} kiln.verity_offset={offset} panic=10 {extra}", arch.console)
+    };
 
     // 1. The healthy boot reaches systemd in the verified root. Whether the tree's services
     // then get to a login prompt on a read-only root is the tree's business: it is reported.
     let ok = guest.boot("ok", &disk, &append(&hash, ""), |l| l.contains(" login:"), Stop::AtLine);
     // (Kernel messages may follow on the same console line: cut them off.)
-    let verified = ok.line("kiln-initramfs: verified root").split_inclusive("…)").next().unwrap_or_default().to_string();
+    let verified =
+        ok.line("kiln-initramfs: verified root").split_inclusive("…)").next().unwrap_or_default().to_string();
     assert!(verified.contains(&format!("verified root /dev/vda1 (root hash {}…)", &hash[..16])), "{}", ok.tail());
     let welcome = ok.line("Welcome to");
     assert!(welcome.contains("Debian"), "systemd did not start in the verified root:\n{}", ok.tail());
@@ -79,9 +104,17 @@ fn native_initramfs_opens_the_verified_root_and_boots_systemd() {
     println!("kiln-it: healthy boot: {verified}");
     println!("kiln-it: healthy boot: {welcome}");
     if ok.matched {
-        println!("kiln-it: healthy boot: {} after {:.1}s", ok.whole(" login:").split_inclusive("login:").next().unwrap_or_default(), ok.seconds);
+        println!(
+            "kiln-it: healthy boot: {} after {:.1}s",
+            ok.whole(" login:").split_inclusive("login:").next().unwrap_or_default(),
+            ok.seconds
+        );
     } else {
-        println!("kiln-it: healthy boot: systemd ran, but no login prompt within {}s (see {})", BOOT_TIMEOUT.as_secs(), work.join("boot-ok.log").display());
+        println!(
+            "kiln-it: healthy boot: systemd ran, but no login prompt within {}s (see {})",
+            BOOT_TIMEOUT.as_secs(),
+            work.join("boot-ok.log").display()
+        );
     }
 
     // 2. A flipped byte in the root (in the EROFS superblock, read at mount): dm-verity panics
@@ -91,7 +124,11 @@ fn native_initramfs_opens_the_verified_root_and_boots_systemd() {
     flip_byte(&bad, PARTITION_START * SECTOR + 1024 + 8);
     let corrupt = guest.boot("corrupt", &bad, &append(&hash, ""), |l| l.contains("Kernel panic"), Stop::AtExit);
     let panic = corrupt.line("Kernel panic");
-    assert!(panic.contains("dm-verity device corrupted"), "the failure should come from dm-verity:\n{}", corrupt.tail());
+    assert!(
+        panic.contains("dm-verity device corrupted"),
+        "the failure should come from dm-verity:\n{}",
+        corrupt.tail()
+    );
     assert!(corrupt.exited, "after the panic the machine should reboot (panic=10):\n{}", corrupt.tail());
     println!("kiln-it: flipped byte: {}", corrupt.whole("is corrupted"));
     println!("kiln-it: flipped byte: {panic} (rebooted after {:.1}s)", corrupt.seconds);
@@ -102,7 +139,11 @@ fn native_initramfs_opens_the_verified_root_and_boots_systemd() {
     let miss = guest.boot("wrong-hash", &disk, &append(&wrong, "quiet"), |l| l.contains("Kernel panic"), Stop::AtExit);
     let error = miss.line("kiln-initramfs: ");
     assert!(error.starts_with("kiln-initramfs: no partition with PARTUUID="), "{}", miss.tail());
-    assert!(!miss.has("kiln-initramfs: waiting"), "quiet should keep the initramfs quiet except errors:\n{}", miss.tail());
+    assert!(
+        !miss.has("kiln-initramfs: waiting"),
+        "quiet should keep the initramfs quiet except errors:\n{}",
+        miss.tail()
+    );
     assert!(miss.has("Attempted to kill init"), "{}", miss.tail());
     assert!(miss.exited, "after the panic the machine should reboot (panic=10):\n{}", miss.tail());
     println!("kiln-it: wrong root hash: {error}");
@@ -146,9 +187,12 @@ struct Arch {
 impl Arch {
     fn from_env() -> Arch {
         match std::env::var("KILN_IT_INITRAMFS_ARCH").as_deref() {
-            Err(_) | Ok("amd64") => {
-                Arch { debian: "amd64", qemu: &["qemu-system-x86_64", "-accel", "tcg"], console: "ttyS0", root_type: kiln::gpt::TYPE_ROOT_AMD64 }
-            }
+            Err(_) | Ok("amd64") => Arch {
+                debian: "amd64",
+                qemu: &["qemu-system-x86_64", "-accel", "tcg"],
+                console: "ttyS0",
+                root_type: kiln::gpt::TYPE_ROOT_AMD64,
+            },
             Ok("arm64") => Arch {
                 debian: "arm64",
                 qemu: &["qemu-system-aarch64", "-accel", "tcg", "-M", "virt", "-cpu", "cortex-a72", "-smp", "2"],
@@ -182,7 +226,11 @@ fn cached_tree(arch: &Arch) -> PathBuf {
         .arg(format!("--architectures={}", arch.debian))
         .arg(format!("--include=linux-image-{},{PACKAGES}", arch.debian))
         .arg("--aptopt=APT::Install-Recommends \"false\"")
-        .args(["--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/locale/*"])
+        .args([
+            "--dpkgopt=path-exclude=/usr/share/man/*",
+            "--dpkgopt=path-exclude=/usr/share/doc/*",
+            "--dpkgopt=path-exclude=/usr/share/locale/*",
+        ])
         .arg(format!("--essential-hook={divert}"))
         .arg("trixie")
         .arg(part.join("tree"))
@@ -191,13 +239,20 @@ fn cached_tree(arch: &Arch) -> PathBuf {
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&part, &dir).unwrap();
-    println!("kiln-it: bootstrapped a trixie {} tree in {:.1}s into {}", arch.debian, t.elapsed().as_secs_f64(), tree.display());
+    println!(
+        "kiln-it: bootstrapped a trixie {} tree in {:.1}s into {}",
+        arch.debian,
+        t.elapsed().as_secs_f64(),
+        tree.display()
+    );
     tree
 }
 
 fn kernel_version(tree: &Path) -> String {
-    let mut versions: Vec<String> =
-        std::fs::read_dir(tree.join("boot")).unwrap().filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("vmlinuz-").map(String::from)).collect();
+    let mut versions: Vec<String> = std::fs::read_dir(tree.join("boot"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("vmlinuz-").map(String::from))
+        .collect();
     versions.sort();
     versions.pop().expect("a kernel in the tree's /boot")
 }
@@ -265,7 +320,19 @@ impl Guest<'_> {
     fn boot(&self, name: &str, disk: &Path, append: &str, until: impl Fn(&str) -> bool, stop: Stop) -> Boot {
         let cmd = Cmd::new(self.arch.qemu[0])
             .args(&self.arch.qemu[1..])
-            .args(["-m", "1024", "-display", "none", "-serial", "stdio", "-monitor", "none", "-nic", "none", "-no-reboot"])
+            .args([
+                "-m",
+                "1024",
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+                "-monitor",
+                "none",
+                "-nic",
+                "none",
+                "-no-reboot",
+            ])
             .arg("-kernel")
             .arg(&self.kernel)
             .arg("-initrd")

@@ -30,7 +30,6 @@ mod repro;
 mod services;
 mod vm;
 
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -50,7 +49,12 @@ pub fn kiln(cwd: &Path, args: &[&str]) -> Output {
 /// Runs kiln in `work` with a cache of its own (`work/cache`), so a test's builds and trees
 /// do not depend on another test's.
 pub fn kiln_in(work: &Path, args: &[&str]) -> Output {
-    Command::new(kiln_bin()).args(args).current_dir(work).env("KILN_CACHE", work.join("cache")).output().expect("kiln runs")
+    Command::new(kiln_bin())
+        .args(args)
+        .current_dir(work)
+        .env("KILN_CACHE", work.join("cache"))
+        .output()
+        .expect("kiln runs")
 }
 
 /// [`kiln_in`] that must succeed; returns stdout and stderr.

@@ -7,7 +7,12 @@ use std::process::{Command, Output};
 use std::time::Instant;
 
 fn kiln_in(work: &Path, args: &[&str]) -> Output {
-    Command::new(kiln_bin()).args(args).current_dir(work).env("KILN_CACHE", work.join("cache")).output().expect("kiln runs")
+    Command::new(kiln_bin())
+        .args(args)
+        .current_dir(work)
+        .env("KILN_CACHE", work.join("cache"))
+        .output()
+        .expect("kiln runs")
 }
 
 fn sha256(path: &Path) -> String {
@@ -26,7 +31,12 @@ fn locked_builds_are_bit_identical_and_refuse_tampered_debs() {
     assert!(lock.status.success(), "kiln lock failed:\n{}", text(&lock.stderr));
     let lock_file = work.join("profiles/minimal.pc-uefi.lock");
     let locked = kiln::lock::LockFile::read(&lock_file).unwrap();
-    println!("kiln-it: locked {} packages in {:.1}s ({})", locked.packages.len(), t.elapsed().as_secs_f64(), lock_file.display());
+    println!(
+        "kiln-it: locked {} packages in {:.1}s ({})",
+        locked.packages.len(),
+        t.elapsed().as_secs_f64(),
+        lock_file.display()
+    );
 
     // Two cold builds (each bootstraps; the tree cache is emptied in between) in different
     // directories at different times.
@@ -54,7 +64,10 @@ fn locked_builds_are_bit_identical_and_refuse_tampered_debs() {
     assert!(b.status.success(), "warm kiln build --locked failed:\n{}", text(&b.stderr));
     assert!(text(&b.stderr).contains("(from the cache)"), "the warm build must reuse the tree:\n{}", text(&b.stderr));
     let warm = t.elapsed().as_secs_f64();
-    println!("kiln-it: warm rebuild after a config-only change: {warm:.1}s (cold {cold:.1}s, {:.1}x faster)", cold / warm);
+    println!(
+        "kiln-it: warm rebuild after a config-only change: {warm:.1}s (cold {cold:.1}s, {:.1}x faster)",
+        cold / warm
+    );
     let prune = kiln_in(&work, &["cache", "prune"]);
     assert!(prune.status.success(), "{}", text(&prune.stderr));
 
@@ -69,7 +82,13 @@ fn locked_builds_are_bit_identical_and_refuse_tampered_debs() {
     let err = text(&b.stderr);
     assert_eq!(b.status.code(), Some(1), "a tampered .deb must fail the build:\n{err}");
     let want = format!("package systemd {}: the cached .deb", victim.version);
-    assert!(err.contains(&want) && err.contains(&format!("but the lock says {}", victim.sha256)), "expected {want:?} in:\n{err}");
+    assert!(
+        err.contains(&want) && err.contains(&format!("but the lock says {}", victim.sha256)),
+        "expected {want:?} in:\n{err}"
+    );
     assert!(!work.join("out-3/minimal-pc-uefi").exists(), "a failed build must not leave an output");
-    println!("kiln-it: tampered systemd .deb refused: {}", err.lines().find(|l| l.starts_with("error:")).unwrap_or_default());
+    println!(
+        "kiln-it: tampered systemd .deb refused: {}",
+        err.lines().find(|l| l.starts_with("error:")).unwrap_or_default()
+    );
 }

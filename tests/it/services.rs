@@ -40,7 +40,11 @@ fn services_are_sandboxed_gated_and_only_declared_ports_listen() {
     std::fs::create_dir_all(work.join("profiles/dist")).unwrap();
 
     let key = work.join("id_ed25519");
-    let kg = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "kiln-it", "-f"]).arg(&key).status().unwrap();
+    let kg = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "kiln-it", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
     assert!(kg.success());
     let public = std::fs::read_to_string(work.join("id_ed25519.pub")).unwrap();
     std::fs::write(work.join("profiles/dist/myapp"), MYAPP).unwrap();
@@ -100,7 +104,8 @@ RestrictNamespaces = "no"
     }
 
     let dir = work.join("out/svc-pc-uefi");
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
     let scores = manifest["security"]["services"].as_array().unwrap();
     let mut names: Vec<&str> = scores.iter().map(|s| s["name"].as_str().unwrap()).collect();
     names.sort();
@@ -110,15 +115,32 @@ RestrictNamespaces = "no"
         assert!(e <= 2.0, "{} scored {e}: {s}", s["name"]);
         assert!(s["loosened"].as_array().unwrap().is_empty());
     }
-    let fw: Vec<&str> = manifest["security"]["firewall"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-    assert_eq!(fw, ["22/tcp ssh", "80/tcp caddy", "443/tcp caddy", "443/udp caddy", "5232/tcp radicale", "8080/tcp myapp", "21027/udp syncthing", "22000/tcp syncthing", "22000/udp syncthing"]);
+    let fw: Vec<&str> =
+        manifest["security"]["firewall"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(
+        fw,
+        [
+            "22/tcp ssh",
+            "80/tcp caddy",
+            "443/tcp caddy",
+            "443/udp caddy",
+            "5232/tcp radicale",
+            "8080/tcp myapp",
+            "21027/udp syncthing",
+            "22000/tcp syncthing",
+            "22000/udp syncthing"
+        ]
+    );
     let inspect = Command::new(kiln_bin()).arg("inspect").arg(&dir).output().unwrap();
     assert!(text(&inspect.stdout).contains("services (systemd-analyze security exposure"), "{}", text(&inspect.stdout));
 
     // The weak unit: the same packages (the locked tree comes from the cache), and the gate
     // stops the build naming the service, its score and what would lower it.
     let t = Instant::now();
-    let weak = kiln_in(&work, &["build", "--profile", "profiles/weak.toml", "--lock", "profiles/svc.pc-uefi.lock", "--out", "out-weak"]);
+    let weak = kiln_in(
+        &work,
+        &["build", "--profile", "profiles/weak.toml", "--lock", "profiles/svc.pc-uefi.lock", "--out", "out-weak"],
+    );
     let err = text(&weak.stderr);
     assert!(!weak.status.success(), "a weak unit must fail the build:\n{}", text(&weak.stdout));
     assert!(err.contains("security gate: services.weak: weak.service has exposure"), "{err}");
@@ -179,7 +201,11 @@ if {ssh} -o PubkeyAuthentication=no -o PreferredAuthentications=password,keyboar
         .unwrap();
     let out = text(&boot.stdout);
     assert!(boot.status.success(), "boot check failed:\n{out}\n{}", text(&boot.stderr));
-    println!("kiln-it: booted and checked in {:.1}s: {}", t.elapsed().as_secs_f64(), out.lines().find(|l| l.contains("ready after")).unwrap_or_default());
+    println!(
+        "kiln-it: booted and checked in {:.1}s: {}",
+        t.elapsed().as_secs_f64(),
+        out.lines().find(|l| l.contains("ready after")).unwrap_or_default()
+    );
     for u in ["caddy", "syncthing", "radicale", "myapp"] {
         assert!(out.contains(&format!("active {u} active")), "{u} is not active:\n{out}");
     }
@@ -214,5 +240,8 @@ if {ssh} -o PubkeyAuthentication=no -o PreferredAuthentications=password,keyboar
     }
     seen.sort();
     seen.dedup();
-    println!("kiln-it: non-loopback listeners: {} (all declared; 9999 opened by the test and dropped by the firewall)", seen.join(" "));
+    println!(
+        "kiln-it: non-loopback listeners: {} (all declared; 9999 opened by the test and dropped by the firewall)",
+        seen.join(" ")
+    );
 }

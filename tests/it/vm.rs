@@ -43,7 +43,14 @@ impl Vm {
 
     /// Boots `disk` (changes persist): each (guest address, host port) of `relays` reaches
     /// 127.0.0.1:port on the host; `ssh_port` forwards 127.0.0.1:ssh_port to the guest's SSH.
-    pub fn start_with(disk: &Path, qemu: &kiln::image::Qemu, relays: &[(&str, u16)], ssh_port: Option<u16>, log: &Path, scratch: &Path) -> Vm {
+    pub fn start_with(
+        disk: &Path,
+        qemu: &kiln::image::Qemu,
+        relays: &[(&str, u16)],
+        ssh_port: Option<u16>,
+        log: &Path,
+        scratch: &Path,
+    ) -> Vm {
         std::fs::create_dir_all(scratch).unwrap();
         let relay = scratch.join("relay.py");
         std::fs::write(&relay, RELAY).unwrap();
@@ -55,7 +62,10 @@ impl Vm {
             ssh_port,
             // A `tcp:` chardev would be one connection made at QEMU's start; `cmd:` runs the
             // relay once per guest connection.
-            net_rules: relays.iter().map(|(guest, port)| format!("guestfwd=tcp:{guest}-cmd:python3 {} {port}", relay.display())).collect(),
+            net_rules: relays
+                .iter()
+                .map(|(guest, port)| format!("guestfwd=tcp:{guest}-cmd:python3 {} {port}", relay.display()))
+                .collect(),
             log: None,
             tryboot: false,
         };
@@ -128,4 +138,3 @@ impl Vm {
         let _ = self.child.wait();
     }
 }
-

@@ -52,12 +52,15 @@ pub struct BlockDevice {
 impl BlockDevice {
     /// Looks the device up; anything that is not a block device is refused here.
     pub fn inspect(path: &Path) -> Result<BlockDevice> {
-        let meta = fs::metadata(path).with_context(|| format!("{}: no such device (lsblk lists the disks)", path.display()))?;
+        let meta = fs::metadata(path)
+            .with_context(|| format!("{}: no such device (lsblk lists the disks)", path.display()))?;
         if !meta.file_type().is_block_device() {
             bail!("refusing to write {}: it is not a block device; pass the whole SD card or USB stick, like /dev/sdX or /dev/mmcblk0 (lsblk lists them)", path.display());
         }
         let dev = DevId::from_rdev(meta.rdev());
-        let sysfs = dev.sysfs().with_context(|| format!("{}: block device {dev} has no entry /sys/dev/block/{dev} (is sysfs mounted?)", path.display()))?;
+        let sysfs = dev.sysfs().with_context(|| {
+            format!("{}: block device {dev} has no entry /sys/dev/block/{dev} (is sysfs mounted?)", path.display())
+        })?;
         let name = sysfs.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         Ok(BlockDevice { path: path.to_path_buf(), name, dev, sysfs })
     }
@@ -68,8 +71,11 @@ impl BlockDevice {
 
     /// Size in bytes (sysfs counts 512-byte sectors whatever the device's block size).
     pub fn size(&self) -> Result<u64> {
-        let s = self.attr("size").with_context(|| format!("{}: cannot read its size from {}", self.path.display(), self.sysfs.join("size").display()))?;
-        let sectors: u64 = s.parse().with_context(|| format!("{}: unexpected size {s:?} in sysfs", self.path.display()))?;
+        let s = self.attr("size").with_context(|| {
+            format!("{}: cannot read its size from {}", self.path.display(), self.sysfs.join("size").display())
+        })?;
+        let sectors: u64 =
+            s.parse().with_context(|| format!("{}: unexpected size {s:?} in sysfs", self.path.display()))?;
         Ok(sectors * 512)
     }
 
@@ -160,7 +166,12 @@ pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
             continue;
         }
         let Some(dev) = DevId::parse(fields[2]) else { continue };
-        out.push(Mount { dev, mount_point: unescape(fields[4]), fstype: unescape(fields[sep + 1]), source: unescape(fields[sep + 2]) });
+        out.push(Mount {
+            dev,
+            mount_point: unescape(fields[4]),
+            fstype: unescape(fields[sep + 1]),
+            source: unescape(fields[sep + 2]),
+        });
     }
     out
 }
@@ -206,7 +217,11 @@ fn disks_under(dev: DevId, depth: u32, out: &mut BTreeSet<DevId>) {
         return;
     }
     let Some(sys) = dev.sysfs() else { return };
-    let disk_dir = if sys.join("partition").exists() { sys.parent().map(Path::to_path_buf).unwrap_or(sys.clone()) } else { sys.clone() };
+    let disk_dir = if sys.join("partition").exists() {
+        sys.parent().map(Path::to_path_buf).unwrap_or(sys.clone())
+    } else {
+        sys.clone()
+    };
     if let Some(d) = fs::read_to_string(disk_dir.join("dev")).ok().and_then(|s| DevId::parse(&s)) {
         out.insert(d);
     }
@@ -253,7 +268,9 @@ pub fn refuse_system_disk(dev: &BlockDevice) -> Result<()> {
 }
 
 fn parent_dev(dev: &BlockDevice) -> Option<DevId> {
-    dev.partition_of().and_then(|_| dev.sysfs.parent().and_then(|p| fs::read_to_string(p.join("dev")).ok()).and_then(|s| DevId::parse(&s)))
+    dev.partition_of().and_then(|_| {
+        dev.sysfs.parent().and_then(|p| fs::read_to_string(p.join("dev")).ok()).and_then(|s| DevId::parse(&s))
+    })
 }
 
 /// Refuses a partition: the image brings its own partition table for the whole device.
@@ -272,7 +289,8 @@ pub fn refuse_partition(dev: &BlockDevice) -> Result<()> {
 pub fn refuse_in_use(dev: &BlockDevice) -> Result<()> {
     let family = dev.family();
     let devs: BTreeSet<DevId> = family.iter().map(|(_, d)| *d).collect();
-    let name_of = |d: DevId| family.iter().find(|(_, x)| *x == d).map(|(n, _)| dev.node(n)).unwrap_or_else(|| d.to_string());
+    let name_of =
+        |d: DevId| family.iter().find(|(_, x)| *x == d).map(|(n, _)| dev.node(n)).unwrap_or_else(|| d.to_string());
     let mut problems = Vec::new();
     for m in parse_mountinfo(&read_proc("/proc/self/mountinfo")?) {
         if let Some(d) = mount_devs(&m).into_iter().find(|d| devs.contains(d)) {
@@ -293,13 +311,22 @@ pub fn refuse_in_use(dev: &BlockDevice) -> Result<()> {
         if let Ok(rd) = fs::read_dir(dir.join("holders")) {
             for e in rd.flatten() {
                 let holder = e.file_name().to_string_lossy().into_owned();
-                let label = fs::read_to_string(e.path().join("dm/name")).map(|n| format!(" ({})", n.trim())).unwrap_or_default();
-                problems.push(format!("{} is in use by {holder}{label}: a device-mapper (LVM, dm-crypt) or RAID device; stop that first", dev.node(name)));
+                let label = fs::read_to_string(e.path().join("dm/name"))
+                    .map(|n| format!(" ({})", n.trim()))
+                    .unwrap_or_default();
+                problems.push(format!(
+                    "{} is in use by {holder}{label}: a device-mapper (LVM, dm-crypt) or RAID device; stop that first",
+                    dev.node(name)
+                ));
             }
         }
     }
     if !problems.is_empty() {
-        bail!("refusing to write {}: it is in use: {}; make sure it is the device you mean", dev.path.display(), problems.join("; "));
+        bail!(
+            "refusing to write {}: it is in use: {}; make sure it is the device you mean",
+            dev.path.display(),
+            problems.join("; ")
+        );
     }
     Ok(())
 }
@@ -324,7 +351,15 @@ mod tests {
                     garbage\n";
         let m = parse_mountinfo(text);
         assert_eq!(m.len(), 3);
-        assert_eq!(m[0], Mount { dev: DevId { major: 254, minor: 0 }, mount_point: "/".into(), fstype: "ext4".into(), source: "/dev/vda".into() });
+        assert_eq!(
+            m[0],
+            Mount {
+                dev: DevId { major: 254, minor: 0 },
+                mount_point: "/".into(),
+                fstype: "ext4".into(),
+                source: "/dev/vda".into()
+            }
+        );
         assert_eq!(m[1].mount_point, "/tmp/with space");
         assert_eq!(m[1].dev.to_string(), "7:1");
         assert_eq!(m[1].source, "/dev/loop1");

@@ -62,7 +62,8 @@ pub struct DataFs {
 impl Provision {
     /// Checks DIR against the layout above, reading every file that has a format.
     pub fn load(dir: &Path) -> Result<Provision> {
-        let meta = fs::symlink_metadata(dir).with_context(|| format!("{}: cannot read the provisioning directory", dir.display()))?;
+        let meta = fs::symlink_metadata(dir)
+            .with_context(|| format!("{}: cannot read the provisioning directory", dir.display()))?;
         if !meta.is_dir() {
             bail!("{} is not a directory: --provision takes a directory holding {KNOWN}", dir.display());
         }
@@ -131,9 +132,11 @@ impl Provision {
             } else {
                 let from = self.dir.join(rel);
                 fs::copy(&from, &to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
-                fs::set_permissions(&to, fs::Permissions::from_mode(mode)).with_context(|| format!("setting the mode of {}", to.display()))?;
+                fs::set_permissions(&to, fs::Permissions::from_mode(mode))
+                    .with_context(|| format!("setting the mode of {}", to.display()))?;
             }
-            std::os::unix::fs::chown(&to, Some(0), Some(0)).with_context(|| format!("giving {} to root", to.display()))?;
+            std::os::unix::fs::chown(&to, Some(0), Some(0))
+                .with_context(|| format!("giving {} to root", to.display()))?;
         }
         let image = scratch.0.join("data.ext4");
         let f = fs::File::create(&image).with_context(|| format!("creating {}", image.display()))?;
@@ -168,7 +171,8 @@ fn mode_for(rel: &Path, is_dir: bool) -> u32 {
 
 /// The journal's blocks as byte spans (`debugfs` lists the blocks of inode 8).
 fn journal_spans(image: &Path) -> Result<Vec<(u64, u64)>> {
-    let out = Cmd::new("debugfs").args(["-R", "blocks <8>"]).arg(image).read().context("listing the journal's blocks")?;
+    let out =
+        Cmd::new("debugfs").args(["-R", "blocks <8>"]).arg(image).read().context("listing the journal's blocks")?;
     let mut blocks: Vec<u64> = Vec::new();
     for w in out.split_whitespace() {
         blocks.push(w.parse().with_context(|| format!("debugfs printed {w:?} where a block number was expected"))?);
@@ -211,7 +215,8 @@ impl Drop for Scratch {
 fn make_dir(path: &Path, mode: u32) -> Result<()> {
     fs::DirBuilder::new().mode(mode).create(path).with_context(|| format!("creating {}", path.display()))?;
     // The umask may have taken bits away.
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).with_context(|| format!("setting the mode of {}", path.display()))
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))
 }
 
 /// The entries of a directory, sorted, as (UTF-8 name, path).
@@ -219,7 +224,10 @@ fn list(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut out = Vec::new();
     for e in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let e = e.with_context(|| format!("reading {}", dir.display()))?;
-        let name = e.file_name().into_string().map_err(|n| anyhow::anyhow!("{}: the name {n:?} is not UTF-8", dir.display()))?;
+        let name = e
+            .file_name()
+            .into_string()
+            .map_err(|n| anyhow::anyhow!("{}: the name {n:?} is not UTF-8", dir.display()))?;
         out.push((name, e.path()));
     }
     out.sort();
@@ -268,7 +276,9 @@ fn valid_user(name: &str) -> bool {
 /// A static hostname: labels of letters, digits and '-', 1-63 characters each, not starting or
 /// ending with '-', at most 64 characters in all (Linux's limit).
 pub fn check_hostname(name: &str) -> std::result::Result<(), String> {
-    let bad = || format!("{name:?} is not a valid hostname (letters, digits and '-', dot-separated labels of 1-63 characters not starting or ending with '-', at most 64 in all)");
+    let bad = || {
+        format!("{name:?} is not a valid hostname (letters, digits and '-', dot-separated labels of 1-63 characters not starting or ending with '-', at most 64 in all)")
+    };
     if name.is_empty() || name.len() > 64 {
         return Err(bad());
     }
@@ -288,7 +298,8 @@ pub fn check_hostname(name: &str) -> std::result::Result<(), String> {
 /// Every non-empty, non-comment line must hold an OpenSSH public key (options before it are
 /// allowed, as in authorized_keys); at least one key.
 fn check_keys(path: &Path) -> Result<()> {
-    let text = fs::read_to_string(path).with_context(|| format!("reading {} (expected OpenSSH public keys)", path.display()))?;
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("reading {} (expected OpenSSH public keys)", path.display()))?;
     let mut keys = 0;
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -315,7 +326,10 @@ pub fn check_key_line(line: &str) -> std::result::Result<(), String> {
                 return Err(format!("the {w} key is not valid base64"));
             };
             // The blob starts with the key type as an SSH string (u32 length + bytes).
-            let named = blob.get(..4).map(|l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize).and_then(|n| blob.get(4..4 + n));
+            let named = blob
+                .get(..4)
+                .map(|l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize)
+                .and_then(|n| blob.get(4..4 + n));
             if named != Some(w.as_bytes()) {
                 return Err(format!("the key data does not hold a {w} key (a truncated or mixed-up line?)"));
             }
@@ -383,8 +397,14 @@ mod tests {
         assert_eq!(check_key_line(KEY), Ok(()));
         assert_eq!(check_key_line(&format!("no-pty,from=\"10.0.0.0/8\" {KEY}")), Ok(()));
         assert!(check_key_line("hello world").unwrap_err().starts_with("not an OpenSSH public key"));
-        assert_eq!(check_key_line("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGxJ1nJ8Qv0bGz2jQ8g7").unwrap_err(), "the ssh-ed25519 key is truncated (its key data should be 32 bytes)");
-        assert_eq!(check_key_line("ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3a x").unwrap_err(), "the key data does not hold a ssh-rsa key (a truncated or mixed-up line?)");
+        assert_eq!(
+            check_key_line("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGxJ1nJ8Qv0bGz2jQ8g7").unwrap_err(),
+            "the ssh-ed25519 key is truncated (its key data should be 32 bytes)"
+        );
+        assert_eq!(
+            check_key_line("ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3a x").unwrap_err(),
+            "the key data does not hold a ssh-rsa key (a truncated or mixed-up line?)"
+        );
         assert_eq!(check_key_line("ssh-ed25519 !!!").unwrap_err(), "the ssh-ed25519 key is not valid base64");
         assert!(check_key_line("ssh-dss AAAAB3NzaC1kc3M= x").unwrap_err().contains("DSA"));
     }
@@ -411,7 +431,20 @@ mod tests {
         fs::write(d.join("hostname"), "kiln-test\n").unwrap();
         let p = Provision::load(d).unwrap();
         let paths: Vec<String> = p.paths().map(|p| p.display().to_string()).collect();
-        assert_eq!(paths, ["backup", "backup/password", "hostname", "ssh", "ssh/authorized_keys", "ssh/authorized_keys/alice", "wifi", "wifi/extra", "wifi/extra/home.conf"]);
+        assert_eq!(
+            paths,
+            [
+                "backup",
+                "backup/password",
+                "hostname",
+                "ssh",
+                "ssh/authorized_keys",
+                "ssh/authorized_keys/alice",
+                "wifi",
+                "wifi/extra",
+                "wifi/extra/home.conf"
+            ]
+        );
         assert_eq!(mode_for(Path::new("ssh/authorized_keys/alice"), false), 0o644);
         assert_eq!(mode_for(Path::new("ssh/authorized_keys"), true), 0o755);
         assert_eq!(mode_for(Path::new("ssh"), true), 0o755);
@@ -421,19 +454,37 @@ mod tests {
 
         let err = |d: &Path| Provision::load(d).unwrap_err().to_string();
         fs::write(d.join("notes.txt"), "x").unwrap();
-        assert_eq!(err(d), format!("{}: unknown provisioning entry (known: ssh/authorized_keys/<user>, backup/, wifi/, hostname)", d.join("notes.txt").display()));
+        assert_eq!(
+            err(d),
+            format!(
+                "{}: unknown provisioning entry (known: ssh/authorized_keys/<user>, backup/, wifi/, hostname)",
+                d.join("notes.txt").display()
+            )
+        );
         fs::remove_file(d.join("notes.txt")).unwrap();
         fs::write(d.join("hostname"), "bad_name\n").unwrap();
-        assert!(err(d).starts_with(&format!("{}: \"bad_name\" is not a valid hostname", d.join("hostname").display())), "{}", err(d));
+        assert!(
+            err(d).starts_with(&format!("{}: \"bad_name\" is not a valid hostname", d.join("hostname").display())),
+            "{}",
+            err(d)
+        );
         fs::write(d.join("hostname"), "ok\n").unwrap();
         fs::write(d.join("ssh/authorized_keys/Bob"), KEY).unwrap();
         assert!(err(d).contains("\"Bob\" is not a valid user name"), "{}", err(d));
         fs::remove_file(d.join("ssh/authorized_keys/Bob")).unwrap();
         fs::write(d.join("ssh/authorized_keys/bob"), "ssh-ed25519\n").unwrap();
-        assert_eq!(err(d), format!("{}:1: the ssh-ed25519 key is not valid base64", d.join("ssh/authorized_keys/bob").display()));
+        assert_eq!(
+            err(d),
+            format!("{}:1: the ssh-ed25519 key is not valid base64", d.join("ssh/authorized_keys/bob").display())
+        );
         fs::remove_file(d.join("ssh/authorized_keys/bob")).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", d.join("backup/env")).unwrap();
-        assert!(err(d).ends_with("backup/env: a symbolic link; provisioning takes regular files only (copy the file itself)"), "{}", err(d));
+        assert!(
+            err(d)
+                .ends_with("backup/env: a symbolic link; provisioning takes regular files only (copy the file itself)"),
+            "{}",
+            err(d)
+        );
         fs::remove_file(d.join("backup/env")).unwrap();
         fs::write(d.join("backup/env"), "RESTIC_REST_USERNAME=dev1\nrest_password=x\n").unwrap();
         assert!(err(d).ends_with("backup/env: line 2: \"rest_password\" is not an environment variable name (capital letters, digits, '_')"), "{}", err(d));
@@ -441,6 +492,10 @@ mod tests {
         fs::write(d.join("backup/password"), "").unwrap();
         assert!(err(d).ends_with("backup/password: the restic repository password is empty"), "{}", err(d));
         fs::remove_file(d.join("backup/password")).unwrap();
-        assert!(err(d).contains("backup/password: missing: backup/ needs the restic repository password"), "{}", err(d));
+        assert!(
+            err(d).contains("backup/password: missing: backup/ needs the restic repository password"),
+            "{}",
+            err(d)
+        );
     }
 }

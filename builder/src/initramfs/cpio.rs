@@ -39,7 +39,11 @@ impl Node {
 
 /// Writes `entries` (paths relative to the archive root, without a leading `/`) and the
 /// trailer. Parents must come before their children; the caller sorts.
-pub fn write<'a, W: Write>(out: &mut W, entries: impl IntoIterator<Item = (&'a str, &'a Node)>, mtime: u32) -> io::Result<()> {
+pub fn write<'a, W: Write>(
+    out: &mut W,
+    entries: impl IntoIterator<Item = (&'a str, &'a Node)>,
+    mtime: u32,
+) -> io::Result<()> {
     let mut written = 0u64;
     for (i, (name, node)) in entries.into_iter().enumerate() {
         let (rdev_major, rdev_minor) = match node {
@@ -58,8 +62,18 @@ pub fn write<'a, W: Write>(out: &mut W, entries: impl IntoIterator<Item = (&'a s
 }
 
 #[allow(clippy::too_many_arguments)]
-fn header<W: Write>(out: &mut W, name: &str, ino: u32, mode: u32, nlink: u32, mtime: u32, data: &[u8], rdev: (u32, u32)) -> io::Result<u64> {
-    let size = u32::try_from(data.len()).map_err(|_| io::Error::other(format!("{name} is too large for a newc cpio archive (4 GiB)")))?;
+fn header<W: Write>(
+    out: &mut W,
+    name: &str,
+    ino: u32,
+    mode: u32,
+    nlink: u32,
+    mtime: u32,
+    data: &[u8],
+    rdev: (u32, u32),
+) -> io::Result<u64> {
+    let size = u32::try_from(data.len())
+        .map_err(|_| io::Error::other(format!("{name} is too large for a newc cpio archive (4 GiB)")))?;
     let namesize = name.len() as u32 + 1;
     let fields = [ino, mode, 0, 0, nlink, mtime, size, 0, 0, rdev.0, rdev.1, namesize, 0];
     let mut h = String::with_capacity(110);

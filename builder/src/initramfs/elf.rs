@@ -88,7 +88,10 @@ pub fn parse(data: &[u8]) -> Result<ElfInfo, ElfError> {
 
     let mut segments = Vec::new();
     for i in 0..phnum {
-        let at = phoff.checked_add(i * phentsize).and_then(|a| usize::try_from(a).ok()).ok_or(ElfError::Malformed("program header offset"))?;
+        let at = phoff
+            .checked_add(i * phentsize)
+            .and_then(|a| usize::try_from(a).ok())
+            .ok_or(ElfError::Malformed("program header offset"))?;
         let field = |off: usize| u64_at(data, at + off).ok_or(ElfError::Malformed("program header"));
         let kind = u32_at(data, at).ok_or(ElfError::Malformed("program header"))?;
         segments.push(Segment { kind, offset: field(8)?, vaddr: field(16)?, filesz: field(32)? });
@@ -124,7 +127,8 @@ pub fn parse(data: &[u8]) -> Result<ElfInfo, ElfError> {
         .ok_or(ElfError::Malformed("DT_STRTAB is not in a loaded segment"))?;
     let strtab = slice(data, strtab_offset, strsz).ok_or(ElfError::Malformed("string table"))?;
     let string = |off: u64| -> Result<String, ElfError> {
-        let rest = usize::try_from(off).ok().and_then(|o| strtab.get(o..)).ok_or(ElfError::Malformed("string offset"))?;
+        let rest =
+            usize::try_from(off).ok().and_then(|o| strtab.get(o..)).ok_or(ElfError::Malformed("string offset"))?;
         c_string(rest).ok_or(ElfError::Malformed("string table entry"))
     };
     let mut rpath = Vec::new();
@@ -252,7 +256,12 @@ mod tests {
 
     #[test]
     fn reads_a_synthetic_aarch64_program() {
-        let f = synthetic(EM_AARCH64, Some("/lib/ld-linux-aarch64.so.1"), &["libfoo.so.1", "libc.so.6"], Some("$ORIGIN/../lib:/opt/x"));
+        let f = synthetic(
+            EM_AARCH64,
+            Some("/lib/ld-linux-aarch64.so.1"),
+            &["libfoo.so.1", "libc.so.6"],
+            Some("$ORIGIN/../lib:/opt/x"),
+        );
         let info = parse(&f).unwrap();
         assert_eq!(
             info,

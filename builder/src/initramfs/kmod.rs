@@ -49,14 +49,24 @@ pub fn module_name(name_or_path: &str) -> String {
 
 impl ModuleIndex {
     /// Parses the text of the index files; `builtin`, `alias` and `softdep` may be empty.
-    pub fn parse(kernel_version: &str, dep: &str, builtin: &str, alias: &str, softdep: &str) -> Result<ModuleIndex, ModuleError> {
+    pub fn parse(
+        kernel_version: &str,
+        dep: &str,
+        builtin: &str,
+        alias: &str,
+        softdep: &str,
+    ) -> Result<ModuleIndex, ModuleError> {
         let mut index = ModuleIndex { kernel_version: kernel_version.to_string(), ..Default::default() };
         for (i, line) in dep.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
             let Some((path, deps)) = line.split_once(':') else {
-                return Err(ModuleError::BadDep { kernel_version: kernel_version.into(), line: i + 1, problem: format!("no ':' in {line:?}") });
+                return Err(ModuleError::BadDep {
+                    kernel_version: kernel_version.into(),
+                    line: i + 1,
+                    problem: format!("no ':' in {line:?}"),
+                });
             };
             let path = path.trim().to_string();
             let deps = deps.split_whitespace().map(module_name).collect();
@@ -116,7 +126,10 @@ impl ModuleIndex {
         if self.modules.contains_key(&name) {
             return vec![name];
         }
-        self.aliases.get(&name).map(|v| v.iter().filter(|m| self.modules.contains_key(*m)).cloned().collect()).unwrap_or_default()
+        self.aliases
+            .get(&name)
+            .map(|v| v.iter().filter(|m| self.modules.contains_key(*m)).cloned().collect())
+            .unwrap_or_default()
     }
 
     fn visit(&self, name: &str, optional: bool, state: &mut BTreeMap<String, bool>, order: &mut Vec<LoadStep>) {
@@ -184,7 +197,20 @@ kernel/drivers/block/virtio_blk.ko.zst:
     fn dependencies_come_first_and_once() {
         let req: Vec<String> = ["dm-verity", "dm_mod", "erofs", "virtio_blk"].iter().map(|s| s.to_string()).collect();
         let order = index().load_order(&req).unwrap();
-        assert_eq!(names(&order), ["dm_mod", "dm_bufio", "reed_solomon", "dm_verity", "crc32c_intel?", "crc32c_generic?", "libcrc32c", "erofs", "virtio_blk"]);
+        assert_eq!(
+            names(&order),
+            [
+                "dm_mod",
+                "dm_bufio",
+                "reed_solomon",
+                "dm_verity",
+                "crc32c_intel?",
+                "crc32c_generic?",
+                "libcrc32c",
+                "erofs",
+                "virtio_blk"
+            ]
+        );
         assert_eq!(order[1].path, "kernel/drivers/md/dm-bufio.ko.xz");
     }
 
@@ -197,7 +223,8 @@ kernel/drivers/block/virtio_blk.ko.zst:
 
     #[test]
     fn builtins_are_skipped_and_aliases_resolve() {
-        let order = index().load_order(&["virtio-pci".to_string(), "crc32".to_string(), "fs-erofs".to_string()]).unwrap();
+        let order =
+            index().load_order(&["virtio-pci".to_string(), "crc32".to_string(), "fs-erofs".to_string()]).unwrap();
         assert_eq!(names(&order), ["crc32c_intel?", "crc32c_generic?", "libcrc32c", "erofs"]);
     }
 

@@ -8,10 +8,10 @@
 
 use super::Context;
 use crate::exec::{shell_quote, Cmd};
-use crate::progress::StageProgress;
-use anyhow::{bail, Context as _, Result};
 use crate::image::InitramfsKind;
 use crate::lock::LockFile;
+use crate::progress::StageProgress;
+use anyhow::{bail, Context as _, Result};
 use std::path::{Path, PathBuf};
 
 /// Parts of Debian an appliance never reads: manuals, docs (but not the copyright files, which
@@ -64,7 +64,8 @@ pub fn bootstrap(ctx: &Context, packages: Packages) -> Result<BootFiles> {
         Packages::Resolve => format!("{} packages asked", plan.packages.len()),
         Packages::Locked { lock, .. } => format!("{} locked packages", lock.packages.len()),
     };
-    let progress = StageProgress::start("bootstrap", &format!("mmdebstrap {} {} ({what})", plan.suite, plan.arch.debian()));
+    let progress =
+        StageProgress::start("bootstrap", &format!("mmdebstrap {} {} ({what})", plan.suite, plan.arch.debian()));
     let files = shell_quote(&hooks.to_string_lossy());
     let debs_out = ctx.work.join("debs");
     if debs_out.exists() {
@@ -75,11 +76,15 @@ pub fn bootstrap(ctx: &Context, packages: Packages) -> Result<BootFiles> {
     // initramfs built while packages install may lack parts (the verity hook tolerates a missing
     // veritysetup then); the customize hook builds the real one, once, and strictly.
     let setup = format!("cp -a {files}/. \"$1/\"");
-    let final_initramfs = "rm -f \"$1\"/boot/initrd.img-* && chroot \"$1\" env KILN_INITRAMFS_FINAL=1 update-initramfs -c -k all";
+    let final_initramfs =
+        "rm -f \"$1\"/boot/initrd.img-* && chroot \"$1\" env KILN_INITRAMFS_FINAL=1 update-initramfs -c -k all";
     // With kiln's own initramfs, update-initramfs is diverted to a no-op before any package
     // that calls it is installed: no initramfs is ever made under emulation.
     let divert = "chroot \"$1\" dpkg-divert --local --quiet --rename --divert /usr/sbin/update-initramfs.distrib --add /usr/sbin/update-initramfs && printf '#!/bin/sh\\n# kiln: the initramfs is built on the build host\\nexit 0\\n' > \"$1/usr/sbin/update-initramfs\" && chmod 755 \"$1/usr/sbin/update-initramfs\"";
-    let mut cmd = Cmd::new("mmdebstrap").arg("--mode=root").arg("--format=directory").arg(format!("--architectures={}", plan.arch.debian()));
+    let mut cmd = Cmd::new("mmdebstrap")
+        .arg("--mode=root")
+        .arg("--format=directory")
+        .arg(format!("--architectures={}", plan.arch.debian()));
     cmd = match packages {
         Packages::Resolve => cmd
             .arg("--variant=minbase")
@@ -87,7 +92,10 @@ pub fn bootstrap(ctx: &Context, packages: Packages) -> Result<BootFiles> {
             // Keep every downloaded .deb and copy them out for the cache and the lock.
             .arg("--skip=essential/unlink")
             .arg("--skip=download/empty")
-            .arg(format!("--customize-hook=sync-out /var/cache/apt/archives {}", shell_quote(&debs_out.to_string_lossy()))),
+            .arg(format!(
+                "--customize-hook=sync-out /var/cache/apt/archives {}",
+                shell_quote(&debs_out.to_string_lossy())
+            )),
         Packages::Locked { lock, debs } => {
             let include: Vec<String> = lock.packages.iter().map(|p| format!("{}={}", p.name, p.version)).collect();
             cmd.arg("--variant=custom")
@@ -144,7 +152,11 @@ fn write_initramfs_config(ctx: &Context, dir: &Path) -> Result<()> {
         ("etc/initramfs-tools/conf.d/kiln.conf", t.render("initramfs/kiln.conf", &tctx)?, 0o644),
         ("usr/share/initramfs-tools/modules.d/kiln.conf", t.render("initramfs/modules.tera", &tctx)?, 0o644),
         ("etc/initramfs-tools/hooks/kiln-verity", t.render("initramfs/hook-kiln-verity", &tctx)?, 0o755),
-        ("etc/initramfs-tools/scripts/local-top/kiln-verity", t.render("initramfs/local-top-kiln-verity", &tctx)?, 0o755),
+        (
+            "etc/initramfs-tools/scripts/local-top/kiln-verity",
+            t.render("initramfs/local-top-kiln-verity", &tctx)?,
+            0o755,
+        ),
     ];
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
@@ -174,17 +186,22 @@ fn copy_out_boot_files(ctx: &Context) -> Result<BootFiles> {
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let kernel = out.join("vmlinuz");
     let initrd = out.join("initrd.img");
-    std::fs::copy(boot.join(format!("vmlinuz-{version}")), &kernel).with_context(|| format!("copying the kernel to {}", kernel.display()))?;
+    std::fs::copy(boot.join(format!("vmlinuz-{version}")), &kernel)
+        .with_context(|| format!("copying the kernel to {}", kernel.display()))?;
     match ctx.plan.initramfs {
         InitramfsKind::InitramfsTools => {
             let initrd_src = boot.join(format!("initrd.img-{version}"));
             if !initrd_src.is_file() {
                 bail!("no initramfs {} after bootstrap: initramfs-tools did not run (see the mmdebstrap output with --debug)", initrd_src.display());
             }
-            std::fs::copy(&initrd_src, &initrd).with_context(|| format!("copying the initramfs to {}", initrd.display()))?;
+            std::fs::copy(&initrd_src, &initrd)
+                .with_context(|| format!("copying the initramfs to {}", initrd.display()))?;
         }
         InitramfsKind::Kiln => {
-            let progress = StageProgress::start("initramfs", &format!("built on the host for {} {version}", ctx.plan.arch.debian()));
+            let progress = StageProgress::start(
+                "initramfs",
+                &format!("built on the host for {} {version}", ctx.plan.arch.debian()),
+            );
             let info = crate::initramfs::build(&ctx.tree, &version, &ctx.plan.initramfs_modules, &initrd)?;
             progress.finish(&format!("{info}"));
         }
@@ -207,7 +224,9 @@ fn copy_out_rpi_files(ctx: &Context, kernel_version: &str) -> Result<Option<Path
             .with_context(|| format!("copying the firmware file {f} from {} (is raspi-firmware in the image's packages, and non-free-firmware in its components?)", fw.display()))?;
     }
     for f in def.dtbs.iter().chain(ctx.plan.qemu.dtb.iter()) {
-        std::fs::copy(dtbs.join(f), out.join(f)).with_context(|| format!("copying the device tree {f} from {} (does kernel {kernel_version} ship it?)", dtbs.display()))?;
+        std::fs::copy(dtbs.join(f), out.join(f)).with_context(|| {
+            format!("copying the device tree {f} from {} (does kernel {kernel_version} ship it?)", dtbs.display())
+        })?;
     }
     Ok(Some(out))
 }
@@ -218,10 +237,16 @@ pub fn collect_locked(ctx: &Context, cache: &crate::cache::Cache) -> Result<Vec<
     let debs = ctx.work.join("debs");
     let mut out = Vec::new();
     for p in super::manifest::packages(&ctx.tree)? {
-        let mut locked = crate::lock::LockedPackage { name: p.name, version: p.version, arch: p.arch, sha256: String::new() };
+        let mut locked =
+            crate::lock::LockedPackage { name: p.name, version: p.version, arch: p.arch, sha256: String::new() };
         let file = debs.join(locked.deb_file_name());
         if !file.is_file() {
-            bail!("no .deb for the installed package {} {} in {} (apt's download cache): cannot lock it", locked.name, locked.version, debs.display());
+            bail!(
+                "no .deb for the installed package {} {} in {} (apt's download cache): cannot lock it",
+                locked.name,
+                locked.version,
+                debs.display()
+            );
         }
         locked.sha256 = cache.store_deb(&file)?.hex();
         out.push(locked);
@@ -233,7 +258,12 @@ pub fn collect_locked(ctx: &Context, cache: &crate::cache::Cache) -> Result<Vec<
 /// Puts the locked .debs, verified against the lock, under `dir` with apt's file names.
 /// Packages missing from the cache are downloaded from the plan's mirror (found through its
 /// hash-checked indexes for the suite, -updates and -security) and must match the lock's sha256.
-pub fn stage_locked_debs(plan: &crate::plan::Plan, lock: &LockFile, cache: &crate::cache::Cache, dir: &Path) -> Result<()> {
+pub fn stage_locked_debs(
+    plan: &crate::plan::Plan,
+    lock: &LockFile,
+    cache: &crate::cache::Cache,
+    dir: &Path,
+) -> Result<()> {
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
     }
@@ -332,9 +362,16 @@ pub fn restore_tree(ctx: &Context, cache: &crate::cache::Cache, key: &str) -> Re
     let out = ctx.work.join("boot");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let kernel_version = kernel_version.trim().to_string();
-    let boot = BootFiles { kernel: out.join("vmlinuz"), initrd: out.join("initrd.img"), rpi_dir: copy_out_rpi_files(ctx, &kernel_version)?, kernel_version };
-    std::fs::copy(dir.join("vmlinuz"), &boot.kernel).with_context(|| format!("copying the cached kernel to {}", boot.kernel.display()))?;
-    std::fs::copy(dir.join("initrd.img"), &boot.initrd).with_context(|| format!("copying the cached initramfs to {}", boot.initrd.display()))?;
+    let boot = BootFiles {
+        kernel: out.join("vmlinuz"),
+        initrd: out.join("initrd.img"),
+        rpi_dir: copy_out_rpi_files(ctx, &kernel_version)?,
+        kernel_version,
+    };
+    std::fs::copy(dir.join("vmlinuz"), &boot.kernel)
+        .with_context(|| format!("copying the cached kernel to {}", boot.kernel.display()))?;
+    std::fs::copy(dir.join("initrd.img"), &boot.initrd)
+        .with_context(|| format!("copying the cached initramfs to {}", boot.initrd.display()))?;
     progress.finish(&format!("kernel {} (from the cache)", boot.kernel_version));
     Ok(Some(boot))
 }
@@ -351,7 +388,9 @@ pub fn save_tree(ctx: &Context, cache: &crate::cache::Cache, key: &str, boot: &B
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     Cmd::new("cp").args(["-a", "--reflink=auto"]).arg(&ctx.tree).arg(tmp.join("tree")).run()?;
     std::fs::copy(&boot.kernel, tmp.join("vmlinuz")).with_context(|| format!("caching {}", boot.kernel.display()))?;
-    std::fs::copy(&boot.initrd, tmp.join("initrd.img")).with_context(|| format!("caching {}", boot.initrd.display()))?;
-    std::fs::write(tmp.join("kernel-version"), &boot.kernel_version).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::copy(&boot.initrd, tmp.join("initrd.img"))
+        .with_context(|| format!("caching {}", boot.initrd.display()))?;
+    std::fs::write(tmp.join("kernel-version"), &boot.kernel_version)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &dir).with_context(|| format!("moving {} to {}", tmp.display(), dir.display()))
 }

@@ -31,7 +31,8 @@ pub fn customize(ctx: &Context) -> Result<()> {
     let t = &ctx.templates;
     let mut tctx = tera::Context::from_serialize(plan).context("plan as template context")?;
     tctx.insert("data_uuid", &plan.partition(Role::Data, None).uuid);
-    let uuid_of = |role| plan.disk.partitions.iter().find(|p| p.role == role).map(|p| p.uuid.clone()).unwrap_or_default();
+    let uuid_of =
+        |role| plan.disk.partitions.iter().find(|p| p.role == role).map(|p| p.uuid.clone()).unwrap_or_default();
     tctx.insert("esp_uuid", &uuid_of(Role::Esp));
     tctx.insert("autoboot_uuid", &uuid_of(Role::Autoboot));
 
@@ -39,7 +40,8 @@ pub fn customize(ctx: &Context) -> Result<()> {
     write_file(&tree.join("etc/hostname"), format!("{}\n", plan.hostname).as_bytes(), 0o644)?;
     write_file(
         &tree.join("etc/hosts"),
-        format!("127.0.0.1\tlocalhost\n127.0.1.1\t{h}\n::1\tlocalhost ip6-localhost ip6-loopback\n", h = plan.hostname).as_bytes(),
+        format!("127.0.0.1\tlocalhost\n127.0.1.1\t{h}\n::1\tlocalhost ip6-localhost ip6-loopback\n", h = plan.hostname)
+            .as_bytes(),
         0o644,
     )?;
     set_timezone(tree, &plan.timezone)?;
@@ -48,13 +50,41 @@ pub fn customize(ctx: &Context) -> Result<()> {
 
     // Configuration files.
     write_file(&tree.join("etc/fstab"), t.render("rootfs/fstab.tera", &tctx)?.as_bytes(), 0o644)?;
-    write_file(&tree.join("etc/ssh/sshd_config.d/50-kiln.conf"), t.render("rootfs/sshd.conf.tera", &tctx)?.as_bytes(), 0o644)?;
-    write_file(&tree.join("etc/systemd/network/80-kiln-dhcp.network"), t.render("rootfs/dhcp.network", &tctx)?.as_bytes(), 0o644)?;
-    write_file(&tree.join("usr/lib/systemd/system/kiln-ssh-hostkey.service"), t.render("rootfs/kiln-ssh-hostkey.service", &tctx)?.as_bytes(), 0o644)?;
-    write_file(&tree.join("usr/lib/systemd/system/kiln-health.service"), t.render("rootfs/kiln-health.service.tera", &tctx)?.as_bytes(), 0o644)?;
-    write_file(&tree.join("usr/lib/systemd/system/kiln-var-base.service"), t.render("rootfs/kiln-var-base.service", &tctx)?.as_bytes(), 0o644)?;
-    write_file(&tree.join("usr/lib/kiln/health-check"), t.render("rootfs/health-check.tera", &tctx)?.as_bytes(), 0o755)?;
-    write_file(&tree.join("usr/lib/systemd/system/kiln-provision.service"), t.render("rootfs/kiln-provision.service", &tctx)?.as_bytes(), 0o644)?;
+    write_file(
+        &tree.join("etc/ssh/sshd_config.d/50-kiln.conf"),
+        t.render("rootfs/sshd.conf.tera", &tctx)?.as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        &tree.join("etc/systemd/network/80-kiln-dhcp.network"),
+        t.render("rootfs/dhcp.network", &tctx)?.as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        &tree.join("usr/lib/systemd/system/kiln-ssh-hostkey.service"),
+        t.render("rootfs/kiln-ssh-hostkey.service", &tctx)?.as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        &tree.join("usr/lib/systemd/system/kiln-health.service"),
+        t.render("rootfs/kiln-health.service.tera", &tctx)?.as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        &tree.join("usr/lib/systemd/system/kiln-var-base.service"),
+        t.render("rootfs/kiln-var-base.service", &tctx)?.as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        &tree.join("usr/lib/kiln/health-check"),
+        t.render("rootfs/health-check.tera", &tctx)?.as_bytes(),
+        0o755,
+    )?;
+    write_file(
+        &tree.join("usr/lib/systemd/system/kiln-provision.service"),
+        t.render("rootfs/kiln-provision.service", &tctx)?.as_bytes(),
+        0o644,
+    )?;
     symlink_force("../run/systemd/resolve/stub-resolv.conf", &tree.join("etc/resolv.conf"))?;
     install_agent(ctx, &tctx)?;
 
@@ -78,7 +108,13 @@ pub fn customize(ctx: &Context) -> Result<()> {
     let enable = Cmd::new("chroot").arg(tree).arg("systemctl").arg("enable").args(&units);
     enable.run()?;
     // Not for an appliance: e2scrub needs LVM snapshots, and its reaper costs seconds at boot.
-    let disable = Cmd::new("chroot").arg(tree).args(["systemctl", "disable", "--quiet", "e2scrub_reap.service", "e2scrub_all.timer"]);
+    let disable = Cmd::new("chroot").arg(tree).args([
+        "systemctl",
+        "disable",
+        "--quiet",
+        "e2scrub_reap.service",
+        "e2scrub_all.timer",
+    ]);
     if tree.join("usr/lib/systemd/system/e2scrub_reap.service").exists() {
         disable.run()?;
     }
@@ -109,11 +145,18 @@ fn install_agent(ctx: &Context, tctx: &tera::Context) -> Result<()> {
         let data = std::fs::read(&bin).with_context(|| format!("reading {}", bin.display()))?;
         write_file(&dest, &data, 0o755)?;
     }
-    std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755)).with_context(|| format!("chmod {}", dest.display()))?;
+    std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("chmod {}", dest.display()))?;
     let device = serde_json::to_vec_pretty(&crate::device::device_config(plan)?).context("encoding device.json")?;
     write_file(&tree.join(kiln_feed::DEVICE_CONFIG.trim_start_matches('/')), &device, 0o644)?;
-    for unit in ["kiln-agent-boot.service", "kiln-agent-commit.service", "kiln-agent-rollback.service", "kiln-agent.service"] {
-        write_file(&tree.join("usr/lib/systemd/system").join(unit), t.render(&format!("rootfs/{unit}"), tctx)?.as_bytes(), 0o644)?;
+    for unit in
+        ["kiln-agent-boot.service", "kiln-agent-commit.service", "kiln-agent-rollback.service", "kiln-agent.service"]
+    {
+        write_file(
+            &tree.join("usr/lib/systemd/system").join(unit),
+            t.render(&format!("rootfs/{unit}"), tctx)?.as_bytes(),
+            0o644,
+        )?;
     }
     if let Some(b) = &plan.backup {
         install_backup(ctx, tctx, b)?;
@@ -121,7 +164,11 @@ fn install_agent(ctx: &Context, tctx: &tera::Context) -> Result<()> {
     if let Some(u) = &plan.update {
         let mut c = tctx.clone();
         c.insert("first_check_secs", &u.interval_secs.min(300));
-        write_file(&tree.join("usr/lib/systemd/system/kiln-agent.timer"), t.render("rootfs/kiln-agent.timer.tera", &c)?.as_bytes(), 0o644)?;
+        write_file(
+            &tree.join("usr/lib/systemd/system/kiln-agent.timer"),
+            t.render("rootfs/kiln-agent.timer.tera", &c)?.as_bytes(),
+            0o644,
+        )?;
     }
     Ok(())
 }
@@ -136,7 +183,9 @@ fn install_backup(ctx: &Context, tctx: &tera::Context, b: &crate::plan::BackupPl
     let mut calendars = vec![("backup.schedule", b.schedule.as_str())];
     calendars.extend(b.restore_drill.as_deref().map(|d| ("backup.restore_drill", d)));
     for (key, expr) in calendars {
-        if let Err(e) = Cmd::new("chroot").arg(tree).args(["systemd-analyze", "calendar", "--iterations=1", expr]).output() {
+        if let Err(e) =
+            Cmd::new("chroot").arg(tree).args(["systemd-analyze", "calendar", "--iterations=1", expr]).output()
+        {
             let why = match e {
                 crate::exec::ExecError::Failed { stderr_tail, .. } => stderr_tail.trim().to_string(),
                 other => return Err(other.into()),
@@ -148,10 +197,18 @@ fn install_backup(ctx: &Context, tctx: &tera::Context, b: &crate::plan::BackupPl
         }
     }
     for unit in ["kiln-backup.service", "kiln-backup-drill.service"] {
-        write_file(&tree.join("usr/lib/systemd/system").join(unit), t.render(&format!("rootfs/{unit}"), tctx)?.as_bytes(), 0o644)?;
+        write_file(
+            &tree.join("usr/lib/systemd/system").join(unit),
+            t.render(&format!("rootfs/{unit}"), tctx)?.as_bytes(),
+            0o644,
+        )?;
     }
     for unit in ["kiln-backup.timer", "kiln-backup-drill.timer", "kiln-backup-restore.service"] {
-        write_file(&tree.join("usr/lib/systemd/system").join(unit), t.render(&format!("rootfs/{unit}.tera"), tctx)?.as_bytes(), 0o644)?;
+        write_file(
+            &tree.join("usr/lib/systemd/system").join(unit),
+            t.render(&format!("rootfs/{unit}.tera"), tctx)?.as_bytes(),
+            0o644,
+        )?;
     }
     Ok(())
 }
@@ -183,7 +240,8 @@ pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     std::fs::write(path, data).with_context(|| format!("writing {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(|| format!("setting the mode of {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
     Ok(())
 }
 
@@ -296,7 +354,9 @@ fn make_var_factory(tree: &Path) -> Result<()> {
          L /var/run - - - - /run\n\
          L /var/lock - - - - /run/lock\n",
     );
-    let mut entries: Vec<_> = std::fs::read_dir(&var).with_context(|| format!("reading {}", var.display()))?.collect::<std::io::Result<_>>()?;
+    let mut entries: Vec<_> = std::fs::read_dir(&var)
+        .with_context(|| format!("reading {}", var.display()))?
+        .collect::<std::io::Result<_>>()?;
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -306,19 +366,25 @@ fn make_var_factory(tree: &Path) -> Result<()> {
             continue;
         }
 
-        std::fs::rename(&from, factory.join(&name)).with_context(|| format!("moving {} into the factory copy", from.display()))?;
+        std::fs::rename(&from, factory.join(&name))
+            .with_context(|| format!("moving {} into the factory copy", from.display()))?;
         rules.push_str(&format!("C /var/{name} - - - - -\n"));
     }
     write_file(&tree.join("usr/lib/tmpfiles.d/00-kiln-var.conf"), rules.as_bytes(), 0o644)?;
     // Under the mount point, for services that set up a private /var/tmp before /var is mounted.
     let tmp = var.join("tmp");
     std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).with_context(|| format!("setting the mode of {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777))
+        .with_context(|| format!("setting the mode of {}", tmp.display()))?;
     for dir in ["home", "srv"] {
         symlink_force(&format!("var/{dir}"), &tree.join(dir))?;
     }
     // systemd's home.conf would make /home and /srv subvolumes/directories; they are links here.
-    write_file(&tree.join("etc/tmpfiles.d/home.conf"), b"# Written by kiln: /home and /srv are links into /var (see 00-kiln-var.conf).\n", 0o644)?;
+    write_file(
+        &tree.join("etc/tmpfiles.d/home.conf"),
+        b"# Written by kiln: /home and /srv are links into /var (see 00-kiln-var.conf).\n",
+        0o644,
+    )?;
     std::fs::create_dir_all(tree.join("efi")).context("creating /efi")?;
     Ok(())
 }
@@ -328,12 +394,8 @@ pub(crate) fn remove_any(p: &Path) -> Result<()> {
         Ok(m) => m,
         Err(_) => return Ok(()),
     };
-    if meta.is_dir() {
-        std::fs::remove_dir_all(p)
-    } else {
-        std::fs::remove_file(p)
-    }
-    .with_context(|| format!("removing {}", p.display()))
+    if meta.is_dir() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) }
+        .with_context(|| format!("removing {}", p.display()))
 }
 
 /// Removes what must not be shared by every device or survive into the image.
@@ -368,7 +430,8 @@ fn clean(tree: &Path) -> Result<()> {
             }
         }
     }
-    for f in ["etc/.pwd.lock", "etc/passwd-", "etc/group-", "etc/shadow-", "etc/gshadow-", "etc/subuid-", "etc/subgid-"] {
+    for f in ["etc/.pwd.lock", "etc/passwd-", "etc/group-", "etc/shadow-", "etc/gshadow-", "etc/subuid-", "etc/subgid-"]
+    {
         remove_any(&tree.join(f))?;
     }
     for dir in ["tmp", "boot"] {
@@ -404,7 +467,10 @@ fn remove_pycache(dir: &Path) -> Result<()> {
 mod tests {
     #[test]
     fn escapes_like_systemd_escape() {
-        assert_eq!(super::systemd_escape_path("/dev/disk/by-partuuid/d6873725-07"), "dev-disk-by\\x2dpartuuid-d6873725\\x2d07");
+        assert_eq!(
+            super::systemd_escape_path("/dev/disk/by-partuuid/d6873725-07"),
+            "dev-disk-by\\x2dpartuuid-d6873725\\x2d07"
+        );
         let host = crate::exec::Cmd::new("systemd-escape").args(["--path", "/dev/disk/by-partuuid/0a1b-c.d"]).read();
         if let Ok(h) = host {
             assert_eq!(super::systemd_escape_path("/dev/disk/by-partuuid/0a1b-c.d"), h.trim());
@@ -423,7 +489,9 @@ mod fstab_tests {
         std::fs::write(&file, format!("extends = \"minimal\"\n[hardening]\n{hardening}")).unwrap();
         let img = crate::image::load("pc-uefi", std::path::Path::new("/nonexistent")).unwrap();
         let m = crate::mirror::Mirror::from_uri("http://mirror.test/debian");
-        let plan = Plan::resolve(&load(Source::File(file)).unwrap(), &img, Some(&m), &Overrides::default(), 1_700_000_000).unwrap();
+        let plan =
+            Plan::resolve(&load(Source::File(file)).unwrap(), &img, Some(&m), &Overrides::default(), 1_700_000_000)
+                .unwrap();
         let mut tctx = tera::Context::from_serialize(&plan).unwrap();
         tctx.insert("data_uuid", "d");
         crate::templates::Templates::load().unwrap().render("rootfs/fstab.tera", &tctx).unwrap()
@@ -433,7 +501,11 @@ mod fstab_tests {
     fn fstab_hides_processes_and_mounts_writable_places_noexec_unless_switched_off() {
         let on = fstab("");
         assert!(on.contains("proc  /proc  proc  nosuid,nodev,noexec,hidepid=invisible  0  0\n"), "{on}");
-        for m in ["/tmp  tmpfs  mode=1777,strictatime,nosuid,nodev,noexec,", "/dev/shm  tmpfs  nosuid,nodev,noexec ", "/dev  devtmpfs  nosuid,noexec,"] {
+        for m in [
+            "/tmp  tmpfs  mode=1777,strictatime,nosuid,nodev,noexec,",
+            "/dev/shm  tmpfs  nosuid,nodev,noexec ",
+            "/dev  devtmpfs  nosuid,noexec,",
+        ] {
             assert!(on.contains(m), "{m} in {on}");
         }
         let off = fstab("hide_processes = false\nnoexec_tmp = false\n");

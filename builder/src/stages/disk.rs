@@ -42,7 +42,11 @@ pub fn gpt_table(ctx: &Context, root: &RootImage) -> Result<GptTable> {
             name: p.name.clone(),
         });
     }
-    Ok(GptTable { disk_guid: Uuid::parse(&plan.disk.disk_guid).context("plan disk guid")?, disk_sectors: plan.disk.size.0 / SECTOR, partitions })
+    Ok(GptTable {
+        disk_guid: Uuid::parse(&plan.disk.disk_guid).context("plan disk guid")?,
+        disk_sectors: plan.disk.size.0 / SECTOR,
+        partitions,
+    })
 }
 
 /// The DOS partition table of a Raspberry Pi image (FAT for autoboot and boot slots).
@@ -78,22 +82,36 @@ pub fn assemble(ctx: &Context, boot: &BootOutput, root: &RootImage) -> Result<Pa
     let plan = ctx.plan;
     let progress = StageProgress::start("disk image", &format!("{:?} table + boot + root-a", plan.disk.table));
     let path = ctx.staging.join("disk.img");
-    let mut disk = OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path).with_context(|| format!("creating {}", path.display()))?;
+    let mut disk = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
     disk.set_len(plan.disk.size.0).with_context(|| format!("sizing {} to {}", path.display(), plan.disk.size))?;
     match plan.disk.table {
         PartitionTable::Gpt => gpt_table(ctx, root)?.write(&mut disk).map_err(anyhow::Error::from),
         PartitionTable::Mbr => mbr_table(plan)?.write(&mut disk),
     }
     .with_context(|| format!("writing the partition table of {}", path.display()))?;
-    let mut images: Vec<(Role, Option<Slot>, &Path)> = boot.partitions.iter().map(|(r, s, p)| (*r, *s, p.as_path())).collect();
+    let mut images: Vec<(Role, Option<Slot>, &Path)> =
+        boot.partitions.iter().map(|(r, s, p)| (*r, *s, p.as_path())).collect();
     images.push((Role::Root, Some(Slot::A), &root.path));
     for (role, slot, image) in images {
         let part = plan.partition(role, slot);
         let len = std::fs::metadata(image).with_context(|| format!("reading {}", image.display()))?.len();
         if len > part.size.0 {
-            anyhow::bail!("{} is {} but partition {} holds only {}: make it larger in the image definition", image.display(), crate::units::Bytes(len), part.name, part.size);
+            anyhow::bail!(
+                "{} is {} but partition {} holds only {}: make it larger in the image definition",
+                image.display(),
+                crate::units::Bytes(len),
+                part.name,
+                part.size
+            );
         }
-        copy_sparse(image, &mut disk, part.offset.0).with_context(|| format!("copying {} into {} ({})", image.display(), path.display(), part.name))?;
+        copy_sparse(image, &mut disk, part.offset.0)
+            .with_context(|| format!("copying {} into {} ({})", image.display(), path.display(), part.name))?;
     }
     disk.sync_all().with_context(|| format!("syncing {}", path.display()))?;
     progress.finish(&format!("{} ({} partitions)", plan.disk.size, plan.disk.partitions.len()));

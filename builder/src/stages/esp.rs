@@ -51,7 +51,8 @@ pub fn make_boot(ctx: &Context, boot: &BootFiles, root: &RootImage) -> Result<Bo
     let sd_boot = efi_lib.join("systemd-bootx64.efi");
     let copy = |from: &Path, to: &str| -> Result<()> {
         let dest = dir.join(to);
-        std::fs::create_dir_all(dest.parent().expect("has parent")).with_context(|| format!("creating {}", dest.display()))?;
+        std::fs::create_dir_all(dest.parent().expect("has parent"))
+            .with_context(|| format!("creating {}", dest.display()))?;
         std::fs::copy(from, &dest).with_context(|| format!("copying {} to {}", from.display(), dest.display()))?;
         Ok(())
     };
@@ -66,7 +67,12 @@ pub fn make_boot(ctx: &Context, boot: &BootFiles, root: &RootImage) -> Result<Bo
     let part = plan.partition(Role::Esp, None);
     let esp = ctx.work.join("esp.img");
     make_fat(&dir, &esp, part.size, "KILN-ESP", &Uuid::derive(&plan.seed, "esp-volume").fat_volume_id())?;
-    progress.finish(&format!("{} ({}), ESP {}", uki_name, Bytes(std::fs::metadata(&uki).map(|m| m.len()).unwrap_or(0)), part.size));
+    progress.finish(&format!(
+        "{} ({}), ESP {}",
+        uki_name,
+        Bytes(std::fs::metadata(&uki).map(|m| m.len()).unwrap_or(0)),
+        part.size
+    ));
     let uki_out = ctx.work.join("artifacts").join(&uki_name);
     std::fs::create_dir_all(ctx.work.join("artifacts")).context("creating the artifacts directory")?;
     std::fs::rename(&uki, &uki_out).with_context(|| format!("moving {}", uki.display()))?;
@@ -76,18 +82,26 @@ pub fn make_boot(ctx: &Context, boot: &BootFiles, root: &RootImage) -> Result<Bo
 /// Builds the UKI with objcopy, placing the sections after the stub's own.
 fn make_uki(ctx: &Context, boot: &BootFiles, cmdline: &str, out: &Path) -> Result<()> {
     let stub_path = ctx.tree.join("usr/lib/systemd/boot/efi/linuxx64.efi.stub");
-    let stub = std::fs::read(&stub_path).with_context(|| format!("reading the EFI stub {} (is systemd-boot-efi in the image's packages?)", stub_path.display()))?;
+    let stub = std::fs::read(&stub_path).with_context(|| {
+        format!("reading the EFI stub {} (is systemd-boot-efi in the image's packages?)", stub_path.display())
+    })?;
     let layout = pe::stub_layout(&stub).with_context(|| format!("reading {}", stub_path.display()))?;
     let parts = ctx.work.join("uki-parts");
     std::fs::create_dir_all(&parts).with_context(|| format!("creating {}", parts.display()))?;
     let osrel = parts.join("os-release");
     std::fs::copy(ctx.tree.join("usr/lib/os-release"), &osrel).context("copying os-release for the UKI")?;
     let cmdline_file = parts.join("cmdline");
-    std::fs::write(&cmdline_file, format!("{cmdline}\0")).with_context(|| format!("writing {}", cmdline_file.display()))?;
+    std::fs::write(&cmdline_file, format!("{cmdline}\0"))
+        .with_context(|| format!("writing {}", cmdline_file.display()))?;
     let uname = parts.join("uname");
     std::fs::write(&uname, &boot.kernel_version).with_context(|| format!("writing {}", uname.display()))?;
-    let sections: [(&str, &Path); 5] =
-        [(".osrel", &osrel), (".cmdline", &cmdline_file), (".uname", &uname), (".initrd", &boot.initrd), (".linux", &boot.kernel)];
+    let sections: [(&str, &Path); 5] = [
+        (".osrel", &osrel),
+        (".cmdline", &cmdline_file),
+        (".uname", &uname),
+        (".initrd", &boot.initrd),
+        (".linux", &boot.kernel),
+    ];
     let sizes: Vec<u64> = sections
         .iter()
         .map(|(_, p)| std::fs::metadata(p).map(|m| m.len()).with_context(|| format!("reading {}", p.display())))
@@ -105,7 +119,8 @@ fn make_uki(ctx: &Context, boot: &BootFiles, cmdline: &str, out: &Path) -> Resul
     cmd.arg(&stub_path).arg(out).run()?;
     // objcopy stamps the PE header with the clock: use the image's timestamp instead.
     let mut pe = std::fs::read(out).with_context(|| format!("reading {}", out.display()))?;
-    pe::set_timestamp(&mut pe, ctx.plan.source_date_epoch as u32).with_context(|| format!("normalizing {}", out.display()))?;
+    pe::set_timestamp(&mut pe, ctx.plan.source_date_epoch as u32)
+        .with_context(|| format!("normalizing {}", out.display()))?;
     std::fs::write(out, pe).with_context(|| format!("writing {}", out.display()))?;
     Ok(())
 }
@@ -114,11 +129,26 @@ fn make_uki(ctx: &Context, boot: &BootFiles, cmdline: &str, out: &Path) -> Resul
 /// mtools). Reproducible when the tree's mtimes are fixed: `--invariant` and a given volume id.
 pub fn make_fat(dir: &Path, out: &Path, size: Bytes, label: &str, volume_id: &str) -> Result<()> {
     let _ = std::fs::remove_file(out);
-    Cmd::new("mkfs.vfat").args(["-F", "32", "-n", label, "--invariant", "-i", volume_id]).arg("-C").arg(out).arg((size.0 / 1024).to_string()).run()?;
-    let mut entries: Vec<_> = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.map(|e| e.map(|e| e.path())).collect::<std::io::Result<_>>()?;
+    Cmd::new("mkfs.vfat")
+        .args(["-F", "32", "-n", label, "--invariant", "-i", volume_id])
+        .arg("-C")
+        .arg(out)
+        .arg((size.0 / 1024).to_string())
+        .run()?;
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
     entries.sort();
     if !entries.is_empty() {
-        Cmd::new("mcopy").arg("-i").arg(out).args(["-s", "-m", "-Q"]).args(&entries).arg("::/").env("MTOOLS_SKIP_CHECK", "1").run()?;
+        Cmd::new("mcopy")
+            .arg("-i")
+            .arg(out)
+            .args(["-s", "-m", "-Q"])
+            .args(&entries)
+            .arg("::/")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .run()?;
     }
     Ok(())
 }

@@ -78,15 +78,26 @@ pub fn harden(ctx: &Context) -> Result<SecurityReport> {
         for site in &s.sites {
             if let Some(root) = &site.root {
                 // /srv and /home are links into /var: make the directory there.
-                let on_data = root.strip_prefix("/srv/").map(|r| format!("/var/srv/{r}")).or_else(|| root.starts_with("/var/").then(|| root.clone()));
+                let on_data = root
+                    .strip_prefix("/srv/")
+                    .map(|r| format!("/var/srv/{r}"))
+                    .or_else(|| root.starts_with("/var/").then(|| root.clone()));
                 serve_dirs.extend(on_data);
             }
         }
     }
     if !plan.services.is_empty() {
-        write_file(&tree.join("usr/lib/kiln/service-provision"), t.render("rootfs/service-provision", &tctx)?.as_bytes(), 0o755)?;
+        write_file(
+            &tree.join("usr/lib/kiln/service-provision"),
+            t.render("rootfs/service-provision", &tctx)?.as_bytes(),
+            0o755,
+        )?;
         tctx.insert("dirs", &serve_dirs);
-        write_file(&tree.join("usr/lib/tmpfiles.d/kiln-services.conf"), t.render("rootfs/tmpfiles-services.conf.tera", &tctx)?.as_bytes(), 0o644)?;
+        write_file(
+            &tree.join("usr/lib/tmpfiles.d/kiln-services.conf"),
+            t.render("rootfs/tmpfiles-services.conf.tera", &tctx)?.as_bytes(),
+            0o644,
+        )?;
     }
 
     // The firewall.
@@ -102,30 +113,69 @@ pub fn harden(ctx: &Context) -> Result<SecurityReport> {
     }
 
     // System-wide settings.
-    write_file(&tree.join("etc/sysctl.d/90-kiln-hardening.conf"), t.render("rootfs/sysctl.conf.tera", &tctx)?.as_bytes(), 0o644)?;
-    write_file(&tree.join("etc/modprobe.d/kiln-hardening.conf"), t.render("rootfs/modprobe.conf.tera", &tctx)?.as_bytes(), 0o644)?;
-    write_file(&tree.join("etc/systemd/journald.conf.d/90-kiln.conf"), t.render("rootfs/journald.conf.tera", &tctx)?.as_bytes(), 0o644)?;
-    write_file(&tree.join("etc/systemd/system.conf.d/90-kiln.conf"), t.render("rootfs/system.conf.tera", &tctx)?.as_bytes(), 0o644)?;
-    write_file(&tree.join("etc/systemd/resolved.conf.d/90-kiln.conf"), t.render("rootfs/resolved.conf", &tctx)?.as_bytes(), 0o644)?;
+    write_file(
+        &tree.join("etc/sysctl.d/90-kiln-hardening.conf"),
+        t.render("rootfs/sysctl.conf.tera", &tctx)?.as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        &tree.join("etc/modprobe.d/kiln-hardening.conf"),
+        t.render("rootfs/modprobe.conf.tera", &tctx)?.as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        &tree.join("etc/systemd/journald.conf.d/90-kiln.conf"),
+        t.render("rootfs/journald.conf.tera", &tctx)?.as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        &tree.join("etc/systemd/system.conf.d/90-kiln.conf"),
+        t.render("rootfs/system.conf.tera", &tctx)?.as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        &tree.join("etc/systemd/resolved.conf.d/90-kiln.conf"),
+        t.render("rootfs/resolved.conf", &tctx)?.as_bytes(),
+        0o644,
+    )?;
 
     let issue = t.render("rootfs/issue", &tctx)?;
     write_file(&tree.join("etc/issue"), issue.as_bytes(), 0o644)?;
     write_file(&tree.join("etc/issue.net"), issue.as_bytes(), 0o644)?;
-    write_file(&tree.join("etc/systemd/coredump.conf.d/90-kiln.conf"), t.render("rootfs/coredump.conf", &tctx)?.as_bytes(), 0o644)?;
+    write_file(
+        &tree.join("etc/systemd/coredump.conf.d/90-kiln.conf"),
+        t.render("rootfs/coredump.conf", &tctx)?.as_bytes(),
+        0o644,
+    )?;
     // systemd's file of the same name allows unlimited cores; this one replaces it.
-    write_file(&tree.join("etc/security/limits.d/10-coredump-debian.conf"), t.render("rootfs/limits-core.conf", &tctx)?.as_bytes(), 0o644)?;
-    write_file(&tree.join("etc/profile.d/kiln-hardening.sh"), t.render("rootfs/profile-hardening.sh", &tctx)?.as_bytes(), 0o644)?;
+    write_file(
+        &tree.join("etc/security/limits.d/10-coredump-debian.conf"),
+        t.render("rootfs/limits-core.conf", &tctx)?.as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        &tree.join("etc/profile.d/kiln-hardening.sh"),
+        t.render("rootfs/profile-hardening.sh", &tctx)?.as_bytes(),
+        0o644,
+    )?;
     harden_login_defs(tree)?;
     if h.audit {
         install_audit(ctx, &mut tctx)?;
         units.push("auditd.service".into());
     }
-    if h.pam_tmpdir && !std::fs::read_to_string(tree.join("etc/pam.d/common-session")).unwrap_or_default().contains("pam_tmpdir.so") {
+    if h.pam_tmpdir
+        && !std::fs::read_to_string(tree.join("etc/pam.d/common-session")).unwrap_or_default().contains("pam_tmpdir.so")
+    {
         bail!("hardening.pam_tmpdir: libpam-tmpdir did not enable pam_tmpdir.so in /etc/pam.d/common-session");
     }
 
     if !units.is_empty() {
-        Cmd::new("chroot").arg(tree).args(["systemctl", "enable", "--quiet"]).args(&units).run().context("enabling the services")?;
+        Cmd::new("chroot")
+            .arg(tree)
+            .args(["systemctl", "enable", "--quiet"])
+            .args(&units)
+            .run()
+            .context("enabling the services")?;
     }
 
     check_compilers(tree, h.allow_compilers)?;
@@ -140,7 +190,10 @@ pub fn harden(ctx: &Context) -> Result<SecurityReport> {
     let mut scores = Vec::new();
     for s in &plan.services {
         let score = score(tree, s)?;
-        progress.line(&format!("{:<12} {:<22} exposure {:.1} {} (budget {:.1})", s.name, s.unit, score.exposure, score.rating, score.budget));
+        progress.line(&format!(
+            "{:<12} {:<22} exposure {:.1} {} (budget {:.1})",
+            s.name, s.unit, score.exposure, score.rating, score.budget
+        ));
         scores.push(score);
     }
     let over: Vec<&ServiceScore> = scores.iter().filter(|s| s.exposure > s.budget).collect();
@@ -178,7 +231,12 @@ pub fn harden(ctx: &Context) -> Result<SecurityReport> {
 fn harden_login_defs(tree: &Path) -> Result<()> {
     let path = tree.join("etc/login.defs");
     let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
-    let set = [("UMASK", "027"), ("SHA_CRYPT_MIN_ROUNDS", "65536"), ("SHA_CRYPT_MAX_ROUNDS", "65536"), ("ENCRYPT_METHOD", "YESCRYPT")];
+    let set = [
+        ("UMASK", "027"),
+        ("SHA_CRYPT_MIN_ROUNDS", "65536"),
+        ("SHA_CRYPT_MAX_ROUNDS", "65536"),
+        ("ENCRYPT_METHOD", "YESCRYPT"),
+    ];
     let mut out: String = text
         .lines()
         .filter(|l| !set.iter().any(|(k, _)| l.split_whitespace().next() == Some(*k)))
@@ -202,11 +260,23 @@ fn install_audit(ctx: &Context, tctx: &mut tera::Context) -> Result<()> {
     let rules_d = tree.join("etc/audit/rules.d");
     // Debian's own audit.rules there holds only the buffer settings, which kiln's file sets too.
     remove_any(&rules_d.join("audit.rules"))?;
-    write_file(&rules_d.join("50-kiln.rules"), ctx.templates.render("rootfs/audit.rules.tera", tctx)?.as_bytes(), 0o640)?;
+    write_file(
+        &rules_d.join("50-kiln.rules"),
+        ctx.templates.render("rootfs/audit.rules.tera", tctx)?.as_bytes(),
+        0o640,
+    )?;
     Cmd::new("chroot").arg(tree).arg("augenrules").run().context("compiling the audit rules (augenrules)")?;
     set_keys(&tree.join("etc/audit/auditd.conf"), " = ", AUDITD_CONF)?;
-    write_file(&tree.join("etc/systemd/system/auditd.service.d/90-kiln.conf"), ctx.templates.render("rootfs/auditd-kiln.conf", tctx)?.as_bytes(), 0o644)?;
-    write_file(&tree.join("usr/lib/tmpfiles.d/kiln-audit.conf"), b"# Written by kiln: auditd's log on the data partition.\nd /var/log/audit 0700 root root -\n", 0o644)
+    write_file(
+        &tree.join("etc/systemd/system/auditd.service.d/90-kiln.conf"),
+        ctx.templates.render("rootfs/auditd-kiln.conf", tctx)?.as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        &tree.join("usr/lib/tmpfiles.d/kiln-audit.conf"),
+        b"# Written by kiln: auditd's log on the data partition.\nd /var/log/audit 0700 root root -\n",
+        0o644,
+    )
 }
 
 /// The log stays bounded on the data partition: five files of 8 MiB, rotated; when the
@@ -262,7 +332,8 @@ fn gate_failure(s: &ServiceScore) -> String {
         s.name, s.unit, s.exposure, s.rating, s.budget
     );
     if !s.loosened.is_empty() {
-        let l: Vec<String> = s.loosened.iter().map(|l| format!("{}={} (kiln sets {})", l.directive, l.now, l.was)).collect();
+        let l: Vec<String> =
+            s.loosened.iter().map(|l| format!("{}={} (kiln sets {})", l.directive, l.now, l.was)).collect();
         msg.push_str(&format!("\n  loosened by the profile: {}", l.join(", ")));
     }
     msg.push_str("\n  these settings would lower it (worst first):");
@@ -342,15 +413,26 @@ fn check_program(tree: &Path, arch: crate::image::Arch, key: &str, source: &str,
             elf::EM_AARCH64 => "AArch64 (arm64)".to_string(),
             m => format!("ELF machine {m}"),
         };
-        bail!("{key}.binary: {source} is an {is} program, but the image is {}: build it for {}", arch.debian(), arch.debian());
+        bail!(
+            "{key}.binary: {source} is an {is} program, but the image is {}: build it for {}",
+            arch.debian(),
+            arch.debian()
+        );
     }
     if let Some(interp) = &info.interpreter {
         if tree.join(interp.trim_start_matches('/')).symlink_metadata().is_err() {
             bail!("{key}.binary: {source} needs the program loader {interp}, which the image does not have (a program built for another C library?)");
         }
     }
-    let dirs: Vec<String> = info.multiarch().map(|t| vec![format!("usr/lib/{t}"), format!("lib/{t}")]).unwrap_or_default().into_iter().chain(["usr/lib".into(), "lib".into(), "usr/local/lib".into()]).collect();
-    let missing: Vec<&String> = info.needed.iter().filter(|lib| !dirs.iter().any(|d| tree.join(d).join(lib.as_str()).exists())).collect();
+    let dirs: Vec<String> = info
+        .multiarch()
+        .map(|t| vec![format!("usr/lib/{t}"), format!("lib/{t}")])
+        .unwrap_or_default()
+        .into_iter()
+        .chain(["usr/lib".into(), "lib".into(), "usr/local/lib".into()])
+        .collect();
+    let missing: Vec<&String> =
+        info.needed.iter().filter(|lib| !dirs.iter().any(|d| tree.join(d).join(lib.as_str()).exists())).collect();
     if !missing.is_empty() {
         let names: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
         bail!("{key}.binary: {source} needs {}, which the image does not have: add the Debian packages that ship them to the service's packages", names.join(", "));
@@ -367,7 +449,8 @@ fn score(tree: &Path, s: &ServicePlan) -> Result<ServiceScore> {
         .env("SYSTEMD_COLORS", "0")
         .read()
         .with_context(|| format!("services.{}: scoring {} with systemd-analyze security", s.name, s.unit))?;
-    let (exposure, rating, remaining) = parse_security(&out).with_context(|| format!("services.{}: reading systemd-analyze security's output:\n{out}", s.name))?;
+    let (exposure, rating, remaining) = parse_security(&out)
+        .with_context(|| format!("services.{}: reading systemd-analyze security's output:\n{out}", s.name))?;
     Ok(ServiceScore {
         name: s.name.clone(),
         unit: s.unit.clone(),
@@ -400,7 +483,11 @@ pub fn parse_security(out: &str) -> Result<(f64, String, Vec<Finding>)> {
         if words.len() < 2 {
             continue;
         }
-        findings.push(Finding { directive: words[0].to_string(), description: words[1..words.len() - 1].join(" "), exposure });
+        findings.push(Finding {
+            directive: words[0].to_string(),
+            description: words[1..words.len() - 1].join(" "),
+            exposure,
+        });
     }
     findings.sort_by(|a, b| b.exposure.total_cmp(&a.exposure).then_with(|| a.directive.cmp(&b.directive)));
     let (n, rating) = overall.context("no \"Overall exposure level\" line")?;
@@ -417,7 +504,11 @@ fn check_compilers(tree: &Path, allowed: bool) -> Result<()> {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             // gcc-14, x86_64-linux-gnu-gcc-14, clang-19 ...
-            let base = name.rsplit_once('-').filter(|(_, v)| v.chars().all(|c| c.is_ascii_digit() || c == '.')).map(|(b, _)| b).unwrap_or(&name);
+            let base = name
+                .rsplit_once('-')
+                .filter(|(_, v)| v.chars().all(|c| c.is_ascii_digit() || c == '.'))
+                .map(|(b, _)| b)
+                .unwrap_or(&name);
             let base = base.rsplit('-').next().unwrap_or(base);
             if COMPILERS.contains(&base) && std::fs::metadata(e.path()).is_ok() {
                 found.push(format!("/{dir}/{name}"));
@@ -446,7 +537,8 @@ fn strip_setuid(tree: &Path, allow: &[String]) -> Result<(Vec<String>, Vec<Strin
         if allow.iter().any(|a| a == rel) {
             kept.push(rel.to_string());
         } else {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & !0o6000)).with_context(|| format!("removing the setuid bit of {}", path.display()))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & !0o6000))
+                .with_context(|| format!("removing the setuid bit of {}", path.display()))?;
             removed.push(rel.to_string());
         }
         Ok(())
@@ -463,7 +555,11 @@ fn walk(root: &Path, dir: &Path, f: &mut dyn FnMut(&str, &Path, &std::fs::Metada
         let path = e.path();
         let meta = path.symlink_metadata().with_context(|| format!("reading {}", path.display()))?;
         if meta.is_dir() {
-            if path.strip_prefix(root).map(|r| r == Path::new("proc") || r == Path::new("sys") || r == Path::new("dev")).unwrap_or(false) {
+            if path
+                .strip_prefix(root)
+                .map(|r| r == Path::new("proc") || r == Path::new("sys") || r == Path::new("dev"))
+                .unwrap_or(false)
+            {
                 continue;
             }
             walk(root, &path, f)?;
@@ -479,7 +575,8 @@ fn walk(root: &Path, dir: &Path, f: &mut dyn FnMut(&str, &Path, &std::fs::Metada
 mod tests {
     use super::*;
 
-    const SAMPLE: &str = "  NAME                                   DESCRIPTION                                  EXPOSURE
+    const SAMPLE: &str =
+        "  NAME                                   DESCRIPTION                                  EXPOSURE
 ✗ RootDirectory=/RootImage=               Service runs within the host's root directory     0.1
 ✓ User=/DynamicUser=                      Service runs under a transient non-root user identity
 ✗ PrivateNetwork=                         Service has access to the host's network          0.5
@@ -502,7 +599,8 @@ mod tests {
     #[test]
     fn config_keys_are_replaced_in_place_or_appended() {
         let text = "# max_log_file = 1\nlog_file = /var/log/audit/audit.log\nmax_log_file = 20\nnum_logs=2\nmax_log_file = 30\nflush = INCREMENTAL_ASYNC\n";
-        let out = set_keys_in(text, " = ", &[("max_log_file", "8"), ("num_logs", "5"), ("disk_full_action", "SUSPEND")]);
+        let out =
+            set_keys_in(text, " = ", &[("max_log_file", "8"), ("num_logs", "5"), ("disk_full_action", "SUSPEND")]);
         assert_eq!(
             out,
             "# max_log_file = 1\nlog_file = /var/log/audit/audit.log\nmax_log_file = 8\nnum_logs = 5\nflush = INCREMENTAL_ASYNC\ndisk_full_action = SUSPEND\n"
@@ -532,13 +630,18 @@ mod tests {
         std::fs::create_dir_all(tree.path().join("usr/bin")).unwrap();
         std::fs::write(tree.path().join("usr/bin/python3"), b"x").unwrap();
         check_program(tree.path(), Arch::Amd64, "services.app", "app.py", b"#!/usr/bin/python3\nprint(1)\n").unwrap();
-        let e = check_program(tree.path(), Arch::Amd64, "services.app", "app.rb", b"#!/usr/bin/ruby\n").unwrap_err().to_string();
+        let e = check_program(tree.path(), Arch::Amd64, "services.app", "app.rb", b"#!/usr/bin/ruby\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("a script for \"/usr/bin/ruby\", which the image does not have"), "{e}");
         let e = check_program(tree.path(), Arch::Amd64, "services.app", "app.txt", b"hello").unwrap_err().to_string();
         assert!(e.contains("neither an ELF program nor a script"), "{e}");
         let arm = crate::initramfs::elf::synthetic(crate::initramfs::elf::EM_AARCH64, None, &[], None);
         let e = check_program(tree.path(), Arch::Amd64, "services.app", "dist/app", &arm).unwrap_err().to_string();
-        assert_eq!(e, "services.app.binary: dist/app is an AArch64 (arm64) program, but the image is amd64: build it for amd64");
+        assert_eq!(
+            e,
+            "services.app.binary: dist/app is an AArch64 (arm64) program, but the image is amd64: build it for amd64"
+        );
         let x86 = crate::initramfs::elf::synthetic(crate::initramfs::elf::EM_X86_64, None, &["libfoo.so.1"], None);
         let e = check_program(tree.path(), Arch::Amd64, "services.app", "dist/app", &x86).unwrap_err().to_string();
         assert!(e.contains("needs libfoo.so.1, which the image does not have"), "{e}");

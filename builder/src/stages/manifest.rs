@@ -92,7 +92,11 @@ pub fn packages(tree: &Path) -> Result<Vec<Package>> {
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split('\t').collect();
-            (f.len() == 4 && f[0].starts_with("ii")).then(|| Package { name: f[1].into(), version: f[2].into(), arch: f[3].into() })
+            (f.len() == 4 && f[0].starts_with("ii")).then(|| Package {
+                name: f[1].into(),
+                version: f[2].into(),
+                arch: f[3].into(),
+            })
         })
         .collect();
     v.sort();
@@ -102,8 +106,10 @@ pub fn packages(tree: &Path) -> Result<Vec<Package>> {
 /// Versions of the host tools that shape the output, as their Debian packages say.
 pub fn host_tools() -> BTreeMap<String, String> {
     const PACKAGES: [&str; 6] = ["mmdebstrap", "erofs-utils", "cryptsetup-bin", "binutils", "dosfstools", "mtools"];
-    let mut m: BTreeMap<String, String> = PACKAGES.iter().map(|p| (p.to_string(), "not installed".to_string())).collect();
-    let out = Cmd::new("dpkg-query").args(["-W", "-f", "${Package}\t${Version}\n"]).args(PACKAGES).read().unwrap_or_default();
+    let mut m: BTreeMap<String, String> =
+        PACKAGES.iter().map(|p| (p.to_string(), "not installed".to_string())).collect();
+    let out =
+        Cmd::new("dpkg-query").args(["-W", "-f", "${Package}\t${Version}\n"]).args(PACKAGES).read().unwrap_or_default();
     for line in out.lines() {
         if let Some((pkg, ver)) = line.split_once('\t') {
             if !ver.is_empty() {
@@ -121,7 +127,16 @@ pub fn artifact(path: &Path) -> Result<Artifact> {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn write(ctx: &Context, root: &RootImage, kernel: &str, cmdline: &str, partuuids: &[String], artifacts: BTreeMap<String, Artifact>, packages: Vec<Package>, security: super::harden::SecurityReport) -> Result<Manifest> {
+pub fn write(
+    ctx: &Context,
+    root: &RootImage,
+    kernel: &str,
+    cmdline: &str,
+    partuuids: &[String],
+    artifacts: BTreeMap<String, Artifact>,
+    packages: Vec<Package>,
+    security: super::harden::SecurityReport,
+) -> Result<Manifest> {
     let plan = ctx.plan;
     let partitions = plan
         .disk
@@ -151,7 +166,13 @@ pub fn write(ctx: &Context, root: &RootImage, kernel: &str, cmdline: &str, partu
         sources: plan.sources.clone(),
         kernel: kernel.into(),
         kernel_cmdline: cmdline.into(),
-        verity: Verity { root_hash: root.root_hash.clone(), hash_offset: root.hash_offset, salt: root.salt.clone(), data_block_size: 4096, hash_block_size: 4096 },
+        verity: Verity {
+            root_hash: root.root_hash.clone(),
+            hash_offset: root.hash_offset,
+            salt: root.salt.clone(),
+            data_block_size: 4096,
+            hash_block_size: 4096,
+        },
         partition_table: format!("{:?}", plan.disk.table).to_lowercase(),
         partitions,
         artifacts,
@@ -168,7 +189,8 @@ pub fn write(ctx: &Context, root: &RootImage, kernel: &str, cmdline: &str, partu
 
 pub fn read(dir: &Path) -> Result<Manifest> {
     let path = dir.join(FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {} (is {} a kiln build output?)", path.display(), dir.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {} (is {} a kiln build output?)", path.display(), dir.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 

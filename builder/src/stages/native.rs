@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Programs diverted to a no-op during a foreign bootstrap: (path, why).
-pub const DIVERTED: &[(&str, &str)] = &[("/usr/sbin/update-ca-certificates", "one sed and ln per certificate: ~2 minutes under emulation")];
+pub const DIVERTED: &[(&str, &str)] =
+    &[("/usr/sbin/update-ca-certificates", "one sed and ln per certificate: ~2 minutes under emulation")];
 
 /// The essential hook (shell, run by mmdebstrap with the tree as `$1`).
 pub fn essential_hook() -> String {
@@ -23,7 +24,9 @@ pub fn essential_hook() -> String {
         ));
     }
     // openssh-server's postinst makes host keys only where none exist (RSA under emulation: ~20 s).
-    parts.push("mkdir -p \"$1/etc/ssh\" && for t in rsa ecdsa ed25519; do : > \"$1/etc/ssh/ssh_host_${t}_key\"; done".into());
+    parts.push(
+        "mkdir -p \"$1/etc/ssh\" && for t in rsa ecdsa ed25519; do : > \"$1/etc/ssh/ssh_host_${t}_key\"; done".into(),
+    );
     parts.join(" && ")
 }
 
@@ -82,14 +85,19 @@ pub fn ca_certificates(tree: &Path) -> Result<usize> {
     let mut by_hash: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
     for cert in &certs {
         let stem = Path::new(cert).file_stem().expect("file name").to_string_lossy();
-        let pem: String = stem.chars().map(|c| match c {
-            ' ' | ',' => '_',
-            '(' | ')' => '=',
-            c => c,
-        }).collect::<String>() + ".pem";
+        let pem: String = stem
+            .chars()
+            .map(|c| match c {
+                ' ' | ',' => '_',
+                '(' | ')' => '=',
+                c => c,
+            })
+            .collect::<String>()
+            + ".pem";
         // `ln -sf`, as the script does: a file of that name is replaced.
         let _ = std::fs::remove_file(etc.join(&pem));
-        std::os::unix::fs::symlink(cert, etc.join(&pem)).with_context(|| format!("linking {pem} in {}", etc.display()))?;
+        std::os::unix::fs::symlink(cert, etc.join(&pem))
+            .with_context(|| format!("linking {pem} in {}", etc.display()))?;
         let file = tree.join(cert.trim_start_matches('/'));
         let mut data = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
         if !data.ends_with(b"\n") {
@@ -113,7 +121,10 @@ pub fn ca_certificates(tree: &Path) -> Result<usize> {
             Ok(target) => etc.join(target),
             Err(_) => link.clone(),
         };
-        let out = Cmd::new("openssl").args(["x509", "-noout", "-hash", "-fingerprint", "-sha256", "-in"]).arg(&file).read()?;
+        let out = Cmd::new("openssl")
+            .args(["x509", "-noout", "-hash", "-fingerprint", "-sha256", "-in"])
+            .arg(&file)
+            .read()?;
         let mut lines = out.lines();
         let hash = lines.next().unwrap_or_default().trim().to_string();
         let fingerprint = lines.next().unwrap_or_default().trim().to_string();
@@ -127,7 +138,8 @@ pub fn ca_certificates(tree: &Path) -> Result<usize> {
         entries.sort();
         entries.dedup_by(|a, b| a.0 == b.0);
         for (n, (_, pem)) in entries.iter().enumerate() {
-            std::os::unix::fs::symlink(pem, etc.join(format!("{hash}.{n}"))).with_context(|| format!("linking {hash}.{n}"))?;
+            std::os::unix::fs::symlink(pem, etc.join(format!("{hash}.{n}")))
+                .with_context(|| format!("linking {hash}.{n}"))?;
         }
     }
     let hooks = tree.join("etc/ca-certificates/update.d");
@@ -148,18 +160,28 @@ mod tests {
             .filter(|e| e.path().symlink_metadata().unwrap().file_type().is_symlink())
             .map(|e| {
                 let target = std::fs::read_link(e.path()).unwrap().to_string_lossy().into_owned();
-                (e.file_name().to_string_lossy().into_owned(), target.strip_prefix(strip).unwrap_or(&target).to_string())
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    target.strip_prefix(strip).unwrap_or(&target).to_string(),
+                )
             })
             .collect()
     }
 
     fn tree_with_host_certs(tree: &Path) {
-        assert!(Path::new("/usr/share/ca-certificates/mozilla").is_dir(), "this test needs the ca-certificates package on the host");
+        assert!(
+            Path::new("/usr/share/ca-certificates/mozilla").is_dir(),
+            "this test needs the ca-certificates package on the host"
+        );
         std::fs::create_dir_all(tree.join("usr/share/ca-certificates")).unwrap();
         std::fs::create_dir_all(tree.join("usr/local/share/ca-certificates")).unwrap();
         std::fs::create_dir_all(tree.join("etc/ssl/certs")).unwrap();
         std::fs::create_dir_all(tree.join("etc/ca-certificates/update.d")).unwrap();
-        Cmd::new("cp").args(["-a", "/usr/share/ca-certificates/mozilla"]).arg(tree.join("usr/share/ca-certificates/")).run().unwrap();
+        Cmd::new("cp")
+            .args(["-a", "/usr/share/ca-certificates/mozilla"])
+            .arg(tree.join("usr/share/ca-certificates/"))
+            .run()
+            .unwrap();
         // Debian's default: every certificate enabled; one disabled to check '!' lines.
         let mut names: Vec<String> = std::fs::read_dir(tree.join("usr/share/ca-certificates/mozilla"))
             .unwrap()
@@ -197,10 +219,17 @@ mod tests {
             .unwrap();
         let a = links(&ours.join("etc/ssl/certs"), "");
         let b = links(&theirs.join("etc/ssl/certs"), &t);
-        let differ: Vec<_> = b.iter().filter(|(k, v)| a.get(*k) != Some(v)).chain(a.iter().filter(|(k, _)| !b.contains_key(*k))).collect();
+        let differ: Vec<_> = b
+            .iter()
+            .filter(|(k, v)| a.get(*k) != Some(v))
+            .chain(a.iter().filter(|(k, _)| !b.contains_key(*k)))
+            .collect();
         assert!(differ.is_empty(), "links that differ: {differ:?}");
         assert_eq!(a.len(), b.len());
         assert_eq!(a.len(), 2 * n, "a .pem and a hash link per certificate");
-        assert_eq!(std::fs::read(ours.join("etc/ssl/certs/ca-certificates.crt")).unwrap(), std::fs::read(theirs.join("etc/ssl/certs/ca-certificates.crt")).unwrap());
+        assert_eq!(
+            std::fs::read(ours.join("etc/ssl/certs/ca-certificates.crt")).unwrap(),
+            std::fs::read(theirs.join("etc/ssl/certs/ca-certificates.crt")).unwrap()
+        );
     }
 }

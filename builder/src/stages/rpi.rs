@@ -18,7 +18,8 @@ use std::path::Path;
 pub fn make_boot(ctx: &Context, boot: &BootFiles, root: &RootImage) -> Result<BootOutput> {
     let plan = ctx.plan;
     let def = plan.rpi.as_ref().context("an rpi-firmware image needs its [rpi] section")?;
-    let progress = StageProgress::start("boot partitions", "autoboot.txt + boot slot A (firmware, kernel, initramfs, DTBs)");
+    let progress =
+        StageProgress::start("boot partitions", "autoboot.txt + boot slot A (firmware, kernel, initramfs, DTBs)");
     let fw = boot.rpi_dir.as_ref().context("the bootstrap kept no Raspberry Pi firmware files")?;
     let slot = Slot::A;
     let root_part = plan.partition(Role::Root, Some(slot));
@@ -61,14 +62,25 @@ pub fn make_boot(ctx: &Context, boot: &BootFiles, root: &RootImage) -> Result<Bo
     set_mtimes(&auto_dir, plan.source_date_epoch)?;
     let auto_part = plan.partition(Role::Autoboot, None);
     let auto_img = ctx.work.join("autoboot.img");
-    make_fat(&auto_dir, &auto_img, auto_part.size, "KILN-AUTO", &Uuid::derive(&plan.seed, "autoboot-volume").fat_volume_id())?;
+    make_fat(
+        &auto_dir,
+        &auto_img,
+        auto_part.size,
+        "KILN-AUTO",
+        &Uuid::derive(&plan.seed, "autoboot-volume").fat_volume_id(),
+    )?;
 
     progress.finish(&format!("slot A {} of files, root {}", crate::units::Bytes(bytes), root_part.uuid));
     // The boot slot's image is also the update payload for the boot partition (the updater
     // writes it into the other slot and points its cmdline.txt at that slot's root).
     let boot_artifact = ctx.work.join("boot.img");
-    std::fs::copy(&boot_img, &boot_artifact).with_context(|| format!("copying {} to {}", boot_img.display(), boot_artifact.display()))?;
-    Ok(BootOutput { partitions: vec![(Role::Autoboot, None, auto_img), (Role::Boot, Some(slot), boot_img)], artifacts: vec![boot_artifact], cmdline })
+    std::fs::copy(&boot_img, &boot_artifact)
+        .with_context(|| format!("copying {} to {}", boot_img.display(), boot_artifact.display()))?;
+    Ok(BootOutput {
+        partitions: vec![(Role::Autoboot, None, auto_img), (Role::Boot, Some(slot), boot_img)],
+        artifacts: vec![boot_artifact],
+        cmdline,
+    })
 }
 
 fn fresh_dir(dir: &Path) -> Result<()> {

@@ -23,17 +23,93 @@ const DOC_DIR: &str = "usr/share/doc";
 
 /// SPDX license ids a DEP-5 short name may match (case-insensitively) as they are.
 const SPDX_IDS: &[&str] = &[
-    "0BSD", "AFL-2.1", "AFL-3.0", "Apache-1.1", "Apache-2.0", "Artistic-1.0", "Artistic-1.0-Perl", "Artistic-2.0",
-    "Beerware", "BSD-1-Clause", "BSD-2-Clause", "BSD-3-Clause", "BSD-3-Clause-Clear", "BSD-4-Clause",
-    "BSD-4-Clause-UC", "BSD-4.3TAHOE", "BSD-Source-Code", "BSL-1.0", "bzip2-1.0.6", "CC-BY-2.0", "CC-BY-3.0",
-    "CC-BY-4.0", "CC-BY-SA-2.0", "CC-BY-SA-3.0", "CC-BY-SA-4.0", "CC0-1.0", "CDDL-1.0", "curl", "EPL-1.0",
-    "EPL-2.0", "FSFAP", "FSFUL", "FSFULLR", "FTL", "GD", "HPND", "HPND-sell-variant", "ICU", "IJG", "Info-ZIP",
-    "Intel", "ISC", "ISC-Veillard", "Kazlib", "Latex2e", "libpng-2.0", "Libpng", "libselinux-1.0", "libtiff",
-    "LPPL-1.3c", "MirOS", "MIT", "MIT-0", "MIT-CMU", "MIT-Modern-Variant", "MIT-open-group", "MPL-1.0", "MPL-1.1",
-    "MPL-2.0", "MS-PL", "NCSA", "NTP", "OFL-1.1", "OLDAP-2.8", "OpenSSL", "OpenSSL-standalone", "PostgreSQL", "PSF-2.0",
-    "Python-2.0", "Ruby", "Sendmail", "Sleepycat", "Spencer-86", "Spencer-94", "SunPro", "TCL", "TCP-wrappers", "Unicode-3.0",
-    "Unicode-DFS-2016", "Unicode-TOU", "Unlicense", "Vim", "WTFPL", "X11", "X11-distribute-modifications-variant",
-    "Zlib", "zlib-acknowledgement",
+    "0BSD",
+    "AFL-2.1",
+    "AFL-3.0",
+    "Apache-1.1",
+    "Apache-2.0",
+    "Artistic-1.0",
+    "Artistic-1.0-Perl",
+    "Artistic-2.0",
+    "Beerware",
+    "BSD-1-Clause",
+    "BSD-2-Clause",
+    "BSD-3-Clause",
+    "BSD-3-Clause-Clear",
+    "BSD-4-Clause",
+    "BSD-4-Clause-UC",
+    "BSD-4.3TAHOE",
+    "BSD-Source-Code",
+    "BSL-1.0",
+    "bzip2-1.0.6",
+    "CC-BY-2.0",
+    "CC-BY-3.0",
+    "CC-BY-4.0",
+    "CC-BY-SA-2.0",
+    "CC-BY-SA-3.0",
+    "CC-BY-SA-4.0",
+    "CC0-1.0",
+    "CDDL-1.0",
+    "curl",
+    "EPL-1.0",
+    "EPL-2.0",
+    "FSFAP",
+    "FSFUL",
+    "FSFULLR",
+    "FTL",
+    "GD",
+    "HPND",
+    "HPND-sell-variant",
+    "ICU",
+    "IJG",
+    "Info-ZIP",
+    "Intel",
+    "ISC",
+    "ISC-Veillard",
+    "Kazlib",
+    "Latex2e",
+    "libpng-2.0",
+    "Libpng",
+    "libselinux-1.0",
+    "libtiff",
+    "LPPL-1.3c",
+    "MirOS",
+    "MIT",
+    "MIT-0",
+    "MIT-CMU",
+    "MIT-Modern-Variant",
+    "MIT-open-group",
+    "MPL-1.0",
+    "MPL-1.1",
+    "MPL-2.0",
+    "MS-PL",
+    "NCSA",
+    "NTP",
+    "OFL-1.1",
+    "OLDAP-2.8",
+    "OpenSSL",
+    "OpenSSL-standalone",
+    "PostgreSQL",
+    "PSF-2.0",
+    "Python-2.0",
+    "Ruby",
+    "Sendmail",
+    "Sleepycat",
+    "Spencer-86",
+    "Spencer-94",
+    "SunPro",
+    "TCL",
+    "TCP-wrappers",
+    "Unicode-3.0",
+    "Unicode-DFS-2016",
+    "Unicode-TOU",
+    "Unlicense",
+    "Vim",
+    "WTFPL",
+    "X11",
+    "X11-distribute-modifications-variant",
+    "Zlib",
+    "zlib-acknowledgement",
 ];
 
 /// DEP-5 short names that differ from their SPDX id (lowercase name -> id).
@@ -376,10 +452,7 @@ fn gnu_license_id(lower: &str) -> Option<String> {
 fn spdx_exception_id(name: &str) -> Option<String> {
     let lower = name.to_ascii_lowercase();
     let lower = lower.strip_suffix("-exception").unwrap_or(&lower);
-    EXCEPTIONS
-        .iter()
-        .find(|(n, id)| *n == lower || id.eq_ignore_ascii_case(name))
-        .map(|(_, id)| id.to_string())
+    EXCEPTIONS.iter().find(|(n, id)| *n == lower || id.eq_ignore_ascii_case(name)).map(|(_, id)| id.to_string())
 }
 
 /// `LicenseRef-<name>` with every character SPDX does not allow in an id made a `-`, except
@@ -418,7 +491,12 @@ fn percent_encode(s: &str) -> String {
 
 /// The package URL of a Debian package.
 fn purl(p: &Package) -> String {
-    format!("pkg:deb/debian/{}@{}?arch={}", percent_encode(&p.name), percent_encode(&p.version), percent_encode(&p.arch))
+    format!(
+        "pkg:deb/debian/{}@{}?arch={}",
+        percent_encode(&p.name),
+        percent_encode(&p.version),
+        percent_encode(&p.arch)
+    )
 }
 
 /// `1970-01-01T00:00:00Z` for seconds since the epoch, without a clock or a time zone.
@@ -484,7 +562,10 @@ pub fn spdx_document(m: &Manifest, tree: &Path) -> Value {
     let mut extracted: BTreeMap<String, (String, BTreeSet<String>)> = BTreeMap::new();
     let mut ids = BTreeSet::from([DOCUMENT_ID.to_string(), IMAGE_ID.to_string()]);
     for p in packages {
-        let id = unique_id(&mut ids, &format!("SPDXRef-Package-deb-{}", sanitize_id(&format!("{}-{}-{}", p.name, p.version, p.arch))));
+        let id = unique_id(
+            &mut ids,
+            &format!("SPDXRef-Package-deb-{}", sanitize_id(&format!("{}-{}-{}", p.name, p.version, p.arch))),
+        );
         let declared = declared_license(tree, &p.name);
         let license = match &declared {
             Some(d) => d.expression.clone(),
@@ -615,7 +696,10 @@ mod tests {
             ("BSD-3-clause and BSD-3-clause-generic", "BSD-3-Clause AND LicenseRef-BSD-3-clause-generic"),
             // `and` binds tighter than `or`; a comma closes what is on its left.
             ("LGPL-3+ or GPL-2+ and Expat", "(GPL-2.0-or-later AND MIT) OR LGPL-3.0-or-later"),
-            ("GPL-2+ or AFL-2.1, and Expat and Tcl-BSDish", "(AFL-2.1 OR GPL-2.0-or-later) AND LicenseRef-Tcl-BSDish AND MIT"),
+            (
+                "GPL-2+ or AFL-2.1, and Expat and Tcl-BSDish",
+                "(AFL-2.1 OR GPL-2.0-or-later) AND LicenseRef-Tcl-BSDish AND MIT",
+            ),
             ("GPL-2 with Linux-syscall-note exception", "GPL-2.0-only WITH Linux-syscall-note"),
             ("GPL-3+ with Bison exception", "GPL-3.0-or-later WITH Bison-exception-2.2"),
             ("GPL-3+-WITH-BISON-EXCEPTION", "GPL-3.0-or-later WITH Bison-exception-2.2"),
@@ -736,7 +820,9 @@ License: public-domain
 
     #[test]
     fn purls_percent_encode_epochs_and_pluses() {
-        let p = |name: &str, version: &str, arch: &str| purl(&Package { name: name.into(), version: version.into(), arch: arch.into() });
+        let p = |name: &str, version: &str, arch: &str| {
+            purl(&Package { name: name.into(), version: version.into(), arch: arch.into() })
+        };
         assert_eq!(p("bash", "5.2.37-2+b5", "amd64"), "pkg:deb/debian/bash@5.2.37-2%2Bb5?arch=amd64");
         assert_eq!(p("libstdc++6", "14.2.0-19", "amd64"), "pkg:deb/debian/libstdc%2B%2B6@14.2.0-19?arch=amd64");
         assert_eq!(p("perl-base", "1:5.40.1-6~bpo1", "all"), "pkg:deb/debian/perl-base@1%3A5.40.1-6~bpo1?arch=all");
@@ -760,7 +846,13 @@ License: public-domain
             sources: vec![],
             kernel: "6.12.0-amd64".into(),
             kernel_cmdline: String::new(),
-            verity: Verity { root_hash: "00".repeat(32), hash_offset: 0, salt: String::new(), data_block_size: 4096, hash_block_size: 4096 },
+            verity: Verity {
+                root_hash: "00".repeat(32),
+                hash_offset: 0,
+                salt: String::new(),
+                data_block_size: 4096,
+                hash_block_size: 4096,
+            },
             partition_table: "gpt".into(),
             partitions: vec![],
             artifacts: BTreeMap::from([("disk.img".to_string(), Artifact { sha256: "ab".repeat(32), size: 1 })]),
@@ -832,9 +924,15 @@ License: public-domain
         assert_eq!(packages[3]["SPDXID"], "SPDXRef-Package-deb-libstdc-6-14.2.0-19-amd64");
 
         let rels = doc["relationships"].as_array().unwrap();
-        assert_eq!(rels[0], json!({"spdxElementId": DOCUMENT_ID, "relationshipType": "DESCRIBES", "relatedSpdxElement": IMAGE_ID}));
+        assert_eq!(
+            rels[0],
+            json!({"spdxElementId": DOCUMENT_ID, "relationshipType": "DESCRIBES", "relatedSpdxElement": IMAGE_ID})
+        );
         assert_eq!(rels.len(), 5);
-        assert!(rels[1..].iter().zip(&packages[1..]).all(|(r, p)| r["relationshipType"] == "CONTAINS" && r["relatedSpdxElement"] == p["SPDXID"]));
+        assert!(rels[1..]
+            .iter()
+            .zip(&packages[1..])
+            .all(|(r, p)| r["relationshipType"] == "CONTAINS" && r["relatedSpdxElement"] == p["SPDXID"]));
 
         let infos = doc["hasExtractedLicensingInfos"].as_array().unwrap();
         assert_eq!(infos.len(), 1);
@@ -847,7 +945,8 @@ License: public-domain
         let tree = tempfile::tempdir().unwrap();
         let m = fake_manifest(vec![package("a", "1+b1"), package("a", "1:b1")]);
         let doc = spdx_document(&m, tree.path());
-        let ids: BTreeSet<&str> = doc["packages"].as_array().unwrap().iter().map(|p| p["SPDXID"].as_str().unwrap()).collect();
+        let ids: BTreeSet<&str> =
+            doc["packages"].as_array().unwrap().iter().map(|p| p["SPDXID"].as_str().unwrap()).collect();
         assert_eq!(ids.len(), 3);
     }
 
@@ -889,7 +988,9 @@ License: public-domain
             let path = out.path().join(format!("{name}.spdx.json"));
             std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
             match spdx_validate(&path) {
-                Err(crate::exec::ExecError::Failed { stderr_tail, .. }) => assert!(stderr_tail.contains(why), "{name}: {stderr_tail}"),
+                Err(crate::exec::ExecError::Failed { stderr_tail, .. }) => {
+                    assert!(stderr_tail.contains(why), "{name}: {stderr_tail}")
+                }
                 other => panic!("{name}: expected the validator to reject it, got {other:?}"),
             }
         }
