@@ -16,6 +16,10 @@
 //! data partition is wiped, a drill against a corrupted repository.
 //! `initramfs`: the initramfs built natively from a target tree, booted under QEMU (healthy,
 //! flipped byte, wrong root hash).
+//!
+//! Two tiers: as an ordinary user without QEMU, `cargo test --workspace` runs the fast tests
+//! (cli, golden, every crate's unit tests) and skips the heavy ones, naming what they need
+//! ([`host_can_run`]); `scripts/test` runs everything as root and fails instead of skipping.
 
 mod agent;
 mod arm64;
@@ -30,6 +34,54 @@ mod repro;
 mod services;
 mod vm;
 
+/// What a heavy test needs from the host.
+pub enum Need {
+    /// mmdebstrap --mode=root, loop devices, mounts.
+    Root,
+    /// A program on PATH.
+    Tool(&'static str),
+}
+
+/// The variable `scripts/test` sets: there, a test that would be skipped fails instead.
+pub const REQUIRE_ALL: &str = "KILN_TEST_REQUIRE_ALL";
+
+/// Whether this host can run `test`. The fast tier (`cargo test --workspace` as an ordinary
+/// user, without QEMU) skips the heavy tests and says so on stderr; `scripts/test` (root, every
+/// tool installed by `kiln doctor --install`) sets [`REQUIRE_ALL`], and there a missing need
+/// fails the test: nothing is ever skipped in CI.
+pub fn host_can_run(test: &str, needs: &[Need]) -> bool {
+    let missing: Vec<String> = needs
+        .iter()
+        .filter_map(|n| match n {
+            Need::Root if !nix::unistd::geteuid().is_root() => {
+                Some("root (mmdebstrap --mode=root, loop devices)".into())
+            }
+            Need::Tool(t) if !on_path(t) => Some(format!("`{t}` on PATH")),
+            _ => None,
+        })
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let why = missing.join(", ");
+    if std::env::var_os(REQUIRE_ALL).is_some() {
+        panic!("{test} would be skipped: it needs {why}; {REQUIRE_ALL} is set (scripts/test never skips a test)");
+    }
+    // Written past libtest's output capture (which takes only the print macros), so a skip is
+    // always seen.
+    let _ = writeln!(std::io::stderr(), "kiln-it: skipped {test}: needs {why}; `sudo scripts/test` runs it");
+    false
+}
+
+fn on_path(program: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    // Tools in /usr/sbin are on root's PATH but not always on an ordinary user's.
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .any(|d| std::fs::metadata(d.join(program)).map(|m| m.is_file()).unwrap_or(false))
+}
+
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
