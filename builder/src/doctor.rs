@@ -26,6 +26,13 @@ pub const TOOLS: &[Tool] = &[
         used_for: "bootstrapping the Debian root",
     },
     Tool {
+        name: "arch-test",
+        probe: "arch-test",
+        package: "arch-test",
+        backports_on_bookworm: false,
+        used_for: "mmdebstrap's check that a foreign architecture (arm64) runs under qemu-user",
+    },
+    Tool {
         name: "mkfs.erofs",
         probe: "mkfs.erofs",
         package: "erofs-utils",
