@@ -29,4 +29,6 @@ pub mod rpi;
 pub mod services;
 pub mod stages;
 pub mod templates;
+#[cfg(test)]
+mod testing;
 pub mod units;
