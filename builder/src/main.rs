@@ -217,6 +217,7 @@ enum Command {
 }
 
 fn main() {
+    quiet_on_closed_stdout();
     let cli = Cli::parse();
     kiln::exec::set_debug(cli.debug);
     if let Err(e) = run(cli) {
@@ -228,6 +229,25 @@ fn main() {
         eprintln!();
         std::process::exit(1);
     }
+}
+
+/// Output to a closed pipe (`kiln plan | head`) ends the program quietly with status 0, as
+/// ripgrep does: the print macros panic with "failed printing to stdout: Broken pipe", and
+/// only that panic is turned into an exit; every other panic keeps the default report.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info)
+    }));
 }
 
 fn resolve(t: &Target) -> Result<plan::Plan> {

@@ -51,3 +51,19 @@ fn inspect_of_a_missing_output_names_the_file() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn output_to_a_closed_pipe_ends_quietly() {
+    // `kiln plan | head -0`: the reader is gone before kiln writes.
+    let mut child = std::process::Command::new(crate::kiln_bin())
+        .args(["plan", "--mirror", "http://mirror.invalid/debian"])
+        .current_dir(repo_root())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kiln runs");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stderr), "", "no panic report on a closed pipe");
+}
