@@ -957,6 +957,13 @@ License: public-domain
 
     #[test]
     fn written_sbom_passes_the_spdx_validator() {
+        if !crate::testing::allows(
+            "written_sbom_passes_the_spdx_validator",
+            nix::unistd::geteuid().is_root() || std::env::var_os("KILN_VENV").is_some(),
+            "root (the validator's venv is made in /opt/kiln-venv) or KILN_VENV naming a writable directory",
+        ) {
+            return;
+        }
         let (tree, m) = fake_tree();
         let out = tempfile::tempdir().unwrap();
         let path = write(&m, tree.path(), out.path()).unwrap();
@@ -968,6 +975,13 @@ License: public-domain
 
     #[test]
     fn spdx_validator_rejects_broken_documents() {
+        if !crate::testing::allows(
+            "spdx_validator_rejects_broken_documents",
+            nix::unistd::geteuid().is_root() || std::env::var_os("KILN_VENV").is_some(),
+            "root (the validator's venv is made in /opt/kiln-venv) or KILN_VENV naming a writable directory",
+        ) {
+            return;
+        }
         let (tree, m) = fake_tree();
         let good = spdx_document(&m, tree.path());
         let out = tempfile::tempdir().unwrap();
