@@ -1,8 +1,8 @@
 //! A QEMU guest for tests that talk to it: its serial console read line by line, services on
 //! the host's loopback relayed into its restricted user-mode network.
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,8 +30,12 @@ while True:
 pub struct Vm {
     pub child: Child,
     pub lines: Arc<Mutex<Vec<String>>>,
+    /// What the console printed after its last newline (a boot menu draws without newlines).
+    partial: Arc<Mutex<String>>,
     done: Arc<Mutex<bool>>,
     cursor: usize,
+    /// QEMU's human monitor, for `info registers` when a guest goes silent.
+    monitor: PathBuf,
 }
 
 impl Vm {
@@ -69,31 +73,95 @@ impl Vm {
             log: None,
             tryboot: false,
         };
-        let cmd = kiln::qemu::command(&opts, kiln::qemu::Accel::Tcg, scratch, false).unwrap();
+        let monitor = scratch.join("monitor.sock");
+        let _ = std::fs::remove_file(&monitor);
+        let cmd = kiln::qemu::command(&opts, kiln::qemu::Accel::Tcg, scratch, false).unwrap().args([
+            "-chardev".to_string(),
+            format!("socket,id=kilnmon,path={},server=on,wait=off", monitor.display()),
+            "-mon".to_string(),
+            "chardev=kilnmon,mode=readline".to_string(),
+        ]);
         let mut child = cmd.spawn_piped(false).unwrap();
-        let stdout = child.stdout.take().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
+        let partial = Arc::new(Mutex::new(String::new()));
         let done = Arc::new(Mutex::new(false));
-        let (l, d) = (lines.clone(), done.clone());
+        let (l, p, d) = (lines.clone(), partial.clone(), done.clone());
         let mut logf = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         writeln!(logf, "==== qemu started").unwrap();
         std::thread::spawn(move || {
-            let mut r = BufReader::new(stdout);
-            let mut buf = Vec::new();
-            while r.read_until(b'\n', &mut buf).map(|n| n > 0).unwrap_or(false) {
-                let line = String::from_utf8_lossy(&buf).trim_end().replace('\r', "");
-                let _ = writeln!(logf, "{line}");
-                l.lock().unwrap().push(line);
-                buf.clear();
+            let mut pending = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while let Ok(n @ 1..) = stdout.read(&mut chunk) {
+                pending.extend_from_slice(&chunk[..n]);
+                while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+                    let line = String::from_utf8_lossy(&pending[..i]).trim_end().replace('\r', "");
+                    pending.drain(..=i);
+                    let _ = writeln!(logf, "{line}");
+                    l.lock().unwrap().push(line);
+                }
+                *p.lock().unwrap() = String::from_utf8_lossy(&pending).into_owned();
+            }
+            if !pending.is_empty() {
+                let _ = writeln!(logf, "{}", String::from_utf8_lossy(&pending));
             }
             *d.lock().unwrap() = true;
         });
-        Vm { child, lines, done, cursor: 0 }
+        Vm { child, lines, partial, done, cursor: 0, monitor }
     }
 
     pub fn tail(&self) -> String {
         let l = self.lines.lock().unwrap();
-        l[l.len().saturating_sub(40)..].join("\n")
+        let mut t = l[l.len().saturating_sub(40)..].join("\n");
+        let p = self.partial.lock().unwrap();
+        if !p.is_empty() {
+            t.push_str(&format!("\n[after the last newline, {} bytes:] {}", p.len(), printable(&p, 2000)));
+        }
+        t
+    }
+
+    /// Where the guest's CPU is (`info registers` on QEMU's monitor): firmware or kernel.
+    pub fn registers(&self) -> String {
+        use std::os::unix::net::UnixStream;
+        let Ok(mut s) = UnixStream::connect(&self.monitor) else {
+            return format!("(no monitor at {})", self.monitor.display());
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+        let _ = s.write_all(b"info registers\n");
+        let mut out = Vec::new();
+        let mut buf = [0u8; 8192];
+        while let Ok(n @ 1..) = s.read(&mut buf) {
+            out.extend_from_slice(&buf[..n]);
+            if out.windows(3).any(|w| w == b"EFL") && out.ends_with(b"(qemu) ") {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&out);
+        text.lines()
+            .filter(|l| l.contains("RIP=") || l.contains("CR0=") || l.contains("CS ="))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    }
+
+    /// Waits for the kernel's first line. `Err` carries what a silent guest showed: the console
+    /// after its last newline and where the CPU is.
+    pub fn wait_for_kernel(&mut self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.lines.lock().unwrap()[self.cursor..].iter().any(|l| l.contains("Linux version")) {
+                return Ok(());
+            }
+            if *self.done.lock().unwrap() {
+                panic!("QEMU ended while waiting for the kernel; console tail:\n{}", self.tail());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Err(format!(
+            "no kernel line within {}s; cpu: {}; console tail:\n{}",
+            timeout.as_secs(),
+            self.registers(),
+            self.tail()
+        ))
     }
 
     /// The next console line (after the last one matched) containing one of `what`.
@@ -137,4 +205,12 @@ impl Vm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `s` with control bytes shown as escapes, at most `max` characters from its end.
+fn printable(s: &str, max: usize) -> String {
+    let out: String =
+        s.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect();
+    let skip = out.chars().count().saturating_sub(max);
+    out.chars().skip(skip).collect()
 }
