@@ -133,7 +133,7 @@ impl Agent {
     /// UEFI: the root slot's PARTUUID becomes the first 128 bits of its root hash, which is how
     /// the new UKI's initramfs finds it.
     pub fn set_root_partuuid(&self, slot: Slot, root_hash: &str) -> Result<()> {
-        use kiln_disk::gpt::{GptTable, SECTOR};
+        use kiln_device::gpt::{GptTable, SECTOR};
         let hash: [u8; 32] = hex::decode(root_hash)
             .ok()
             .and_then(|v| v.try_into().ok())
@@ -157,7 +157,7 @@ impl Agent {
         let Some(p) = table.partitions.iter_mut().find(|p| p.name == name) else {
             bail!("{} has no GPT partition named {name:?}", disk.display());
         };
-        p.guid = kiln_disk::Uuid::from_root_hash(&hash);
+        p.guid = kiln_device::Uuid::from_root_hash(&hash);
         table.write(&mut f).with_context(|| format!("writing the GPT of {}", disk.display()))?;
         f.sync_all().with_context(|| format!("syncing {}", disk.display()))?;
         Ok(())

@@ -28,26 +28,7 @@ pub enum Medium {
     Rpi { autoboot: PathBuf },
 }
 
-/// A UKI file name `kiln-<version>[+<left>[-<done>]].efi`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct UkiName {
-    pub version: String,
-    /// Tries left, when the entry is still being counted (not blessed).
-    pub tries_left: Option<u32>,
-}
-
-impl UkiName {
-    pub fn parse(file: &str) -> Option<UkiName> {
-        let stem = file.strip_prefix("kiln-")?.strip_suffix(".efi")?;
-        match stem.split_once('+') {
-            None => Some(UkiName { version: stem.into(), tries_left: None }),
-            Some((v, counter)) => {
-                let left = counter.split('-').next()?.parse().ok()?;
-                Some(UkiName { version: v.into(), tries_left: Some(left) })
-            }
-        }
-    }
-}
+pub use kiln_device::boot::UkiName;
 
 /// Renders autoboot.txt from the same template the builder uses.
 pub fn autoboot_txt(normal_partition: u32, tryboot_partition: u32) -> String {
@@ -242,22 +223,7 @@ pub fn boot_partition(config: &DeviceConfig, slot: Slot) -> Result<u32> {
 
 /// Points a Pi boot slot's cmdline.txt at a root partition: replaces `kiln.root=...`.
 pub fn retarget_cmdline(cmdline: &str, root_partuuid: &str) -> Result<String> {
-    let mut found = false;
-    let words: Vec<String> = cmdline
-        .split_whitespace()
-        .map(|w| {
-            if w.starts_with("kiln.root=") {
-                found = true;
-                format!("kiln.root=PARTUUID={root_partuuid}")
-            } else {
-                w.to_string()
-            }
-        })
-        .collect();
-    if !found {
-        bail!("cmdline.txt has no kiln.root= to point at the new root partition");
-    }
-    Ok(words.join(" ") + "\n")
+    kiln_device::boot::retarget_cmdline(cmdline, root_partuuid).map_err(anyhow::Error::msg)
 }
 
 #[cfg(test)]
@@ -265,33 +231,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn uki_names() {
-        assert_eq!(UkiName::parse("kiln-0.2.0.efi"), Some(UkiName { version: "0.2.0".into(), tries_left: None }));
-        assert_eq!(UkiName::parse("kiln-0.2.0+3.efi"), Some(UkiName { version: "0.2.0".into(), tries_left: Some(3) }));
-        assert_eq!(
-            UkiName::parse("kiln-0.2.0+0-3.efi"),
-            Some(UkiName { version: "0.2.0".into(), tries_left: Some(0) })
-        );
-        assert_eq!(UkiName::parse(".kiln-0.2.0.efi.tmp"), None);
-        assert_eq!(UkiName::parse("other.efi"), None);
-    }
-
-    #[test]
     fn autoboot_matches_the_builders_template_and_parses() {
         let t = autoboot_txt(3, 2);
         assert_eq!(t, "[all]\ntryboot_a_b=1\nboot_partition=3\n[tryboot]\nboot_partition=2\n");
         assert_eq!(parse_autoboot(&t).unwrap(), (3, 2));
         assert!(parse_autoboot("[all]\nboot_partition=2\n").is_err());
-    }
-
-    #[test]
-    fn cmdline_retargeting() {
-        let c = "console=ttyS1,115200 kiln.root=PARTUUID=1234abcd-05 kiln.verity=ff rootwait\n";
-        assert_eq!(
-            retarget_cmdline(c, "1234abcd-06").unwrap(),
-            "console=ttyS1,115200 kiln.root=PARTUUID=1234abcd-06 kiln.verity=ff rootwait\n"
-        );
-        assert!(retarget_cmdline("quiet", "x").is_err());
     }
 
     #[test]

@@ -14,7 +14,6 @@ use anyhow::{bail, Context as _, Result};
 use kiln_feed::{Timestamp, Version};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::fmt;
 use std::io::Write as _;
 use std::path::Path;
 
@@ -34,41 +33,8 @@ pub fn write_atomically(dir: &Path, name: &str, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-#[serde(rename_all = "lowercase")]
-pub enum Slot {
-    A,
-    B,
-}
-
-impl std::ops::Not for Slot {
-    type Output = Slot;
-    fn not(self) -> Slot {
-        match self {
-            Slot::A => Slot::B,
-            Slot::B => Slot::A,
-        }
-    }
-}
-
-impl fmt::Display for Slot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Slot::A => "a",
-            Slot::B => "b",
-        })
-    }
-}
-
-impl Slot {
-    pub fn parse(s: &str) -> Option<Slot> {
-        match s {
-            "a" => Some(Slot::A),
-            "b" => Some(Slot::B),
-            _ => None,
-        }
-    }
-}
+/// The slot type of device.json and status.json (one definition, in `kiln-device`).
+pub use kiln_device::Slot;
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]

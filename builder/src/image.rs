@@ -6,6 +6,10 @@ use crate::units::Bytes;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// Slots, partition roles, bootloaders and table kinds are the device contract's types: what
+/// a board definition names is what device.json carries.
+pub use kiln_device::{Bootloader, PartitionTable, Role, Slot};
+
 pub const BUILTIN_IMAGES: &[(&str, &str)] = &[
     ("pc-uefi", include_str!("../../images/pc-uefi.toml")),
     ("rpi4", include_str!("../../images/rpi4.toml")),
@@ -87,29 +91,11 @@ pub enum InitramfsKind {
     Kiln,
 }
 
-#[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum Bootloader {
-    /// systemd-boot on an ESP, one UKI per root slot, boot counting for A/B.
-    SystemdBoot,
-    /// The Raspberry Pi's own firmware: autoboot.txt picks boot partition A or B (tryboot).
-    RpiFirmware,
-}
-
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Disk {
     pub table: PartitionTable,
     pub partitions: Vec<PartitionDef>,
-}
-
-#[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum PartitionTable {
-    Gpt,
-    /// DOS partition table (the Pi firmware's tryboot needs it); more than four partitions
-    /// make the fourth an extended partition holding the rest.
-    Mbr,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
@@ -120,39 +106,6 @@ pub struct PartitionDef {
     #[serde(default)]
     pub slot: Option<Slot>,
     pub size: Bytes,
-}
-
-#[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// EFI system partition (FAT): bootloader and UKIs.
-    Esp,
-    /// Raspberry Pi: the first FAT partition, holding only autoboot.txt (which slot boots).
-    Autoboot,
-    /// Raspberry Pi: a slot's boot partition (FAT): firmware, kernel, initramfs, DTBs, config.
-    Boot,
-    /// A root filesystem slot: EROFS with its dm-verity hash tree appended.
-    Root,
-    /// Persistent state (/var, /home, /srv), created and grown at first boot.
-    Data,
-}
-
-/// An A/B slot. `!slot` is the other one.
-#[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[serde(rename_all = "lowercase")]
-pub enum Slot {
-    A,
-    B,
-}
-
-impl std::ops::Not for Slot {
-    type Output = Slot;
-    fn not(self) -> Slot {
-        match self {
-            Slot::A => Slot::B,
-            Slot::B => Slot::A,
-        }
-    }
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]

@@ -11,7 +11,7 @@ pub mod device;
 pub mod doctor;
 pub mod exec;
 pub mod flash;
-pub use kiln_disk::gpt;
+pub use kiln_device::gpt;
 pub mod image;
 pub mod initramfs;
 pub mod inspect;

@@ -123,7 +123,7 @@ pub fn sha256_file(path: &std::path::Path) -> std::io::Result<Sha256> {
     Ok(Sha256(h.finalize().into()))
 }
 
-pub use kiln_disk::Uuid;
+pub use kiln_device::Uuid;
 
 #[cfg(test)]
 mod tests {

@@ -1,7 +1,14 @@
-//! Partition tables and partition ids, shared by the builder (which writes them) and the
-//! on-device agent (which re-points a root slot's PARTUUID after an update).
+//! The typed contract between kiln's builder, which bakes an image, and `kiln-agent`, which
+//! reads it back on the device: `device.json` ([`DeviceConfig`] and its parts), slots, the GPT,
+//! the boot-medium files (autoboot.txt, cmdline.txt, UKI names with boot counters), partition
+//! ids, and the atomic file writes both sides rely on. Nothing here runs a process.
 
+pub mod boot;
+pub mod config;
+pub mod fs;
 pub mod gpt;
+
+pub use config::*;
 
 use std::fmt;
 

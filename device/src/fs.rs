@@ -1,0 +1,76 @@
+//! Files a power cut must not tear: written to a temporary file next to the target, fsynced,
+//! renamed over it, and the directory fsynced, so a reader finds the old or the new contents,
+//! never a mix (on FAT as far as FAT allows). Records are JSON.
+
+use serde::{de::DeserializeOwned, Serialize};
+use std::io::Write as _;
+use std::path::Path;
+
+fn context(e: std::io::Error, what: String) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+/// Replaces `path` with `data` in one step.
+pub fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| context(e, format!("writing {}", tmp.display())))?;
+    f.write_all(data).and_then(|_| f.sync_all()).map_err(|e| context(e, format!("writing {}", tmp.display())))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|e| context(e, format!("renaming {} to {}", tmp.display(), path.display())))?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| context(e, format!("syncing {}", dir.display())))
+}
+
+/// Writes a record as pretty JSON, in one step.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let mut text = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    text.push(b'\n');
+    write_atomically(path, &text)
+}
+
+/// Reads a JSON record; `Ok(None)` when there is none yet. Errors name the file.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, String> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("reading {}: {e}", path.display())),
+    }
+}
+
+/// A sha256 given as 64 hex digits.
+pub fn parse_sha256(hex: &str) -> Result<[u8; 32], String> {
+    ::hex::decode(hex)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| format!("{hex:?} is not a sha256 (64 hex digits)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_replace_in_one_step() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("status.json");
+        assert_eq!(read_json::<Vec<u32>>(&p).unwrap(), None);
+        write_json(&p, &vec![1u32, 2]).unwrap();
+        write_json(&p, &vec![3u32]).unwrap();
+        assert_eq!(read_json::<Vec<u32>>(&p).unwrap(), Some(vec![3]));
+        let names: Vec<_> = std::fs::read_dir(t.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["status.json"], "no temporary file is left behind");
+        std::fs::write(&p, "{").unwrap();
+        assert!(read_json::<Vec<u32>>(&p).unwrap_err().contains("status.json"));
+        let e = write_atomically(&t.path().join("missing/x"), b"x").unwrap_err();
+        assert!(e.to_string().contains("missing/.x.tmp"), "{e}");
+    }
+
+    #[test]
+    fn hashes_parse() {
+        let h = "ab".repeat(32);
+        assert_eq!(parse_sha256(&h).unwrap(), [0xab; 32]);
+        assert!(parse_sha256("ab").unwrap_err().contains("64 hex digits"));
+        assert!(parse_sha256(&"zz".repeat(32)).is_err());
+    }
+}
