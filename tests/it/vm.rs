@@ -143,21 +143,21 @@ impl Vm {
             .join(" | ")
     }
 
-    /// Waits for the kernel's first line. `Err` carries what a silent guest showed: the console
-    /// after its last newline and where the CPU is.
-    pub fn wait_for_kernel(&mut self, timeout: Duration) -> Result<(), String> {
+    /// Waits until the guest has left the firmware and the boot loader: a complete console line
+    /// after OVMF's `BdsDxe: starting` (profiles boot with `quiet`, so the kernel's own first line
+    /// may never show; the next one is the initramfs's or systemd's). `Err` carries what a silent
+    /// guest showed: the console after its last newline and where the CPU is. A guest that ends
+    /// meanwhile is left to the next `wait_for`, which reports it with the console.
+    pub fn wait_for_os(&mut self, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if self.lines.lock().unwrap()[self.cursor..].iter().any(|l| l.contains("Linux version")) {
+            if past_loader(&self.lines.lock().unwrap()[self.cursor..]) || *self.done.lock().unwrap() {
                 return Ok(());
-            }
-            if *self.done.lock().unwrap() {
-                panic!("QEMU ended while waiting for the kernel; console tail:\n{}", self.tail());
             }
             std::thread::sleep(Duration::from_millis(200));
         }
         Err(format!(
-            "no kernel line within {}s; cpu: {}; console tail:\n{}",
+            "no line after the loader within {}s; cpu: {}; console tail:\n{}",
             timeout.as_secs(),
             self.registers(),
             self.tail()
@@ -213,4 +213,21 @@ fn printable(s: &str, max: usize) -> String {
         s.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect();
     let skip = out.chars().count().saturating_sub(max);
     out.chars().skip(skip).collect()
+}
+
+/// Whether `lines` (one boot's console) show anything after OVMF handed over to the loader.
+fn past_loader(lines: &[String]) -> bool {
+    match lines.iter().rposition(|l| l.contains("BdsDxe: starting")) {
+        Some(i) => lines[i + 1..].iter().any(|l| !l.trim().is_empty()),
+        None => lines.iter().any(|l| l.contains("Welcome to") || l.contains("kiln-agent:")),
+    }
+}
+
+#[test]
+fn past_loader_needs_a_line_after_the_firmware() {
+    let l = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert!(!past_loader(&l(&["BdsDxe: loading Boot0001", "BdsDxe: starting Boot0001 \"UEFI Misc Device\""])));
+    assert!(!past_loader(&l(&["BdsDxe: starting Boot0001", "  "])));
+    assert!(past_loader(&l(&["BdsDxe: starting Boot0001", "Welcome to Debian GNU/Linux 13 (trixie)!"])));
+    assert!(!past_loader(&l(&[])));
 }
