@@ -1,11 +1,12 @@
 //! The running device as the agent sees it: its configuration (device.json), the slot it
 //! booted, its boot medium, and the commands that act on them (boot, commit, rollback).
 
-use crate::boot::{self, Medium};
+use crate::boot::Medium;
 use crate::state::{Slot, State};
 use crate::system::{self, BlockPartition, Host};
 use anyhow::{bail, Context as _, Result};
-use kiln_feed::{DeviceConfig, Timestamp, Version};
+use kiln_device::{DeviceConfig, Role};
+use kiln_feed::{Timestamp, Version};
 use std::path::{Path, PathBuf};
 
 pub struct Agent {
@@ -22,16 +23,14 @@ pub struct Agent {
 
 impl Agent {
     pub fn open(config_path: &Path, state_dir: &Path) -> Result<Agent> {
-        let text = std::fs::read(config_path).with_context(|| format!("reading {}", config_path.display()))?;
-        let config: DeviceConfig =
-            serde_json::from_slice(&text).with_context(|| format!("reading {}", config_path.display()))?;
+        let config = DeviceConfig::load(config_path).map_err(anyhow::Error::msg)?;
         let host = Host::default();
         let root = host.booted_root()?;
         let slot = config
             .partitions
             .iter()
-            .find(|p| p.role == "root" && p.number == root.number)
-            .and_then(|p| p.slot.as_deref().and_then(Slot::parse))
+            .find(|p| p.role == Role::Root && p.number == root.number)
+            .and_then(|p| p.slot)
             .with_context(|| {
                 format!(
                     "the verified root is on {} (partition {}), which {} does not list as a root slot",
@@ -48,8 +47,8 @@ impl Agent {
         State::load(&self.state_dir)
     }
 
-    pub fn partition_device(&self, role: &str, slot: Slot) -> Result<PathBuf> {
-        let n = boot::partition_number(&self.config, role, slot)?;
+    pub fn partition_device(&self, role: Role, slot: Slot) -> Result<PathBuf> {
+        let n = self.config.partition_number(role, slot).map_err(anyhow::Error::msg)?;
         self.host.partition_device(&self.root.disk, n)
     }
 
@@ -140,9 +139,7 @@ impl Agent {
             .with_context(|| format!("root hash {root_hash:?} is not 64 hex digits"))?;
         let name = self
             .config
-            .partitions
-            .iter()
-            .find(|p| p.role == "root" && p.slot.as_deref() == Some(&slot.to_string()))
+            .partition(Role::Root, Some(slot))
             .map(|p| p.name.clone())
             .with_context(|| format!("no root partition for slot {slot}"))?;
         let disk = self.host.disk_device(&self.root.disk);
@@ -170,7 +167,7 @@ impl Agent {
         std::fs::create_dir_all(&mnt).with_context(|| format!("creating {}", mnt.display()))?;
         let dev = boot_dev.to_string_lossy().to_string();
         system::run("mount", &["-t", "vfat", &dev, &mnt.to_string_lossy()])?;
-        let root_number = boot::partition_number(&self.config, "root", slot)?;
+        let root_number = self.config.partition_number(Role::Root, slot).map_err(anyhow::Error::msg)?;
         let result = crate::update::retarget(&mnt.join("cmdline.txt"), &self.host.kernel_cmdline()?, root_number);
         system::run("umount", &[&mnt.to_string_lossy()])?;
         result

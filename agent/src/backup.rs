@@ -23,7 +23,8 @@
 use crate::state::write_atomically;
 use crate::system;
 use anyhow::{bail, Context as _, Result};
-use kiln_feed::{BackupConfig, Timestamp};
+use kiln_device::{BackupConfig, Quiesce};
+use kiln_feed::Timestamp;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -185,9 +186,8 @@ impl Credentials {
             _ => cfg.repository.clone(),
         };
         let mut env = match std::fs::read_to_string(dir.join("env")) {
-            Ok(text) => {
-                kiln_feed::parse_backup_env(&text).map_err(|m| anyhow::anyhow!("{}: {m}", dir.join("env").display()))?
-            }
+            Ok(text) => kiln_device::parse_backup_env(&text)
+                .map_err(|m| anyhow::anyhow!("{}: {m}", dir.join("env").display()))?,
             Err(_) => Vec::new(),
         };
         // RESTIC_REPOSITORY in env names the device's repository too (backup/repository wins).
@@ -531,7 +531,7 @@ impl Backups {
     /// Stops the services that must not change under a backup; returns the ones it stopped.
     fn quiesce(&self) -> Result<Vec<String>> {
         let mut stopped = Vec::new();
-        for s in self.cfg.services.iter().filter(|s| s.quiesce == "stop") {
+        for s in self.cfg.services.iter().filter(|s| s.quiesce == Quiesce::Stop) {
             if system::query("systemctl", &["is-active", "--quiet", &s.unit]).is_some() {
                 if let Err(e) = system::run("systemctl", &["stop", &s.unit]) {
                     let _ = self.resume(&stopped);
@@ -991,7 +991,7 @@ mod tests {
 
     #[test]
     fn env_files_are_checked() {
-        use kiln_feed::parse_backup_env as parse_env;
+        use kiln_device::parse_backup_env as parse_env;
         let env = parse_env("# rest-server login\nRESTIC_REST_USERNAME=dev1\nRESTIC_REST_PASSWORD = \"s3 cret\"\n\n")
             .unwrap();
         assert_eq!(

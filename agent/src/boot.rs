@@ -16,7 +16,8 @@
 use crate::state::{Booted, Slot};
 use crate::system::{self, Host};
 use anyhow::{bail, Context as _, Result};
-use kiln_feed::{DeviceConfig, Version};
+use kiln_device::{Bootloader, DeviceConfig, Role};
+use kiln_feed::Version;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -74,11 +75,10 @@ pub fn replace_file(path: &Path, data: &[u8]) -> Result<()> {
 
 impl Medium {
     pub fn for_device(config: &DeviceConfig) -> Result<Medium> {
-        match config.bootloader.as_str() {
-            "systemd-boot" => Ok(Medium::Uefi { esp: PathBuf::from("/efi") }),
-            "rpi-firmware" => Ok(Medium::Rpi { autoboot: PathBuf::from("/boot/autoboot") }),
-            other => bail!("{}: unknown bootloader {other:?}", kiln_feed::DEVICE_CONFIG),
-        }
+        Ok(match config.bootloader {
+            Bootloader::SystemdBoot => Medium::Uefi { esp: PathBuf::from("/efi") },
+            Bootloader::RpiFirmware => Medium::Rpi { autoboot: PathBuf::from("/boot/autoboot") },
+        })
     }
 
     fn uki_dir(esp: &Path) -> PathBuf {
@@ -207,18 +207,8 @@ impl Medium {
     }
 }
 
-/// The partition number of a slot's partition with `role`, from device.json.
-pub fn partition_number(config: &DeviceConfig, role: &str, slot: Slot) -> Result<u32> {
-    config
-        .partitions
-        .iter()
-        .find(|p| p.role == role && p.slot.as_deref() == Some(&slot.to_string()))
-        .map(|p| p.number)
-        .with_context(|| format!("{}: no {role} partition for slot {slot}", kiln_feed::DEVICE_CONFIG))
-}
-
 pub fn boot_partition(config: &DeviceConfig, slot: Slot) -> Result<u32> {
-    partition_number(config, "boot", slot)
+    config.partition_number(Role::Boot, slot).map_err(anyhow::Error::msg)
 }
 
 /// Points a Pi boot slot's cmdline.txt at a root partition: replaces `kiln.root=...`.

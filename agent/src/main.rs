@@ -25,7 +25,7 @@ use std::path::PathBuf;
 )]
 struct Cli {
     /// The device description the builder baked into the image.
-    #[arg(long, default_value = kiln_feed::DEVICE_CONFIG, global = true)]
+    #[arg(long, default_value = kiln_device::DEVICE_CONFIG, global = true)]
     config: PathBuf,
     /// Where the status record lives (on the data partition).
     #[arg(long, default_value = "/var/lib/kiln-agent", global = true)]
@@ -153,9 +153,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn backup(config: &std::path::Path, state_dir: &std::path::Path, action: &BackupAction) -> Result<()> {
-    let text = std::fs::read(config).with_context(|| format!("reading {}", config.display()))?;
-    let device: kiln_feed::DeviceConfig =
-        serde_json::from_slice(&text).with_context(|| format!("reading {}", config.display()))?;
+    let device = kiln_device::DeviceConfig::load(config).map_err(anyhow::Error::msg)?;
     let Some(cfg) = device.backup.clone() else {
         if let BackupAction::Status { .. } | BackupAction::SelfRestore = action {
             println!("kiln-agent: this image's profile has no [backup] section");
@@ -282,8 +280,8 @@ fn peak_rss_kib() -> u64 {
 
 fn status(config: &std::path::Path, state_dir: &std::path::Path, json: bool) -> Result<()> {
     let state = state::State::load(state_dir)?;
-    let config: Option<kiln_feed::DeviceConfig> =
-        std::fs::read(config).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    // Status is shown even when device.json cannot be read (the record alone still says a lot).
+    let config = kiln_device::DeviceConfig::load(config).ok();
     if json {
         let v = serde_json::json!({
             "image": config.as_ref().map(|c| &c.image),

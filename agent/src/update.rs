@@ -18,6 +18,7 @@ use crate::download::{self, DownloadError, Expect};
 use crate::state::Slot;
 use crate::system;
 use anyhow::{bail, Context as _, Result};
+use kiln_device::{BeforeUpdate, Role};
 use kiln_feed::{Artifact, ArtifactKind, Metadata, Release, Timestamp};
 use std::path::Path;
 
@@ -42,7 +43,9 @@ pub enum Outcome {
 /// until a later check; a device that has no backup credentials provisioned updates anyway.
 fn backup_before_update(agent: &Agent, release: &Release) -> Result<Option<String>> {
     use crate::backup::{self, Backups, NoCredentials, Reason};
-    let Some(cfg) = agent.config.backup.clone().filter(|c| c.before_update != "off") else { return Ok(None) };
+    let Some(cfg) = agent.config.backup.clone().filter(|c| c.before_update != BeforeUpdate::Off) else {
+        return Ok(None);
+    };
     let b = Backups::new(cfg.clone(), &agent.state_dir, &agent.running.to_string());
     let result = b.backup(Reason::BeforeUpdate, false);
     match &result {
@@ -70,7 +73,7 @@ fn backup_before_update(agent: &Agent, release: &Release) -> Result<Option<Strin
                 outcome: Some("before-update".into()),
             };
             backup::record(&agent.state_dir, &cfg, |s| s.last_backup = Some(failed))?;
-            if cfg.before_update == "require" {
+            if cfg.before_update == BeforeUpdate::Require {
                 Ok(Some(format!(
                     "release {} waits: the backup before the update failed ({e:#}); the next check tries again",
                     release.version
@@ -213,7 +216,7 @@ fn artifact(release: &Release, kind: ArtifactKind) -> Result<&Artifact> {
 
 fn check_space(agent: &Agent, release: &Release, target: Slot) -> Result<()> {
     let root = artifact(release, ArtifactKind::Root)?;
-    let dev = agent.partition_device("root", target)?;
+    let dev = agent.partition_device(Role::Root, target)?;
     let room = system::device_size(&dev)?;
     if root.size > room {
         bail!(
@@ -242,7 +245,7 @@ fn check_space(agent: &Agent, release: &Release, target: Slot) -> Result<()> {
         }
         Medium::Rpi { .. } => {
             let b = artifact(release, ArtifactKind::Boot)?;
-            let dev = agent.partition_device("boot", target)?;
+            let dev = agent.partition_device(Role::Boot, target)?;
             let room = system::device_size(&dev)?;
             if b.size > room {
                 bail!(
@@ -313,7 +316,7 @@ fn install(
 ) -> Result<()> {
     let update = agent.config.update.as_ref().context("no [update]")?;
     let root = artifact(release, ArtifactKind::Root)?;
-    let root_dev = agent.partition_device("root", target)?;
+    let root_dev = agent.partition_device(Role::Root, target)?;
     fetch_into(agent, state, client, &update.metadata, root, &root_dev, downloaded)?;
     state.write(&agent.state_dir)?;
     match &agent.medium {
@@ -331,7 +334,7 @@ fn install(
         }
         Medium::Rpi { .. } => {
             let b = artifact(release, ArtifactKind::Boot)?;
-            let boot_dev = agent.partition_device("boot", target)?;
+            let boot_dev = agent.partition_device(Role::Boot, target)?;
             fetch_into(agent, state, client, &update.metadata, b, &boot_dev, downloaded)?;
             state.write(&agent.state_dir)?;
             agent.point_boot_slot_at_root(target, &boot_dev)?;
@@ -359,7 +362,8 @@ fn verify_signature(json: &[u8], sig: &str, keys: &[String]) -> Result<(), Strin
     let keys: Vec<kiln_feed::PublicKey> = keys
         .iter()
         .map(|k| {
-            kiln_feed::PublicKey::parse(k).map_err(|e| format!("{}: update.public_keys: {e}", kiln_feed::DEVICE_CONFIG))
+            kiln_feed::PublicKey::parse(k)
+                .map_err(|e| format!("{}: update.public_keys: {e}", kiln_device::DEVICE_CONFIG))
         })
         .collect::<Result<_, _>>()?;
     kiln_feed::verify(json, sig, &keys).map(|_| ()).map_err(|e| e.to_string())

@@ -1,8 +1,8 @@
 //! What the image carries for its on-device agent: the `kiln-agent` binary for the image's
-//! architecture, and `/usr/lib/kiln/device.json` (`kiln_feed::DeviceConfig`) describing the
+//! architecture, and `/usr/lib/kiln/device.json` (`kiln_device::DeviceConfig`) describing the
 //! image, its disk layout and its update feed.
 
-use crate::image::{Arch, Bootloader, PartitionTable};
+use crate::image::Arch;
 use crate::plan::Plan;
 use anyhow::{bail, Result};
 use std::path::PathBuf;
@@ -51,34 +51,23 @@ pub fn agent_for(plan: &Plan) -> Result<Option<PathBuf>> {
 }
 
 /// `/usr/lib/kiln/device.json` for this plan.
-pub fn device_config(plan: &Plan) -> Result<kiln_feed::DeviceConfig> {
-    let role = |r: crate::image::Role| {
-        serde_json::to_value(r).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
-    };
-    Ok(kiln_feed::DeviceConfig {
+pub fn device_config(plan: &Plan) -> Result<kiln_device::DeviceConfig> {
+    Ok(kiln_device::DeviceConfig {
         profile: plan.profile.clone(),
         image: plan.image.clone(),
         arch: plan.arch.debian().into(),
         version: plan.version.parse().map_err(|e: String| anyhow::anyhow!("release version: {e}"))?,
-        bootloader: match plan.bootloader {
-            Bootloader::SystemdBoot => "systemd-boot",
-            Bootloader::RpiFirmware => "rpi-firmware",
-        }
-        .into(),
-        partition_table: match plan.disk.table {
-            PartitionTable::Gpt => "gpt",
-            PartitionTable::Mbr => "mbr",
-        }
-        .into(),
+        bootloader: plan.bootloader,
+        partition_table: plan.disk.table,
         partitions: plan
             .disk
             .partitions
             .iter()
-            .map(|p| kiln_feed::DevicePartition {
+            .map(|p| kiln_device::DevicePartition {
                 name: p.name.clone(),
                 number: p.number,
-                role: role(p.role),
-                slot: p.slot.map(|s| if s == crate::image::Slot::A { "a".to_string() } else { "b".to_string() }),
+                role: p.role,
+                slot: p.slot,
                 size: p.size.0,
             })
             .collect(),

@@ -7,6 +7,7 @@ use crate::image::{Arch, LoadedImage, PartitionDef, PartitionTable, Qemu, Role, 
 use crate::mirror::Mirror;
 use crate::profile::{LoadedProfile, ProfileError};
 use crate::units::{Bytes, Sha256, Uuid, MIB};
+use kiln_device::Quiesce;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -65,7 +66,7 @@ pub struct Plan {
     /// Raspberry Pi boot files (rpi-firmware images).
     pub rpi: Option<RpiDef>,
     /// Where the device's agent looks for updates (None: no `[update]` in the profile).
-    pub update: Option<kiln_feed::UpdateConfig>,
+    pub update: Option<kiln_device::UpdateConfig>,
     /// The profile's services, sorted by name.
     pub services: Vec<crate::services::ServicePlan>,
     pub hardening: HardeningPlan,
@@ -116,7 +117,7 @@ pub struct HardeningPlan {
 /// `[backup]` resolved: what the agent gets (`device.json`) and when its timers fire.
 #[derive(Serialize, Debug, Clone, PartialEq)]
 pub struct BackupPlan {
-    pub device: kiln_feed::BackupConfig,
+    pub device: kiln_device::BackupConfig,
     /// systemd calendar expressions.
     pub schedule: String,
     /// None: no restore drills.
@@ -171,7 +172,7 @@ fn resolve_backup(
         err("repository", "required: the restic repository devices back up to, such as \"rest:https://backup.example.org/home\" (append-only recommended)")
     })?;
     let state: Vec<(&crate::services::ServicePlan, String)> =
-        services.iter().filter(|s| s.backup != "skip").filter_map(|s| s.state_path().map(|p| (s, p))).collect();
+        services.iter().filter(|s| s.backup != Quiesce::Skip).filter_map(|s| s.state_path().map(|p| (s, p))).collect();
     let paths: Vec<String> = match &b.paths {
         Some(list) if !list.is_empty() => {
             let mut out: Vec<String> = Vec::new();
@@ -190,7 +191,7 @@ fn resolve_backup(
     let backup_services = state
         .iter()
         .filter(|(_, p)| inside(p))
-        .map(|(s, p)| kiln_feed::BackupService { unit: s.unit.clone(), quiesce: s.backup.clone(), path: p.clone() })
+        .map(|(s, p)| kiln_device::BackupService { unit: s.unit.clone(), quiesce: s.backup, path: p.clone() })
         .collect();
     let keep = match &b.keep {
         Some(k) => k.iter().map(|(k, v)| (k.clone(), *v as u32)).collect(),
@@ -201,7 +202,7 @@ fn resolve_backup(
     };
     let drill = b.restore_drill.clone().unwrap_or_else(|| "monthly".into());
     Ok(BackupPlan {
-        device: kiln_feed::BackupConfig {
+        device: kiln_device::BackupConfig {
             repository,
             paths,
             exclude: b.exclude.clone().unwrap_or_default(),
@@ -209,7 +210,14 @@ fn resolve_backup(
             prune: b.prune.unwrap_or(false),
             check_subset: b.check_subset.clone().unwrap_or_else(|| "10%".into()),
             stale_after_secs: secs(&b.alert_after, 2 * 86400),
-            before_update: b.before_update.clone().unwrap_or_else(|| "require".into()),
+            // Checked against `BeforeUpdate::NAMES` when the profile was loaded.
+            before_update: b
+                .before_update
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(|e: String| err("before_update", &e))?
+                .unwrap_or_default(),
             self_restore: b.self_restore.unwrap_or(true),
             retry_secs: secs(&b.retry, 300),
             services: backup_services,
@@ -221,7 +229,7 @@ fn resolve_backup(
 }
 
 /// `[update]` with its defaults filled in (values were checked when the file was read).
-fn resolve_update(file: &str, u: &crate::profile::Update) -> Result<kiln_feed::UpdateConfig, ProfileError> {
+fn resolve_update(file: &str, u: &crate::profile::Update) -> Result<kiln_device::UpdateConfig, ProfileError> {
     let err = |key: &str, msg: &str| ProfileError::new(file, Some(key), msg);
     let feed = u.feed.clone().ok_or_else(|| {
         err("update.feed", "required: the feed URL devices follow, such as \"https://updates.example.org/stable.atom\"")
@@ -247,7 +255,7 @@ fn resolve_update(file: &str, u: &crate::profile::Update) -> Result<kiln_feed::U
     let secs = |d: &Option<String>, default: u64| {
         d.as_deref().and_then(|d| humantime::parse_duration(d).ok()).map(|d| d.as_secs()).unwrap_or(default)
     };
-    Ok(kiln_feed::UpdateConfig {
+    Ok(kiln_device::UpdateConfig {
         feed,
         metadata,
         channel,
@@ -561,13 +569,19 @@ repository = "rest:https://backup.example.org/home"
             b.device.paths,
             ["/var/lib/private/caddy", "/var/lib/legacy", "/var/lib/private/syncthing", "/var/home", "/var/srv"]
         );
-        let svc: Vec<(&str, &str)> = b.device.services.iter().map(|s| (s.unit.as_str(), s.quiesce.as_str())).collect();
-        assert_eq!(svc, [("caddy.service", "live"), ("legacy.service", "stop"), ("syncthing.service", "stop")]);
+        let svc: Vec<(&str, Quiesce)> = b.device.services.iter().map(|s| (s.unit.as_str(), s.quiesce)).collect();
+        assert_eq!(
+            svc,
+            [("caddy.service", Quiesce::Live), ("legacy.service", Quiesce::Stop), ("syncthing.service", Quiesce::Stop)]
+        );
         assert_eq!(b.schedule, "daily");
         assert_eq!(b.restore_drill.as_deref(), Some("monthly"));
         assert_eq!(b.device.keep.len(), 3);
         assert!(!b.device.prune, "append-only targets are the default: the device does not prune");
-        assert_eq!((b.device.before_update.as_str(), b.device.stale_after_secs), ("require", 2 * 86400));
+        assert_eq!(
+            (b.device.before_update, b.device.stale_after_secs),
+            (kiln_device::BeforeUpdate::Require, 2 * 86400)
+        );
 
         // Paths of the user's own: /home and /srv are links into /var; only services inside them
         // are quiesced.

@@ -8,6 +8,7 @@
 //! merge key by key (the child wins); lists replace the parent's list, except the lists in
 //! [`APPENDING_LISTS`], which add to the parent's (so a profile adds packages to base's).
 
+use kiln_device::{BeforeUpdate, Quiesce};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -645,10 +646,13 @@ fn check_service(src: &Source, name: &str, s: &Service) -> Result<(), ProfileErr
         }
     }
     if let Some(b) = &s.backup {
-        if !BACKUP_MODES.contains(&b.as_str()) {
+        if !Quiesce::NAMES.contains(&b.as_str()) {
             return err(
                 key("backup"),
-                format!("expected one of {} (how the state directory is backed up), found {b:?}", quoted(BACKUP_MODES)),
+                format!(
+                    "expected one of {} (how the state directory is backed up), found {b:?}",
+                    quoted(Quiesce::NAMES)
+                ),
             );
         }
     }
@@ -706,8 +710,6 @@ fn check_service(src: &Source, name: &str, s: &Service) -> Result<(), ProfileErr
     Ok(())
 }
 
-/// `[services.X] backup`: how a service's state directory is backed up.
-pub const BACKUP_MODES: &[&str] = &["stop", "live", "skip"];
 /// restic's `--keep-*` policies.
 pub const KEEP_KEYS: &[&str] = &["last", "hourly", "daily", "weekly", "monthly", "yearly"];
 /// restic repository kinds a device can reach (a local path is the other form).
@@ -790,8 +792,8 @@ fn check_backup(src: &Source, b: &Backup) -> Result<(), ProfileError> {
         }
     }
     if let Some(u) = &b.before_update {
-        if !["require", "try", "off"].contains(&u.as_str()) {
-            return err("before_update", format!("expected \"require\", \"try\" or \"off\", found {u:?}"));
+        if let Err(e) = u.parse::<BeforeUpdate>() {
+            return err("before_update", e);
         }
     }
     Ok(())

@@ -7,6 +7,7 @@
 //! says so explicitly ([`Loosened`], shown in the report). Resolving does no I/O.
 
 use crate::profile::{Port, ProfileError, Service, Site};
+use kiln_device::Quiesce;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -61,12 +62,8 @@ pub struct CatalogEntry {
     pub directives: BTreeMap<String, DirectiveValue>,
     /// How the state directory is backed up: "stop" (default: the service is stopped for the
     /// few seconds a backup takes), "live" (its files are consistent at any moment), "skip".
-    #[serde(default = "default_backup")]
-    pub backup: String,
-}
-
-fn default_backup() -> String {
-    "stop".into()
+    #[serde(default)]
+    pub backup: Quiesce,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
@@ -171,9 +168,9 @@ pub struct ServicePlan {
     pub binary: Option<BinaryPlan>,
     pub sites: Vec<Site>,
     pub packages: Vec<String>,
-    /// "stop", "live" or "skip" (see `CatalogEntry::backup`).
-    #[serde(default = "default_backup")]
-    pub backup: String,
+    /// See `CatalogEntry::backup`.
+    #[serde(default)]
+    pub backup: Quiesce,
 }
 
 impl ServicePlan {
@@ -318,7 +315,11 @@ pub fn resolve(file: &str, name: &str, svc: &Service, default_budget: f64) -> Re
         binary,
         sites,
         packages,
-        backup: svc.backup.clone().unwrap_or_else(|| entry.backup.clone()),
+        // The profile's value was checked against `Quiesce::NAMES` when it was loaded.
+        backup: match &svc.backup {
+            Some(b) => b.parse().map_err(|e: String| err(".backup", e))?,
+            None => entry.backup,
+        },
     })
 }
 

@@ -2,11 +2,9 @@
 //! Every choice is an enum, spelled in JSON as it always was ("systemd-boot", "gpt", "root", "a",
 //! "require", "stop"), so an image built by an older kiln still reads.
 //!
-//! In transition (issue 13): `Slot`, `Bootloader`, `PartitionTable` and `Role` are the builder's
-//! and the agent's own types already; for device.json itself they still use the string-typed
-//! copy in `feed/src/lib.rs`, and move to [`DeviceConfig`] next, when that copy goes. Until then a change to
-//! device.json's shape is made in both, and `reads_what_older_builders_wrote_and_round_trips`
-//! holds this side to the spelling on disk.
+//! The builder writes these types (`builder/src/device.rs`) and the agent reads them; there is no
+//! other definition of device.json. `reads_what_older_builders_wrote_and_round_trips` holds the
+//! spelling on disk.
 
 use kiln_feed::Version;
 use serde::{Deserialize, Serialize};

@@ -380,7 +380,7 @@ fn check_backup(dir: &Path) -> Result<()> {
     let env = dir.join("env");
     if env.exists() {
         let text = fs::read_to_string(&env).with_context(|| format!("reading {}", env.display()))?;
-        kiln_feed::parse_backup_env(&text).map_err(|m| anyhow::anyhow!("{}: {m}", env.display()))?;
+        kiln_device::parse_backup_env(&text).map_err(|m| anyhow::anyhow!("{}: {m}", env.display()))?;
     }
     Ok(())
 }

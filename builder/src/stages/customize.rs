@@ -148,7 +148,7 @@ fn install_agent(ctx: &Context, tctx: &tera::Context) -> Result<()> {
     std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755))
         .with_context(|| format!("chmod {}", dest.display()))?;
     let device = serde_json::to_vec_pretty(&crate::device::device_config(plan)?).context("encoding device.json")?;
-    write_file(&tree.join(kiln_feed::DEVICE_CONFIG.trim_start_matches('/')), &device, 0o644)?;
+    write_file(&tree.join(kiln_device::DEVICE_CONFIG.trim_start_matches('/')), &device, 0o644)?;
     for unit in
         ["kiln-agent-boot.service", "kiln-agent-commit.service", "kiln-agent-rollback.service", "kiln-agent.service"]
     {
