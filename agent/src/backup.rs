@@ -20,7 +20,7 @@
 //! early when the answer will not change (a full target, refused credentials) and never takes a
 //! run that deleted nothing for a prune.
 
-use crate::state::write_atomically;
+use crate::state::write_record;
 use crate::system;
 use anyhow::{bail, Context as _, Result};
 use kiln_device::{BackupConfig, Quiesce};
@@ -92,19 +92,13 @@ pub struct Run {
 
 impl Status {
     pub fn load(dir: &Path) -> Result<Status> {
-        let path = dir.join(STATUS_FILE);
-        match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .with_context(|| format!("{} is not a kiln-agent backup record", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Status::default()),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-        }
+        let record = kiln_device::fs::read_json(&dir.join(STATUS_FILE))
+            .map_err(|e| anyhow::anyhow!("{e} (not a kiln-agent backup record)"))?;
+        Ok(record.unwrap_or_default())
     }
 
     pub fn write(&self, dir: &Path) -> Result<()> {
-        let mut text = serde_json::to_vec_pretty(self).context("encoding the backup record")?;
-        text.push(b'\n');
-        write_atomically(dir, STATUS_FILE, &text)
+        write_record(dir, STATUS_FILE, self)
     }
 
     /// Recomputes the alerts from the record: the last backup, drill and self-restore failed,

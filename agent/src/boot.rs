@@ -18,10 +18,7 @@ use crate::system::{self, Host};
 use anyhow::{bail, Context as _, Result};
 use kiln_device::{Bootloader, DeviceConfig, Role};
 use kiln_feed::Version;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-
-const AUTOBOOT_TEMPLATE: &str = include_str!("../../firmware/autoboot.txt.tera");
 
 #[derive(Debug, Clone)]
 pub enum Medium {
@@ -29,48 +26,22 @@ pub enum Medium {
     Rpi { autoboot: PathBuf },
 }
 
-pub use kiln_device::boot::UkiName;
+pub use kiln_device::boot::{Autoboot, UkiName};
+use kiln_device::fs::write_atomically;
 
-/// Renders autoboot.txt from the same template the builder uses.
+/// autoboot.txt with `normal_partition` booted and `tryboot_partition` tried once (the builder's
+/// writer too).
 pub fn autoboot_txt(normal_partition: u32, tryboot_partition: u32) -> String {
-    AUTOBOOT_TEMPLATE
-        .replace("{{ default_partition }}", &normal_partition.to_string())
-        .replace("{{ tryboot_partition }}", &tryboot_partition.to_string())
+    Autoboot::ab(normal_partition, tryboot_partition).render()
 }
 
-/// `[all]`'s and `[tryboot]`'s boot_partition from autoboot.txt.
+/// `[all]`'s and `[tryboot]`'s boot_partition from autoboot.txt, read with the firmware's rules.
 pub fn parse_autoboot(text: &str) -> Result<(u32, u32)> {
-    let (mut section, mut normal, mut tryboot) = ("all".to_string(), None, None);
-    for line in text.lines().map(str::trim) {
-        if let Some(s) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            section = s.to_string();
-        } else if let Some(n) = line.strip_prefix("boot_partition=") {
-            let n: u32 =
-                n.trim().parse().with_context(|| format!("autoboot.txt: boot_partition={n} is not a number"))?;
-            match section.as_str() {
-                "all" => normal = Some(n),
-                "tryboot" => tryboot = Some(n),
-                _ => {}
-            }
-        }
+    let a = Autoboot::parse(text).map_err(anyhow::Error::msg)?;
+    match (a.tryboot_a_b, a.tryboot_partition) {
+        (true, Some(t)) => Ok((a.default_partition, t)),
+        _ => bail!("autoboot.txt has no A/B pair (tryboot_a_b=1 and boot_partition under both [all] and [tryboot])"),
     }
-    match (normal, tryboot) {
-        (Some(n), Some(t)) => Ok((n, t)),
-        _ => bail!("autoboot.txt has no boot_partition under both [all] and [tryboot]"),
-    }
-}
-
-/// Writes a file on a FAT file system as safely as FAT allows: a temporary file, fsync,
-/// rename over the old one, fsync of the directory.
-pub fn replace_file(path: &Path, data: &[u8]) -> Result<()> {
-    let dir = path.parent().context("file without a directory")?;
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().unwrap_or_default().to_string_lossy()));
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(data).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
-    drop(f);
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))?;
-    Ok(())
 }
 
 impl Medium {
@@ -142,7 +113,7 @@ impl Medium {
                 let path = autoboot.join("autoboot.txt");
                 let have = std::fs::read_to_string(&path).unwrap_or_default();
                 if parse_autoboot(&have).ok() != parse_autoboot(&want).ok() {
-                    replace_file(&path, want.as_bytes())?;
+                    write_atomically(&path, want.as_bytes())?;
                     removed.push("autoboot.txt pointed elsewhere; rewritten".into());
                 }
             }
@@ -155,7 +126,7 @@ impl Medium {
         let dir = Self::uki_dir(esp);
         let name = format!("kiln-{version}+{tries}.efi");
         let data = std::fs::read(uki).with_context(|| format!("reading {}", uki.display()))?;
-        replace_file(&dir.join(&name), &data)?;
+        write_atomically(&dir.join(&name), &data)?;
         Ok(name)
     }
 
@@ -181,7 +152,7 @@ impl Medium {
             }
             Medium::Rpi { autoboot } => {
                 let text = autoboot_txt(boot_partition(config, booted)?, boot_partition(config, !booted)?);
-                replace_file(&autoboot.join("autoboot.txt"), text.as_bytes())?;
+                write_atomically(&autoboot.join("autoboot.txt"), text.as_bytes())?;
             }
         }
         Ok(())

@@ -14,23 +14,14 @@ use anyhow::{bail, Context as _, Result};
 use kiln_feed::{Timestamp, Version};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::Path;
 
 pub const STATUS_FILE: &str = "status.json";
 
-/// Writes `dir/name` in one step: a temporary file, fsync, rename, fsync of the directory, so
-/// a power cut leaves the old or the new contents, never a mix.
-pub fn write_atomically(dir: &Path, name: &str, data: &[u8]) -> Result<()> {
+/// Writes the record `name` in `dir` (created if missing) in one step (`kiln_device::fs`).
+pub fn write_record<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join(name);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(data).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
-    drop(f);
-    std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))?;
-    Ok(())
+    Ok(kiln_device::fs::write_json(&dir.join(name), value)?)
 }
 
 /// The slot type of device.json and status.json (one definition, in `kiln-device`).
@@ -130,21 +121,14 @@ pub struct Booted {
 impl State {
     /// Reads the record; a missing file is a fresh device (both slots unknown).
     pub fn load(dir: &Path) -> Result<State> {
-        let path = dir.join(STATUS_FILE);
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
-                format!("reading {}: not a kiln-agent status file (move it away to start afresh)", path.display())
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-        }
+        let record = kiln_device::fs::read_json(&dir.join(STATUS_FILE))
+            .map_err(|e| anyhow::anyhow!("{e} (not a kiln-agent status file? move it away to start afresh)"))?;
+        Ok(record.unwrap_or_default())
     }
 
     /// Persists the record atomically: temp file, fsync, rename, fsync of the directory.
     pub fn write(&self, dir: &Path) -> Result<()> {
-        let mut text = serde_json::to_vec_pretty(self).context("encoding the status")?;
-        text.push(b'\n');
-        write_atomically(dir, STATUS_FILE, &text)
+        write_record(dir, STATUS_FILE, self)
     }
 
     pub fn slot(&self, slot: Slot) -> &SlotRecord {

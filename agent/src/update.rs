@@ -354,7 +354,7 @@ pub fn retarget(cmdline_path: &Path, own_cmdline: &str, root_number: u32) -> Res
         .context("kiln.root= is not PARTUUID=<disk id>-<nn>")?;
     let text = std::fs::read_to_string(cmdline_path).with_context(|| format!("reading {}", cmdline_path.display()))?;
     let new = boot::retarget_cmdline(&text, &format!("{disk_id}-{root_number:02x}"))?;
-    boot::replace_file(cmdline_path, new.as_bytes())
+    Ok(kiln_device::fs::write_atomically(cmdline_path, new.as_bytes())?)
 }
 
 /// Checks the metadata's signature against the keys baked into the image.

@@ -59,12 +59,9 @@ pub struct Published {
     pub files: Vec<PathBuf>,
 }
 
-/// Writes via a temporary file + fsync + rename.
+/// Replaces a published file in one step (temporary file, fsync, rename, fsync of the directory).
 fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_file_name(format!(".{}.tmp", path.file_name().unwrap_or_default().to_string_lossy()));
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(data).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    Ok(kiln_device::fs::write_atomically(path, data)?)
 }
 
 fn changelog(old: &[Package], new: &[Package]) -> Vec<Change> {

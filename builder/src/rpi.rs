@@ -1,5 +1,5 @@
-//! Raspberry Pi boot files: rendering autoboot.txt, config.txt and cmdline.txt from the templates
-//! in `firmware/`, and reading them back the way the Pi's firmware does (which slot boots, which
+//! Raspberry Pi boot files: rendering config.txt and cmdline.txt from the templates in `firmware/`
+//! and autoboot.txt with `kiln_device::boot::Autoboot` (the agent's writer too), and reading them back the way the Pi's firmware does (which slot boots, which
 //! kernel and initramfs it loads). `kiln boot` uses the reading side to play the firmware's part
 //! under QEMU; the updater (issue 5) uses it to switch slots.
 //!
@@ -12,11 +12,9 @@
 use crate::image::Slot;
 use anyhow::{bail, Context as _, Result};
 
-pub const AUTOBOOT_MAX_BYTES: usize = 512;
-const ALLOWED_FILTERS: &[&str] = &["[all]", "[none]", "[tryboot]"];
+pub use kiln_device::boot::{Autoboot, AUTOBOOT_MAX_BYTES};
 
 pub const TEMPLATES: &[(&str, &str)] = &[
-    ("autoboot.txt", include_str!("../../firmware/autoboot.txt.tera")),
     ("config.txt", include_str!("../../firmware/config.txt.tera")),
     ("cmdline.txt", include_str!("../../firmware/cmdline.txt.tera")),
 ];
@@ -51,14 +49,17 @@ fn render(name: &str, ctx: &tera::Context) -> Result<String> {
     tera()?.render(name, ctx).map_err(|e| anyhow::anyhow!("rendering firmware/{name}.tera: {e:?}"))
 }
 
-/// autoboot.txt with `committed` as the normal slot and the other one as the try-boot slot.
+/// autoboot.txt with `committed` as the normal slot and the other one as the try-boot slot
+/// (written by `kiln_device::boot::Autoboot`, as the agent writes it on the device).
 pub fn autoboot_txt(committed: Slot) -> Result<String> {
-    let mut ctx = tera::Context::new();
-    ctx.insert("default_partition", &boot_partition_number(committed));
-    ctx.insert("tryboot_partition", &boot_partition_number(!committed));
-    let text = render("autoboot.txt", &ctx)?;
-    check_autoboot(&text)?;
+    let text = Autoboot::ab(boot_partition_number(committed), boot_partition_number(!committed)).render();
+    Autoboot::check(&text).map_err(anyhow::Error::msg)?;
     Ok(text)
+}
+
+/// autoboot.txt read with the firmware's rules.
+pub fn parse_autoboot(text: &str) -> Result<Autoboot> {
+    Autoboot::parse(text).map_err(anyhow::Error::msg)
 }
 
 /// config.txt of a boot slot.
@@ -79,66 +80,6 @@ pub fn cmdline_txt(cmdline: &str) -> Result<String> {
     let mut ctx = tera::Context::new();
     ctx.insert("cmdline", cmdline);
     render("cmdline.txt", &ctx)
-}
-
-/// What autoboot.txt says, read with the firmware's rules.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Autoboot {
-    pub tryboot_a_b: bool,
-    /// `boot_partition` under `[all]`.
-    pub default_partition: u32,
-    /// `boot_partition` under `[tryboot]`.
-    pub tryboot_partition: Option<u32>,
-}
-
-impl Autoboot {
-    /// The partition the firmware boots, with or without the one-shot tryboot flag.
-    pub fn partition(&self, tryboot: bool) -> u32 {
-        match (tryboot, self.tryboot_partition) {
-            (true, Some(p)) if self.tryboot_a_b => p,
-            _ => self.default_partition,
-        }
-    }
-}
-
-/// Checks the firmware's rules for autoboot.txt (size, filters).
-pub fn check_autoboot(text: &str) -> Result<()> {
-    if text.len() > AUTOBOOT_MAX_BYTES {
-        bail!("autoboot.txt is {} bytes; the firmware reads at most {AUTOBOOT_MAX_BYTES}", text.len());
-    }
-    for line in text.lines().map(str::trim) {
-        if line.starts_with('[') && !ALLOWED_FILTERS.contains(&line) {
-            bail!("autoboot.txt may only use the filters {}; found {line}", ALLOWED_FILTERS.join(", "));
-        }
-    }
-    Ok(())
-}
-
-pub fn parse_autoboot(text: &str) -> Result<Autoboot> {
-    check_autoboot(text)?;
-    let mut section = "[all]";
-    let (mut ab, mut default, mut tryboot) = (false, None, None);
-    for line in text.lines().map(str::trim) {
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        if line.starts_with('[') {
-            section = ALLOWED_FILTERS.iter().find(|f| **f == line).expect("checked");
-            continue;
-        }
-        let Some((key, value)) = line.split_once('=') else { bail!("autoboot.txt: cannot read the line {line:?}") };
-        let num =
-            || value.trim().parse::<u32>().with_context(|| format!("autoboot.txt: {key}={value} is not a number"));
-        match (section, key.trim()) {
-            ("[none]", _) => {}
-            ("[all]", "tryboot_a_b") => ab = num()? == 1,
-            ("[all]", "boot_partition") => default = Some(num()?),
-            ("[tryboot]", "boot_partition") => tryboot = Some(num()?),
-            _ => {}
-        }
-    }
-    let default_partition = default.context("autoboot.txt has no boot_partition under [all]")?;
-    Ok(Autoboot { tryboot_a_b: ab, default_partition, tryboot_partition: tryboot })
 }
 
 /// The files config.txt tells the firmware to load (only `[all]` sections are taken: kiln's
@@ -197,21 +138,6 @@ mod tests {
         let b = parse_autoboot(&autoboot_txt(Slot::B).unwrap()).unwrap();
         assert_eq!((b.partition(false), b.partition(true)), (3, 2));
         assert_eq!(slot_of_partition(b.partition(false)), Some(Slot::B));
-    }
-
-    #[test]
-    fn firmware_rules_are_enforced() {
-        let long = format!("[all]\nboot_partition=2\n#{}\n", "x".repeat(600));
-        assert!(parse_autoboot(&long).unwrap_err().to_string().contains("at most 512"));
-        let bad = "[pi4]\nboot_partition=2\n";
-        assert!(parse_autoboot(bad).unwrap_err().to_string().contains("only use the filters"));
-        // Without tryboot_a_b=1 the [tryboot] partition is not used.
-        let plain = parse_autoboot("[all]\nboot_partition=2\n[tryboot]\nboot_partition=3\n").unwrap();
-        assert_eq!(plain.partition(true), 2);
-        // [none] is never applied.
-        let none = parse_autoboot("[all]\nboot_partition=2\n[none]\nboot_partition=3\n").unwrap();
-        assert_eq!(none.partition(false), 2);
-        assert!(parse_autoboot("[tryboot]\nboot_partition=3\n").is_err());
     }
 
     #[test]
