@@ -97,9 +97,7 @@ pub fn verify(dir: &Path, m: &Manifest) -> Result<()> {
     let found: Vec<(String, u64, String)> = if m.partition_table == "mbr" {
         let t = crate::mbr::MbrTable::read(&mut f)
             .with_context(|| format!("reading the partition table of {}", disk.display()))?;
-        (0..t.partitions.len())
-            .map(|i| (String::new(), t.partitions[i].first_lba * crate::mbr::SECTOR, t.partuuid(i)))
-            .collect()
+        t.partitions.iter().map(|p| (String::new(), p.first_lba * crate::mbr::SECTOR, t.partuuid(p))).collect()
     } else {
         let t = GptTable::read(&mut f, size / SECTOR)
             .with_context(|| format!("reading the partition table of {}", disk.display()))?;

@@ -132,9 +132,9 @@ fn rpi_command(opts: &BootOptions, scratch: &Path, interactive: bool) -> Result<
     let table = crate::mbr::MbrTable::read(&mut f)
         .with_context(|| format!("reading the partition table of {}", disk.display()))?;
     let offset_of = |number: u32| -> Result<u64> {
-        (0..table.partitions.len())
-            .find(|i| crate::mbr::partition_number(*i, table.partitions.len()) == number)
-            .map(|i| table.partitions[i].first_lba * crate::mbr::SECTOR)
+        table
+            .partition(number)
+            .map(|p| p.first_lba * crate::mbr::SECTOR)
             .with_context(|| format!("{} has no partition {number}", disk.display()))
     };
     let files = scratch.join("rpi-boot");

@@ -113,11 +113,6 @@ pub fn retarget_cmdline(cmdline: &str, root_partuuid: &str) -> Result<String, St
     Ok(words.join(" ") + "\n")
 }
 
-/// The `PARTUUID=` value Linux gives partition `number` of a DOS-partitioned disk with this id.
-pub fn dos_partuuid(disk_id: u32, number: u32) -> String {
-    format!("{disk_id:08x}-{number:02x}")
-}
-
 /// A UKI file name on the ESP, `EFI/Linux/kiln-<version>[+<left>[-<done>]].efi`: blessed
 /// (no counter) or being tried (systemd-boot counts `left` down on every start).
 #[derive(Debug, Clone, PartialEq)]
@@ -199,7 +194,7 @@ mod tests {
     #[test]
     fn cmdline_retargeting_and_partuuids() {
         let c = "console=ttyS1,115200 kiln.root=PARTUUID=1234abcd-05 kiln.verity=ff rootwait\n";
-        let p = dos_partuuid(0x1234abcd, 6);
+        let p = crate::mbr::partuuid(0x1234abcd, 6);
         assert_eq!(p, "1234abcd-06");
         assert_eq!(
             retarget_cmdline(c, &p).unwrap(),

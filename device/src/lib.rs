@@ -1,5 +1,6 @@
 //! The typed contract between kiln's builder, which bakes an image, and `kiln-agent`, which
-//! reads it back on the device: `device.json` ([`DeviceConfig`] and its parts), slots, the GPT,
+//! reads it back on the device: `device.json` ([`DeviceConfig`] and its parts), slots, GPT and
+//! DOS partition tables (one writer and one reader each),
 //! the boot-medium files (autoboot.txt, cmdline.txt, UKI names with boot counters), partition
 //! ids, and the atomic file writes both sides rely on. Nothing here runs a process.
 
@@ -7,6 +8,8 @@ pub mod boot;
 pub mod config;
 pub mod fs;
 pub mod gpt;
+pub mod mbr;
+pub mod parttable;
 
 pub use config::*;
 

@@ -57,6 +57,7 @@ pub fn mbr_table(plan: &crate::plan::Plan) -> Result<MbrTable> {
         .partitions
         .iter()
         .map(|p| MbrPartition {
+            number: p.number,
             kind: match p.role {
                 Role::Esp | Role::Autoboot | Role::Boot => mbr::TYPE_FAT32_LBA,
                 Role::Root | Role::Data => mbr::TYPE_LINUX,
@@ -92,7 +93,7 @@ pub fn assemble(ctx: &Context, boot: &BootOutput, root: &RootImage) -> Result<Pa
     disk.set_len(plan.disk.size.0).with_context(|| format!("sizing {} to {}", path.display(), plan.disk.size))?;
     match plan.disk.table {
         PartitionTable::Gpt => gpt_table(ctx, root)?.write(&mut disk).map_err(anyhow::Error::from),
-        PartitionTable::Mbr => mbr_table(plan)?.write(&mut disk),
+        PartitionTable::Mbr => mbr_table(plan)?.write(&mut disk).map_err(anyhow::Error::from),
     }
     .with_context(|| format!("writing the partition table of {}", path.display()))?;
     let mut images: Vec<(Role, Option<Slot>, &Path)> =
@@ -169,4 +170,105 @@ pub fn copy_sparse(src: &Path, dst: &mut File, offset: u64) -> std::io::Result<u
         }
     }
     Ok(written)
+}
+
+/// The DOS tables kiln writes and reads, checked against sfdisk (util-linux).
+#[cfg(test)]
+mod sfdisk_agrees {
+    use crate::mbr::*;
+    const MIB: u64 = 2048;
+
+    /// Three primaries and two logical partitions, each logical one with its EBR 1 MiB before it.
+    fn layout() -> MbrTable {
+        let p =
+            |number, kind, first, sectors| MbrPartition { number, kind, bootable: false, first_lba: first, sectors };
+        MbrTable {
+            disk_id: 0x0badcafe,
+            partitions: vec![
+                p(1, TYPE_FAT32_LBA, MIB, 4 * MIB),
+                p(2, TYPE_FAT32_LBA, 5 * MIB, 4 * MIB),
+                p(3, TYPE_FAT32_LBA, 9 * MIB, 4 * MIB),
+                p(5, TYPE_LINUX, 14 * MIB, 8 * MIB),
+                p(6, TYPE_LINUX, 23 * MIB, 8 * MIB),
+            ],
+        }
+    }
+
+    #[test]
+    fn sfdisk_reads_the_table_kiln_writes() {
+        if !crate::testing::host_has("sfdisk_reads_the_table_kiln_writes", "sfdisk") {
+            return;
+        }
+        let t = layout();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.set_len(32 * MIB * SECTOR).unwrap();
+        t.write(&mut f).unwrap();
+        drop(f);
+        assert_eq!(MbrTable::read(&mut std::fs::File::open(&path).unwrap()).unwrap(), t);
+        let out = crate::exec::Cmd::new("sfdisk").arg("--dump").arg(&path).read().unwrap();
+        assert!(out.contains("label: dos"), "{out}");
+        assert!(out.contains("label-id: 0x0badcafe"), "{out}");
+        for p in &t.partitions {
+            let line =
+                format!("disk.img{} : start={:>12}, size={:>12}, type={:x}", p.number, p.first_lba, p.sectors, p.kind);
+            assert!(out.contains(&line), "missing {line:?} in\n{out}");
+        }
+        let ext = format!("disk.img4 : start={:>12}, size={:>12}, type=f", 13 * MIB, 18 * MIB);
+        assert!(out.contains(&ext), "missing {ext:?} in\n{out}");
+    }
+
+    /// The reader agrees with sfdisk on a DOS table sfdisk wrote, logical partitions included.
+    #[test]
+    fn reads_what_sfdisk_wrote() {
+        const DISK: u64 = 64 << 20;
+        if !crate::testing::host_has("reads_what_sfdisk_wrote", "sfdisk") {
+            return;
+        }
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.img");
+        std::fs::File::create(&path).unwrap().set_len(DISK).unwrap();
+        let script = "label: dos\nstart=2048, size=16384, type=c\nstart=18432, size=16384, type=c\nstart=34816, type=5\nsize=8192, type=83\nsize=8192, type=83\ntype=83\n";
+        let mut child = Command::new("sfdisk")
+            .arg("--no-reread")
+            .arg("-q")
+            .arg(&path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("sfdisk (fdisk package) is installed");
+        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let dump = Command::new("sfdisk").arg("-d").arg(&path).output().unwrap();
+        let dump = String::from_utf8_lossy(&dump.stdout);
+        // sfdisk -d lines: "d.img5 : start= 36864, size= 8192, type=83"
+        let theirs: Vec<(u32, u64, u64)> = dump
+            .lines()
+            .filter(|l| l.contains(" : start="))
+            .filter(|l| !l.contains("type=5"))
+            .map(|l| {
+                let num: u32 = l
+                    .split(" : ")
+                    .next()
+                    .unwrap()
+                    .trim()
+                    .strip_prefix(path.to_str().unwrap())
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                let field =
+                    |k: &str| l.split(k).nth(1).unwrap().split(',').next().unwrap().trim().parse::<u64>().unwrap();
+                (num, field("start="), field("size="))
+            })
+            .collect();
+        let t = crate::parttable::read(&mut std::fs::File::open(&path).unwrap(), DISK).unwrap().unwrap();
+        let ours: Vec<(u32, u64, u64)> = t.partitions.iter().map(|p| (p.number, p.start / 512, p.size / 512)).collect();
+        assert_eq!(ours.len(), 5, "{dump}");
+        assert_eq!(ours, theirs, "{dump}");
+    }
 }
