@@ -2,10 +2,10 @@
 //! disk -> manifest. Outputs are written to a staging directory and moved into place at the end, so a
 //! failed build never leaves a half-written output behind.
 
-use crate::cache::Cache;
-use crate::image::Bootloader;
-use crate::lock::LockFile;
-use crate::plan::Plan;
+use crate::config::image::Bootloader;
+use crate::config::lock::LockFile;
+use crate::config::plan::Plan;
+use crate::debian::cache::Cache;
 use crate::stages::bootstrap::Packages;
 use crate::stages::{self, Context};
 use anyhow::{Context as _, Result};
@@ -25,7 +25,7 @@ pub struct BuildResult {
     pub dir: PathBuf,
     pub manifest: stages::manifest::Manifest,
     /// What was installed, with .deb hashes (the lock's package list).
-    pub locked: Vec<crate::lock::LockedPackage>,
+    pub locked: Vec<crate::config::lock::LockedPackage>,
     pub seconds: f64,
 }
 
@@ -49,13 +49,13 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
     }
     check_free_space(&opts.out_dir, plan)?;
     // The agent goes into every image: find it before minutes of bootstrapping.
-    crate::device::agent_for(plan)?;
+    crate::config::device::agent_for(plan)?;
     let ctx = Context {
         plan,
         tree: work.join("tree"),
         work: work.clone(),
         staging: staging.clone(),
-        templates: crate::templates::Templates::load()?,
+        templates: crate::stages::templates::Templates::load()?,
     };
 
     let cache = Cache::open_default()?;
@@ -147,21 +147,21 @@ pub fn lock(plan: &Plan, out_dir: &Path) -> Result<LockFile> {
         tree: work.join("tree"),
         work: work.clone(),
         staging: work.join("staging"),
-        templates: crate::templates::Templates::load()?,
+        templates: crate::stages::templates::Templates::load()?,
     };
     let cache = Cache::open_default()?;
     stages::bootstrap::bootstrap(&ctx, Packages::Resolve)?;
     let packages = stages::bootstrap::collect_locked(&ctx, &cache)?;
     std::fs::remove_dir_all(&work).with_context(|| format!("removing the work directory {}", work.display()))?;
     Ok(LockFile {
-        format: crate::lock::FORMAT,
+        format: crate::config::lock::FORMAT,
         kiln: env!("CARGO_PKG_VERSION").into(),
         profile: plan.profile.clone(),
         image: plan.image.clone(),
         suite: plan.suite.clone(),
         arch: plan.arch.debian().into(),
         source_date_epoch: plan.source_date_epoch,
-        request: crate::lock::request_hash(plan),
+        request: crate::config::lock::request_hash(plan),
         host_tools: stages::manifest::host_tools(),
         packages,
     })

@@ -6,6 +6,9 @@
 //! parsed. The Release file's own OpenPGP signature is *not* checked here: an `InRelease` file
 //! is only unwrapped.
 
+pub mod cache;
+pub mod mirror;
+
 use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -1,5 +1,5 @@
 //! `kiln flash IMAGE DEVICE`: writes a disk image to an SD card or USB stick, only the blocks
-//! its block map ([`crate::bmap`], made at build time) lists, then reads every written range
+//! its block map ([`crate::flash::bmap`], made at build time) lists, then reads every written range
 //! back and compares its sha256 with the map.
 //!
 //! Order of events (nothing is written before the last check):
@@ -18,13 +18,14 @@
 //! `--verify-only` does only the read-back, for a device flashed earlier; the data partition is
 //! left out of it, since the device changes it as soon as it runs.
 
+pub mod bmap;
 mod device;
 pub mod provision;
 
-use crate::bmap::{self, human_size, Bmap};
 use crate::parttable::{self, Partition};
 use crate::units::{Bytes, Sha256};
 use anyhow::{bail, Context as _, Result};
+use bmap::{human_size, Bmap};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::Digest;
 use std::fs::{File, OpenOptions};
@@ -305,7 +306,7 @@ fn drop_caches(file: &File) {
     // SAFETY: BLKFLSBUF takes no argument; the descriptor is an open block device.
     let flushed = unsafe { blkflsbuf(file.as_raw_fd()) };
     let advised = nix::fcntl::posix_fadvise(file, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
-    if crate::exec::debug_enabled() {
+    if crate::host::exec::debug_enabled() {
         eprintln!("  | BLKFLSBUF: {flushed:?}, POSIX_FADV_DONTNEED: {advised:?}");
     }
 }
@@ -315,7 +316,7 @@ fn drop_caches(file: &File) {
 fn reread_partitions(file: &File) {
     // SAFETY: BLKRRPART takes no argument; the descriptor is an open block device.
     let r = unsafe { blkrrpart(file.as_raw_fd()) };
-    if crate::exec::debug_enabled() {
+    if crate::host::exec::debug_enabled() {
         eprintln!("  | BLKRRPART: {r:?}");
     }
 }
@@ -690,7 +691,7 @@ struct Meter {
 
 impl Meter {
     fn new(label: &'static str, total: u64) -> Meter {
-        let tty = std::io::stderr().is_terminal() && !crate::exec::debug_enabled();
+        let tty = std::io::stderr().is_terminal() && !crate::host::exec::debug_enabled();
         let bar = tty.then(|| {
             let b = ProgressBar::new(total);
             b.set_style(
@@ -808,7 +809,7 @@ mod tests {
         let img = dir.path().join("d.img");
         let data: Vec<u8> = (0..3 * MIB as usize).map(|i| (i * 7 % 251) as u8).collect();
         std::fs::write(&img, &data).unwrap();
-        let map = crate::bmap::create(&img, &[]).unwrap();
+        let map = crate::flash::bmap::create(&img, &[]).unwrap();
         assert_eq!(map.ranges.len(), 1);
         let f = File::open(&img).unwrap();
         let src = Source { file: &f, path: &img, map: &map, shift: 0, label: "image" };
@@ -850,7 +851,7 @@ mod tests {
         let data: Vec<u8> = (0..9 * MIB as usize).map(|i| (i % 241) as u8 + 1).collect();
         f.write_all_at(&data, MIB).unwrap();
         f.write_all_at(b"end", 19 * MIB).unwrap();
-        let map = crate::bmap::create(&img, &[]).unwrap();
+        let map = crate::flash::bmap::create(&img, &[]).unwrap();
         let out = dir.path().join("out.img");
         let dev = File::options().create(true).truncate(true).read(true).write(true).open(&out).unwrap();
         let src = Source { file: &f, path: &img, map: &map, shift: 4096, label: "image" };

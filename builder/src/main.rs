@@ -2,7 +2,12 @@
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
-use kiln::{build, doctor, image, inspect, mirror, plan, profile, qemu, stages};
+use kiln::boot::qemu;
+use kiln::config::{image, plan, profile};
+use kiln::debian::mirror;
+use kiln::host::{doctor, tools};
+use kiln::release::inspect;
+use kiln::{build, stages};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -219,7 +224,7 @@ enum Command {
 fn main() {
     quiet_on_closed_stdout();
     let cli = Cli::parse();
-    kiln::exec::set_debug(cli.debug);
+    kiln::host::exec::set_debug(cli.debug);
     if let Err(e) = run(cli) {
         let mut chain = e.chain();
         eprint!("error: {}", chain.next().map(|c| c.to_string()).unwrap_or_default());
@@ -269,7 +274,7 @@ fn lock_path(t: &Target, plan: &plan::Plan, explicit: Option<PathBuf>) -> Result
     }
     let cwd = std::env::current_dir().context("reading the current directory")?;
     let file = profile_file(t)?;
-    let p = kiln::lock::default_path(plan, file.as_deref(), &cwd);
+    let p = kiln::config::lock::default_path(plan, file.as_deref(), &cwd);
     Ok(p.strip_prefix(&cwd).map(Path::to_path_buf).unwrap_or(p))
 }
 
@@ -301,7 +306,7 @@ fn run(cli: Cli) -> Result<()> {
             let (plan, lock) = if locked || lock.path.is_some() {
                 let first = resolve(&target)?;
                 let path = lock_path(&target, &first, lock.path)?;
-                let lock = kiln::lock::LockFile::read(&path)?;
+                let lock = kiln::config::lock::LockFile::read(&path)?;
                 let plan = resolve_with(&target, Some(lock.source_date_epoch))?;
                 lock.check_matches(&plan, &path)?;
                 eprintln!("locked: {} packages from {}", lock.packages.len(), path.display());
@@ -309,7 +314,7 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 (resolve(&target)?, None)
             };
-            let missing: Vec<_> = doctor::build_tools(plan.arch).filter(|t| !doctor::is_present(t)).collect();
+            let missing: Vec<_> = tools::build_tools(plan.arch).filter(|t| !tools::is_present(t)).collect();
             if !missing.is_empty() {
                 let names: Vec<String> = missing.iter().map(|t| format!("{} ({})", t.name, t.package)).collect();
                 bail!("missing host tools: {}; run `kiln doctor --install`", names.join(", "));
@@ -330,7 +335,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("  disk.img  {} (sha256 {})", stages::manifest::size(disk.size), disk.sha256);
             println!("  root.img  {} (sha256 {})", stages::manifest::size(root.size), root.sha256);
             println!("  root hash {}", r.manifest.verity.root_hash);
-            kiln::inspect::print_security(&r.manifest.security);
+            kiln::release::inspect::print_security(&r.manifest.security);
             println!("next: kiln boot {} --check", r.dir.join("disk.img").display());
         }
         Command::Boot {
@@ -360,12 +365,12 @@ fn run(cli: Cli) -> Result<()> {
             let log = log.or_else(|| check.then(|| dir.join("boot-console.log")));
             let mut q = m.qemu.clone();
             if machine.is_some() {
-                if q.firmware != kiln::image::Firmware::Rpi {
+                if q.firmware != kiln::config::image::Firmware::Rpi {
                     bail!("--machine is for Raspberry Pi (arm64) images; {} boots as {}", disk.display(), q.machine);
                 }
                 q = qemu::virt_machine(q);
             }
-            if tryboot && q.firmware != kiln::image::Firmware::Rpi {
+            if tryboot && q.firmware != kiln::config::image::Firmware::Rpi {
                 bail!("--tryboot is for Raspberry Pi images (autoboot.txt); {} boots with UEFI", disk.display());
             }
             let net_rules = forward.iter().map(|(h, g)| format!("hostfwd=tcp:127.0.0.1:{h}-:{g}")).collect();
@@ -373,7 +378,7 @@ fn run(cli: Cli) -> Result<()> {
                 qemu::BootOptions { disk, qemu: q, accel, persist, ssh_port, net_rules, log: log.clone(), tryboot };
             let result = if check {
                 let then_cmd = then.split_first().map(|(prog, args)| {
-                    let mut c = kiln::exec::Cmd::new(prog).args(args);
+                    let mut c = kiln::host::exec::Cmd::new(prog).args(args);
                     if let Some(p) = ssh_port {
                         c = c.env("KILN_SSH_PORT", p.to_string());
                     }
@@ -417,14 +422,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Lock { target, lock, out } => {
             let plan = resolve(&target)?;
             let path = lock_path(&target, &plan, lock.path)?;
-            let old = kiln::lock::LockFile::read(&path).ok();
+            let old = kiln::config::lock::LockFile::read(&path).ok();
             eprintln!("locking {} ({} {}) into {}", plan.output_name, plan.suite, plan.arch.debian(), path.display());
             let mut new = build::lock(&plan, &out)?;
             keep_epoch_if_unchanged(old.as_ref(), &mut new);
             new.write(&path)?;
             println!("locked {} packages into {}", new.packages.len(), path.display());
             if let Some(old) = old {
-                let changes = kiln::lock::diff(&old, &new);
+                let changes = kiln::config::lock::diff(&old, &new);
                 println!("{} changed since the previous lock", changes.len());
                 for c in changes {
                     println!("  {c}");
@@ -434,7 +439,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Outdated { target, lock } => {
             let plan = resolve(&target)?;
             let path = lock_path(&target, &plan, lock.path)?;
-            let lock = kiln::lock::LockFile::read(&path)?;
+            let lock = kiln::config::lock::LockFile::read(&path)?;
             let fetcher = kiln::debian::Fetcher::new(Default::default())?;
             let mut indexes = Vec::new();
             for (mirror, suite) in plan.mirror.index_suites(&plan.suite) {
@@ -472,7 +477,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Rebuild { target, lock, out } => {
             let plan = resolve(&target)?;
             let path = lock_path(&target, &plan, lock.path)?;
-            let old = kiln::lock::LockFile::read(&path).ok();
+            let old = kiln::config::lock::LockFile::read(&path).ok();
             eprintln!("re-locking {} into {}", plan.output_name, path.display());
             let mut new = build::lock(&plan, &out)?;
             keep_epoch_if_unchanged(old.as_ref(), &mut new);
@@ -482,9 +487,11 @@ fn run(cli: Cli) -> Result<()> {
                 &plan,
                 &build::BuildOptions { out_dir: out, keep_work: false, locked: Some(new.clone()) },
             )?;
-            let changes = old.as_ref().map(|o| kiln::lock::changes(o, &new)).unwrap_or_else(|| kiln::lock::Changes {
-                added: new.packages.iter().map(|p| (p.name.clone(), p.version.clone())).collect(),
-                ..Default::default()
+            let changes = old.as_ref().map(|o| kiln::config::lock::changes(o, &new)).unwrap_or_else(|| {
+                kiln::config::lock::Changes {
+                    added: new.packages.iter().map(|p| (p.name.clone(), p.version.clone())).collect(),
+                    ..Default::default()
+                }
             });
             let mut text = format!(
                 "{} {}: {} packages; {} upgraded, {} added, {} removed\n",
@@ -507,7 +514,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("built {} in {:.1}s (changelog in {})", r.dir.display(), r.seconds, txt.display());
         }
         Command::Cache { action } => {
-            let cache = kiln::cache::Cache::open_default()?;
+            let cache = kiln::debian::cache::Cache::open_default()?;
             match action {
                 CacheAction::List => {
                     let items = cache.list()?;
@@ -526,7 +533,9 @@ fn run(cli: Cli) -> Result<()> {
                         for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
                             let p = e?.path();
                             if p.extension().is_some_and(|x| x == "lock") {
-                                keep.extend(kiln::lock::LockFile::read(&p)?.packages.into_iter().map(|p| p.sha256));
+                                keep.extend(
+                                    kiln::config::lock::LockFile::read(&p)?.packages.into_iter().map(|p| p.sha256),
+                                );
                             }
                         }
                     }
@@ -547,7 +556,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Flash(args) => kiln::flash::run(&args)?,
         Command::Keygen { out, force } => {
-            let (secret, public, id) = kiln::publish::keygen(&out, force)?;
+            let (secret, public, id) = kiln::release::publish::keygen(&out, force)?;
             println!(
                 "key {id}: secret {} (keep it off the devices and out of version control), public {}",
                 secret.display(),
@@ -565,9 +574,17 @@ fn run(cli: Cli) -> Result<()> {
             if valid_for.as_secs() == 0 {
                 eprintln!("warning: --valid-for 0s: devices will refuse this metadata as expired (meant for tests)");
             }
-            let opts =
-                kiln::publish::PublishOptions { channel, site: to, key, base_url, valid_for, notes, keep, force };
-            let p = kiln::publish::publish(&output, &opts)?;
+            let opts = kiln::release::publish::PublishOptions {
+                channel,
+                site: to,
+                key,
+                base_url,
+                valid_for,
+                notes,
+                keep,
+                force,
+            };
+            let p = kiln::release::publish::publish(&output, &opts)?;
             let r = &p.release;
             println!(
                 "published {} {} for {} ({}) in channel {}; expires {}",
@@ -585,7 +602,7 @@ fn run(cli: Cli) -> Result<()> {
             let missing = doctor::report();
             if install {
                 doctor::install(&missing)?;
-                let still: Vec<_> = doctor::TOOLS.iter().filter(|t| !doctor::is_present(t)).map(|t| t.name).collect();
+                let still: Vec<_> = tools::TOOLS.iter().filter(|t| !tools::is_present(t)).map(|t| t.name).collect();
                 if !still.is_empty() {
                     bail!("still missing after installing: {}", still.join(", "));
                 }
@@ -600,7 +617,7 @@ fn run(cli: Cli) -> Result<()> {
 
 /// When nothing was upgraded, added or removed, a new lock keeps the old timestamp, so that
 /// rebuilding an unchanged package set gives the same image again.
-fn keep_epoch_if_unchanged(old: Option<&kiln::lock::LockFile>, new: &mut kiln::lock::LockFile) {
+fn keep_epoch_if_unchanged(old: Option<&kiln::config::lock::LockFile>, new: &mut kiln::config::lock::LockFile) {
     if let Some(old) = old {
         let mut a = old.packages.clone();
         let mut b = new.packages.clone();

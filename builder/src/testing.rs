@@ -7,7 +7,7 @@ use std::io::Write as _;
 
 /// Whether `tool` is on this host's PATH (as the test will run it); otherwise see [`allows`].
 pub fn host_has(test: &str, tool: &str) -> bool {
-    allows(test, crate::doctor::which(tool).is_some(), &format!("`{tool}` on PATH (`kiln doctor --install`)"))
+    allows(test, crate::host::tools::which(tool).is_some(), &format!("`{tool}` on PATH (`kiln doctor --install`)"))
 }
 
 /// `ok`, or prints why `test` is skipped (past libtest's capture of the print macros), or

@@ -2,7 +2,7 @@
 //! Every choice is an enum, spelled in JSON as it always was ("systemd-boot", "gpt", "root", "a",
 //! "require", "stop"), so an image built by an older kiln still reads.
 //!
-//! The builder writes these types (`builder/src/device.rs`) and the agent reads them; there is no
+//! The builder writes these types (`builder/src/config/device.rs`) and the agent reads them; there is no
 //! other definition of device.json. `reads_what_older_builders_wrote_and_round_trips` holds the
 //! spelling on disk.
 

@@ -37,7 +37,8 @@ fn rest_server(tools: &Path) -> PathBuf {
     if bin.exists() {
         return bin;
     }
-    let mirror = kiln::mirror::from_host(Path::new("/etc/apt")).expect("the host's apt sources name a Debian mirror");
+    let mirror =
+        kiln::debian::mirror::from_host(Path::new("/etc/apt")).expect("the host's apt sources name a Debian mirror");
     let arch = if cfg!(target_arch = "aarch64") { "arm64" } else { "amd64" };
     let index = kiln::debian::fetch_packages(&mirror.debian, "trixie", "main", arch).expect("trixie's package index");
     let entry = index.iter().find(|p| p.name == "restic-rest-server").expect("trixie has restic-rest-server");

@@ -6,7 +6,7 @@
 
 use crate::Need;
 use crate::{kiln, text};
-use kiln::bmap::{self, Bmap};
+use kiln::flash::bmap::{self, Bmap};
 use kiln::gpt::{GptPartition, GptTable, TYPE_ESP, TYPE_LINUX_DATA, TYPE_ROOT_AMD64};
 use kiln::units::{sha256_file, Uuid};
 use std::fs::{self, File};

@@ -1,4 +1,4 @@
-//! The initramfs kiln builds natively from a target tree (`kiln::initramfs`), booted for real.
+//! The initramfs kiln builds natively from a target tree (`kiln::boot::initramfs`), booted for real.
 //!
 //! A trixie amd64 tree with busybox-static and cryptsetup-bin (bootstrapped once, ~1 min, and
 //! kept in the kiln cache under `initramfs-it/`) is made into an EROFS root with its dm-verity
@@ -13,8 +13,8 @@
 
 use crate::Need;
 use crate::{flip_byte, repo_root};
-use kiln::exec::Cmd;
 use kiln::gpt::{GptPartition, GptTable, SECTOR};
+use kiln::host::exec::Cmd;
 use kiln::units::Uuid;
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -47,10 +47,10 @@ fn native_initramfs_opens_the_verified_root_and_boots_systemd() {
     let modules: Vec<String> = MODULES.iter().map(|m| m.to_string()).collect();
     let initrd = work.join("initrd.img");
     let t = Instant::now();
-    let info = kiln::initramfs::build(&tree, &kver, &modules, &initrd).unwrap();
+    let info = kiln::boot::initramfs::build(&tree, &kver, &modules, &initrd).unwrap();
     let build_seconds = t.elapsed().as_secs_f64();
     let again = work.join("initrd-again.img");
-    kiln::initramfs::build(&tree, &kver, &modules, &again).unwrap();
+    kiln::boot::initramfs::build(&tree, &kver, &modules, &again).unwrap();
     assert!(std::fs::read(&initrd).unwrap() == std::fs::read(&again).unwrap(), "two builds of the initramfs differ");
     println!(
         "kiln-it: initramfs for {kver} built natively in {build_seconds:.1}s: {info}; a second build is byte-identical"
@@ -213,7 +213,7 @@ impl Arch {
 /// The trixie tree, bootstrapped on first use and kept in the kiln cache. Its kernel package
 /// would build an initramfs with initramfs-tools: that is diverted away (not needed).
 fn cached_tree(arch: &Arch) -> PathBuf {
-    let cache = kiln::cache::Cache::open_default().unwrap();
+    let cache = kiln::debian::cache::Cache::open_default().unwrap();
     let dir = cache.dir.join(format!("initramfs-it/trixie-{}", arch.debian));
     let tree = dir.join("tree");
     if tree.join("usr/bin/busybox").is_file() {
@@ -223,7 +223,7 @@ fn cached_tree(arch: &Arch) -> PathBuf {
     let part = dir.with_extension("part");
     let _ = std::fs::remove_dir_all(&part);
     std::fs::create_dir_all(&part).unwrap();
-    let mirror = kiln::mirror::from_host(Path::new("/etc/apt")).unwrap();
+    let mirror = kiln::debian::mirror::from_host(Path::new("/etc/apt")).unwrap();
     let divert = "chroot \"$1\" dpkg-divert --local --rename --divert /usr/sbin/update-initramfs.real --add /usr/sbin/update-initramfs \
                   && printf '#!/bin/sh\\nexit 0\\n' > \"$1/usr/sbin/update-initramfs\" && chmod 755 \"$1/usr/sbin/update-initramfs\"";
     let t = Instant::now();

@@ -36,7 +36,7 @@ fn locked_builds_are_bit_identical_and_refuse_tampered_debs() {
     let lock = kiln_in(&work, &["lock", "--out", "scratch"]);
     assert!(lock.status.success(), "kiln lock failed:\n{}", text(&lock.stderr));
     let lock_file = work.join("profiles/minimal.pc-uefi.lock");
-    let locked = kiln::lock::LockFile::read(&lock_file).unwrap();
+    let locked = kiln::config::lock::LockFile::read(&lock_file).unwrap();
     println!(
         "kiln-it: locked {} packages in {:.1}s ({})",
         locked.packages.len(),

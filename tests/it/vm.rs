@@ -41,7 +41,7 @@ pub struct Vm {
 impl Vm {
     /// Boots `disk` (changes persist) with the guest's `http://10.0.2.100:80` relayed to
     /// 127.0.0.1:`port` on the host.
-    pub fn start(disk: &Path, qemu: &kiln::image::Qemu, port: u16, log: &Path, scratch: &Path) -> Vm {
+    pub fn start(disk: &Path, qemu: &kiln::config::image::Qemu, port: u16, log: &Path, scratch: &Path) -> Vm {
         Vm::start_with(disk, qemu, &[("10.0.2.100:80", port)], None, log, scratch)
     }
 
@@ -49,7 +49,7 @@ impl Vm {
     /// 127.0.0.1:port on the host; `ssh_port` forwards 127.0.0.1:ssh_port to the guest's SSH.
     pub fn start_with(
         disk: &Path,
-        qemu: &kiln::image::Qemu,
+        qemu: &kiln::config::image::Qemu,
         relays: &[(&str, u16)],
         ssh_port: Option<u16>,
         log: &Path,
@@ -58,10 +58,10 @@ impl Vm {
         std::fs::create_dir_all(scratch).unwrap();
         let relay = scratch.join("relay.py");
         std::fs::write(&relay, RELAY).unwrap();
-        let opts = kiln::qemu::BootOptions {
+        let opts = kiln::boot::qemu::BootOptions {
             disk: disk.into(),
             qemu: qemu.clone(),
-            accel: kiln::qemu::Accel::Tcg,
+            accel: kiln::boot::qemu::Accel::Tcg,
             persist: true,
             ssh_port,
             // A `tcp:` chardev would be one connection made at QEMU's start; `cmd:` runs the
@@ -75,7 +75,7 @@ impl Vm {
         };
         let monitor = scratch.join("monitor.sock");
         let _ = std::fs::remove_file(&monitor);
-        let cmd = kiln::qemu::command(&opts, kiln::qemu::Accel::Tcg, scratch, false).unwrap().args([
+        let cmd = kiln::boot::qemu::command(&opts, kiln::boot::qemu::Accel::Tcg, scratch, false).unwrap().args([
             "-chardev".to_string(),
             format!("socket,id=kilnmon,path={},server=on,wait=off", monitor.display()),
             "-mon".to_string(),

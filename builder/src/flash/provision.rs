@@ -22,8 +22,8 @@
 //! last MiB (old signatures there must not survive) and its journal, which `mkfs.ext4` zeroes on
 //! a real device but leaves as a hole in a sparse file.
 
-use crate::bmap::{self, Bmap};
-use crate::exec::Cmd;
+use crate::flash::bmap::{self, Bmap};
+use crate::host::exec::Cmd;
 use crate::units::MIB;
 use anyhow::{bail, Context as _, Result};
 use std::fs;

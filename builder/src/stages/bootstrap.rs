@@ -7,10 +7,10 @@
 //! variant (apt resolves) and the custom variant (`--locked`: exactly the locked set).
 
 use super::Context;
-use crate::exec::{shell_quote, Cmd};
-use crate::image::InitramfsKind;
-use crate::lock::LockFile;
-use crate::progress::StageProgress;
+use crate::config::image::InitramfsKind;
+use crate::config::lock::LockFile;
+use crate::host::exec::{shell_quote, Cmd};
+use crate::host::progress::StageProgress;
 use anyhow::{bail, Context as _, Result};
 use std::path::{Path, PathBuf};
 
@@ -50,7 +50,7 @@ pub fn bootstrap(ctx: &Context, packages: Packages) -> Result<BootFiles> {
     if !nix_is_root() {
         bail!("kiln build must run as root: mmdebstrap installs packages into a chroot (run it with sudo)");
     }
-    crate::doctor::ensure_binfmt(plan.arch.debian())?;
+    crate::host::doctor::ensure_binfmt(plan.arch.debian())?;
     let hooks = ctx.work.join("initramfs-files");
     let tools = plan.initramfs == InitramfsKind::InitramfsTools;
     if tools {
@@ -202,7 +202,7 @@ fn copy_out_boot_files(ctx: &Context) -> Result<BootFiles> {
                 "initramfs",
                 &format!("built on the host for {} {version}", ctx.plan.arch.debian()),
             );
-            let info = crate::initramfs::build(&ctx.tree, &version, &ctx.plan.initramfs_modules, &initrd)?;
+            let info = crate::boot::initramfs::build(&ctx.tree, &version, &ctx.plan.initramfs_modules, &initrd)?;
             progress.finish(&format!("{info}"));
         }
     }
@@ -233,12 +233,19 @@ fn copy_out_rpi_files(ctx: &Context, kernel_version: &str) -> Result<Option<Path
 
 /// After a `Packages::Resolve` bootstrap: every installed package with the sha256 of its .deb,
 /// each .deb stored in the cache.
-pub fn collect_locked(ctx: &Context, cache: &crate::cache::Cache) -> Result<Vec<crate::lock::LockedPackage>> {
+pub fn collect_locked(
+    ctx: &Context,
+    cache: &crate::debian::cache::Cache,
+) -> Result<Vec<crate::config::lock::LockedPackage>> {
     let debs = ctx.work.join("debs");
     let mut out = Vec::new();
     for p in super::manifest::packages(&ctx.tree)? {
-        let mut locked =
-            crate::lock::LockedPackage { name: p.name, version: p.version, arch: p.arch, sha256: String::new() };
+        let mut locked = crate::config::lock::LockedPackage {
+            name: p.name,
+            version: p.version,
+            arch: p.arch,
+            sha256: String::new(),
+        };
         let file = debs.join(locked.deb_file_name());
         if !file.is_file() {
             bail!(
@@ -259,9 +266,9 @@ pub fn collect_locked(ctx: &Context, cache: &crate::cache::Cache) -> Result<Vec<
 /// Packages missing from the cache are downloaded from the plan's mirror (found through its
 /// hash-checked indexes for the suite, -updates and -security) and must match the lock's sha256.
 pub fn stage_locked_debs(
-    plan: &crate::plan::Plan,
+    plan: &crate::config::plan::Plan,
     lock: &LockFile,
-    cache: &crate::cache::Cache,
+    cache: &crate::debian::cache::Cache,
     dir: &Path,
 ) -> Result<()> {
     if dir.exists() {
@@ -323,7 +330,11 @@ fn link_or_copy(src: &Path, dest: &Path) -> Result<()> {
 }
 
 /// The cache key of a locked bootstrap: everything that shapes the tree before `customize`.
-pub fn tree_key(plan: &crate::plan::Plan, lock: &LockFile, templates: &crate::templates::Templates) -> Result<String> {
+pub fn tree_key(
+    plan: &crate::config::plan::Plan,
+    lock: &LockFile,
+    templates: &crate::stages::templates::Templates,
+) -> Result<String> {
     let mut input = format!(
         "kiln {}\n{} {} {:?} {:?}\nepoch {}\nmodules {}\nexcludes {}\n",
         env!("CARGO_PKG_VERSION"),
@@ -351,7 +362,7 @@ pub fn tree_key(plan: &crate::plan::Plan, lock: &LockFile, templates: &crate::te
 }
 
 /// Copies a cached tree (and its kernel and initramfs) into the build. `None` when not cached.
-pub fn restore_tree(ctx: &Context, cache: &crate::cache::Cache, key: &str) -> Result<Option<BootFiles>> {
+pub fn restore_tree(ctx: &Context, cache: &crate::debian::cache::Cache, key: &str) -> Result<Option<BootFiles>> {
     let dir = cache.tree_dir(key);
     let Ok(kernel_version) = std::fs::read_to_string(dir.join("kernel-version")) else { return Ok(None) };
     let progress = StageProgress::start("bootstrap", &format!("cached tree {}", &key[..12]));
@@ -377,7 +388,7 @@ pub fn restore_tree(ctx: &Context, cache: &crate::cache::Cache, key: &str) -> Re
 }
 
 /// Stores the freshly bootstrapped tree under its key (written aside, then renamed).
-pub fn save_tree(ctx: &Context, cache: &crate::cache::Cache, key: &str, boot: &BootFiles) -> Result<()> {
+pub fn save_tree(ctx: &Context, cache: &crate::debian::cache::Cache, key: &str, boot: &BootFiles) -> Result<()> {
     let dir = cache.tree_dir(key);
     let tmp = dir.with_extension("part");
     for d in [&dir, &tmp] {

@@ -3,9 +3,9 @@
 //! everything that must differ per device or per boot (machine-id, host keys, logs, caches).
 
 use super::Context;
-use crate::exec::Cmd;
-use crate::image::Role;
-use crate::progress::StageProgress;
+use crate::config::image::Role;
+use crate::host::exec::Cmd;
+use crate::host::progress::StageProgress;
 use anyhow::{bail, Context as _, Result};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -136,7 +136,7 @@ pub fn customize(ctx: &Context) -> Result<()> {
 /// only when the profile has `[update]`).
 fn install_agent(ctx: &Context, tctx: &tera::Context) -> Result<()> {
     let (tree, plan, t) = (&ctx.tree, ctx.plan, &ctx.templates);
-    let Some(bin) = crate::device::agent_for(plan)? else { return Ok(()) };
+    let Some(bin) = crate::config::device::agent_for(plan)? else { return Ok(()) };
     let dest = tree.join("usr/bin/kiln-agent");
     // Debug builds carry tens of MiB of debug info the device does not need (and would download
     // with every update); a foreign binary the host's objcopy cannot read goes in as it is.
@@ -147,7 +147,8 @@ fn install_agent(ctx: &Context, tctx: &tera::Context) -> Result<()> {
     }
     std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755))
         .with_context(|| format!("chmod {}", dest.display()))?;
-    let device = serde_json::to_vec_pretty(&crate::device::device_config(plan)?).context("encoding device.json")?;
+    let device =
+        serde_json::to_vec_pretty(&crate::config::device::device_config(plan)?).context("encoding device.json")?;
     write_file(&tree.join(kiln_device::DEVICE_CONFIG.trim_start_matches('/')), &device, 0o644)?;
     for unit in
         ["kiln-agent-boot.service", "kiln-agent-commit.service", "kiln-agent-rollback.service", "kiln-agent.service"]
@@ -175,7 +176,7 @@ fn install_agent(ctx: &Context, tctx: &tera::Context) -> Result<()> {
 
 /// Backups: restic comes from Debian (the plan added it); the agent runs it from these units.
 /// The calendar expressions are checked by the image's own systemd, which will run them.
-fn install_backup(ctx: &Context, tctx: &tera::Context, b: &crate::plan::BackupPlan) -> Result<()> {
+fn install_backup(ctx: &Context, tctx: &tera::Context, b: &crate::config::plan::BackupPlan) -> Result<()> {
     let (tree, t) = (&ctx.tree, &ctx.templates);
     if !tree.join("usr/bin/restic").exists() {
         bail!("[backup] needs restic in the image, and /usr/bin/restic is missing from the tree (is the restic package installed?)");
@@ -187,7 +188,7 @@ fn install_backup(ctx: &Context, tctx: &tera::Context, b: &crate::plan::BackupPl
             Cmd::new("chroot").arg(tree).args(["systemd-analyze", "calendar", "--iterations=1", expr]).output()
         {
             let why = match e {
-                crate::exec::ExecError::Failed { stderr_tail, .. } => stderr_tail.trim().to_string(),
+                crate::host::exec::ExecError::Failed { stderr_tail, .. } => stderr_tail.trim().to_string(),
                 other => return Err(other.into()),
             };
             bail!(
@@ -286,7 +287,7 @@ fn set_locale(tree: &Path, locale: &str) -> Result<()> {
 /// IMAGE_VERSION (newest first): IMAGE_ID is the same for every release for one kind of
 /// hardware (`kiln-<image>`), so that the newest version boots first whatever the profile's
 /// name, and the updater's new UKI is the one tried.
-fn add_image_identity(tree: &Path, plan: &crate::plan::Plan) -> Result<()> {
+fn add_image_identity(tree: &Path, plan: &crate::config::plan::Plan) -> Result<()> {
     let path = tree.join("usr/lib/os-release");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut out: String = text
@@ -471,7 +472,8 @@ mod tests {
             super::systemd_escape_path("/dev/disk/by-partuuid/d6873725-07"),
             "dev-disk-by\\x2dpartuuid-d6873725\\x2d07"
         );
-        let host = crate::exec::Cmd::new("systemd-escape").args(["--path", "/dev/disk/by-partuuid/0a1b-c.d"]).read();
+        let host =
+            crate::host::exec::Cmd::new("systemd-escape").args(["--path", "/dev/disk/by-partuuid/0a1b-c.d"]).read();
         if let Ok(h) = host {
             assert_eq!(super::systemd_escape_path("/dev/disk/by-partuuid/0a1b-c.d"), h.trim());
         }
@@ -480,21 +482,21 @@ mod tests {
 
 #[cfg(test)]
 mod fstab_tests {
-    use crate::plan::{Overrides, Plan};
-    use crate::profile::{load, Source};
+    use crate::config::plan::{Overrides, Plan};
+    use crate::config::profile::{load, Source};
 
     fn fstab(hardening: &str) -> String {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("p.toml");
         std::fs::write(&file, format!("extends = \"minimal\"\n[hardening]\n{hardening}")).unwrap();
-        let img = crate::image::load("pc-uefi", std::path::Path::new("/nonexistent")).unwrap();
-        let m = crate::mirror::Mirror::from_uri("http://mirror.test/debian");
+        let img = crate::config::image::load("pc-uefi", std::path::Path::new("/nonexistent")).unwrap();
+        let m = crate::debian::mirror::Mirror::from_uri("http://mirror.test/debian");
         let plan =
             Plan::resolve(&load(Source::File(file)).unwrap(), &img, Some(&m), &Overrides::default(), 1_700_000_000)
                 .unwrap();
         let mut tctx = tera::Context::from_serialize(&plan).unwrap();
         tctx.insert("data_uuid", "d");
-        crate::templates::Templates::load().unwrap().render("rootfs/fstab.tera", &tctx).unwrap()
+        crate::stages::templates::Templates::load().unwrap().render("rootfs/fstab.tera", &tctx).unwrap()
     }
 
     #[test]

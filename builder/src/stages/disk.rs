@@ -4,10 +4,10 @@
 
 use super::rootfs::RootImage;
 use super::{BootOutput, Context};
+use crate::config::image::{Arch, PartitionTable, Role, Slot};
 use crate::gpt::{self, GptPartition, GptTable, SECTOR};
-use crate::image::{Arch, PartitionTable, Role, Slot};
+use crate::host::progress::StageProgress;
 use crate::mbr::{self, MbrPartition, MbrTable};
-use crate::progress::StageProgress;
 use crate::units::Uuid;
 use anyhow::{Context as _, Result};
 use std::fs::{File, OpenOptions};
@@ -50,7 +50,7 @@ pub fn gpt_table(ctx: &Context, root: &RootImage) -> Result<GptTable> {
 }
 
 /// The DOS partition table of a Raspberry Pi image (FAT for autoboot and boot slots).
-pub fn mbr_table(plan: &crate::plan::Plan) -> Result<MbrTable> {
+pub fn mbr_table(plan: &crate::config::plan::Plan) -> Result<MbrTable> {
     let disk_id = u32::from_str_radix(&plan.disk.disk_guid, 16).context("plan disk id")?;
     let partitions = plan
         .disk
@@ -133,8 +133,9 @@ pub fn write_bmap(ctx: &Context, disk: &Path) -> Result<PathBuf> {
             must.push((p.offset.0 - mbr::EBR_GAP_SECTORS * mbr::SECTOR, mbr::SECTOR));
         }
     }
-    let bmap = crate::bmap::create(disk, &must).with_context(|| format!("mapping the blocks of {}", disk.display()))?;
-    let path = crate::bmap::default_path(disk);
+    let bmap =
+        crate::flash::bmap::create(disk, &must).with_context(|| format!("mapping the blocks of {}", disk.display()))?;
+    let path = crate::flash::bmap::default_path(disk);
     bmap.write_xml(&path).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
@@ -207,7 +208,7 @@ mod sfdisk_agrees {
         t.write(&mut f).unwrap();
         drop(f);
         assert_eq!(MbrTable::read(&mut std::fs::File::open(&path).unwrap()).unwrap(), t);
-        let out = crate::exec::Cmd::new("sfdisk").arg("--dump").arg(&path).read().unwrap();
+        let out = crate::host::exec::Cmd::new("sfdisk").arg("--dump").arg(&path).read().unwrap();
         assert!(out.contains("label: dos"), "{out}");
         assert!(out.contains("label-id: 0x0badcafe"), "{out}");
         for p in &t.partitions {

@@ -5,10 +5,10 @@
 use super::bootstrap::BootFiles;
 use super::rootfs::RootImage;
 use super::{BootOutput, Context};
-use crate::exec::Cmd;
-use crate::image::Role;
-use crate::pe;
-use crate::progress::StageProgress;
+use crate::boot::pe;
+use crate::config::image::Role;
+use crate::host::exec::Cmd;
+use crate::host::progress::StageProgress;
 use crate::units::{Bytes, Uuid};
 use anyhow::{Context as _, Result};
 use std::path::Path;

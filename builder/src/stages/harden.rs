@@ -7,9 +7,9 @@
 //! one exceeds its exposure budget, naming the directives that would lower it.
 
 use super::Context;
-use crate::exec::Cmd;
-use crate::progress::StageProgress;
-use crate::services::{Loosened, ServicePlan};
+use crate::config::services::{Loosened, ServicePlan};
+use crate::host::exec::Cmd;
+use crate::host::progress::StageProgress;
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::PermissionsExt;
@@ -389,8 +389,8 @@ fn install_service(ctx: &Context, s: &ServicePlan) -> Result<()> {
 
 /// A program copied into the image must be of the image's architecture, and find its
 /// interpreter and shared libraries there (scripts: their interpreter).
-fn check_program(tree: &Path, arch: crate::image::Arch, key: &str, source: &str, data: &[u8]) -> Result<()> {
-    use crate::initramfs::elf;
+fn check_program(tree: &Path, arch: crate::config::image::Arch, key: &str, source: &str, data: &[u8]) -> Result<()> {
+    use crate::boot::initramfs::elf;
     if let Some(rest) = data.strip_prefix(b"#!") {
         let line = String::from_utf8_lossy(rest.split(|b| *b == b'\n').next().unwrap_or_default()).into_owned();
         let interp = line.split_whitespace().next().unwrap_or_default().to_string();
@@ -404,8 +404,8 @@ fn check_program(tree: &Path, arch: crate::image::Arch, key: &str, source: &str,
     }
     let info = elf::parse(data).map_err(|e| anyhow::anyhow!("{key}.binary: {source}: {e}"))?;
     let want = match arch {
-        crate::image::Arch::Amd64 => elf::EM_X86_64,
-        crate::image::Arch::Arm64 => elf::EM_AARCH64,
+        crate::config::image::Arch::Amd64 => elf::EM_X86_64,
+        crate::config::image::Arch::Arm64 => elf::EM_AARCH64,
     };
     if info.machine != want {
         let is = match info.machine {
@@ -625,7 +625,7 @@ mod tests {
 
     #[test]
     fn a_copied_program_must_fit_the_image() {
-        use crate::image::Arch;
+        use crate::config::image::Arch;
         let tree = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(tree.path().join("usr/bin")).unwrap();
         std::fs::write(tree.path().join("usr/bin/python3"), b"x").unwrap();
@@ -636,13 +636,18 @@ mod tests {
         assert!(e.contains("a script for \"/usr/bin/ruby\", which the image does not have"), "{e}");
         let e = check_program(tree.path(), Arch::Amd64, "services.app", "app.txt", b"hello").unwrap_err().to_string();
         assert!(e.contains("neither an ELF program nor a script"), "{e}");
-        let arm = crate::initramfs::elf::synthetic(crate::initramfs::elf::EM_AARCH64, None, &[], None);
+        let arm = crate::boot::initramfs::elf::synthetic(crate::boot::initramfs::elf::EM_AARCH64, None, &[], None);
         let e = check_program(tree.path(), Arch::Amd64, "services.app", "dist/app", &arm).unwrap_err().to_string();
         assert_eq!(
             e,
             "services.app.binary: dist/app is an AArch64 (arm64) program, but the image is amd64: build it for amd64"
         );
-        let x86 = crate::initramfs::elf::synthetic(crate::initramfs::elf::EM_X86_64, None, &["libfoo.so.1"], None);
+        let x86 = crate::boot::initramfs::elf::synthetic(
+            crate::boot::initramfs::elf::EM_X86_64,
+            None,
+            &["libfoo.so.1"],
+            None,
+        );
         let e = check_program(tree.path(), Arch::Amd64, "services.app", "dist/app", &x86).unwrap_err().to_string();
         assert!(e.contains("needs libfoo.so.1, which the image does not have"), "{e}");
         std::fs::create_dir_all(tree.path().join("usr/lib/x86_64-linux-gnu")).unwrap();

@@ -3,7 +3,7 @@
 
 use super::rootfs::RootImage;
 use super::Context;
-use crate::exec::Cmd;
+use crate::host::exec::Cmd;
 use crate::units::{sha256_file, Bytes};
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
@@ -35,7 +35,7 @@ pub struct Manifest {
     pub packages: Vec<Package>,
     pub host_tools: BTreeMap<String, String>,
     /// How `kiln boot` runs this image.
-    pub qemu: crate::image::Qemu,
+    pub qemu: crate::config::image::Qemu,
     /// Service exposure scores, firewall openings, setuid files (older manifests: empty).
     #[serde(default)]
     pub security: super::harden::SecurityReport,

@@ -11,9 +11,10 @@ pub mod native;
 pub mod rootfs;
 pub mod rpi;
 pub mod sbom;
+pub mod templates;
 
-use crate::image::{Role, Slot};
-use crate::plan::Plan;
+use crate::config::image::{Role, Slot};
+use crate::config::plan::Plan;
 use std::path::PathBuf;
 
 /// What a boot stage (`esp` or `rpi`) made.
@@ -36,5 +37,5 @@ pub struct Context<'a> {
     /// Outputs are written here, then moved to their final place.
     pub staging: PathBuf,
     /// kiln's templates, rendered with the plan as context.
-    pub templates: crate::templates::Templates,
+    pub templates: crate::stages::templates::Templates,
 }

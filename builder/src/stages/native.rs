@@ -6,7 +6,7 @@
 //! boot). After mmdebstrap, `finish` does their work natively and removes the diversions, so the
 //! image's dpkg database and programs are as Debian installed them.
 
-use crate::exec::Cmd;
+use crate::host::exec::Cmd;
 use anyhow::{Context as _, Result};
 use std::collections::BTreeMap;
 use std::path::Path;

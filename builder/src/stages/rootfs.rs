@@ -2,9 +2,9 @@
 //! appended. The root hash is what the boot entry (UKI) trusts.
 
 use super::Context;
-use crate::exec::Cmd;
-use crate::image::{Role, Slot};
-use crate::progress::StageProgress;
+use crate::config::image::{Role, Slot};
+use crate::host::exec::Cmd;
+use crate::host::progress::StageProgress;
 use crate::units::{Bytes, Sha256, Uuid};
 use anyhow::{bail, Context as _, Result};
 use serde::Serialize;

@@ -655,7 +655,7 @@ pub fn write(m: &Manifest, tree: &Path, out_dir: &Path) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exec::Cmd;
+    use crate::host::exec::Cmd;
     use crate::stages::manifest::{Artifact, Verity};
 
     fn expr(dep5: &str) -> (Option<String>, Vec<String>) {
@@ -858,13 +858,13 @@ License: public-domain
             artifacts: BTreeMap::from([("disk.img".to_string(), Artifact { sha256: "ab".repeat(32), size: 1 })]),
             packages,
             host_tools: BTreeMap::new(),
-            qemu: crate::image::Qemu {
+            qemu: crate::config::image::Qemu {
                 system: "x86_64".into(),
                 machine: "q35".into(),
                 cpu: "max".into(),
                 memory: "1G".into(),
                 smp: 1,
-                firmware: crate::image::Firmware::Ovmf,
+                firmware: crate::config::image::Firmware::Ovmf,
                 dtb: None,
                 console: None,
             },
@@ -950,7 +950,7 @@ License: public-domain
         assert_eq!(ids.len(), 3);
     }
 
-    fn spdx_validate(file: &Path) -> Result<Vec<u8>, crate::exec::ExecError> {
+    fn spdx_validate(file: &Path) -> Result<Vec<u8>, crate::host::exec::ExecError> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/spdx-validate");
         Cmd::new(script).arg(file).output()
     }
@@ -1002,7 +1002,7 @@ License: public-domain
             let path = out.path().join(format!("{name}.spdx.json"));
             std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
             match spdx_validate(&path) {
-                Err(crate::exec::ExecError::Failed { stderr_tail, .. }) => {
+                Err(crate::host::exec::ExecError::Failed { stderr_tail, .. }) => {
                     assert!(stderr_tail.contains(why), "{name}: {stderr_tail}")
                 }
                 other => panic!("{name}: expected the validator to reject it, got {other:?}"),

@@ -6,22 +6,22 @@
 //! changed by the catalog entry where its program needs it, and loosened only where the profile
 //! says so explicitly ([`Loosened`], shown in the report). Resolving does no I/O.
 
-use crate::profile::{Port, ProfileError, Service, Site};
+use crate::config::profile::{Port, ProfileError, Service, Site};
 use kiln_device::Quiesce;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// The catalog's entries, compiled in.
 pub const CATALOG: &[(&str, &str)] = &[
-    ("caddy", include_str!("../../catalog/caddy.toml")),
-    ("syncthing", include_str!("../../catalog/syncthing.toml")),
-    ("radicale", include_str!("../../catalog/radicale.toml")),
+    ("caddy", include_str!("../../../catalog/caddy.toml")),
+    ("syncthing", include_str!("../../../catalog/syncthing.toml")),
+    ("radicale", include_str!("../../../catalog/radicale.toml")),
 ];
 
 /// The entry every service of the user's own starts from.
-const CUSTOM: &str = include_str!("../../catalog/custom.toml");
+const CUSTOM: &str = include_str!("../../../catalog/custom.toml");
 /// The sandbox every service starts from.
-const HARDENING: &str = include_str!("../../catalog/hardening.toml");
+const HARDENING: &str = include_str!("../../../catalog/hardening.toml");
 
 /// The default exposure budget (systemd-analyze security's scale, 0 = fully sandboxed).
 pub const DEFAULT_BUDGET: f64 = 2.0;
@@ -333,7 +333,7 @@ mod tests {
             let e = catalog_entry(name).unwrap();
             for f in e.files.values() {
                 assert!(
-                    crate::templates::CATALOG_FILES.iter().any(|(n, _)| *n == f.template),
+                    crate::stages::templates::CATALOG_FILES.iter().any(|(n, _)| *n == f.template),
                     "{name}: no template {}",
                     f.template
                 );

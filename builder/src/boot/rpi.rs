@@ -9,14 +9,14 @@
 //! - with `tryboot_a_b=1`, `boot_partition=N` under `[all]` is booted normally and the one under
 //!   `[tryboot]` only when the one-shot tryboot flag is set (`reboot '0 tryboot'`).
 
-use crate::image::Slot;
+use crate::config::image::Slot;
 use anyhow::{bail, Context as _, Result};
 
 pub use kiln_device::boot::{Autoboot, AUTOBOOT_MAX_BYTES};
 
 pub const TEMPLATES: &[(&str, &str)] = &[
-    ("config.txt", include_str!("../../firmware/config.txt.tera")),
-    ("cmdline.txt", include_str!("../../firmware/cmdline.txt.tera")),
+    ("config.txt", include_str!("../../../firmware/config.txt.tera")),
+    ("cmdline.txt", include_str!("../../../firmware/cmdline.txt.tera")),
 ];
 
 /// The partition number of a slot's boot partition (partitions 2 and 3: primary, as

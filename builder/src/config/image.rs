@@ -1,7 +1,7 @@
 //! Image (board) definitions: architecture, disk layout, bootloader and the QEMU machine that
 //! test-boots the image. Built-in definitions live in `images/*.toml` and are compiled in.
 
-use crate::profile::{ProfileError, Source};
+use crate::config::profile::{ProfileError, Source};
 use crate::units::Bytes;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 pub use kiln_device::{Bootloader, PartitionTable, Role, Slot};
 
 pub const BUILTIN_IMAGES: &[(&str, &str)] = &[
-    ("pc-uefi", include_str!("../../images/pc-uefi.toml")),
-    ("rpi4", include_str!("../../images/rpi4.toml")),
-    ("rpi3", include_str!("../../images/rpi3.toml")),
-    ("rpi5", include_str!("../../images/rpi5.toml")),
+    ("pc-uefi", include_str!("../../../images/pc-uefi.toml")),
+    ("rpi4", include_str!("../../../images/rpi4.toml")),
+    ("rpi3", include_str!("../../../images/rpi3.toml")),
+    ("rpi5", include_str!("../../../images/rpi5.toml")),
 ];
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
@@ -292,7 +292,7 @@ mod tests {
 
     fn rpi4_with(from: &str, to: &str) -> String {
         let dir = tempfile::tempdir().unwrap();
-        let text = include_str!("../../images/rpi4.toml");
+        let text = include_str!("../../../images/rpi4.toml");
         assert!(text.contains(from), "{from}");
         let path = dir.path().join("pi.toml");
         std::fs::write(&path, text.replace(from, to)).unwrap();

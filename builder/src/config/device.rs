@@ -2,8 +2,8 @@
 //! architecture, and `/usr/lib/kiln/device.json` (`kiln_device::DeviceConfig`) describing the
 //! image, its disk layout and its update feed.
 
-use crate::image::Arch;
-use crate::plan::Plan;
+use crate::config::image::Arch;
+use crate::config::plan::Plan;
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 

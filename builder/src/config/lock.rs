@@ -2,7 +2,7 @@
 //! the timestamp the image is built with, and the host tools that shape the output.
 //! `kiln lock` writes one; `kiln build --locked` installs exactly what it lists.
 
-use crate::plan::Plan;
+use crate::config::plan::Plan;
 use crate::units::Sha256;
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};

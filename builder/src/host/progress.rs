@@ -13,7 +13,7 @@ pub struct StageProgress {
 
 impl StageProgress {
     pub fn start(name: &'static str, what: &str) -> StageProgress {
-        let tty = std::io::stderr().is_terminal() && !crate::exec::debug_enabled();
+        let tty = std::io::stderr().is_terminal() && !crate::host::exec::debug_enabled();
         let bar = if tty {
             let b = ProgressBar::new_spinner();
             b.set_style(

@@ -4,7 +4,7 @@ use anyhow::{Context as _, Result};
 
 macro_rules! templates {
     ($($name:literal),* $(,)?) => {
-        &[$(($name, include_str!(concat!("../templates/", $name)))),*]
+        &[$(($name, include_str!(concat!("../../templates/", $name)))),*]
     };
 }
 
@@ -50,7 +50,7 @@ pub const FILES: &[(&str, &str)] = templates![
 
 macro_rules! catalog_templates {
     ($($name:literal),* $(,)?) => {
-        &[$(($name, include_str!(concat!("../../catalog/", $name)))),*]
+        &[$(($name, include_str!(concat!("../../../catalog/", $name)))),*]
     };
 }
 

@@ -3,9 +3,9 @@
 //! `Plan::resolve` does no I/O: everything it needs (the loaded profile, the image definition,
 //! the mirror, the clock) is handed in. Stages read the plan and never change it.
 
-use crate::image::{Arch, LoadedImage, PartitionDef, PartitionTable, Qemu, Role, RpiDef, Slot};
-use crate::mirror::Mirror;
-use crate::profile::{LoadedProfile, ProfileError};
+use crate::config::image::{Arch, LoadedImage, PartitionDef, PartitionTable, Qemu, Role, RpiDef, Slot};
+use crate::config::profile::{LoadedProfile, ProfileError};
+use crate::debian::mirror::Mirror;
 use crate::units::{Bytes, Sha256, Uuid, MIB};
 use kiln_device::Quiesce;
 use serde::Serialize;
@@ -43,7 +43,7 @@ pub struct Plan {
     pub image: String,
     pub image_source: String,
     pub arch: Arch,
-    pub bootloader: crate::image::Bootloader,
+    pub bootloader: crate::config::image::Bootloader,
     pub suite: String,
     /// Archive components (`main`, and e.g. `non-free-firmware` for the Pi firmware).
     pub components: Vec<String>,
@@ -57,7 +57,7 @@ pub struct Plan {
     pub users: Vec<UserPlan>,
     pub kernel_cmdline: Vec<String>,
     pub initramfs_modules: Vec<String>,
-    pub initramfs: crate::image::InitramfsKind,
+    pub initramfs: crate::config::image::InitramfsKind,
     pub version: String,
     pub source_date_epoch: u64,
     pub disk: DiskPlan,
@@ -68,7 +68,7 @@ pub struct Plan {
     /// Where the device's agent looks for updates (None: no `[update]` in the profile).
     pub update: Option<kiln_device::UpdateConfig>,
     /// The profile's services, sorted by name.
-    pub services: Vec<crate::services::ServicePlan>,
+    pub services: Vec<crate::config::services::ServicePlan>,
     pub hardening: HardeningPlan,
     /// Backups (None: no `[backup]` in the profile).
     pub backup: Option<BackupPlan>,
@@ -164,20 +164,20 @@ pub const ALIGN: u64 = MIB;
 /// /srv; the services whose state is inside the paths are quiesced as their entry says.
 fn resolve_backup(
     file: &str,
-    b: &crate::profile::Backup,
-    services: &[crate::services::ServicePlan],
+    b: &crate::config::profile::Backup,
+    services: &[crate::config::services::ServicePlan],
 ) -> Result<BackupPlan, ProfileError> {
     let err = |k: &str, m: &str| ProfileError::new(file, Some(&format!("backup.{k}")), m.to_string());
     let repository = b.repository.clone().ok_or_else(|| {
         err("repository", "required: the restic repository devices back up to, such as \"rest:https://backup.example.org/home\" (append-only recommended)")
     })?;
-    let state: Vec<(&crate::services::ServicePlan, String)> =
+    let state: Vec<(&crate::config::services::ServicePlan, String)> =
         services.iter().filter(|s| s.backup != Quiesce::Skip).filter_map(|s| s.state_path().map(|p| (s, p))).collect();
     let paths: Vec<String> = match &b.paths {
         Some(list) if !list.is_empty() => {
             let mut out: Vec<String> = Vec::new();
             for (i, p) in list.iter().enumerate() {
-                let real = crate::profile::backup_path(p).map_err(|m| err(&format!("paths[{i}]"), &m))?;
+                let real = crate::config::profile::backup_path(p).map_err(|m| err(&format!("paths[{i}]"), &m))?;
                 if !out.contains(&real) {
                     out.push(real);
                 }
@@ -229,7 +229,7 @@ fn resolve_backup(
 }
 
 /// `[update]` with its defaults filled in (values were checked when the file was read).
-fn resolve_update(file: &str, u: &crate::profile::Update) -> Result<kiln_device::UpdateConfig, ProfileError> {
+fn resolve_update(file: &str, u: &crate::config::profile::Update) -> Result<kiln_device::UpdateConfig, ProfileError> {
     let err = |key: &str, msg: &str| ProfileError::new(file, Some(key), msg);
     let feed = u.feed.clone().ok_or_else(|| {
         err("update.feed", "required: the feed URL devices follow, such as \"https://updates.example.org/stable.atom\"")
@@ -327,7 +327,7 @@ impl Plan {
 
         let release = p.release.clone().unwrap_or_default();
         let version = overrides.version.clone().or(release.version).unwrap_or_else(|| "0.1.0".into());
-        if !crate::profile::valid_version(&version) {
+        if !crate::config::profile::valid_version(&version) {
             return Err(ProfileError::new(
                 "--release",
                 None,
@@ -337,13 +337,13 @@ impl Plan {
         let source_date_epoch = overrides.source_date_epoch.or(release.source_date_epoch).unwrap_or(now_epoch);
 
         let h = p.hardening.clone().unwrap_or_default();
-        let exposure_budget = h.exposure_budget.unwrap_or(crate::services::DEFAULT_BUDGET);
+        let exposure_budget = h.exposure_budget.unwrap_or(crate::config::services::DEFAULT_BUDGET);
         let mut services = Vec::new();
         for (name, svc) in p.services.iter().flatten() {
             if svc.enable == Some(false) {
                 continue;
             }
-            let s = crate::services::resolve(&file, name, svc, exposure_budget)?;
+            let s = crate::config::services::resolve(&file, name, svc, exposure_budget)?;
             packages.extend(s.packages.iter().cloned());
             services.push(s);
         }
@@ -524,11 +524,11 @@ fn layout(table: PartitionTable, parts: &[PartitionDef], seed: &str) -> DiskPlan
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::{load, Source};
+    use crate::config::profile::{load, Source};
 
     fn plan() -> Plan {
         let prof = load(Source::Builtin("minimal")).unwrap();
-        let img = crate::image::load("pc-uefi", std::path::Path::new("/nonexistent")).unwrap();
+        let img = crate::config::image::load("pc-uefi", std::path::Path::new("/nonexistent")).unwrap();
         let m = Mirror::from_uri("http://mirror.test/debian");
         Plan::resolve(&prof, &img, Some(&m), &Overrides::default(), 1_700_000_000).unwrap()
     }
@@ -538,7 +538,7 @@ mod tests {
         let file = dir.path().join("home.toml");
         std::fs::write(&file, text).unwrap();
         let prof = load(Source::File(file)).unwrap();
-        let img = crate::image::load("pc-uefi", std::path::Path::new("/nonexistent")).unwrap();
+        let img = crate::config::image::load("pc-uefi", std::path::Path::new("/nonexistent")).unwrap();
         let m = Mirror::from_uri("http://mirror.test/debian");
         Plan::resolve(&prof, &img, Some(&m), &Overrides::default(), 1_700_000_000).unwrap()
     }
@@ -619,7 +619,7 @@ restore_drill = "off"
     #[test]
     fn rpi4_layout_leaves_room_for_the_ebrs() {
         let prof = load(Source::Builtin("minimal")).unwrap();
-        let img = crate::image::load("rpi4", std::path::Path::new("/nonexistent")).unwrap();
+        let img = crate::config::image::load("rpi4", std::path::Path::new("/nonexistent")).unwrap();
         let m = Mirror::from_uri("http://mirror.test/debian");
         let p = Plan::resolve(&prof, &img, Some(&m), &Overrides::default(), 1_700_000_000).unwrap();
         assert_eq!(p.arch, Arch::Arm64);
@@ -644,7 +644,7 @@ restore_drill = "off"
         let file = dir.path().join("quiet.toml");
         std::fs::write(&file, "extends = \"minimal\"\n[hardening]\naudit = false\npam_tmpdir = false\n").unwrap();
         let prof = load(Source::File(file)).unwrap();
-        let img = crate::image::load("pc-uefi", std::path::Path::new("/nonexistent")).unwrap();
+        let img = crate::config::image::load("pc-uefi", std::path::Path::new("/nonexistent")).unwrap();
         let m = Mirror::from_uri("http://mirror.test/debian");
         let p = Plan::resolve(&prof, &img, Some(&m), &Overrides::default(), 1_700_000_000).unwrap();
         assert!(!p.packages.iter().any(|p| p == "auditd" || p == "libpam-tmpdir"));
@@ -656,7 +656,7 @@ restore_drill = "off"
     fn plan_is_deterministic_and_seeded_by_inputs() {
         assert_eq!(plan(), plan());
         let prof = load(Source::Builtin("minimal")).unwrap();
-        let img = crate::image::load("pc-uefi", std::path::Path::new("/nonexistent")).unwrap();
+        let img = crate::config::image::load("pc-uefi", std::path::Path::new("/nonexistent")).unwrap();
         let m = Mirror::from_uri("http://mirror.test/debian");
         let o = Overrides { version: Some("2.0.0".into()), ..Default::default() };
         let p2 = Plan::resolve(&prof, &img, Some(&m), &o, 1_700_000_000).unwrap();

@@ -19,8 +19,10 @@ pub const APPENDING_LISTS: &[&str] =
     &["system.packages", "system.kernel_cmdline", "health.units", "health.commands", "hardening.disable_modules"];
 
 /// The profiles compiled into kiln, used when no file of that name is found on disk.
-pub const BUILTIN_PROFILES: &[(&str, &str)] =
-    &[("base", include_str!("../../profiles/base.toml")), ("minimal", include_str!("../../profiles/minimal.toml"))];
+pub const BUILTIN_PROFILES: &[(&str, &str)] = &[
+    ("base", include_str!("../../../profiles/base.toml")),
+    ("minimal", include_str!("../../../profiles/minimal.toml")),
+];
 
 /// One profile file as written; every field optional because a child may set only a few.
 #[derive(Deserialize, Serialize, Default, Debug, Clone, PartialEq)]

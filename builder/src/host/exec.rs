@@ -121,7 +121,7 @@ impl Cmd {
     fn spawn_error(&self, e: std::io::Error) -> ExecError {
         if e.kind() == std::io::ErrorKind::NotFound {
             let program = self.program();
-            let package = crate::doctor::package_for_program(&program).unwrap_or("providing it").to_string();
+            let package = crate::host::tools::package_for_program(&program).unwrap_or("providing it").to_string();
             ExecError::NotFound { program, package, cmd: self.to_string() }
         } else {
             ExecError::Spawn { cmd: self.to_string(), source: e }

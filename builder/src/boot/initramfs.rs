@@ -16,7 +16,7 @@ pub mod kmod;
 
 pub use elf::ElfInfo;
 
-use crate::exec::{shell_quote, Cmd};
+use crate::host::exec::{shell_quote, Cmd};
 use crate::units::{Bytes, MIB};
 use anyhow::{anyhow, bail, Context as _, Result};
 use cpio::Node;
@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 
-const INIT_TEMPLATE: &str = include_str!("../templates/initramfs/init.tera");
+const INIT_TEMPLATE: &str = include_str!("../../templates/initramfs/init.tera");
 
 /// The busybox applets `/init` calls, each linked in `/bin`.
 const APPLETS: &[&str] = &["sh", "mount", "mkdir", "sleep", "insmod", "switch_root"];

@@ -4,8 +4,8 @@
 //! Networking is off unless asked for, and then it is user-mode with `restrict=on` and port
 //! forwards bound to 127.0.0.1 only. KVM is used only when a short probe shows it works.
 
-use crate::exec::Cmd;
-use crate::image::{Firmware, Qemu};
+use crate::config::image::{Firmware, Qemu};
+use crate::host::exec::Cmd;
 use anyhow::{bail, Context as _, Result};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
@@ -140,11 +140,12 @@ fn rpi_command(opts: &BootOptions, scratch: &Path, interactive: bool) -> Result<
     let files = scratch.join("rpi-boot");
     std::fs::create_dir_all(&files).with_context(|| format!("creating {}", files.display()))?;
     let autoboot = read_fat_file(disk, offset_of(1)?, "autoboot.txt", &files)?;
-    let autoboot = crate::rpi::parse_autoboot(&std::fs::read_to_string(&autoboot).context("reading autoboot.txt")?)?;
+    let autoboot =
+        crate::boot::rpi::parse_autoboot(&std::fs::read_to_string(&autoboot).context("reading autoboot.txt")?)?;
     let part = autoboot.partition(opts.tryboot);
-    let slot = crate::rpi::slot_of_partition(part).map(|s| format!("{s:?}")).unwrap_or_else(|| "?".into());
+    let slot = crate::boot::rpi::slot_of_partition(part).map(|s| format!("{s:?}")).unwrap_or_else(|| "?".into());
     let boot_offset = offset_of(part)?;
-    let config = crate::rpi::parse_config(
+    let config = crate::boot::rpi::parse_config(
         &std::fs::read_to_string(read_fat_file(disk, boot_offset, "config.txt", &files)?)
             .context("reading config.txt")?,
     )?;
@@ -419,7 +420,7 @@ pub fn check(
             }
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let status = child.wait().map(crate::exec::describe_status).unwrap_or_default();
+                let status = child.wait().map(crate::host::exec::describe_status).unwrap_or_default();
                 break CheckOutcome::Failed {
                     seconds: started.elapsed().as_secs_f64(),
                     reason: format!("QEMU exited ({status}) before {READY_MARKER}"),
@@ -470,7 +471,7 @@ pub fn interactive(opts: &BootOptions, scratch: &Path) -> Result<()> {
     let cmd = command(opts, accel, scratch, true)?;
     let status = cmd.spawn_piped(true)?.wait().context("waiting for QEMU")?;
     if !status.success() {
-        bail!("QEMU exited with {}", crate::exec::describe_status(status));
+        bail!("QEMU exited with {}", crate::host::exec::describe_status(status));
     }
     Ok(())
 }
@@ -527,7 +528,7 @@ mod tests {
     #[test]
     fn network_is_loopback_only() {
         let dir = tempfile::tempdir().unwrap();
-        let qemu = crate::image::load("pc-uefi", Path::new("/nonexistent")).unwrap().def.qemu;
+        let qemu = crate::config::image::load("pc-uefi", Path::new("/nonexistent")).unwrap().def.qemu;
         if !Path::new(OVMF_VARS).exists() {
             eprintln!("ovmf not installed; the boot tests cover this");
             return;
