@@ -62,163 +62,196 @@ enum CacheAction {
 #[derive(Subcommand)]
 enum Command {
     /// Build an image: bootstrap, customize, verified root, UKI, disk, manifest.
-    Build {
-        #[command(flatten)]
-        target: Target,
-        /// Output directory; the image lands in OUT/<profile>-<image>/.
-        #[arg(long, short, default_value = "out")]
-        out: PathBuf,
-        /// Keep the work directory (root tree, intermediate images) for debugging.
-        #[arg(long)]
-        keep_work: bool,
-        /// Install exactly the packages of the lock file (see `kiln lock`), verifying every .deb.
-        #[arg(long)]
-        locked: bool,
-        #[command(flatten)]
-        lock: LockArg,
-    },
+    Build(BuildArgs),
     /// Resolve the profile's packages against the mirror and write the lock file: every
     /// package's exact version and .deb sha256, the build timestamp and host tool versions.
-    Lock {
-        #[command(flatten)]
-        target: Target,
-        #[command(flatten)]
-        lock: LockArg,
-        /// Scratch space for the bootstrap.
-        #[arg(long, short, default_value = "out")]
-        out: PathBuf,
-    },
+    Lock(LockArgs),
     /// Compare the lock with the mirror's current indexes (the suite, -updates and -security):
     /// lists newer versions, security updates flagged. Exit 0: up to date; 2: a rebuild is due.
-    Outdated {
-        #[command(flatten)]
-        target: Target,
-        #[command(flatten)]
-        lock: LockArg,
-    },
+    Outdated(OutdatedArgs),
     /// Lock again against the mirror, build exactly that, and write the package changelog of
     /// the release (added, removed, upgraded packages) into the output as changelog.txt/.json.
-    Rebuild {
-        #[command(flatten)]
-        target: Target,
-        #[command(flatten)]
-        lock: LockArg,
-        #[arg(long, short, default_value = "out")]
-        out: PathBuf,
-    },
+    Rebuild(RebuildArgs),
     /// The local cache of downloaded .debs.
-    Cache {
-        #[command(subcommand)]
-        action: CacheAction,
-    },
+    Cache(CacheArgs),
     /// Boot an image in QEMU: an interactive serial console, or a health check with --check.
-    Boot {
-        /// disk.img, or the build output directory holding it.
-        image: PathBuf,
-        /// Headless: wait for the image's readiness marker, exit 0 when ready, 1 otherwise.
-        #[arg(long)]
-        check: bool,
-        /// Seconds to wait for readiness with --check.
-        #[arg(long, default_value_t = 420)]
-        timeout: u64,
-        /// Keep what the guest writes (default: a throw-away overlay).
-        #[arg(long)]
-        persist: bool,
-        /// Forward 127.0.0.1:PORT to the guest's SSH port (user-mode network, restrict=on).
-        #[arg(long, value_name = "PORT")]
-        ssh_port: Option<u16>,
-        /// Forward 127.0.0.1:HOST to the guest's TCP port GUEST (repeatable), e.g. 8080:80 to
-        /// try a web service from the host's browser.
-        #[arg(long, value_name = "HOST:GUEST", value_parser = parse_forward)]
-        forward: Vec<(u16, u16)>,
-        #[arg(long, value_enum, default_value = "auto")]
-        accel: qemu::Accel,
-        /// Write the whole console output here (check mode; default: next to the image).
-        #[arg(long)]
-        log: Option<PathBuf>,
-        /// Show the console while checking.
-        #[arg(long)]
-        verbose: bool,
-        /// Raspberry Pi images: boot the slot autoboot.txt names under [tryboot] (what the
-        /// firmware does once after `reboot '0 tryboot'`).
-        #[arg(long)]
-        tryboot: bool,
-        /// arm64 images: QEMU machine to use instead of the image's raspi model ("virt": the
-        /// generic machine, with virtio disk and network).
-        #[arg(long, value_parser = ["virt"])]
-        machine: Option<String>,
-        /// With --check: a command to run once the guest is ready (it gets KILN_SSH_PORT); its
-        /// exit status decides the check. Example: -- ssh -p 2222 admin@127.0.0.1 true
-        #[arg(last = true, value_name = "COMMAND")]
-        then: Vec<String>,
-    },
+    Boot(BootArgs),
     /// Show what a build output holds: partitions, hashes, packages.
-    Inspect {
-        /// The build output directory (or its disk.img).
-        dir: PathBuf,
-        /// List every package with its version.
-        #[arg(long)]
-        packages: bool,
-        /// Hash every artifact again and compare with the manifest.
-        #[arg(long)]
-        verify: bool,
-        /// Print the manifest as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Inspect(InspectArgs),
     /// Resolve a profile and image into the build plan and print it (no build).
-    Plan {
-        #[command(flatten)]
-        target: Target,
-    },
+    Plan(PlanArgs),
     /// Write an image to an SD card or USB stick: only the blocks its block map lists, then
     /// read them back and verify. Refuses mounted devices, partitions, the system disk and
     /// devices larger than --max-size; asks first unless --yes.
     Flash(kiln::flash::FlashArgs),
     /// Make a release signing key pair (ed25519): DIR/kiln-release.key (secret, 0600) and
     /// DIR/kiln-release.pub (for the profile's [update] public_key).
-    Keygen {
-        #[arg(long, value_name = "DIR")]
-        out: PathBuf,
-        /// Replace an existing key (devices trusting the old one will refuse new releases).
-        #[arg(long)]
-        force: bool,
-    },
+    Keygen(KeygenArgs),
     /// Add a build to a release channel: artifacts by sha256, signed metadata for devices, and
     /// Atom/RSS feeds for people, in a directory to upload to the update URL.
-    Publish {
-        /// A build output directory (out/<profile>-<image>/).
-        output: PathBuf,
-        #[arg(long, default_value = "stable")]
-        channel: String,
-        /// The site directory (created if missing; an existing channel in it is extended).
-        #[arg(long, value_name = "DIR")]
-        to: PathBuf,
-        /// The secret key from `kiln keygen`.
-        #[arg(long, value_name = "FILE")]
-        key: PathBuf,
-        /// Where the site will be served from (used in the feeds' links and ids).
-        #[arg(long, value_name = "URL", default_value = "https://updates.example.org/")]
-        base_url: String,
-        /// How long devices accept this metadata ("30d", "12h"); publish again before then.
-        /// "0s" makes metadata that has already expired (for tests).
-        #[arg(long, value_name = "DURATION", default_value = "30d")]
-        valid_for: String,
-        /// A note shown in the feeds and the metadata.
-        #[arg(long, default_value = "")]
-        notes: String,
-        /// Releases kept in the channel.
-        #[arg(long, default_value_t = 10)]
-        keep: usize,
-        /// Start the channel afresh when the existing metadata does not verify with this key.
-        #[arg(long)]
-        force: bool,
-    },
+    Publish(PublishArgs),
     /// Check the host tools kiln needs; --install installs the missing ones (idempotent).
-    Doctor {
-        #[arg(long)]
-        install: bool,
-    },
+    Doctor(DoctorArgs),
+}
+
+#[derive(clap::Args)]
+struct BuildArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Output directory; the image lands in OUT/<profile>-<image>/.
+    #[arg(long, short, default_value = "out")]
+    out: PathBuf,
+    /// Keep the work directory (root tree, intermediate images) for debugging.
+    #[arg(long)]
+    keep_work: bool,
+    /// Install exactly the packages of the lock file (see `kiln lock`), verifying every .deb.
+    #[arg(long)]
+    locked: bool,
+    #[command(flatten)]
+    lock: LockArg,
+}
+
+#[derive(clap::Args)]
+struct LockArgs {
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    lock: LockArg,
+    /// Scratch space for the bootstrap.
+    #[arg(long, short, default_value = "out")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct OutdatedArgs {
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    lock: LockArg,
+}
+
+#[derive(clap::Args)]
+struct RebuildArgs {
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    lock: LockArg,
+    #[arg(long, short, default_value = "out")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct CacheArgs {
+    #[command(subcommand)]
+    action: CacheAction,
+}
+
+#[derive(clap::Args)]
+struct BootArgs {
+    /// disk.img, or the build output directory holding it.
+    image: PathBuf,
+    /// Headless: wait for the image's readiness marker, exit 0 when ready, 1 otherwise.
+    #[arg(long)]
+    check: bool,
+    /// Seconds to wait for readiness with --check.
+    #[arg(long, default_value_t = 420)]
+    timeout: u64,
+    /// Keep what the guest writes (default: a throw-away overlay).
+    #[arg(long)]
+    persist: bool,
+    /// Forward 127.0.0.1:PORT to the guest's SSH port (user-mode network, restrict=on).
+    #[arg(long, value_name = "PORT")]
+    ssh_port: Option<u16>,
+    /// Forward 127.0.0.1:HOST to the guest's TCP port GUEST (repeatable), e.g. 8080:80 to
+    /// try a web service from the host's browser.
+    #[arg(long, value_name = "HOST:GUEST", value_parser = parse_forward)]
+    forward: Vec<(u16, u16)>,
+    #[arg(long, value_enum, default_value = "auto")]
+    accel: qemu::Accel,
+    /// Write the whole console output here (check mode; default: next to the image).
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// Show the console while checking.
+    #[arg(long)]
+    verbose: bool,
+    /// Raspberry Pi images: boot the slot autoboot.txt names under [tryboot] (what the
+    /// firmware does once after `reboot '0 tryboot'`).
+    #[arg(long)]
+    tryboot: bool,
+    /// arm64 images: QEMU machine to use instead of the image's raspi model ("virt": the
+    /// generic machine, with virtio disk and network).
+    #[arg(long, value_parser = ["virt"])]
+    machine: Option<String>,
+    /// With --check: a command to run once the guest is ready (it gets KILN_SSH_PORT); its
+    /// exit status decides the check. Example: -- ssh -p 2222 admin@127.0.0.1 true
+    #[arg(last = true, value_name = "COMMAND")]
+    then: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct InspectArgs {
+    /// The build output directory (or its disk.img).
+    dir: PathBuf,
+    /// List every package with its version.
+    #[arg(long)]
+    packages: bool,
+    /// Hash every artifact again and compare with the manifest.
+    #[arg(long)]
+    verify: bool,
+    /// Print the manifest as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct PlanArgs {
+    #[command(flatten)]
+    target: Target,
+}
+
+#[derive(clap::Args)]
+struct KeygenArgs {
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Replace an existing key (devices trusting the old one will refuse new releases).
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args)]
+struct PublishArgs {
+    /// A build output directory (out/<profile>-<image>/).
+    output: PathBuf,
+    #[arg(long, default_value = "stable")]
+    channel: String,
+    /// The site directory (created if missing; an existing channel in it is extended).
+    #[arg(long, value_name = "DIR")]
+    to: PathBuf,
+    /// The secret key from `kiln keygen`.
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// Where the site will be served from (used in the feeds' links and ids).
+    #[arg(long, value_name = "URL", default_value = "https://updates.example.org/")]
+    base_url: String,
+    /// How long devices accept this metadata ("30d", "12h"); publish again before then.
+    /// "0s" makes metadata that has already expired (for tests).
+    #[arg(long, value_name = "DURATION", default_value = "30d")]
+    valid_for: String,
+    /// A note shown in the feeds and the metadata.
+    #[arg(long, default_value = "")]
+    notes: String,
+    /// Releases kept in the channel.
+    #[arg(long, default_value_t = 10)]
+    keep: usize,
+    /// Start the channel afresh when the existing metadata does not verify with this key.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args)]
+struct DoctorArgs {
+    #[arg(long)]
+    install: bool,
 }
 
 fn main() {
@@ -300,46 +333,64 @@ fn output_dir(p: &Path) -> PathBuf {
     }
 }
 
+/// One function per command, named after it.
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Build { target, out, keep_work, locked, lock } => {
-            let (plan, lock) = if locked || lock.path.is_some() {
-                let first = resolve(&target)?;
-                let path = lock_path(&target, &first, lock.path)?;
-                let lock = kiln::config::lock::LockFile::read(&path)?;
-                let plan = resolve_with(&target, Some(lock.source_date_epoch))?;
-                lock.check_matches(&plan, &path)?;
-                eprintln!("locked: {} packages from {}", lock.packages.len(), path.display());
-                (plan, Some(lock))
-            } else {
-                (resolve(&target)?, None)
-            };
-            let missing: Vec<_> = tools::build_tools(plan.arch).filter(|t| !tools::is_present(t)).collect();
-            if !missing.is_empty() {
-                let names: Vec<String> = missing.iter().map(|t| format!("{} ({})", t.name, t.package)).collect();
-                bail!("missing host tools: {}; run `kiln doctor --install`", names.join(", "));
-            }
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            eprintln!(
-                "building {} {} ({} {}, from {})",
-                plan.output_name,
-                plan.version,
-                plan.suite,
-                plan.arch.debian(),
-                plan.mirror.debian
-            );
-            let r = build::build(&plan, &build::BuildOptions { out_dir: out, keep_work, locked: lock })?;
-            let disk = &r.manifest.artifacts["disk.img"];
-            let root = &r.manifest.artifacts["root.img"];
-            println!("built {} in {:.1}s", r.dir.display(), r.seconds);
-            println!("  disk.img  {} (sha256 {})", stages::manifest::size(disk.size), disk.sha256);
-            println!("  root.img  {} (sha256 {})", stages::manifest::size(root.size), root.sha256);
-            println!("  root hash {}", r.manifest.verity.root_hash);
-            kiln::release::inspect::print_security(&r.manifest.security);
-            println!("next: kiln boot {} --check", r.dir.join("disk.img").display());
-        }
-        Command::Boot {
-            image,
+        Command::Build(args) => cmd_build(args),
+        Command::Boot(args) => cmd_boot(args),
+        Command::Inspect(args) => cmd_inspect(args),
+        Command::Lock(args) => cmd_lock(args),
+        Command::Outdated(args) => cmd_outdated(args),
+        Command::Rebuild(args) => cmd_rebuild(args),
+        Command::Cache(args) => cmd_cache(args),
+        Command::Plan(args) => cmd_plan(args),
+        Command::Flash(args) => kiln::flash::run(&args),
+        Command::Keygen(args) => cmd_keygen(args),
+        Command::Publish(args) => cmd_publish(args),
+        Command::Doctor(args) => cmd_doctor(args),
+    }
+}
+
+fn cmd_build(BuildArgs { target, out, keep_work, locked, lock }: BuildArgs) -> Result<()> {
+    let (plan, lock) = if locked || lock.path.is_some() {
+        let first = resolve(&target)?;
+        let path = lock_path(&target, &first, lock.path)?;
+        let lock = kiln::config::lock::LockFile::read(&path)?;
+        let plan = resolve_with(&target, Some(lock.source_date_epoch))?;
+        lock.check_matches(&plan, &path)?;
+        eprintln!("locked: {} packages from {}", lock.packages.len(), path.display());
+        (plan, Some(lock))
+    } else {
+        (resolve(&target)?, None)
+    };
+    let missing: Vec<_> = tools::build_tools(plan.arch).filter(|t| !tools::is_present(t)).collect();
+    if !missing.is_empty() {
+        let names: Vec<String> = missing.iter().map(|t| format!("{} ({})", t.name, t.package)).collect();
+        bail!("missing host tools: {}; run `kiln doctor --install`", names.join(", "));
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    eprintln!(
+        "building {} {} ({} {}, from {})",
+        plan.output_name,
+        plan.version,
+        plan.suite,
+        plan.arch.debian(),
+        plan.mirror.debian
+    );
+    let r = build::build(&plan, &build::BuildOptions { out_dir: out, keep_work, locked: lock })?;
+    let disk = &r.manifest.artifacts["disk.img"];
+    let root = &r.manifest.artifacts["root.img"];
+    println!("built {} in {:.1}s", r.dir.display(), r.seconds);
+    println!("  disk.img  {} (sha256 {})", stages::manifest::size(disk.size), disk.sha256);
+    println!("  root.img  {} (sha256 {})", stages::manifest::size(root.size), root.sha256);
+    println!("  root hash {}", r.manifest.verity.root_hash);
+    kiln::release::inspect::print_security(&r.manifest.security);
+    println!("next: kiln boot {} --check", r.dir.join("disk.img").display());
+    Ok(())
+}
+
+fn cmd_boot(
+    BootArgs { image,
             check,
             timeout,
             persist,
@@ -350,267 +401,268 @@ fn run(cli: Cli) -> Result<()> {
             verbose,
             tryboot,
             machine,
-            then,
-        } => {
-            if !then.is_empty() && !check {
-                bail!("a command after -- needs --check (it runs once the guest is ready)");
-            }
-            let dir = output_dir(&image);
-            let disk = if image.is_dir() { image.join("disk.img") } else { image.clone() };
-            if !disk.is_file() {
-                bail!("{}: no such disk image (pass a disk.img or a build output directory)", disk.display());
-            }
-            let m = stages::manifest::read(&dir)?;
-            let scratch = tempdir("kiln-boot")?;
-            let log = log.or_else(|| check.then(|| dir.join("boot-console.log")));
-            let mut q = m.qemu.clone();
-            if machine.is_some() {
-                if q.firmware != kiln::config::image::Firmware::Rpi {
-                    bail!("--machine is for Raspberry Pi (arm64) images; {} boots as {}", disk.display(), q.machine);
-                }
-                q = qemu::virt_machine(q);
-            }
-            if tryboot && q.firmware != kiln::config::image::Firmware::Rpi {
-                bail!("--tryboot is for Raspberry Pi images (autoboot.txt); {} boots with UEFI", disk.display());
-            }
-            let net_rules = forward.iter().map(|(h, g)| format!("hostfwd=tcp:127.0.0.1:{h}-:{g}")).collect();
-            let opts =
-                qemu::BootOptions { disk, qemu: q, accel, persist, ssh_port, net_rules, log: log.clone(), tryboot };
-            let result = if check {
-                let then_cmd = then.split_first().map(|(prog, args)| {
-                    let mut c = kiln::host::exec::Cmd::new(prog).args(args);
-                    if let Some(p) = ssh_port {
-                        c = c.env("KILN_SSH_PORT", p.to_string());
-                    }
-                    c
-                });
-                match qemu::check(&opts, Duration::from_secs(timeout), &scratch, verbose, then_cmd.as_ref())? {
-                    qemu::CheckOutcome::Ready { seconds, line, then } => {
-                        println!("ready after {seconds:.1}s: {}", line.trim());
-                        match then {
-                            Some(Err(e)) => Err(anyhow::anyhow!("the image is ready but the command failed: {e}")),
-                            _ => Ok(()),
-                        }
-                    }
-                    qemu::CheckOutcome::NotReady { seconds, line, tail } => {
-                        print_tail(&tail, log.as_deref());
-                        Err(anyhow::anyhow!("the image booted but is not healthy after {seconds:.1}s: {}", line.trim()))
-                    }
-                    qemu::CheckOutcome::Failed { seconds, reason, tail } => {
-                        print_tail(&tail, log.as_deref());
-                        Err(anyhow::anyhow!("boot check failed after {seconds:.1}s: {reason}"))
-                    }
-                }
-            } else {
-                qemu::interactive(&opts, &scratch)
-            };
-            let _ = std::fs::remove_dir_all(&scratch);
-            result?;
+            then, }: BootArgs,
+) -> Result<()> {
+    if !then.is_empty() && !check {
+        bail!("a command after -- needs --check (it runs once the guest is ready)");
+    }
+    let dir = output_dir(&image);
+    let disk = if image.is_dir() { image.join("disk.img") } else { image.clone() };
+    if !disk.is_file() {
+        bail!("{}: no such disk image (pass a disk.img or a build output directory)", disk.display());
+    }
+    let m = stages::manifest::read(&dir)?;
+    let scratch = tempdir("kiln-boot")?;
+    let log = log.or_else(|| check.then(|| dir.join("boot-console.log")));
+    let mut q = m.qemu.clone();
+    if machine.is_some() {
+        if q.firmware != kiln::config::image::Firmware::Rpi {
+            bail!("--machine is for Raspberry Pi (arm64) images; {} boots as {}", disk.display(), q.machine);
         }
-        Command::Inspect { dir, packages, verify, json } => {
-            let dir = output_dir(&dir);
-            let m = stages::manifest::read(&dir)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&m)?);
-            } else {
-                inspect::print(&m, packages);
+        q = qemu::virt_machine(q);
+    }
+    if tryboot && q.firmware != kiln::config::image::Firmware::Rpi {
+        bail!("--tryboot is for Raspberry Pi images (autoboot.txt); {} boots with UEFI", disk.display());
+    }
+    let net_rules = forward.iter().map(|(h, g)| format!("hostfwd=tcp:127.0.0.1:{h}-:{g}")).collect();
+    let opts = qemu::BootOptions { disk, qemu: q, accel, persist, ssh_port, net_rules, log: log.clone(), tryboot };
+    let result = if check {
+        let then_cmd = then.split_first().map(|(prog, args)| {
+            let mut c = kiln::host::exec::Cmd::new(prog).args(args);
+            if let Some(p) = ssh_port {
+                c = c.env("KILN_SSH_PORT", p.to_string());
             }
-            if verify {
-                inspect::verify(&dir, &m)?;
+            c
+        });
+        match qemu::check(&opts, Duration::from_secs(timeout), &scratch, verbose, then_cmd.as_ref())? {
+            qemu::CheckOutcome::Ready { seconds, line, then } => {
+                println!("ready after {seconds:.1}s: {}", line.trim());
+                match then {
+                    Some(Err(e)) => Err(anyhow::anyhow!("the image is ready but the command failed: {e}")),
+                    _ => Ok(()),
+                }
+            }
+            qemu::CheckOutcome::NotReady { seconds, line, tail } => {
+                print_tail(&tail, log.as_deref());
+                Err(anyhow::anyhow!("the image booted but is not healthy after {seconds:.1}s: {}", line.trim()))
+            }
+            qemu::CheckOutcome::Failed { seconds, reason, tail } => {
+                print_tail(&tail, log.as_deref());
+                Err(anyhow::anyhow!("boot check failed after {seconds:.1}s: {reason}"))
             }
         }
-        Command::Lock { target, lock, out } => {
-            let plan = resolve(&target)?;
-            let path = lock_path(&target, &plan, lock.path)?;
-            let old = kiln::config::lock::LockFile::read(&path).ok();
-            eprintln!("locking {} ({} {}) into {}", plan.output_name, plan.suite, plan.arch.debian(), path.display());
-            let mut new = build::lock(&plan, &out)?;
-            keep_epoch_if_unchanged(old.as_ref(), &mut new);
-            new.write(&path)?;
-            println!("locked {} packages into {}", new.packages.len(), path.display());
-            if let Some(old) = old {
-                let changes = kiln::config::lock::diff(&old, &new);
-                println!("{} changed since the previous lock", changes.len());
-                for c in changes {
-                    println!("  {c}");
-                }
+    } else {
+        qemu::interactive(&opts, &scratch)
+    };
+    let _ = std::fs::remove_dir_all(&scratch);
+    result?;
+    Ok(())
+}
+
+fn cmd_inspect(InspectArgs { dir, packages, verify, json }: InspectArgs) -> Result<()> {
+    let dir = output_dir(&dir);
+    let m = stages::manifest::read(&dir)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+    } else {
+        inspect::print(&m, packages);
+    }
+    if verify {
+        inspect::verify(&dir, &m)?;
+    }
+    Ok(())
+}
+
+fn cmd_lock(LockArgs { target, lock, out }: LockArgs) -> Result<()> {
+    let plan = resolve(&target)?;
+    let path = lock_path(&target, &plan, lock.path)?;
+    let old = kiln::config::lock::LockFile::read(&path).ok();
+    eprintln!("locking {} ({} {}) into {}", plan.output_name, plan.suite, plan.arch.debian(), path.display());
+    let mut new = build::lock(&plan, &out)?;
+    keep_epoch_if_unchanged(old.as_ref(), &mut new);
+    new.write(&path)?;
+    println!("locked {} packages into {}", new.packages.len(), path.display());
+    if let Some(old) = old {
+        let changes = kiln::config::lock::diff(&old, &new);
+        println!("{} changed since the previous lock", changes.len());
+        for c in changes {
+            println!("  {c}");
+        }
+    }
+    Ok(())
+}
+
+fn cmd_outdated(OutdatedArgs { target, lock }: OutdatedArgs) -> Result<()> {
+    let plan = resolve(&target)?;
+    let path = lock_path(&target, &plan, lock.path)?;
+    let lock = kiln::config::lock::LockFile::read(&path)?;
+    let fetcher = kiln::debian::Fetcher::new(Default::default())?;
+    let mut indexes = Vec::new();
+    for (mirror, suite) in plan.mirror.index_suites(&plan.suite) {
+        let mut entries = Vec::new();
+        for component in &plan.components {
+            entries.extend(fetcher.packages(&mirror, &suite, component, &lock.arch)?);
+        }
+        indexes.push((suite, entries));
+    }
+    let locked: Vec<(String, String, String)> =
+        lock.packages.iter().map(|p| (p.name.clone(), p.version.clone(), p.arch.clone())).collect();
+    let updates = kiln::debian::outdated(&locked, &indexes);
+    if updates.is_empty() {
+        println!("{}: all {} locked packages are current", path.display(), lock.packages.len());
+        return Ok(());
+    }
+    println!("{:<32} {:<28} {:<28} suite", "package", "locked", "available");
+    for u in &updates {
+        println!(
+            "{:<32} {:<28} {:<28} {}{}",
+            u.name,
+            u.locked,
+            u.available,
+            u.suite,
+            if u.security { "  SECURITY" } else { "" }
+        );
+    }
+    let security = updates.iter().filter(|u| u.security).count();
+    println!(
+        "{} packages have newer versions ({security} security updates): run `kiln rebuild` or `kiln lock`",
+        updates.len()
+    );
+    std::process::exit(2);
+}
+
+fn cmd_rebuild(RebuildArgs { target, lock, out }: RebuildArgs) -> Result<()> {
+    let plan = resolve(&target)?;
+    let path = lock_path(&target, &plan, lock.path)?;
+    let old = kiln::config::lock::LockFile::read(&path).ok();
+    eprintln!("re-locking {} into {}", plan.output_name, path.display());
+    let mut new = build::lock(&plan, &out)?;
+    keep_epoch_if_unchanged(old.as_ref(), &mut new);
+    new.write(&path)?;
+    let plan = resolve_with(&target, Some(new.source_date_epoch))?;
+    let r = build::build(&plan, &build::BuildOptions { out_dir: out, keep_work: false, locked: Some(new.clone()) })?;
+    let changes =
+        old.as_ref().map(|o| kiln::config::lock::changes(o, &new)).unwrap_or_else(|| kiln::config::lock::Changes {
+            added: new.packages.iter().map(|p| (p.name.clone(), p.version.clone())).collect(),
+            ..Default::default()
+        });
+    let mut text = format!(
+        "{} {}: {} packages; {} upgraded, {} added, {} removed\n",
+        plan.output_name,
+        plan.version,
+        new.packages.len(),
+        changes.upgraded.len(),
+        changes.added.len(),
+        changes.removed.len()
+    );
+    for l in changes.lines() {
+        text.push_str(&format!("{l}\n"));
+    }
+    let txt = r.dir.join("changelog.txt");
+    std::fs::write(&txt, &text).with_context(|| format!("writing {}", txt.display()))?;
+    let json = r.dir.join("changelog.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&changes)? + "\n")
+        .with_context(|| format!("writing {}", json.display()))?;
+    print!("{text}");
+    println!("built {} in {:.1}s (changelog in {})", r.dir.display(), r.seconds, txt.display());
+    Ok(())
+}
+
+fn cmd_cache(CacheArgs { action }: CacheArgs) -> Result<()> {
+    let cache = kiln::debian::cache::Cache::open_default()?;
+    match action {
+        CacheAction::List => {
+            let items = cache.list()?;
+            let total: u64 = items.iter().map(|(_, s)| s).sum();
+            for (p, size) in &items {
+                println!("{:>10}  {}", stages::manifest::size(*size), p.display());
+            }
+            println!("{} .debs, {} in {}", items.len(), stages::manifest::size(total), cache.dir.display());
+            for (p, size) in cache.trees()? {
+                println!("{:>10}  {} (bootstrapped tree)", stages::manifest::size(size), p.display());
             }
         }
-        Command::Outdated { target, lock } => {
-            let plan = resolve(&target)?;
-            let path = lock_path(&target, &plan, lock.path)?;
-            let lock = kiln::config::lock::LockFile::read(&path)?;
-            let fetcher = kiln::debian::Fetcher::new(Default::default())?;
-            let mut indexes = Vec::new();
-            for (mirror, suite) in plan.mirror.index_suites(&plan.suite) {
-                let mut entries = Vec::new();
-                for component in &plan.components {
-                    entries.extend(fetcher.packages(&mirror, &suite, component, &lock.arch)?);
+        CacheAction::Prune { keep_locks_in } => {
+            let mut keep = std::collections::BTreeSet::new();
+            for dir in &keep_locks_in {
+                for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+                    let p = e?.path();
+                    if p.extension().is_some_and(|x| x == "lock") {
+                        keep.extend(kiln::config::lock::LockFile::read(&p)?.packages.into_iter().map(|p| p.sha256));
+                    }
                 }
-                indexes.push((suite, entries));
             }
-            let locked: Vec<(String, String, String)> =
-                lock.packages.iter().map(|p| (p.name.clone(), p.version.clone(), p.arch.clone())).collect();
-            let updates = kiln::debian::outdated(&locked, &indexes);
-            if updates.is_empty() {
-                println!("{}: all {} locked packages are current", path.display(), lock.packages.len());
-                return Ok(());
-            }
-            println!("{:<32} {:<28} {:<28} suite", "package", "locked", "available");
-            for u in &updates {
-                println!(
-                    "{:<32} {:<28} {:<28} {}{}",
-                    u.name,
-                    u.locked,
-                    u.available,
-                    u.suite,
-                    if u.security { "  SECURITY" } else { "" }
-                );
-            }
-            let security = updates.iter().filter(|u| u.security).count();
+            let (n, bytes) = cache.prune(&keep)?;
             println!(
-                "{} packages have newer versions ({security} security updates): run `kiln rebuild` or `kiln lock`",
-                updates.len()
+                "removed {n} .debs ({}) that no lock refers to; kept {}",
+                stages::manifest::size(bytes),
+                keep.len()
             );
-            std::process::exit(2);
+            let (n, bytes) = cache.prune_trees()?;
+            println!("removed {n} bootstrapped trees ({})", stages::manifest::size(bytes));
         }
-        Command::Rebuild { target, lock, out } => {
-            let plan = resolve(&target)?;
-            let path = lock_path(&target, &plan, lock.path)?;
-            let old = kiln::config::lock::LockFile::read(&path).ok();
-            eprintln!("re-locking {} into {}", plan.output_name, path.display());
-            let mut new = build::lock(&plan, &out)?;
-            keep_epoch_if_unchanged(old.as_ref(), &mut new);
-            new.write(&path)?;
-            let plan = resolve_with(&target, Some(new.source_date_epoch))?;
-            let r = build::build(
-                &plan,
-                &build::BuildOptions { out_dir: out, keep_work: false, locked: Some(new.clone()) },
-            )?;
-            let changes = old.as_ref().map(|o| kiln::config::lock::changes(o, &new)).unwrap_or_else(|| {
-                kiln::config::lock::Changes {
-                    added: new.packages.iter().map(|p| (p.name.clone(), p.version.clone())).collect(),
-                    ..Default::default()
-                }
-            });
-            let mut text = format!(
-                "{} {}: {} packages; {} upgraded, {} added, {} removed\n",
-                plan.output_name,
-                plan.version,
-                new.packages.len(),
-                changes.upgraded.len(),
-                changes.added.len(),
-                changes.removed.len()
-            );
-            for l in changes.lines() {
-                text.push_str(&format!("{l}\n"));
-            }
-            let txt = r.dir.join("changelog.txt");
-            std::fs::write(&txt, &text).with_context(|| format!("writing {}", txt.display()))?;
-            let json = r.dir.join("changelog.json");
-            std::fs::write(&json, serde_json::to_string_pretty(&changes)? + "\n")
-                .with_context(|| format!("writing {}", json.display()))?;
-            print!("{text}");
-            println!("built {} in {:.1}s (changelog in {})", r.dir.display(), r.seconds, txt.display());
+    }
+    Ok(())
+}
+
+fn cmd_plan(PlanArgs { target }: PlanArgs) -> Result<()> {
+    let plan = resolve(&target)?;
+    println!("{}", serde_json::to_string_pretty(&plan)?);
+    Ok(())
+}
+
+fn cmd_keygen(KeygenArgs { out, force }: KeygenArgs) -> Result<()> {
+    let (secret, public, id) = kiln::release::publish::keygen(&out, force)?;
+    println!(
+        "key {id}: secret {} (keep it off the devices and out of version control), public {}",
+        secret.display(),
+        public.display()
+    );
+    println!("{}", std::fs::read_to_string(&public).unwrap_or_default().trim());
+    println!(
+        "put the public key into the profile: [update] public_key = \"{}\" (relative to the profile file)",
+        public.display()
+    );
+    Ok(())
+}
+
+fn cmd_publish(
+    PublishArgs { output, channel, to, key, base_url, valid_for, notes, keep, force }: PublishArgs,
+) -> Result<()> {
+    let valid_for =
+        humantime::parse_duration(&valid_for).map_err(|e| anyhow::anyhow!("--valid-for {valid_for:?}: {e}"))?;
+    if valid_for.as_secs() == 0 {
+        eprintln!("warning: --valid-for 0s: devices will refuse this metadata as expired (meant for tests)");
+    }
+    let opts =
+        kiln::release::publish::PublishOptions { channel, site: to, key, base_url, valid_for, notes, keep, force };
+    let p = kiln::release::publish::publish(&output, &opts)?;
+    let r = &p.release;
+    println!(
+        "published {} {} for {} ({}) in channel {}; expires {}",
+        r.profile, r.version, r.image, r.arch, opts.channel, p.expires
+    );
+    for a in &r.artifacts {
+        println!("  {:<24} {:>10.1} MiB  {}", a.name, a.size as f64 / 1048576.0, a.url);
+    }
+    println!("  {} package change(s)", r.changelog.len());
+    for f in &p.files {
+        println!("  wrote {}", f.display());
+    }
+    Ok(())
+}
+
+fn cmd_doctor(DoctorArgs { install }: DoctorArgs) -> Result<()> {
+    let missing = doctor::report();
+    if install {
+        doctor::install(&missing)?;
+        let still: Vec<_> = tools::TOOLS.iter().filter(|t| !tools::is_present(t)).map(|t| t.name).collect();
+        if !still.is_empty() {
+            bail!("still missing after installing: {}", still.join(", "));
         }
-        Command::Cache { action } => {
-            let cache = kiln::debian::cache::Cache::open_default()?;
-            match action {
-                CacheAction::List => {
-                    let items = cache.list()?;
-                    let total: u64 = items.iter().map(|(_, s)| s).sum();
-                    for (p, size) in &items {
-                        println!("{:>10}  {}", stages::manifest::size(*size), p.display());
-                    }
-                    println!("{} .debs, {} in {}", items.len(), stages::manifest::size(total), cache.dir.display());
-                    for (p, size) in cache.trees()? {
-                        println!("{:>10}  {} (bootstrapped tree)", stages::manifest::size(size), p.display());
-                    }
-                }
-                CacheAction::Prune { keep_locks_in } => {
-                    let mut keep = std::collections::BTreeSet::new();
-                    for dir in &keep_locks_in {
-                        for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-                            let p = e?.path();
-                            if p.extension().is_some_and(|x| x == "lock") {
-                                keep.extend(
-                                    kiln::config::lock::LockFile::read(&p)?.packages.into_iter().map(|p| p.sha256),
-                                );
-                            }
-                        }
-                    }
-                    let (n, bytes) = cache.prune(&keep)?;
-                    println!(
-                        "removed {n} .debs ({}) that no lock refers to; kept {}",
-                        stages::manifest::size(bytes),
-                        keep.len()
-                    );
-                    let (n, bytes) = cache.prune_trees()?;
-                    println!("removed {n} bootstrapped trees ({})", stages::manifest::size(bytes));
-                }
-            }
-        }
-        Command::Plan { target } => {
-            let plan = resolve(&target)?;
-            println!("{}", serde_json::to_string_pretty(&plan)?);
-        }
-        Command::Flash(args) => kiln::flash::run(&args)?,
-        Command::Keygen { out, force } => {
-            let (secret, public, id) = kiln::release::publish::keygen(&out, force)?;
-            println!(
-                "key {id}: secret {} (keep it off the devices and out of version control), public {}",
-                secret.display(),
-                public.display()
-            );
-            println!("{}", std::fs::read_to_string(&public).unwrap_or_default().trim());
-            println!(
-                "put the public key into the profile: [update] public_key = \"{}\" (relative to the profile file)",
-                public.display()
-            );
-        }
-        Command::Publish { output, channel, to, key, base_url, valid_for, notes, keep, force } => {
-            let valid_for =
-                humantime::parse_duration(&valid_for).map_err(|e| anyhow::anyhow!("--valid-for {valid_for:?}: {e}"))?;
-            if valid_for.as_secs() == 0 {
-                eprintln!("warning: --valid-for 0s: devices will refuse this metadata as expired (meant for tests)");
-            }
-            let opts = kiln::release::publish::PublishOptions {
-                channel,
-                site: to,
-                key,
-                base_url,
-                valid_for,
-                notes,
-                keep,
-                force,
-            };
-            let p = kiln::release::publish::publish(&output, &opts)?;
-            let r = &p.release;
-            println!(
-                "published {} {} for {} ({}) in channel {}; expires {}",
-                r.profile, r.version, r.image, r.arch, opts.channel, p.expires
-            );
-            for a in &r.artifacts {
-                println!("  {:<24} {:>10.1} MiB  {}", a.name, a.size as f64 / 1048576.0, a.url);
-            }
-            println!("  {} package change(s)", r.changelog.len());
-            for f in &p.files {
-                println!("  wrote {}", f.display());
-            }
-        }
-        Command::Doctor { install } => {
-            let missing = doctor::report();
-            if install {
-                doctor::install(&missing)?;
-                let still: Vec<_> = tools::TOOLS.iter().filter(|t| !tools::is_present(t)).map(|t| t.name).collect();
-                if !still.is_empty() {
-                    bail!("still missing after installing: {}", still.join(", "));
-                }
-                println!("all host tools are installed");
-            } else if !missing.is_empty() {
-                bail!("{} host tools missing; run `kiln doctor --install`", missing.len());
-            }
-        }
+        println!("all host tools are installed");
+    } else if !missing.is_empty() {
+        bail!("{} host tools missing; run `kiln doctor --install`", missing.len());
     }
     Ok(())
 }
