@@ -4,6 +4,17 @@
 //!
 //! Run by systemd (units written by the builder): `boot` at every start, `commit` after
 //! boot-complete.target, `rollback` when kiln-health.service fails, `check` from a timer.
+//!
+//! The modules use each other in one direction only (`use crate::` edges; no circles):
+//!
+//! ```text
+//! main    -> agent, backup, state, update
+//! update  -> agent, backup, boot, download, state, system   (one update check)
+//! agent   -> boot, state, system                            (boot, commit, rollback)
+//! backup  -> download, state, system                        (restic)
+//! boot    -> state, system                                  (the boot medium: UKIs, autoboot.txt, cmdline.txt)
+//! download, state, system -> (nothing of the agent's)
+//! ```
 
 mod agent;
 mod backup;
