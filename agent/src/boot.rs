@@ -13,6 +13,7 @@
 //!   rewrites autoboot.txt with the two swapped. Each boot slot's `cmdline.txt` names its root
 //!   partition (`kiln.root=PARTUUID=<disk id>-<nn>`).
 
+use crate::exec::Cmd;
 use crate::state::{Booted, Slot};
 use crate::system::{self, Host};
 use anyhow::{bail, Context as _, Result};
@@ -192,10 +193,9 @@ impl Medium {
         let root_number = config.partition_number(Role::Root, slot).map_err(anyhow::Error::msg)?;
         let mnt = PathBuf::from(format!("/run/kiln-agent/boot-{slot}"));
         std::fs::create_dir_all(&mnt).with_context(|| format!("creating {}", mnt.display()))?;
-        let dev = boot_dev.to_string_lossy().to_string();
-        system::run("mount", &["-t", "vfat", &dev, &mnt.to_string_lossy()])?;
+        Cmd::new("mount").args(["-t", "vfat"]).arg(boot_dev).arg(&mnt).run()?;
         let result = retarget(&mnt.join("cmdline.txt"), &own_cmdline, root_number);
-        system::run("umount", &[&mnt.to_string_lossy()])?;
+        Cmd::new("umount").arg(&mnt).run()?;
         result
     }
 

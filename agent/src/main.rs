@@ -11,15 +11,17 @@
 //! main    -> agent, backup, state, update
 //! update  -> agent, backup, boot, download, state, system   (one update check)
 //! agent   -> boot, state, system                            (boot, commit, rollback)
-//! backup  -> download, state, system                        (restic)
-//! boot    -> state, system                                  (the boot medium: UKIs, autoboot.txt, cmdline.txt)
-//! download, state, system -> (nothing of the agent's)
+//! backup  -> download, exec, state, system                  (restic)
+//! boot    -> exec, state, system                            (the boot medium: UKIs, autoboot.txt, cmdline.txt)
+//! system  -> exec                                           (the running system: sysfs, /proc, systemd)
+//! download, state, exec -> (nothing of the agent's)          (exec: the only process spawner)
 //! ```
 
 mod agent;
 mod backup;
 mod boot;
 mod download;
+mod exec;
 mod state;
 mod system;
 mod update;
