@@ -159,17 +159,4 @@ impl Agent {
         f.sync_all().with_context(|| format!("syncing {}", disk.display()))?;
         Ok(())
     }
-
-    /// Pi: after boot slot `slot` got the new boot partition image, its cmdline.txt must name
-    /// root slot `slot` on this disk.
-    pub fn point_boot_slot_at_root(&self, slot: Slot, boot_dev: &Path) -> Result<()> {
-        let mnt = PathBuf::from(format!("/run/kiln-agent/boot-{slot}"));
-        std::fs::create_dir_all(&mnt).with_context(|| format!("creating {}", mnt.display()))?;
-        let dev = boot_dev.to_string_lossy().to_string();
-        system::run("mount", &["-t", "vfat", &dev, &mnt.to_string_lossy()])?;
-        let root_number = self.config.partition_number(Role::Root, slot).map_err(anyhow::Error::msg)?;
-        let result = crate::update::retarget(&mnt.join("cmdline.txt"), &self.host.kernel_cmdline()?, root_number);
-        system::run("umount", &[&mnt.to_string_lossy()])?;
-        result
-    }
 }

@@ -20,6 +20,7 @@
 //! early when the answer will not change (a full target, refused credentials) and never takes a
 //! run that deleted nothing for a prune.
 
+use crate::exec::Cmd;
 use crate::state::write_record;
 use crate::system;
 use anyhow::{bail, Context as _, Result};
@@ -359,8 +360,13 @@ impl Backups {
             full.push(format!("sftp.args={a}"));
         }
         full.extend(args.iter().cloned());
-        let mut env = creds.env.clone();
-        env.push(("RESTIC_PROGRESS_FPS".into(), "0.016".into()));
+        let mut cmd = Cmd::new(RESTIC).args(&full);
+        for (k, v) in &creds.env {
+            cmd = cmd.env(k, v);
+        }
+        // restic's cache and password come as arguments (--cache-dir, --password-file): it
+        // needs neither HOME nor XDG_CACHE_HOME, and gets only these variables.
+        let cmd = cmd.env("RESTIC_PROGRESS_FPS", "0.016");
         let retry = Duration::from_secs(self.cfg.retry_secs.max(10));
         let mut first_retry: Option<Instant> = None;
         let judge = |line: &str| -> Option<String> {
@@ -375,7 +381,7 @@ impl Backups {
             }
             None
         };
-        let f = system::run_watched(RESTIC, &full, &env, RUN_LIMIT, keep, judge)?;
+        let f = cmd.watch(RUN_LIMIT, keep, judge)?;
         if f.success {
             return Ok(Out { stdout: f.stdout });
         }
@@ -526,10 +532,10 @@ impl Backups {
     fn quiesce(&self) -> Result<Vec<String>> {
         let mut stopped = Vec::new();
         for s in self.cfg.services.iter().filter(|s| s.quiesce == Quiesce::Stop) {
-            if system::query("systemctl", &["is-active", "--quiet", &s.unit]).is_some() {
-                if let Err(e) = system::run("systemctl", &["stop", &s.unit]) {
+            if system::is_active(&s.unit) {
+                if let Err(e) = Cmd::new("systemctl").args(["stop", &s.unit]).run() {
                     let _ = self.resume(&stopped);
-                    return Err(e.context(format!("stopping {} for the backup", s.unit)));
+                    return Err(anyhow::Error::new(e).context(format!("stopping {} for the backup", s.unit)));
                 }
                 stopped.push(s.unit.clone());
             }
@@ -540,7 +546,7 @@ impl Backups {
     fn resume(&self, units: &[String]) -> Result<()> {
         let mut failed = Vec::new();
         for u in units {
-            if let Err(e) = system::run("systemctl", &["start", u]) {
+            if let Err(e) = Cmd::new("systemctl").args(["start", u]).run() {
                 failed.push(format!("{u}: {e:#}"));
             }
         }
@@ -651,8 +657,8 @@ impl Backups {
         };
         let mut stopped = Vec::new();
         for s in &self.cfg.services {
-            if system::query("systemctl", &["is-active", "--quiet", &s.unit]).is_some() {
-                system::run("systemctl", &["stop", &s.unit])?;
+            if system::is_active(&s.unit) {
+                Cmd::new("systemctl").args(["stop", &s.unit]).run()?;
                 stopped.push(s.unit.clone());
             }
         }

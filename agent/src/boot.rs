@@ -13,6 +13,7 @@
 //!   rewrites autoboot.txt with the two swapped. Each boot slot's `cmdline.txt` names its root
 //!   partition (`kiln.root=PARTUUID=<disk id>-<nn>`).
 
+use crate::exec::Cmd;
 use crate::state::{Booted, Slot};
 use crate::system::{self, Host};
 use anyhow::{bail, Context as _, Result};
@@ -121,6 +122,18 @@ impl Medium {
         Ok(removed)
     }
 
+    /// The bytes the ESP has for a new UKI once every UKI but the running version's is gone
+    /// (what `retire_other` removes before the install writes one).
+    pub fn uki_room(esp: &Path, running: &Version) -> Result<u64> {
+        let mut free = system::free_bytes(esp)?;
+        for (file, u) in Self::ukis(esp)? {
+            if u.version != running.as_str() {
+                free += std::fs::metadata(Self::uki_dir(esp).join(file)).map(|m| m.len()).unwrap_or(0);
+            }
+        }
+        Ok(free)
+    }
+
     /// Puts the new UKI in place with `tries` boots to prove itself (UEFI).
     pub fn add_trial_uki(esp: &Path, version: &Version, tries: u32, uki: &Path) -> Result<String> {
         let dir = Self::uki_dir(esp);
@@ -173,6 +186,19 @@ impl Medium {
         Ok(())
     }
 
+    /// Pi: after boot slot `slot` got the new boot partition image, its cmdline.txt must name
+    /// root slot `slot` on this disk (whose disk id the running kernel command line gives).
+    pub fn point_boot_slot_at_root(host: &Host, config: &DeviceConfig, slot: Slot, boot_dev: &Path) -> Result<()> {
+        let own_cmdline = host.kernel_cmdline()?;
+        let root_number = config.partition_number(Role::Root, slot).map_err(anyhow::Error::msg)?;
+        let mnt = PathBuf::from(format!("/run/kiln-agent/boot-{slot}"));
+        std::fs::create_dir_all(&mnt).with_context(|| format!("creating {}", mnt.display()))?;
+        Cmd::new("mount").args(["-t", "vfat"]).arg(boot_dev).arg(&mnt).run()?;
+        let result = retarget(&mnt.join("cmdline.txt"), &own_cmdline, root_number);
+        Cmd::new("umount").arg(&mnt).run()?;
+        result
+    }
+
     pub fn reboot_into_trial(&self) -> Result<()> {
         system::reboot(matches!(self, Medium::Rpi { .. }))
     }
@@ -182,9 +208,20 @@ pub fn boot_partition(config: &DeviceConfig, slot: Slot) -> Result<u32> {
     config.partition_number(Role::Boot, slot).map_err(anyhow::Error::msg)
 }
 
-/// Points a Pi boot slot's cmdline.txt at a root partition: replaces `kiln.root=...`.
-pub fn retarget_cmdline(cmdline: &str, root_partuuid: &str) -> Result<String> {
-    kiln_device::boot::retarget_cmdline(cmdline, root_partuuid).map_err(anyhow::Error::msg)
+/// For the Pi: the boot slot's cmdline.txt at `cmdline_path` gets the PARTUUID of root
+/// partition `root_number` on the disk the running system booted from.
+fn retarget(cmdline_path: &Path, own_cmdline: &str, root_number: u32) -> Result<()> {
+    let own =
+        system::cmdline_value(own_cmdline, "kiln.root").context("the running kernel command line has no kiln.root=")?;
+    let disk_id = own
+        .strip_prefix("PARTUUID=")
+        .and_then(|p| p.split_once('-'))
+        .map(|(d, _)| d)
+        .context("kiln.root= is not PARTUUID=<disk id>-<nn>")?;
+    let text = std::fs::read_to_string(cmdline_path).with_context(|| format!("reading {}", cmdline_path.display()))?;
+    let new = kiln_device::boot::retarget_cmdline(&text, &format!("{disk_id}-{root_number:02x}"))
+        .map_err(anyhow::Error::msg)?;
+    Ok(write_atomically(cmdline_path, new.as_bytes())?)
 }
 
 #[cfg(test)]
@@ -197,6 +234,16 @@ mod tests {
         assert_eq!(t, "[all]\ntryboot_a_b=1\nboot_partition=3\n[tryboot]\nboot_partition=2\n");
         assert_eq!(parse_autoboot(&t).unwrap(), (3, 2));
         assert!(parse_autoboot("[all]\nboot_partition=2\n").is_err());
+    }
+
+    #[test]
+    fn a_boot_slots_cmdline_is_pointed_at_its_root_on_the_booted_disk() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("cmdline.txt");
+        std::fs::write(&p, "console=serial0 kiln.root=PARTUUID=1234abcd-05 rootwait\n").unwrap();
+        retarget(&p, "quiet kiln.root=PARTUUID=1234abcd-05", 6).unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "console=serial0 kiln.root=PARTUUID=1234abcd-06 rootwait\n");
+        assert!(retarget(&p, "quiet", 6).is_err());
     }
 
     #[test]

@@ -4,11 +4,24 @@
 //!
 //! Run by systemd (units written by the builder): `boot` at every start, `commit` after
 //! boot-complete.target, `rollback` when kiln-health.service fails, `check` from a timer.
+//!
+//! The modules use each other in one direction only (`use crate::` edges; no circles):
+//!
+//! ```text
+//! main    -> agent, backup, state, update
+//! update  -> agent, backup, boot, download, state, system   (one update check)
+//! agent   -> boot, state, system                            (boot, commit, rollback)
+//! backup  -> download, exec, state, system                  (restic)
+//! boot    -> exec, state, system                            (the boot medium: UKIs, autoboot.txt, cmdline.txt)
+//! system  -> exec                                           (the running system: sysfs, /proc, systemd)
+//! download, state, exec -> (nothing of the agent's)          (exec: the only process spawner)
+//! ```
 
 mod agent;
 mod backup;
 mod boot;
 mod download;
+mod exec;
 mod state;
 mod system;
 mod update;

@@ -1,10 +1,10 @@
 //! What the agent reads from and does to the running system: the kernel command line, which
-//! partition the verified root came from, block device paths, free space, local time, and the
-//! only place that spawns processes (`run`: mount, umount, systemctl).
+//! partition the verified root came from, block device paths, free space, local time, and
+//! systemd (unit state, reboot; its processes are spawned through `exec::Cmd`).
 
+use crate::exec::Cmd;
 use anyhow::{bail, Context as _, Result};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 /// Where sysfs, procfs and /dev are; tests point this at a fake tree.
 #[derive(Debug, Clone)]
@@ -119,111 +119,9 @@ pub fn device_size(path: &Path) -> Result<u64> {
     f.seek(SeekFrom::End(0)).with_context(|| format!("reading the size of {}", path.display()))
 }
 
-/// Runs a command to completion; the only place the agent starts processes.
-pub fn run(program: &str, args: &[&str]) -> Result<()> {
-    let out =
-        Command::new(program).args(args).stdin(Stdio::null()).output().with_context(|| format!("running {program}"))?;
-    if !out.status.success() {
-        bail!("{program} {} failed ({}): {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
-}
-
-/// How a watched program ended.
-#[derive(Debug)]
-pub struct Finished {
-    pub success: bool,
-    /// The exit code (None: killed by a signal).
-    pub code: Option<i32>,
-    /// The stdout lines `keep` accepted.
-    pub stdout: Vec<String>,
-    /// The last lines of stderr.
-    pub stderr: Vec<String>,
-    /// Why `judge` (or the time limit) stopped it.
-    pub stopped: Option<String>,
-}
-
-/// Runs a program with extra environment variables, reading both outputs line by line: stdout
-/// lines that `keep` accepts are returned, every stderr line goes to `judge`, which may stop the
-/// program (SIGTERM, then SIGKILL after 20 s) by returning a reason. `limit` stops it the same way.
-pub fn run_watched(
-    program: &str,
-    args: &[String],
-    env: &[(String, String)],
-    limit: std::time::Duration,
-    keep: fn(&str) -> bool,
-    mut judge: impl FnMut(&str) -> Option<String>,
-) -> Result<Finished> {
-    use std::io::BufRead;
-    use std::sync::{Arc, Mutex};
-    let mut child = Command::new(program)
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {program} (is it installed in the image?)"))?;
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let stderr = child.stderr.take().expect("stderr is piped");
-    let out_thread = std::thread::spawn(move || {
-        std::io::BufReader::new(stdout).lines().map_while(Result::ok).filter(|l| keep(l)).collect::<Vec<_>>()
-    });
-    let done = Arc::new(Mutex::new(false));
-    let stopped: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
-    let stop = move |reason: String, stopped: &Arc<Mutex<Option<String>>>| {
-        let mut s = stopped.lock().unwrap();
-        if s.is_none() {
-            *s = Some(reason);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            std::thread::spawn(move || {
-                std::thread::sleep(std::time::Duration::from_secs(20));
-                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            });
-        }
-    };
-    {
-        let (done, stopped) = (done.clone(), stopped.clone());
-        std::thread::spawn(move || {
-            let start = std::time::Instant::now();
-            while start.elapsed() < limit {
-                std::thread::sleep(std::time::Duration::from_millis(500));
-                if *done.lock().unwrap() {
-                    return;
-                }
-            }
-            stop(format!("still running after {}s", limit.as_secs()), &stopped);
-        });
-    }
-    let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
-    for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-        if let Some(reason) = judge(&line) {
-            stop(reason, &stopped);
-        }
-        if tail.len() == 40 {
-            tail.pop_front();
-        }
-        tail.push_back(line);
-    }
-    let status = child.wait().with_context(|| format!("waiting for {program}"))?;
-    *done.lock().unwrap() = true;
-    let stdout = out_thread.join().unwrap_or_default();
-    let stopped = stopped.lock().unwrap().clone();
-    Ok(Finished {
-        success: status.success() && stopped.is_none(),
-        code: status.code(),
-        stdout,
-        stderr: tail.into(),
-        stopped,
-    })
-}
-
-/// Runs a command and returns its stdout, or None when it failed (for questions such as
-/// `systemctl is-active`, whose answer is the exit code).
-pub fn query(program: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(program).args(args).stdin(Stdio::null()).stderr(Stdio::null()).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+/// `systemctl is-active --quiet unit`: is the unit running (or starting)?
+pub fn is_active(unit: &str) -> bool {
+    Cmd::new("systemctl").args(["is-active", "--quiet", unit]).run().is_ok()
 }
 
 /// Reboots through systemd. `tryboot`: the Raspberry Pi firmware boots the `[tryboot]`
@@ -232,7 +130,7 @@ pub fn reboot(tryboot: bool) -> Result<()> {
     if tryboot {
         std::fs::write("/run/systemd/reboot-param", "0 tryboot\n").context("writing /run/systemd/reboot-param")?;
     }
-    run("systemctl", &["reboot"])
+    Ok(Cmd::new("systemctl").arg("reboot").run()?)
 }
 
 /// Minutes since local midnight, from the C library's idea of the local zone (/etc/localtime).

@@ -13,7 +13,7 @@
 //! 5. the record says "slot B on trial" and the device reboots into it (Pi: one-shot tryboot).
 
 use crate::agent::Agent;
-use crate::boot::{self, Medium};
+use crate::boot::Medium;
 use crate::download::{self, DownloadError, Expect};
 use crate::state::Slot;
 use crate::system;
@@ -228,12 +228,7 @@ fn check_space(agent: &Agent, release: &Release, target: Slot) -> Result<()> {
     match &agent.medium {
         Medium::Uefi { esp } => {
             let uki = artifact(release, ArtifactKind::Uki)?;
-            let mut free = system::free_bytes(esp)?;
-            for (file, u) in Medium::ukis(esp)? {
-                if u.version != agent.running.as_str() {
-                    free += std::fs::metadata(esp.join("EFI/Linux").join(file)).map(|m| m.len()).unwrap_or(0);
-                }
-            }
+            let free = Medium::uki_room(esp, &agent.running)?;
             // The new UKI is written beside the running one: both must fit, with slack for FAT.
             if uki.size + (1 << 20) > free {
                 bail!("not enough space: the UKI is {} bytes, the ESP ({}) has {free} free", uki.size, esp.display());
@@ -337,24 +332,10 @@ fn install(
             let boot_dev = agent.partition_device(Role::Boot, target)?;
             fetch_into(agent, state, client, &update.metadata, b, &boot_dev, downloaded)?;
             state.write(&agent.state_dir)?;
-            agent.point_boot_slot_at_root(target, &boot_dev)?;
+            Medium::point_boot_slot_at_root(&agent.host, &agent.config, target, &boot_dev)?;
         }
     }
     Ok(())
-}
-
-/// For the Pi: boot slot `target`'s cmdline.txt gets root slot `target`'s PARTUUID.
-pub fn retarget(cmdline_path: &Path, own_cmdline: &str, root_number: u32) -> Result<()> {
-    let own =
-        system::cmdline_value(own_cmdline, "kiln.root").context("the running kernel command line has no kiln.root=")?;
-    let disk_id = own
-        .strip_prefix("PARTUUID=")
-        .and_then(|p| p.split_once('-'))
-        .map(|(d, _)| d)
-        .context("kiln.root= is not PARTUUID=<disk id>-<nn>")?;
-    let text = std::fs::read_to_string(cmdline_path).with_context(|| format!("reading {}", cmdline_path.display()))?;
-    let new = boot::retarget_cmdline(&text, &format!("{disk_id}-{root_number:02x}"))?;
-    Ok(kiln_device::fs::write_atomically(cmdline_path, new.as_bytes())?)
 }
 
 /// Checks the metadata's signature against the keys baked into the image.
