@@ -128,7 +128,7 @@ mod tests {
         );
         let other = SecretKey::generate().unwrap().public();
         assert!(matches!(verify(b"{\"format\":1}", &sig, &[other]), Err(SignatureError::UnknownKey(..))));
-        assert_eq!(verify(b"x", "garbage", &[pubk.clone()]), Err(SignatureError::Malformed));
+        assert_eq!(verify(b"x", "garbage", std::slice::from_ref(&pubk)), Err(SignatureError::Malformed));
         assert!(SecretKey::parse(&pubk.to_text()).is_err());
         assert!(PublicKey::parse(&k.to_text()).is_err());
     }

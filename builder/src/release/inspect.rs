@@ -44,8 +44,8 @@ pub fn print_security(s: &crate::stages::harden::SecurityReport) {
     if !s.services.is_empty() {
         println!("services (systemd-analyze security exposure, 0 = fully sandboxed):");
         println!(
-            "  {:<12} {:<22} {:>8} {:<8} {:>6}  {:<26} {}",
-            "name", "unit", "exposure", "rating", "budget", "ports", "loosened"
+            "  {:<12} {:<22} {:>8} {:<8} {:>6}  {:<26} loosened",
+            "name", "unit", "exposure", "rating", "budget", "ports"
         );
         for v in &s.services {
             let loosened: Vec<String> = v.loosened.iter().map(|l| format!("{}={}", l.directive, l.now)).collect();
