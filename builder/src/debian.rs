@@ -7,7 +7,10 @@
 //! is only unwrapped.
 
 pub mod cache;
+pub mod deb822;
 pub mod mirror;
+
+use deb822::{paragraphs, Paragraph};
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
@@ -164,92 +167,6 @@ fn verrevcmp(a: &[u8], b: &[u8]) -> Ordering {
         }
     }
     Ordering::Equal
-}
-
-// ---------------------------------------------------------------------------------------------
-// deb822 paragraphs
-
-/// One field of a deb822 paragraph: the value is the text after the colon, including any
-/// continuation lines (joined by their newlines), trimmed.
-struct Field<'a> {
-    name: &'a str,
-    value: &'a str,
-}
-
-/// One paragraph, borrowing from the file's text.
-struct Paragraph<'a> {
-    /// 1-based line of the paragraph's first field.
-    line: usize,
-    fields: Vec<Field<'a>>,
-}
-
-impl<'a> Paragraph<'a> {
-    /// The first field of that name (field names are case-insensitive).
-    fn get(&self, name: &str) -> Option<&'a str> {
-        self.fields.iter().find(|f| f.name.eq_ignore_ascii_case(name)).map(|f| f.value)
-    }
-}
-
-/// A deb822 syntax error: the paragraph it is in and what is wrong (naming the line).
-struct SyntaxError {
-    paragraph_line: usize,
-    problem: String,
-}
-
-/// Splits deb822 text into paragraphs (separated by blank lines); continuation lines start
-/// with a space or tab. Values borrow from `text`.
-fn paragraphs<'a>(text: &'a str) -> Result<Vec<Paragraph<'a>>, SyntaxError> {
-    let mut out = Vec::new();
-    let mut current: Option<Paragraph<'a>> = None;
-    // Byte range of the value of the field being read: (start, end) in `text`.
-    let mut value_range: Option<(usize, usize)> = None;
-    let mut offset = 0;
-    for (n, raw) in text.split_inclusive('\n').enumerate() {
-        let line_no = n + 1;
-        let start = offset;
-        offset += raw.len();
-        let line = raw.trim_end_matches(['\n', '\r']);
-        let end = start + line.len();
-        if line.trim().is_empty() {
-            close_field(text, &mut current, &mut value_range);
-            out.extend(current.take());
-            continue;
-        }
-        if line.starts_with([' ', '\t']) {
-            match (&current, &mut value_range) {
-                (Some(_), Some((_, value_end))) => *value_end = end,
-                _ => {
-                    return Err(SyntaxError {
-                        paragraph_line: current.as_ref().map_or(line_no, |p| p.line),
-                        problem: format!("line {line_no}: continuation line before any field"),
-                    })
-                }
-            }
-            continue;
-        }
-        close_field(text, &mut current, &mut value_range);
-        let paragraph = current.get_or_insert_with(|| Paragraph { line: line_no, fields: Vec::new() });
-        let Some(colon) = line.find(':').filter(|&c| c > 0) else {
-            return Err(SyntaxError {
-                paragraph_line: paragraph.line,
-                problem: format!("line {line_no}: expected \"Field: value\", found {line:?}"),
-            });
-        };
-        paragraph.fields.push(Field { name: &line[..colon], value: "" });
-        value_range = Some((start + colon + 1, end));
-    }
-    close_field(text, &mut current, &mut value_range);
-    out.extend(current);
-    Ok(out)
-}
-
-/// Sets the value of the paragraph's last field from its byte range in `text`.
-fn close_field<'a>(text: &'a str, paragraph: &mut Option<Paragraph<'a>>, range: &mut Option<(usize, usize)>) {
-    if let (Some(p), Some((start, end))) = (paragraph.as_mut(), range.take()) {
-        if let Some(f) = p.fields.last_mut() {
-            f.value = text[start..end].trim();
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

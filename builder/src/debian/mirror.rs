@@ -87,30 +87,17 @@ pub fn from_host(etc_apt: &Path) -> Result<Mirror, NoMirror> {
     }
 }
 
-/// deb822 paragraphs: returns (URI, suites) for each enabled `Types: deb` entry.
+/// deb822 `.sources`: (URI, suites) for each enabled `Types: deb` entry. A file apt would
+/// refuse is skipped here too (apt reports it; kiln then finds no mirror and says so).
 fn parse_deb822(text: &str) -> Vec<(String, Vec<String>)> {
     let mut out = Vec::new();
-    for para in text.split("\n\n") {
-        let mut types = Vec::new();
-        let mut uris = Vec::new();
-        let mut suites = Vec::new();
-        let mut enabled = true;
-        for line in para.lines() {
-            if line.starts_with('#') {
-                continue;
-            }
-            let Some((k, v)) = line.split_once(':') else { continue };
-            let words: Vec<String> = v.split_whitespace().map(str::to_string).collect();
-            match k.trim().to_ascii_lowercase().as_str() {
-                "types" => types = words,
-                "uris" => uris = words,
-                "suites" => suites = words,
-                "enabled" => enabled = !v.trim().eq_ignore_ascii_case("no"),
-                _ => {}
-            }
-        }
-        if enabled && types.iter().any(|t| t == "deb") {
-            for u in uris {
+    for p in crate::debian::deb822::paragraphs(text).unwrap_or_default() {
+        let words =
+            |k: &str| -> Vec<String> { p.get(k).unwrap_or("").split_whitespace().map(str::to_string).collect() };
+        let enabled = !p.get("Enabled").is_some_and(|v| v.eq_ignore_ascii_case("no"));
+        if enabled && words("Types").iter().any(|t| t == "deb") {
+            let suites = words("Suites");
+            for u in words("URIs") {
                 out.push((u, suites.clone()));
             }
         }

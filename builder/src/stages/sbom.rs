@@ -6,6 +6,7 @@
 //! list, and every list is sorted.
 
 use super::manifest::{Manifest, Package};
+use crate::debian::deb822::{paragraphs_lenient, Paragraph};
 use crate::units::Sha256;
 use anyhow::{Context as _, Result};
 use serde_json::{json, Value};
@@ -227,37 +228,15 @@ fn push_components(stack: &mut Vec<OsString>, path: &Path) {
     stack.extend(parts.into_iter().rev());
 }
 
-/// The fields of one deb822 paragraph: lowercase name -> first-line value.
-type Paragraph = Vec<(String, String)>;
-
-fn paragraphs(text: &str) -> Vec<Paragraph> {
-    let mut out = Vec::new();
-    let mut cur: Paragraph = Vec::new();
-    for line in text.lines() {
-        if line.trim().is_empty() {
-            if !cur.is_empty() {
-                out.push(std::mem::take(&mut cur));
-            }
-        } else if line.starts_with([' ', '\t', '#']) {
-            // A continuation line (license text) or a comment.
-        } else if let Some((name, value)) = line.split_once(':') {
-            cur.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
-        }
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
-}
-
-fn field<'a>(p: &'a Paragraph, name: &str) -> Option<&'a str> {
-    p.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+/// A field's first line (a DEP-5 `License:` value is its short name, the license text follows).
+fn field<'a>(p: &Paragraph<'a>, name: &str) -> Option<&'a str> {
+    p.get(name).and_then(|v| v.lines().next()).map(str::trim)
 }
 
 /// The SPDX expression for a DEP-5 copyright file: the `License:` short names of its Files
 /// paragraphs, joined with AND, de-duplicated and sorted. `None` if it is not DEP-5.
 fn dep5_license(text: &str) -> Option<DeclaredLicense> {
-    let paras = paragraphs(text);
+    let paras = paragraphs_lenient(text);
     field(paras.first()?, "format")?;
     let mut refs = BTreeMap::new();
     let mut terms: BTreeMap<String, LicenseExpr> = BTreeMap::new();
