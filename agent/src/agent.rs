@@ -133,10 +133,7 @@ impl Agent {
     /// the new UKI's initramfs finds it.
     pub fn set_root_partuuid(&self, slot: Slot, root_hash: &str) -> Result<()> {
         use kiln_device::gpt::{GptTable, SECTOR};
-        let hash: [u8; 32] = hex::decode(root_hash)
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .with_context(|| format!("root hash {root_hash:?} is not 64 hex digits"))?;
+        let hash = kiln_device::fs::parse_sha256(root_hash).map_err(|e| anyhow::anyhow!("root hash: {e}"))?;
         let name = self
             .config
             .partition(Role::Root, Some(slot))

@@ -255,8 +255,7 @@ fn check_space(agent: &Agent, release: &Release, target: Slot) -> Result<()> {
 }
 
 fn sha256_of(a: &Artifact) -> Result<[u8; 32]> {
-    let v = hex::decode(&a.sha256).ok().and_then(|v| <[u8; 32]>::try_from(v).ok());
-    v.with_context(|| format!("artifact {}: sha256 {:?} is not 64 hex digits", a.name, a.sha256))
+    kiln_device::fs::parse_sha256(&a.sha256).map_err(|e| anyhow::anyhow!("artifact {}: sha256 {e}", a.name))
 }
 
 /// Streams one artifact into `dest` (a partition or a staging file), resuming from the

@@ -100,9 +100,7 @@ impl From<Sha256> for String {
 impl TryFrom<String> for Sha256 {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
-        let v = hex::decode(&s).map_err(|_| format!("not a hex sha256: {s:?}"))?;
-        let a: [u8; 32] = v.try_into().map_err(|_| format!("not 32 bytes: {s:?}"))?;
-        Ok(Sha256(a))
+        kiln_device::fs::parse_sha256(&s).map(Sha256)
     }
 }
 
