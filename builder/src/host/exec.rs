@@ -119,7 +119,13 @@ impl Cmd {
     }
 
     fn spawn_error(&self, e: std::io::Error) -> ExecError {
-        if e.kind() == std::io::ErrorKind::NotFound {
+        // execvp reports EACCES when a PATH directory cannot be searched (root's PATH kept by
+        // `su`), even if the program is nowhere: that is a missing program too.
+        let missing = e.kind() == std::io::ErrorKind::NotFound
+            || (e.kind() == std::io::ErrorKind::PermissionDenied
+                && !self.program().contains('/')
+                && crate::host::tools::which(&self.program()).is_none());
+        if missing {
             let program = self.program();
             let package = crate::host::tools::package_for_program(&program).unwrap_or("providing it").to_string();
             ExecError::NotFound { program, package, cmd: self.to_string() }
