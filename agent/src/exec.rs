@@ -227,7 +227,7 @@ fn push_tail(tail: &mut VecDeque<String>, line: String) {
     tail.push_back(line);
 }
 
-// describe_status, shell_quote and the Display below are the builder's (builder/src/exec.rs)
+// describe_status, shell_quote and the Display below are the builder's (builder/src/host/exec.rs)
 // to the letter; the agent does not depend on the builder, and their shared home would be
 // kiln-device, which this change leaves alone.
 pub fn describe_status(status: ExitStatus) -> String {
