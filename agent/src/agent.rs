@@ -2,7 +2,7 @@
 //! booted, its boot medium, and the commands that act on them (boot, commit, rollback).
 
 use crate::boot::Medium;
-use crate::state::{Slot, State};
+use crate::state::{Booted, Fallback, Slot, SlotStatus, State};
 use crate::system::{self, BlockPartition, Host};
 use anyhow::{bail, Context as _, Result};
 use kiln_device::{DeviceConfig, Role};
@@ -52,18 +52,40 @@ impl Agent {
         self.host.partition_device(&self.root.disk, n)
     }
 
+    /// Reconciles `state` with how this boot came about, as the boot medium tells it
+    /// (`trial` forced on when the record knows better, see `commit`). Does not write.
+    fn observe(&self, state: &mut State, recorded_trial: bool) -> Result<(Booted, Option<Fallback>)> {
+        let mut booted = self.medium.booted(&self.host, &self.config, self.slot, &self.running)?;
+        booted.trial |= recorded_trial;
+        let tried = match state.slot(!self.slot).version.clone() {
+            Some(v) => self.medium.was_tried(&v)?,
+            None => crate::state::Tried::Unknown,
+        };
+        let switches = self.config.update.as_ref().map_or(1, |u| u.tries);
+        let fallback = state.observe_boot(&booted, tried, switches, Timestamp::now());
+        Ok((booted, fallback))
+    }
+
     /// At every boot: reconcile the record with what booted, clean up after a fallback, and
     /// say on the console what is running.
     pub fn boot(&self) -> Result<()> {
         let mut state = self.load_state()?;
-        let booted = self.medium.booted(&self.host, &self.config, self.slot, &self.running)?;
-        let other_version = state.slot(!self.slot).version.clone();
-        if let Some(note) = state.observe_boot(&booted, Timestamp::now()) {
-            println!("kiln-agent: {note}");
-            if let Some(v) = other_version {
-                self.medium.reject(&v)?;
+        let (booted, fallback) = self.observe(&mut state, false)?;
+        match fallback {
+            Some(Fallback::Failed { version, note }) => {
+                println!("kiln-agent: {note}");
+                self.medium.reject(&version)?;
+                state.last_error = Some(note);
             }
-            state.last_error = Some(note);
+            Some(Fallback::Interrupted { note, .. }) => {
+                println!("kiln-agent: {note}");
+                state.last_result = Some(note);
+            }
+            None => {}
+        }
+        if booted.trial {
+            // The new version is running: the staged download is not needed again.
+            crate::state::remove_staging(&self.state_dir);
         }
         state.write(&self.state_dir)?;
         let how = if booted.trial { "trial, waiting for the health check" } else { "committed" };
@@ -76,13 +98,12 @@ impl Agent {
         let mut state = self.load_state()?;
         // systemd-bless-boot (where installed) may have renamed the UKI already: the record
         // still says this slot was on trial.
-        let recorded_trial = state.slot(self.slot).status == crate::state::SlotStatus::Trial;
-        let mut booted = self.medium.booted(&self.host, &self.config, self.slot, &self.running)?;
-        if booted.trial {
+        let mut trial = state.slot(self.slot).status == SlotStatus::Trial;
+        if self.medium.booted(&self.host, &self.config, self.slot, &self.running)?.trial {
             self.medium.commit(&self.config, self.slot, &self.running)?;
+            trial = true;
         }
-        booted.trial |= recorded_trial;
-        state.observe_boot(&booted, Timestamp::now());
+        let (booted, _) = self.observe(&mut state, trial)?;
         let version = state.commit(self.slot)?;
         state.last_result = Some(format!("committed {version} in slot {}", self.slot));
         state.write(&self.state_dir)?;
@@ -104,8 +125,7 @@ impl Agent {
     /// go back to automatically).
     pub fn rollback(&self, reboot: bool) -> Result<()> {
         let mut state = self.load_state()?;
-        let booted = self.medium.booted(&self.host, &self.config, self.slot, &self.running)?;
-        state.observe_boot(&booted, Timestamp::now());
+        let (booted, _) = self.observe(&mut state, false)?;
         if !booted.trial {
             state.last_error =
                 Some(format!("health check failed on the committed {} (slot {})", self.running, self.slot));

@@ -14,7 +14,7 @@
 //!   partition (`kiln.root=PARTUUID=<disk id>-<nn>`).
 
 use crate::exec::Cmd;
-use crate::state::{Booted, Slot};
+use crate::state::{Booted, Slot, Tried};
 use crate::system::{self, Host};
 use anyhow::{bail, Context as _, Result};
 use kiln_device::{Bootloader, DeviceConfig, Role};
@@ -94,6 +94,22 @@ impl Medium {
         Ok(Booted { slot, version: version.clone(), trial })
     }
 
+    /// Whether the firmware ever started `version` (the other slot's, on trial): on UEFI its
+    /// entry's boot counter tells; a Raspberry Pi's one-shot tryboot leaves no trace.
+    pub fn was_tried(&self, version: &Version) -> Result<Tried> {
+        Ok(match self {
+            Medium::Uefi { esp } => {
+                let tried = Self::ukis(esp)?.iter().any(|(_, u)| u.version == version.as_str() && u.was_tried());
+                if tried {
+                    Tried::Yes
+                } else {
+                    Tried::No
+                }
+            }
+            Medium::Rpi { .. } => Tried::Unknown,
+        })
+    }
+
     /// Before the other slot is overwritten: nothing may still boot it. Removes every UKI but
     /// the running version's (UEFI); makes sure the Pi's normal slot is the running one.
     pub fn retire_other(&self, config: &DeviceConfig, running: Slot, running_version: &Version) -> Result<Vec<String>> {
@@ -107,7 +123,7 @@ impl Medium {
                         removed.push(file);
                     }
                 }
-                std::fs::File::open(Self::uki_dir(esp)).and_then(|d| d.sync_all()).ok();
+                sync_fs(esp)?;
             }
             Medium::Rpi { autoboot } => {
                 let want = autoboot_txt(boot_partition(config, running)?, boot_partition(config, !running)?);
@@ -115,6 +131,7 @@ impl Medium {
                 let have = std::fs::read_to_string(&path).unwrap_or_default();
                 if parse_autoboot(&have).ok() != parse_autoboot(&want).ok() {
                     write_atomically(&path, want.as_bytes())?;
+                    sync_fs(autoboot)?;
                     removed.push("autoboot.txt pointed elsewhere; rewritten".into());
                 }
             }
@@ -140,6 +157,7 @@ impl Medium {
         let name = format!("kiln-{version}+{tries}.efi");
         let data = std::fs::read(uki).with_context(|| format!("reading {}", uki.display()))?;
         write_atomically(&dir.join(&name), &data)?;
+        sync_fs(esp)?;
         Ok(name)
     }
 
@@ -159,13 +177,12 @@ impl Medium {
                         }
                     }
                 }
-                std::fs::File::open(&dir)
-                    .and_then(|d| d.sync_all())
-                    .with_context(|| format!("syncing {}", dir.display()))?;
+                sync_fs(esp)?;
             }
             Medium::Rpi { autoboot } => {
                 let text = autoboot_txt(boot_partition(config, booted)?, boot_partition(config, !booted)?);
                 write_atomically(&autoboot.join("autoboot.txt"), text.as_bytes())?;
+                sync_fs(autoboot)?;
             }
         }
         Ok(())
@@ -181,7 +198,7 @@ impl Medium {
                     std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
                 }
             }
-            std::fs::File::open(Self::uki_dir(esp)).and_then(|d| d.sync_all()).ok();
+            sync_fs(esp)?;
         }
         Ok(())
     }
@@ -202,6 +219,15 @@ impl Medium {
     pub fn reboot_into_trial(&self) -> Result<()> {
         system::reboot(matches!(self, Medium::Rpi { .. }))
     }
+}
+
+/// Writes out everything pending on the (FAT) file system holding `dir`. On vfat an fsync of
+/// the directory does not reliably carry a rename's directory entry to the disk (a power cut
+/// 0.3 s after a trial UKI was added lost it); syncfs writes the whole volume's buffers.
+fn sync_fs(dir: &Path) -> Result<()> {
+    let d = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    nix::unistd::syncfs(&d).with_context(|| format!("syncing the file system of {}", dir.display()))?;
+    Ok(())
 }
 
 pub fn boot_partition(config: &DeviceConfig, slot: Slot) -> Result<u32> {
@@ -256,9 +282,11 @@ mod tests {
         let v2: Version = "0.2.0".parse().unwrap();
         let name = Medium::add_trial_uki(t.path(), &v2, 3, &t.path().join("new.efi")).unwrap();
         assert_eq!(name, "kiln-0.2.0+3.efi");
+        let m = Medium::Uefi { esp: t.path().into() };
+        assert_eq!(m.was_tried(&v2).unwrap(), Tried::No, "a fresh counter: never started");
         // systemd-boot counts a try before booting it.
         std::fs::rename(dir.join(&name), dir.join("kiln-0.2.0+2-1.efi")).unwrap();
-        let m = Medium::Uefi { esp: t.path().into() };
+        assert_eq!(m.was_tried(&v2).unwrap(), Tried::Yes);
         let cfg: DeviceConfig = serde_json::from_str(r#"{"profile":"p","image":"pc-uefi","arch":"amd64","version":"0.2.0","bootloader":"systemd-boot","partition_table":"gpt","partitions":[],"health_timeout":60,"update":null}"#).unwrap();
         let host = Host::default();
         assert!(m.booted(&host, &cfg, Slot::B, &v2).unwrap().trial);

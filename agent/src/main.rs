@@ -333,7 +333,11 @@ fn status(config: &std::path::Path, state_dir: &std::path::Path, json: bool) -> 
         );
     }
     if let Some(i) = &state.install {
-        println!("installing {} into slot {} ({} artifact(s) in progress)", i.version, i.slot, i.done.len());
+        if i.switches > 0 && state.slot(i.slot).status == state::SlotStatus::Trial {
+            println!("switching: to {} in slot {} (reboot {} into it)", i.version, i.slot, i.switches);
+        } else {
+            println!("installing {} into slot {} ({} artifact(s) in progress)", i.version, i.slot, i.done.len());
+        }
     }
     for f in &state.failed {
         println!("failed:    {} at {}: {}", f.version, f.at, f.reason);

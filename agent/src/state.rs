@@ -14,7 +14,7 @@ use anyhow::{bail, Context as _, Result};
 use kiln_feed::{Timestamp, Version};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub const STATUS_FILE: &str = "status.json";
 
@@ -22,6 +22,21 @@ pub const STATUS_FILE: &str = "status.json";
 pub fn write_record<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(kiln_device::fs::write_json(&dir.join(name), value)?)
+}
+
+/// Where downloads that are not written straight into a partition are staged (the UKI).
+pub fn staging_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("download")
+}
+
+/// Drops the staged downloads (once the version they belong to has booted).
+pub fn remove_staging(state_dir: &Path) {
+    let dir = staging_dir(state_dir);
+    if let Err(e) = std::fs::remove_dir_all(&dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            eprintln!("kiln-agent: removing {}: {e}", dir.display());
+        }
+    }
 }
 
 /// The slot type of device.json and status.json (one definition, in `kiln-device`).
@@ -62,6 +77,31 @@ pub struct Install {
     /// Bytes known to be written durably, by artifact sha256 (for resuming with HTTP Range).
     #[serde(default)]
     pub done: BTreeMap<String, u64>,
+    /// Reboots into this install started so far. The record stays until the new version boots,
+    /// so a switch cut off by a power loss is resumed, not blamed on the release.
+    #[serde(default)]
+    pub switches: u32,
+}
+
+/// What the boot medium can tell about whether the version on trial was ever started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tried {
+    /// Started at least once (UEFI: its boot counter moved or ran out).
+    Yes,
+    /// Never started (UEFI: no entry for it, or one with a fresh counter).
+    No,
+    /// The medium keeps no trace (the Pi's tryboot flag does not survive a reset).
+    Unknown,
+}
+
+/// What [`State::observe_boot`] noticed about the other slot when the committed one booted.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fallback {
+    /// The new version was started and did not come up healthy: it is not tried again.
+    Failed { version: Version, note: String },
+    /// The switch into the new version was cut off before it started: the next check resumes
+    /// the install (nothing is downloaded twice) and reboots into it again.
+    Interrupted { version: Version, note: String },
 }
 
 /// What happened to one version on this device that it must not try again.
@@ -149,27 +189,28 @@ impl State {
         }
     }
 
-    /// Reconciles the record with what booted. Does not write. Returns a line describing any
-    /// fallback it noticed (the other slot was on trial but this one booted).
-    pub fn observe_boot(&mut self, booted: &Booted, now: Timestamp) -> Option<String> {
-        let mut note = None;
+    /// Reconciles the record with what booted. Does not write. `other_tried` is what the boot
+    /// medium shows about the other slot's version; `max_switches` how many reboots into a new
+    /// version may be cut off before it counts as failed. Returns what it noticed when the
+    /// committed slot booted while the other was on trial.
+    pub fn observe_boot(
+        &mut self,
+        booted: &Booted,
+        other_tried: Tried,
+        max_switches: u32,
+        now: Timestamp,
+    ) -> Option<Fallback> {
+        let mut fallback = None;
         self.booted = Some(booted.slot);
         let other = !booted.slot;
         let other_rec = self.slot(other).clone();
-        // The other slot was being tried (or written), yet this one booted without a trial:
-        // the new version never came up healthy within its tries (or the write was cut off).
         if !booted.trial {
-            match other_rec.status {
-                SlotStatus::Trial => {
-                    let v = other_rec.version.clone();
-                    if let Some(v) = v {
-                        let reason = "did not boot healthy; the firmware went back to the committed slot".to_string();
-                        note = Some(format!("{v} in slot {other} {reason}"));
-                        self.remember_failure(v, reason, now);
-                    }
-                    self.slot_mut(other).status = SlotStatus::Failed;
+            match (other_rec.status, other_rec.version) {
+                (SlotStatus::Trial, Some(version)) => {
+                    fallback = Some(self.trial_not_running(other, version, other_tried, max_switches, now));
                 }
-                SlotStatus::Committed => self.slot_mut(other).status = SlotStatus::Previous,
+                (SlotStatus::Trial, None) => self.slot_mut(other).status = SlotStatus::Failed,
+                (SlotStatus::Committed, _) => self.slot_mut(other).status = SlotStatus::Previous,
                 _ => {}
             }
         }
@@ -192,7 +233,56 @@ impl State {
                 self.current_version = Some(booted.version.clone());
             }
         }
-        note
+        fallback
+    }
+
+    /// The committed slot booted although `other` was set up to boot `version` on trial:
+    /// either the trial was started and failed (the firmware went back), or the reboot into it
+    /// was cut off before the firmware saw it (a power cut right after the switch).
+    fn trial_not_running(
+        &mut self,
+        other: Slot,
+        version: Version,
+        tried: Tried,
+        max_switches: u32,
+        now: Timestamp,
+    ) -> Fallback {
+        let pending = self.install.as_ref().filter(|i| i.slot == other && i.version == version).map(|i| i.switches);
+        let interrupted = match (tried, pending) {
+            (Tried::Yes, _) => false,
+            (_, Some(switches)) => switches < max_switches.max(1),
+            (Tried::No, None) => {
+                // An older record without the install: the slot is written again from scratch.
+                *self.slot_mut(other) = SlotRecord { status: SlotStatus::Empty, version: None, root_hash: None };
+                let note = format!("the switch to {version} in slot {other} was cut off before it booted; the next check installs it again");
+                return Fallback::Interrupted { version, note };
+            }
+            (Tried::Unknown, None) => false,
+        };
+        if interrupted {
+            self.slot_mut(other).status = SlotStatus::Installing;
+            let n = pending.unwrap_or(0);
+            let note = format!(
+                "the switch to {version} in slot {other} was cut off before it booted (attempt {n} of {}); the next check resumes it",
+                max_switches.max(1)
+            );
+            return Fallback::Interrupted { version, note };
+        }
+        let reason = match (tried, pending) {
+            (Tried::Yes, _) | (_, None) => {
+                "did not boot healthy; the firmware went back to the committed slot".to_string()
+            }
+            (_, Some(n)) => {
+                format!("did not come up in {n} reboots into it; the firmware stayed on the committed slot")
+            }
+        };
+        let note = format!("{version} in slot {other} {reason}");
+        self.remember_failure(version.clone(), reason, now);
+        self.slot_mut(other).status = SlotStatus::Failed;
+        if pending.is_some() {
+            self.install = None;
+        }
+        Fallback::Failed { version, note }
     }
 
     /// Starts (or resumes) writing `version` into `slot`. Does not write.
@@ -209,6 +299,7 @@ impl State {
                 root_hash: root_hash.into(),
                 started: now,
                 done: BTreeMap::new(),
+                switches: 0,
             });
         }
         let rec = self.slot_mut(slot);
@@ -225,11 +316,14 @@ impl State {
         }
     }
 
-    /// The slot is written and its boot entry is in place. Does not write.
+    /// The slot is written and its boot entry is in place; a reboot into it follows. The
+    /// install record stays (with its progress) until the new version has booted. Does not write.
     pub fn finish_install(&mut self) -> Result<Slot> {
-        let Some(install) = self.install.take() else { bail!("no install in progress") };
-        self.slot_mut(install.slot).status = SlotStatus::Trial;
-        Ok(install.slot)
+        let Some(install) = self.install.as_mut() else { bail!("no install in progress") };
+        install.switches += 1;
+        let slot = install.slot;
+        self.slot_mut(slot).status = SlotStatus::Trial;
+        Ok(slot)
     }
 
     /// An install that cannot go on: the slot holds nothing bootable. Does not write.
@@ -278,7 +372,7 @@ mod tests {
 
     fn fresh() -> State {
         let mut s = State::default();
-        s.observe_boot(&Booted { slot: Slot::A, version: v("0.1.0"), trial: false }, NOW);
+        s.observe_boot(&Booted { slot: Slot::A, version: v("0.1.0"), trial: false }, Tried::Unknown, 3, NOW);
         s
     }
 
@@ -301,7 +395,8 @@ mod tests {
         assert_eq!(s.install.as_ref().unwrap().done["sha"], 8 << 20);
         assert_eq!(s.finish_install().unwrap(), Slot::B);
         assert_eq!(s.slot(Slot::B).status, SlotStatus::Trial);
-        s.observe_boot(&Booted { slot: Slot::B, version: v("0.2.0"), trial: true }, NOW);
+        s.observe_boot(&Booted { slot: Slot::B, version: v("0.2.0"), trial: true }, Tried::Unknown, 3, NOW);
+        assert!(s.install.is_none(), "the new version booted: nothing to resume");
         assert_eq!(s.commit(Slot::B).unwrap(), v("0.2.0"));
         assert_eq!(s.slot(Slot::A).status, SlotStatus::Previous);
         assert_eq!(s.current_version, Some(v("0.2.0")));
@@ -320,23 +415,63 @@ mod tests {
         let mut s = fresh();
         s.begin_install(Slot::B, &v("0.3.0"), "cd", NOW).unwrap();
         s.finish_install().unwrap();
-        s.observe_boot(&Booted { slot: Slot::B, version: v("0.3.0"), trial: true }, NOW);
+        s.observe_boot(&Booted { slot: Slot::B, version: v("0.3.0"), trial: true }, Tried::Yes, 3, NOW);
         s.fail_trial(Slot::B, "health check failed", NOW).unwrap();
         assert!(s.has_failed(&v("0.3.0")).is_some());
-        s.observe_boot(&Booted { slot: Slot::A, version: v("0.1.0"), trial: false }, NOW);
+        s.observe_boot(&Booted { slot: Slot::A, version: v("0.1.0"), trial: false }, Tried::Yes, 3, NOW);
         assert_eq!(s.slot(Slot::A).status, SlotStatus::Committed);
         assert_eq!(s.slot(Slot::B).status, SlotStatus::Failed);
         assert_eq!(s.current_version, Some(v("0.1.0")));
     }
 
     #[test]
-    fn a_trial_that_never_came_up_counts_as_failed() {
+    fn a_trial_that_was_started_and_never_came_up_counts_as_failed() {
         let mut s = fresh();
         s.begin_install(Slot::B, &v("0.3.0"), "cd", NOW).unwrap();
         s.finish_install().unwrap();
-        let note = s.observe_boot(&Booted { slot: Slot::A, version: v("0.1.0"), trial: false }, NOW).unwrap();
+        let committed = Booted { slot: Slot::A, version: v("0.1.0"), trial: false };
+        let Some(Fallback::Failed { version, note }) = s.observe_boot(&committed, Tried::Yes, 3, NOW) else {
+            panic!("not failed")
+        };
+        assert_eq!(version, v("0.3.0"));
         assert!(note.starts_with("0.3.0 in slot b did not boot healthy"), "{note}");
         assert!(s.has_failed(&v("0.3.0")).is_some());
+        assert_eq!(s.slot(Slot::B).status, SlotStatus::Failed);
+        assert!(s.install.is_none());
+    }
+
+    #[test]
+    fn a_switch_cut_off_before_the_new_version_started_is_resumed_not_blamed() {
+        let mut s = fresh();
+        s.begin_install(Slot::B, &v("0.3.0"), "cd", NOW).unwrap();
+        s.progress("root", 100);
+        s.finish_install().unwrap();
+        let committed = Booted { slot: Slot::A, version: v("0.1.0"), trial: false };
+        // UEFI: the power went before the new entry reached the ESP (or before it was booted).
+        let f = s.observe_boot(&committed, Tried::No, 3, NOW);
+        let Some(Fallback::Interrupted { version, note }) = f else { panic!("{f:?}") };
+        assert_eq!(version, v("0.3.0"));
+        assert!(note.contains("cut off before it booted (attempt 1 of 3)"), "{note}");
+        assert!(s.has_failed(&v("0.3.0")).is_none());
+        assert_eq!(s.slot(Slot::B).status, SlotStatus::Installing);
+        // The next check resumes with the progress kept, and switches again.
+        s.begin_install(Slot::B, &v("0.3.0"), "cd", NOW).unwrap();
+        assert_eq!(s.install.as_ref().unwrap().done["root"], 100);
+        s.finish_install().unwrap();
+        // The Pi cannot tell: it retries until the reboots are used up, then gives up on it.
+        assert!(matches!(s.observe_boot(&committed, Tried::Unknown, 3, NOW), Some(Fallback::Interrupted { .. })));
+        s.begin_install(Slot::B, &v("0.3.0"), "cd", NOW).unwrap();
+        s.finish_install().unwrap();
+        let f = s.observe_boot(&committed, Tried::Unknown, 3, NOW);
+        let Some(Fallback::Failed { note, .. }) = f else { panic!("{f:?}") };
+        assert!(note.contains("did not come up in 3 reboots"), "{note}");
+        assert!(s.has_failed(&v("0.3.0")).is_some());
+        assert!(s.install.is_none());
+        // The entry was started (its counter moved): failed at once, whatever the count.
+        let mut s = fresh();
+        s.begin_install(Slot::B, &v("0.4.0"), "ef", NOW).unwrap();
+        s.finish_install().unwrap();
+        assert!(matches!(s.observe_boot(&committed, Tried::Yes, 3, NOW), Some(Fallback::Failed { .. })));
     }
 
     #[test]

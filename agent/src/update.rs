@@ -278,7 +278,13 @@ fn fetch_into(
         .truncate(false)
         .open(dest)
         .with_context(|| format!("opening {}", dest.display()))?;
-    let start = state.install.as_ref().and_then(|i| i.done.get(&a.sha256).copied()).unwrap_or(0).min(a.size);
+    let mut start = state.install.as_ref().and_then(|i| i.done.get(&a.sha256).copied()).unwrap_or(0).min(a.size);
+    // A staging file shorter than the record says (lost, or cleaned up) is downloaded again.
+    let have = file.metadata().with_context(|| format!("reading {}", dest.display()))?.len();
+    if start > have {
+        println!("kiln-agent: {} holds {have} of the {start} bytes recorded; downloading from there", dest.display());
+        start = have;
+    }
     if start > 0 {
         println!("kiln-agent: resuming {} at {start} of {} bytes", a.name, a.size);
     }
@@ -317,14 +323,15 @@ fn install(
         Medium::Uefi { esp } => {
             agent.set_root_partuuid(target, &release.root_hash)?;
             let uki = artifact(release, ArtifactKind::Uki)?;
-            let staging = agent.state_dir.join("download");
+            let staging = crate::state::staging_dir(&agent.state_dir);
             std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
             let part = staging.join(format!("{}.part", uki.sha256));
             fetch_into(agent, state, client, &update.metadata, uki, &part, downloaded)?;
             state.write(&agent.state_dir)?;
             let name = Medium::add_trial_uki(esp, &release.version, update.tries, &part)?;
+            // The staged UKI stays until the new version has booted (`remove_staging`): a
+            // switch cut off by a power loss adds it again without downloading it again.
             println!("kiln-agent: boot entry {name} added ({} tries)", update.tries);
-            std::fs::remove_file(&part).ok();
         }
         Medium::Rpi { .. } => {
             let b = artifact(release, ArtifactKind::Boot)?;

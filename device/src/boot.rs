@@ -120,33 +120,45 @@ pub struct UkiName {
     pub version: String,
     /// Tries left, when the entry is still being counted (not blessed).
     pub tries_left: Option<u32>,
+    /// Tries systemd-boot has started so far (the `-<done>` part; 0 when absent).
+    pub tries_done: u32,
 }
 
 impl UkiName {
     pub fn blessed(version: &str) -> UkiName {
-        UkiName { version: version.into(), tries_left: None }
+        UkiName { version: version.into(), tries_left: None, tries_done: 0 }
     }
 
     pub fn trial(version: &str, tries: u32) -> UkiName {
-        UkiName { version: version.into(), tries_left: Some(tries) }
+        UkiName { version: version.into(), tries_left: Some(tries), tries_done: 0 }
     }
 
     pub fn parse(file: &str) -> Option<UkiName> {
         let stem = file.strip_prefix("kiln-")?.strip_suffix(".efi")?;
         match stem.split_once('+') {
-            None => Some(UkiName { version: stem.into(), tries_left: None }),
+            None => Some(UkiName::blessed(stem)),
             Some((v, counter)) => {
-                let left = counter.split('-').next()?.parse().ok()?;
-                Some(UkiName { version: v.into(), tries_left: Some(left) })
+                let (left, done) = match counter.split_once('-') {
+                    Some((l, d)) => (l.parse().ok()?, d.parse().ok()?),
+                    None => (counter.parse().ok()?, 0),
+                };
+                Some(UkiName { version: v.into(), tries_left: Some(left), tries_done: done })
             }
         }
     }
 
-    /// The file name as kiln writes it (a fresh counter: `+<left>`, no tries done).
+    /// Whether the firmware has started this entry at least once (a counter that moved, or ran
+    /// out). A fresh `+<n>` entry has never been booted.
+    pub fn was_tried(&self) -> bool {
+        self.tries_done > 0 || self.tries_left == Some(0)
+    }
+
+    /// The file name, with the counter as systemd-boot spells it (`+<left>` or `+<left>-<done>`).
     pub fn file_name(&self) -> String {
-        match self.tries_left {
-            None => format!("kiln-{}.efi", self.version),
-            Some(n) => format!("kiln-{}+{n}.efi", self.version),
+        match (self.tries_left, self.tries_done) {
+            (None, _) => format!("kiln-{}.efi", self.version),
+            (Some(n), 0) => format!("kiln-{}+{n}.efi", self.version),
+            (Some(n), d) => format!("kiln-{}+{n}-{d}.efi", self.version),
         }
     }
 }
@@ -186,7 +198,12 @@ mod tests {
             assert_eq!(UkiName::parse(&n.file_name()), Some(n));
         }
         assert_eq!(UkiName::trial("0.2.0", 3).file_name(), "kiln-0.2.0+3.efi");
-        assert_eq!(UkiName::parse("kiln-0.2.0+0-3.efi"), Some(UkiName::trial("0.2.0", 0)));
+        let spent = UkiName::parse("kiln-0.2.0+0-3.efi").unwrap();
+        assert_eq!((spent.tries_left, spent.tries_done, spent.was_tried()), (Some(0), 3, true));
+        assert_eq!(spent.file_name(), "kiln-0.2.0+0-3.efi");
+        assert!(UkiName::parse("kiln-0.2.0+2-1.efi").unwrap().was_tried());
+        assert!(!UkiName::trial("0.2.0", 3).was_tried(), "a fresh counter was never booted");
+        assert_eq!(UkiName::parse("kiln-0.2.0+2-x.efi"), None);
         assert_eq!(UkiName::parse(".kiln-0.2.0.efi.tmp"), None);
         assert_eq!(UkiName::parse("other.efi"), None);
     }
