@@ -4,6 +4,7 @@
 //! Networking is off unless asked for, and then it is user-mode with `restrict=on` and port
 //! forwards bound to 127.0.0.1 only. KVM is used only when a short probe shows it works.
 
+use crate::boot::rpi::BootConfig;
 use crate::config::image::{Firmware, Qemu};
 use crate::host::exec::Cmd;
 use anyhow::{bail, Context as _, Result};
@@ -127,7 +128,30 @@ fn with_network(cmd: Cmd, opts: &BootOptions, model: &str) -> Cmd {
 /// and device tree to QEMU. The console argument is QEMU's, the rest of the command line the slot's.
 fn rpi_command(opts: &BootOptions, scratch: &Path, interactive: bool) -> Result<Cmd> {
     let q = &opts.qemu;
-    let disk = &opts.disk;
+    let raspi = q.machine.starts_with("raspi");
+    // The card the guest writes to is also where the firmware (kiln) reads the boot files from
+    // at every start: without --persist a sparse copy per `kiln boot` (a reboot keeps what the
+    // guest wrote, autoboot.txt included), never the image itself.
+    let disk = &if opts.persist {
+        opts.disk.clone()
+    } else {
+        let copy = scratch.join("sd.img");
+        if !copy.exists() {
+            Cmd::new("cp").arg("--sparse=always").arg(&opts.disk).arg(&copy).run()?;
+        }
+        copy
+    };
+    // The SD card model wants a power-of-two size: the file grows (the space after the last
+    // partition stays unused).
+    let size = std::fs::metadata(disk).with_context(|| format!("reading {}", disk.display()))?.len();
+    if raspi && !size.is_power_of_two() {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(disk)
+            .with_context(|| format!("opening {} for writing", disk.display()))?;
+        f.set_len(size.next_power_of_two())
+            .with_context(|| format!("growing {} to a power of two for QEMU's SD card", disk.display()))?;
+    }
     let mut f = std::fs::File::open(disk).with_context(|| format!("opening {}", disk.display()))?;
     let table = crate::mbr::MbrTable::read(&mut f)
         .with_context(|| format!("reading the partition table of {}", disk.display()))?;
@@ -142,15 +166,42 @@ fn rpi_command(opts: &BootOptions, scratch: &Path, interactive: bool) -> Result<
     let autoboot = read_fat_file(disk, offset_of(1)?, "autoboot.txt", &files)?;
     let autoboot =
         crate::boot::rpi::parse_autoboot(&std::fs::read_to_string(&autoboot).context("reading autoboot.txt")?)?;
-    let part = autoboot.partition(opts.tryboot);
-    let slot = crate::boot::rpi::slot_of_partition(part).map(|s| format!("{s:?}")).unwrap_or_else(|| "?".into());
-    let boot_offset = offset_of(part)?;
-    let config = crate::boot::rpi::parse_config(
-        &std::fs::read_to_string(read_fat_file(disk, boot_offset, "config.txt", &files)?)
-            .context("reading config.txt")?,
-    )?;
-    let cmdline = std::fs::read_to_string(read_fat_file(disk, boot_offset, "cmdline.txt", &files)?)
-        .context("reading cmdline.txt")?;
+    let slot_name =
+        |part: u32| crate::boot::rpi::slot_of_partition(part).map(|s| format!("{s:?}")).unwrap_or_else(|| "?".into());
+    let load = |part: u32| -> Result<(u64, BootConfig, String, PathBuf)> {
+        let offset = offset_of(part)?;
+        let config = crate::boot::rpi::parse_config(&std::fs::read_to_string(read_fat_file(
+            disk,
+            offset,
+            "config.txt",
+            &files,
+        )?)?)
+        .context("reading config.txt")?;
+        let cmdline = std::fs::read_to_string(read_fat_file(disk, offset, "cmdline.txt", &files)?)
+            .context("reading cmdline.txt")?;
+        let kernel = read_fat_file(disk, offset, &config.kernel, &files)?;
+        if std::fs::metadata(&kernel).map(|m| m.len()).unwrap_or(0) == 0 {
+            bail!("the kernel {} is empty", config.kernel);
+        }
+        Ok((offset, config, cmdline, kernel))
+    };
+    // The firmware boots the [tryboot] partition once when the flag is set; when that
+    // partition has no bootable files it falls back to the normal one, as kiln does here.
+    let mut part = autoboot.partition(opts.tryboot);
+    let (boot_offset, config, cmdline, kernel) = match load(part) {
+        Ok(l) => l,
+        Err(e) if opts.tryboot && part != autoboot.partition(false) => {
+            let normal = autoboot.partition(false);
+            eprintln!(
+                "firmware (played by kiln): tryboot partition {part} (slot {}) is not bootable ({e:#}); falling back to partition {normal}",
+                slot_name(part)
+            );
+            part = normal;
+            load(part)?
+        }
+        Err(e) => return Err(e.context(format!("partition {part} (slot {}) is not bootable", slot_name(part)))),
+    };
+    let slot = slot_name(part);
     let console = q.console.clone().unwrap_or_else(|| "ttyAMA0".into());
     let mut args: Vec<&str> = cmdline.split_whitespace().filter(|a| !a.starts_with("console=")).collect();
     let console_arg = format!("console={console},115200");
@@ -159,7 +210,6 @@ fn rpi_command(opts: &BootOptions, scratch: &Path, interactive: bool) -> Result<
     // BCM2835 watchdog (at most ~15 s) counts in: it would reset a healthy, merely slow guest.
     // The image's watchdog setting (hardening.watchdog) stays as it is for real hardware.
     args.push("systemd.watchdog_sec=off");
-    let kernel = read_fat_file(disk, boot_offset, &config.kernel, &files)?;
     eprintln!(
         "firmware (played by kiln): autoboot.txt -> partition {part} (slot {slot}{}), kernel {}",
         if opts.tryboot { ", tryboot" } else { "" },
@@ -176,35 +226,10 @@ fn rpi_command(opts: &BootOptions, scratch: &Path, interactive: bool) -> Result<
     if let Some(initrd) = &config.initramfs {
         cmd = cmd.arg("-initrd").arg(read_fat_file(disk, boot_offset, initrd, &files)?);
     }
-    let raspi = q.machine.starts_with("raspi");
     if let Some(dtb) = &q.dtb {
         cmd = cmd.arg("-dtb").arg(read_fat_file(disk, boot_offset, dtb, &files)?);
     }
-    // The SD card model wants a power-of-two size: boot an overlay of that size (or, with
-    // --persist, grow the image file; the space after the last partition stays unused).
-    let size = std::fs::metadata(disk).with_context(|| format!("reading {}", disk.display()))?.len();
-    let drive = if opts.persist {
-        if raspi && !size.is_power_of_two() {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(disk)
-                .with_context(|| format!("opening {} for writing", disk.display()))?;
-            f.set_len(size.next_power_of_two())
-                .with_context(|| format!("growing {} to a power of two for QEMU's SD card", disk.display()))?;
-        }
-        format!("file={},format=raw", disk.display())
-    } else {
-        let overlay = scratch.join("sd.qcow2");
-        let _ = std::fs::remove_file(&overlay);
-        let vsize = if raspi { size.next_power_of_two() } else { size };
-        Cmd::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(std::fs::canonicalize(disk).with_context(|| format!("resolving {}", disk.display()))?)
-            .arg(&overlay)
-            .arg(vsize.to_string())
-            .run()?;
-        format!("file={},format=qcow2", overlay.display())
-    };
+    let drive = format!("file={},format=raw", disk.display());
     cmd = if raspi {
         cmd.arg("-drive").arg(format!("{drive},if=sd"))
     } else {
@@ -217,15 +242,24 @@ fn rpi_command(opts: &BootOptions, scratch: &Path, interactive: bool) -> Result<
     };
     // raspi3b's device tree gives the PL011 to Bluetooth: the console is the mini UART, QEMU's
     // second serial port.
-    let serial = if interactive { "mon:stdio" } else { "stdio" };
+    // Interactive, the console is also logged: when the guest resets, kiln reads how (the
+    // tryboot flag) from it to start the next boot as the firmware would.
+    let serial = if interactive { "chardev:con" } else { "stdio" };
+    if interactive {
+        cmd = cmd
+            .arg("-chardev")
+            .arg(format!("stdio,id=con,mux=on,logfile={},logappend=off", interactive_console_log(scratch).display()));
+        cmd = cmd.args(["-mon", "chardev=con"]);
+    } else {
+        cmd = cmd.args(["-monitor", "none"]);
+    }
     if console == "ttyS1" {
         cmd = cmd.args(["-serial", "null", "-serial", serial]);
     } else {
         cmd = cmd.args(["-serial", serial]);
     }
-    if !interactive {
-        cmd = cmd.args(["-monitor", "none", "-no-reboot"]);
-    }
+    // The firmware's part happens between two QEMU runs: a reset ends this one.
+    cmd = cmd.arg("-no-reboot");
     Ok(if raspi {
         // The Pi 3's only network is USB (dwc2 + a USB Ethernet device).
         if opts.ssh_port.is_some() || !opts.net_rules.is_empty() {
@@ -337,6 +371,33 @@ fn probe_kvm(qemu: &Qemu, scratch: &Path) -> bool {
     ok
 }
 
+/// How many times one `kiln boot` starts a Raspberry Pi guest that keeps resetting.
+const MAX_STARTS: u32 = 8;
+
+/// Starts QEMU headless: its console and its own messages (`qemu: ...`) as lines.
+fn start_headless(
+    opts: &BootOptions,
+    accel: Accel,
+    scratch: &Path,
+) -> Result<(std::process::Child, mpsc::Receiver<String>)> {
+    let mut child = command(opts, accel, scratch, false)?.spawn_piped(false)?;
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+            let _ = tx.send(clean_line(&line));
+        }
+    });
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).split(b'\n').map_while(Result::ok) {
+            let _ = tx2.send(format!("qemu: {}", clean_line(&line)));
+        }
+    });
+    Ok((child, rx))
+}
+
 /// Boots and waits for the readiness marker. With `then`, runs that command while the guest is
 /// still up (e.g. an SSH smoke test against `--ssh-port`), then stops the guest.
 pub fn check(
@@ -354,23 +415,10 @@ pub fn check(
         if accel == Accel::Kvm { "kvm" } else { "tcg" },
         timeout.as_secs()
     );
-    let cmd = command(opts, accel, scratch, false)?;
-    let mut child = cmd.spawn_piped(false)?;
     let started = Instant::now();
-    let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take().expect("piped");
-    let stderr = child.stderr.take().expect("piped");
-    let tx2 = tx.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
-            let _ = tx.send(clean_line(&line));
-        }
-    });
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).split(b'\n').map_while(Result::ok) {
-            let _ = tx2.send(format!("qemu: {}", clean_line(&line)));
-        }
-    });
+    let mut run = opts.clone();
+    let (mut child, mut rx) = start_headless(&run, accel, scratch)?;
+    let mut starts = 1;
     let mut log = match &opts.log {
         Some(p) => Some(std::fs::File::create(p).with_context(|| format!("creating the console log {}", p.display()))?),
         None => None,
@@ -420,7 +468,25 @@ pub fn check(
             }
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let status = child.wait().map(crate::host::exec::describe_status).unwrap_or_default();
+                let status = child.wait();
+                // A Raspberry Pi that resets starts again: kiln plays the firmware's part and
+                // picks the slot the tryboot flag (or its absence) says.
+                let by_itself = status.as_ref().is_ok_and(|s| s.success());
+                if opts.qemu.firmware == Firmware::Rpi && by_itself && starts < MAX_STARTS {
+                    let lines: Vec<String> = tail.iter().cloned().collect();
+                    let reset = crate::boot::rpi::reset_of(&lines).unwrap_or(crate::boot::rpi::Reset::Plain);
+                    if reset != crate::boot::rpi::Reset::PowerOff {
+                        run.tryboot = reset == crate::boot::rpi::Reset::Tryboot;
+                        eprintln!(
+                            "firmware (played by kiln): the guest reset{}; starting it again",
+                            if run.tryboot { " with the tryboot flag" } else { "" }
+                        );
+                        (child, rx) = start_headless(&run, accel, scratch)?;
+                        starts += 1;
+                        continue;
+                    }
+                }
+                let status = status.map(crate::host::exec::describe_status).unwrap_or_default();
                 break CheckOutcome::Failed {
                     seconds: started.elapsed().as_secs_f64(),
                     reason: format!("QEMU exited ({status}) before {READY_MARKER}"),
@@ -460,7 +526,12 @@ pub fn check(
     })
 }
 
-/// Runs QEMU attached to this terminal (serial console; Ctrl-A X quits).
+fn interactive_console_log(scratch: &Path) -> PathBuf {
+    scratch.join("console.log")
+}
+
+/// Runs QEMU attached to this terminal (serial console; Ctrl-A X quits). A Raspberry Pi guest
+/// that reboots is started again on the slot the firmware would pick.
 pub fn interactive(opts: &BootOptions, scratch: &Path) -> Result<()> {
     let accel = choose_accel(opts.accel, &opts.qemu, scratch);
     eprintln!(
@@ -468,12 +539,31 @@ pub fn interactive(opts: &BootOptions, scratch: &Path) -> Result<()> {
         opts.disk.display(),
         if opts.persist { "" } else { "; changes are thrown away (use --persist to keep them)" }
     );
-    let cmd = command(opts, accel, scratch, true)?;
-    let status = cmd.spawn_piped(true)?.wait().context("waiting for QEMU")?;
-    if !status.success() {
-        bail!("QEMU exited with {}", crate::host::exec::describe_status(status));
+    let mut run = opts.clone();
+    for _ in 0..MAX_STARTS * 4 {
+        let cmd = command(&run, accel, scratch, true)?;
+        let status = cmd.spawn_piped(true)?.wait().context("waiting for QEMU")?;
+        if !status.success() {
+            bail!("QEMU exited with {}", crate::host::exec::describe_status(status));
+        }
+        if opts.qemu.firmware != Firmware::Rpi {
+            return Ok(());
+        }
+        let log = std::fs::read(interactive_console_log(scratch)).unwrap_or_default();
+        let lines: Vec<String> = log.split(|b| *b == b'\n').map(clean_line).collect();
+        let tail = &lines[lines.len().saturating_sub(TAIL_LINES)..];
+        // Without a word on the console QEMU was quit (Ctrl-A X): nothing starts again.
+        match crate::boot::rpi::reset_of(tail) {
+            Some(crate::boot::rpi::Reset::Tryboot) => run.tryboot = true,
+            Some(crate::boot::rpi::Reset::Plain) => run.tryboot = false,
+            Some(crate::boot::rpi::Reset::PowerOff) | None => return Ok(()),
+        }
+        eprintln!(
+            "firmware (played by kiln): the guest reset{}; starting it again",
+            if run.tryboot { " with the tryboot flag" } else { "" }
+        );
     }
-    Ok(())
+    bail!("the guest kept resetting ({} starts); stopped", MAX_STARTS * 4)
 }
 
 /// Console bytes to a printable line: no carriage returns or terminal escape sequences.

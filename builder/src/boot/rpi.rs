@@ -62,6 +62,40 @@ pub fn parse_autoboot(text: &str) -> Result<Autoboot> {
     Autoboot::parse(text).map_err(anyhow::Error::msg)
 }
 
+/// How the guest's last run ended, read off its console once QEMU (`-no-reboot`) exited by
+/// itself: what a real Pi's firmware knows at the next start. The tryboot flag is one-shot:
+/// only a reboot that asks for it sets it; any other reset (plain reboot, watchdog, a crash
+/// with `panic=N`) boots the `[all]` slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reset {
+    /// `reboot "0 tryboot"`: the kernel handed the firmware the tryboot flag.
+    Tryboot,
+    /// A plain reboot or a kernel panic that reboots.
+    Plain,
+    /// The guest powered itself off: nothing starts again.
+    PowerOff,
+}
+
+/// `None`: the console says nothing about it. Headless, QEMU exiting by itself then means a
+/// reset without a word (the watchdog), which boots the `[all]` slot like a plain one.
+pub fn reset_of(console: &[String]) -> Option<Reset> {
+    for line in console.iter().rev() {
+        // kernel/reboot.c: "reboot: Restarting system with command '<cmd>'" / "... system".
+        if let Some(i) = line.find("reboot: Restarting system") {
+            let cmd = line[i..].split_once("with command '").map(|(_, c)| c.trim_end().trim_end_matches('\''));
+            let tryboot = cmd.is_some_and(|c| c.split_whitespace().any(|w| w == "tryboot"));
+            return Some(if tryboot { Reset::Tryboot } else { Reset::Plain });
+        }
+        if line.contains("Rebooting in ") {
+            return Some(Reset::Plain);
+        }
+        if line.contains("reboot: Power down") || line.contains("reboot: System halted") {
+            return Some(Reset::PowerOff);
+        }
+    }
+    None
+}
+
 /// config.txt of a boot slot.
 pub fn config_txt(image: &str, version: &str, slot: Slot, extra: &[String]) -> Result<String> {
     let mut ctx = tera::Context::new();
@@ -153,6 +187,29 @@ mod tests {
             );
             assert!(text.lines().any(|l| l == "upstream_kernel=1"));
         }
+    }
+
+    #[test]
+    fn the_next_start_follows_how_the_last_run_ended() {
+        let lines = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let tryboot = lines(&[
+            "kiln-agent: rebooting into the new slot",
+            "[  201.2] reboot: Restarting system with command '0 tryboot'",
+        ]);
+        assert_eq!(reset_of(&tryboot), Some(Reset::Tryboot));
+        assert_eq!(reset_of(&lines(&["[ 9.1] reboot: Restarting system"])), Some(Reset::Plain));
+        assert_eq!(reset_of(&lines(&["reboot: Restarting system with command 'recovery'"])), Some(Reset::Plain));
+        let panic = lines(&["Kernel panic - not syncing: VFS", "Rebooting in 10 seconds.."]);
+        assert_eq!(reset_of(&panic), Some(Reset::Plain), "a crashed trial comes back on the committed slot");
+        assert_eq!(reset_of(&lines(&["kiln-health: waiting"])), None, "a silent reset (the watchdog), or a quit");
+        assert_eq!(reset_of(&lines(&["[ 30.0] reboot: Power down"])), Some(Reset::PowerOff));
+        // The last reset counts: a tryboot earlier in the log was used up by the boot after it.
+        let later = lines(&[
+            "reboot: Restarting system with command '0 tryboot'",
+            "Linux version",
+            "reboot: Restarting system",
+        ]);
+        assert_eq!(reset_of(&later), Some(Reset::Plain));
     }
 
     #[test]

@@ -169,6 +169,41 @@ pub const TOOLS: &[Tool] = &[
         backports_on_bookworm: false,
         used_for: "reading devices' backups from a trusted machine (tests: stock restic lists and restores them)",
     },
+    Tool {
+        name: "ssh-keygen",
+        probe: "ssh-keygen",
+        package: "openssh-client",
+        backports_on_bookworm: false,
+        used_for: "keys for test devices, ssh into them (tests, kiln boot --ssh-port)",
+    },
+];
+
+/// Other programs kiln runs that come with a package of [`TOOLS`]: (program, tool name).
+pub const ALSO_PROVIDED: &[(&str, &str)] = &[
+    ("e2fsck", "mkfs.ext4"),
+    ("e2label", "mkfs.ext4"),
+    ("mdir", "mcopy"),
+    ("mtype", "mcopy"),
+    ("ssh", "ssh-keygen"),
+    ("dpkg-deb", "dpkg-query"),
+];
+
+/// Programs of Debian's and Ubuntu's Essential and required packages (coreutils, dash,
+/// util-linux, mount, apt, systemd's escape helper where systemd is the init): on every host,
+/// so doctor does not list them.
+pub const BASE_PROGRAMS: &[&str] = &[
+    "sh",
+    "cp",
+    "chroot",
+    "mount",
+    "umount",
+    "losetup",
+    "findmnt",
+    "lsblk",
+    "partx",
+    "apt-get",
+    "systemd-escape",
+    "env",
 ];
 
 /// The tools `kiln build` needs for an image of `arch` (the rest serve boot, flash and tests).
@@ -184,6 +219,7 @@ pub fn build_tools(arch: crate::config::image::Arch) -> impl Iterator<Item = &'s
         "cpio",
         "qemu-img",
         "restic",
+        "ssh-keygen",
     ];
     let foreign = !arch.is_host();
     TOOLS.iter().filter(move |t| !NOT_FOR_BUILD.contains(&t.name) && (foreign || !t.name.starts_with("qemu-aarch64")))
@@ -191,7 +227,8 @@ pub fn build_tools(arch: crate::config::image::Arch) -> impl Iterator<Item = &'s
 
 pub fn package_for_program(program: &str) -> Option<&'static str> {
     let base = program.rsplit('/').next().unwrap_or(program);
-    TOOLS.iter().find(|t| t.probe == base || t.name == base).map(|t| t.package)
+    let name = ALSO_PROVIDED.iter().find(|(p, _)| *p == base).map_or(base, |(_, tool)| *tool);
+    TOOLS.iter().find(|t| t.probe == name || t.name == name).map(|t| t.package)
 }
 
 pub fn is_present(t: &Tool) -> bool {
@@ -204,4 +241,65 @@ pub fn is_present(t: &Tool) -> bool {
 pub fn which(program: &str) -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
     std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every program named by a string literal right after `Cmd::new(` or `Command::new(` in
+    /// the builder's sources or the integration tests.
+    fn spawned_programs() -> Vec<(String, String)> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut files = Vec::new();
+        let mut dirs = vec![root.join("src"), root.join("../tests")];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    files.push(p);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            for pat in ["Cmd::new(\"", "Command::new(\""] {
+                for (i, _) in text.match_indices(pat) {
+                    let rest = &text[i + pat.len()..];
+                    let prog = &rest[..rest.find('"').unwrap()];
+                    out.push((prog.to_string(), f.display().to_string()));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_program_kiln_and_its_tests_spawn_is_in_doctors_table() {
+        let spawned = spawned_programs();
+        assert!(spawned.iter().any(|(p, _)| p == "mmdebstrap"), "the scan found nothing: {spawned:?}");
+        let mut unknown = Vec::new();
+        for (prog, file) in &spawned {
+            // Absolute paths are run inside an image tree or checked where they are used; the
+            // test suite spawns names that must not exist on purpose.
+            let absent = ["no-such", "nonexistent", "does-not-exist"];
+            if prog.starts_with('/') || absent.iter().any(|a| prog.contains(a)) {
+                continue;
+            }
+            let known = TOOLS.iter().any(|t| t.probe == prog || t.name == prog)
+                || ALSO_PROVIDED.iter().any(|(p, _)| p == prog)
+                || BASE_PROGRAMS.contains(&prog.as_str());
+            if !known {
+                unknown.push(format!("{prog} ({file})"));
+            }
+        }
+        assert!(unknown.is_empty(), "spawned but unknown to kiln doctor (add them to TOOLS): {unknown:?}");
+        for (prog, tool) in ALSO_PROVIDED {
+            assert!(TOOLS.iter().any(|t| t.name == *tool), "{prog}: no tool {tool}");
+            assert!(package_for_program(prog).is_some(), "{prog}: no package");
+        }
+    }
 }
