@@ -279,11 +279,16 @@ fn fetch_into(
         .open(dest)
         .with_context(|| format!("opening {}", dest.display()))?;
     let mut start = state.install.as_ref().and_then(|i| i.done.get(&a.sha256).copied()).unwrap_or(0).min(a.size);
-    // A staging file shorter than the record says (lost, or cleaned up) is downloaded again.
-    let have = file.metadata().with_context(|| format!("reading {}", dest.display()))?.len();
-    if start > have {
-        println!("kiln-agent: {} holds {have} of the {start} bytes recorded; downloading from there", dest.display());
-        start = have;
+    // A staging file shorter than the record says (lost, or cleaned up) is downloaded again
+    // from where it ends. (A partition's metadata has no length: it is always big enough.)
+    let meta = file.metadata().with_context(|| format!("reading {}", dest.display()))?;
+    if meta.is_file() && start > meta.len() {
+        println!(
+            "kiln-agent: {} holds {} of the {start} bytes recorded; downloading from there",
+            dest.display(),
+            meta.len()
+        );
+        start = meta.len();
     }
     if start > 0 {
         println!("kiln-agent: resuming {} at {start} of {} bytes", a.name, a.size);
