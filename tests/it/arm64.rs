@@ -107,12 +107,13 @@ fn rpi4_image_builds_and_boots_in_qemu() {
     let t = Instant::now();
     let boot = kiln(&root, &["boot", "--check", "--tryboot", "--timeout", "900", disk.to_str().unwrap()]);
     let boot_out = text(&boot.stdout);
-    let fallback = text(&boot.stderr).lines().find(|l| l.contains("tryboot partition 3")).map(str::to_string);
+    let err = text(&boot.stderr);
+    let fallback = err.lines().find(|l| l.contains("tryboot partition 3 (slot B) is not bootable")).map(str::to_string);
     assert!(
         fallback.as_deref().is_some_and(|l| l.contains("falling back to partition 2")),
-        "no fallback from the empty tryboot slot: {}",
-        text(&boot.stderr)
+        "no fallback (on one line) from the empty tryboot slot: {err}"
     );
+    assert!(err.contains("autoboot.txt -> partition 2 (slot A)"), "{err}");
     println!("kiln-it: {}", fallback.unwrap().trim());
     assert!(boot.status.success(), "boot check of the rpi4 image failed:\n{boot_out}\n{}", text(&boot.stderr));
     assert!(boot_out.contains("KILN-READY"), "{boot_out}");

@@ -192,8 +192,10 @@ fn rpi_command(opts: &BootOptions, scratch: &Path, interactive: bool) -> Result<
         Ok(l) => l,
         Err(e) if opts.tryboot && part != autoboot.partition(false) => {
             let normal = autoboot.partition(false);
+            // One line: the reason may carry a tool's multi-line stderr.
+            let why = format!("{e:#}").split_whitespace().collect::<Vec<_>>().join(" ");
             eprintln!(
-                "firmware (played by kiln): tryboot partition {part} (slot {}) is not bootable ({e:#}); falling back to partition {normal}",
+                "firmware (played by kiln): tryboot partition {part} (slot {}) is not bootable ({why}); falling back to partition {normal}",
                 slot_name(part)
             );
             part = normal;
@@ -212,7 +214,7 @@ fn rpi_command(opts: &BootOptions, scratch: &Path, interactive: bool) -> Result<
     args.push("systemd.watchdog_sec=off");
     eprintln!(
         "firmware (played by kiln): autoboot.txt -> partition {part} (slot {slot}{}), kernel {}",
-        if opts.tryboot { ", tryboot" } else { "" },
+        if opts.tryboot && part == autoboot.partition(true) { ", tryboot" } else { "" },
         config.kernel
     );
 
