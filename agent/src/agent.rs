@@ -71,10 +71,11 @@ impl Agent {
     pub fn boot(&self) -> Result<()> {
         let mut state = self.load_state()?;
         let (booted, fallback) = self.observe(&mut state, false)?;
+        let mut reject = None;
         match fallback {
             Some(Fallback::Failed { version, note }) => {
                 println!("kiln-agent: {note}");
-                self.medium.reject(&version)?;
+                reject = Some(version);
                 state.last_error = Some(note);
             }
             Some(Fallback::Interrupted { note, .. }) => {
@@ -87,7 +88,12 @@ impl Agent {
             // The new version is running: the staged download is not needed again.
             crate::state::remove_staging(&self.state_dir);
         }
+        // The record first: a power cut between the two must not leave a failed version
+        // without its entry and without the record saying so (it would look never started).
         state.write(&self.state_dir)?;
+        if let Some(version) = reject {
+            self.medium.reject(&version)?;
+        }
         let how = if booted.trial { "trial, waiting for the health check" } else { "committed" };
         println!("kiln-agent: booted {} from slot {} ({how})", self.running, self.slot);
         Ok(())

@@ -341,6 +341,9 @@ fn install(
         Medium::Rpi { .. } => {
             let b = artifact(release, ArtifactKind::Boot)?;
             let boot_dev = agent.partition_device(Role::Boot, target)?;
+            // Once written, the boot image's cmdline.txt is retargeted below, so its bytes no
+            // longer hash to the artifact: a resumed install writes the (small) image again.
+            state.progress(&b.sha256, 0);
             fetch_into(agent, state, client, &update.metadata, b, &boot_dev, downloaded)?;
             state.write(&agent.state_dir)?;
             Medium::point_boot_slot_at_root(&agent.host, &agent.config, target, &boot_dev)?;

@@ -421,6 +421,8 @@ pub fn check(
     let mut run = opts.clone();
     let (mut child, mut rx) = start_headless(&run, accel, scratch)?;
     let mut starts = 1;
+    // Console lines of the current QEMU run (the tail spans every run).
+    let mut this_run = 0usize;
     let mut log = match &opts.log {
         Some(p) => Some(std::fs::File::create(p).with_context(|| format!("creating the console log {}", p.display()))?),
         None => None,
@@ -444,6 +446,7 @@ pub fn check(
                     eprintln!("  | {line}");
                 }
                 tail.push_back(line.clone());
+                this_run += 1;
                 if tail.len() > TAIL_LINES {
                     tail.pop_front();
                 }
@@ -474,8 +477,11 @@ pub fn check(
                 // A Raspberry Pi that resets starts again: kiln plays the firmware's part and
                 // picks the slot the tryboot flag (or its absence) says.
                 let by_itself = status.as_ref().is_ok_and(|s| s.success());
-                if opts.qemu.firmware == Firmware::Rpi && by_itself && starts < MAX_STARTS {
-                    let lines: Vec<String> = tail.iter().cloned().collect();
+                // Only this run's lines tell how it ended; QEMU stopped by a signal ("terminating
+                // on signal") also exits 0, and is not a reset.
+                let lines: Vec<String> = tail.iter().skip(tail.len().saturating_sub(this_run)).cloned().collect();
+                let stopped = lines.iter().any(|l| l.starts_with("qemu: ") && l.contains("terminating on signal"));
+                if opts.qemu.firmware == Firmware::Rpi && by_itself && !stopped && starts < MAX_STARTS {
                     let reset = crate::boot::rpi::reset_of(&lines).unwrap_or(crate::boot::rpi::Reset::Plain);
                     if reset != crate::boot::rpi::Reset::PowerOff {
                         run.tryboot = reset == crate::boot::rpi::Reset::Tryboot;
@@ -485,6 +491,7 @@ pub fn check(
                         );
                         (child, rx) = start_headless(&run, accel, scratch)?;
                         starts += 1;
+                        this_run = 0;
                         continue;
                     }
                 }
