@@ -48,8 +48,9 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     check_free_space(&opts.out_dir, plan)?;
-    // The agent goes into every image: find it before minutes of bootstrapping.
-    crate::config::device::agent_for(plan)?;
+    // The agent goes into every image: find or build it before minutes of bootstrapping.
+    let cache = Cache::open_default()?;
+    let agent = stages::agent::prepare(plan, &cache)?;
     let ctx = Context {
         plan,
         tree: work.join("tree"),
@@ -58,7 +59,6 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
         templates: crate::stages::templates::Templates::load()?,
     };
 
-    let cache = Cache::open_default()?;
     let (boot_files, locked) = match &opts.locked {
         Some(lock) => {
             // A locked bootstrap depends only on its inputs: reuse the tree when they match.
@@ -81,7 +81,7 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
             (boot, stages::bootstrap::collect_locked(&ctx, &cache)?)
         }
     };
-    stages::customize::customize(&ctx)?;
+    stages::customize::customize(&ctx, &agent)?;
     let security = stages::harden::harden(&ctx)?;
     let packages = stages::manifest::packages(&ctx.tree)?;
     let root = stages::rootfs::make_root(&ctx)?;

@@ -92,6 +92,9 @@ enum Command {
     Publish(PublishArgs),
     /// Check the host tools kiln needs; --install installs the missing ones (idempotent).
     Doctor(DoctorArgs),
+    /// Find or build the image's on-device agent (kiln-agent) and print its path: for an arm64
+    /// image kiln cross-builds it in a cached toolchain root, as `kiln build` does.
+    Agent(AgentArgs),
 }
 
 #[derive(clap::Args)]
@@ -201,6 +204,15 @@ struct InspectArgs {
     /// Print the manifest as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Also copy it to DIR/kiln-agent-<arch>.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -348,6 +360,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Keygen(args) => cmd_keygen(args),
         Command::Publish(args) => cmd_publish(args),
         Command::Doctor(args) => cmd_doctor(args),
+        Command::Agent(args) => cmd_agent(args),
     }
 }
 
@@ -608,6 +621,25 @@ fn cmd_cache(CacheArgs { action }: CacheArgs) -> Result<()> {
 fn cmd_plan(PlanArgs { target }: PlanArgs) -> Result<()> {
     let plan = resolve(&target)?;
     println!("{}", serde_json::to_string_pretty(&plan)?);
+    Ok(())
+}
+
+fn cmd_agent(AgentArgs { target, out }: AgentArgs) -> Result<()> {
+    let plan = resolve(&target)?;
+    let cache = kiln::debian::cache::Cache::open_default()?;
+    let bin = stages::agent::prepare(&plan, &cache)?;
+    let bin = match out {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let dest = dir.join(format!("kiln-agent-{}", plan.arch.debian()));
+            let tmp = dir.join(format!(".kiln-agent-{}.tmp", plan.arch.debian()));
+            std::fs::copy(&bin, &tmp).with_context(|| format!("copying {} to {}", bin.display(), tmp.display()))?;
+            std::fs::rename(&tmp, &dest).with_context(|| format!("moving {} into place", dest.display()))?;
+            dest
+        }
+        None => bin,
+    };
+    println!("{}", bin.display());
     Ok(())
 }
 

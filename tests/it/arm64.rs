@@ -37,7 +37,15 @@ fn rpi4_image_builds_and_boots_in_qemu() {
     let out = work.join("out");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(work.join("profiles")).unwrap();
-    std::fs::write(work.join("profiles/pi.toml"), "extends = \"minimal\"\n[system]\nhostname = \"kiln-pi\"\n").unwrap();
+    // With [update]: the image must carry the arm64 agent, which kiln cross-builds itself.
+    let keygen = Command::new(kiln_bin()).args(["keygen", "--out", "keys"]).current_dir(&work).output().unwrap();
+    assert!(keygen.status.success(), "kiln keygen: {}", text(&keygen.stderr));
+    std::fs::write(
+        work.join("profiles/pi.toml"),
+        "extends = \"minimal\"\n[system]\nhostname = \"kiln-pi\"\n\
+         [update]\nfeed = \"http://10.0.2.100/stable.atom\"\npublic_key = \"../keys/kiln-release.pub\"\n",
+    )
+    .unwrap();
 
     let t = Instant::now();
     let build = Command::new(kiln_bin())
@@ -55,9 +63,15 @@ fn rpi4_image_builds_and_boots_in_qemu() {
         .map(|l| l.trim().to_string())
         .collect();
     println!("kiln-it: built pi-rpi4 (arm64, cold) in {secs:.1}s");
-    for s in stages.iter().take(12) {
+    for s in stages.iter().take(14) {
         println!("kiln-it:   {s}");
     }
+    // The agent stage cross-built (or, with a warm cache, reused) the arm64 agent.
+    assert!(
+        stages.iter().any(|s| s.starts_with("agent ") && s.contains("kiln-agent arm64")),
+        "no agent stage in the build output:\n{}",
+        text(&build.stderr)
+    );
     let dir = out.join("pi-rpi4");
     let disk = dir.join("disk.img");
     let manifest: serde_json::Value =

@@ -201,6 +201,7 @@ pub const BASE_PROGRAMS: &[&str] = &[
     "findmnt",
     "lsblk",
     "partx",
+    "unshare",
     "apt-get",
     "systemd-escape",
     "env",

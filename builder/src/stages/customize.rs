@@ -24,7 +24,7 @@ const ENABLED_UNITS: &[&str] = &[
     "kiln-agent-commit.service",
 ];
 
-pub fn customize(ctx: &Context) -> Result<()> {
+pub fn customize(ctx: &Context, agent: &Path) -> Result<()> {
     let progress = StageProgress::start("customize", "configuration, users, read-only layout");
     let plan = ctx.plan;
     let tree = &ctx.tree;
@@ -86,16 +86,13 @@ pub fn customize(ctx: &Context) -> Result<()> {
         0o644,
     )?;
     symlink_force("../run/systemd/resolve/stub-resolv.conf", &tree.join("etc/resolv.conf"))?;
-    install_agent(ctx, &tctx)?;
+    install_agent(ctx, &tctx, agent)?;
 
     // Users: SSH keys only; root stays locked.
     create_users(ctx)?;
 
     // Units.
     let mut units: Vec<&str> = ENABLED_UNITS.to_vec();
-    if !tree.join("usr/bin/kiln-agent").exists() {
-        units.retain(|u| !u.starts_with("kiln-agent"));
-    }
     if plan.update.is_some() {
         units.push("kiln-agent.timer");
     }
@@ -134,15 +131,14 @@ pub fn customize(ctx: &Context) -> Result<()> {
 
 /// The on-device agent: its binary, `/usr/lib/kiln/device.json`, and its units (the timer
 /// only when the profile has `[update]`).
-fn install_agent(ctx: &Context, tctx: &tera::Context) -> Result<()> {
+fn install_agent(ctx: &Context, tctx: &tera::Context, bin: &Path) -> Result<()> {
     let (tree, plan, t) = (&ctx.tree, ctx.plan, &ctx.templates);
-    let Some(bin) = crate::config::device::agent_for(plan)? else { return Ok(()) };
     let dest = tree.join("usr/bin/kiln-agent");
     // Debug builds carry tens of MiB of debug info the device does not need (and would download
     // with every update); a foreign binary the host's objcopy cannot read goes in as it is.
-    let stripped = Cmd::new("objcopy").arg("--strip-debug").arg(&bin).arg(&dest).run();
+    let stripped = Cmd::new("objcopy").arg("--strip-debug").arg(bin).arg(&dest).run();
     if stripped.is_err() {
-        let data = std::fs::read(&bin).with_context(|| format!("reading {}", bin.display()))?;
+        let data = std::fs::read(bin).with_context(|| format!("reading {}", bin.display()))?;
         write_file(&dest, &data, 0o755)?;
     }
     std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755))

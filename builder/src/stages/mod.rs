@@ -1,6 +1,7 @@
 //! The build stages, in the order `build::build` runs them. Each stage reads the frozen plan
 //! and writes only below the build's work directory.
 
+pub mod agent;
 pub mod bootstrap;
 pub mod customize;
 pub mod disk;
