@@ -11,6 +11,23 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 /// Units kiln enables in every image.
+/// Units an appliance never needs, masked: each costs seconds of a TCG guest's boot (and CPU on
+/// a Pi), and some expose debugging interfaces. Measured with `systemd-analyze blame` in the
+/// minimal image (NOTES.md, session 10).
+pub const MASKED_UNITS: &[&str] = &[
+    "dev-hugepages.mount",                    // no huge-page users
+    "sys-kernel-debug.mount",                 // debugfs: a debugging interface, not for an appliance
+    "sys-kernel-tracing.mount",               // tracefs: likewise
+    "sys-fs-fuse-connections.mount",          // no FUSE file systems
+    "modprobe@fuse.service",                  // likewise
+    "sys-kernel-config.mount",                // configfs: USB gadgets, iSCSI targets
+    "modprobe@configfs.service",              // likewise
+    "modprobe@drm.service",                   // no display stack (the console is serial or the firmware's)
+    "systemd-network-generator.service",      // networkd configuration from ip= arguments: kiln ships its own
+    "systemd-udev-load-credentials.service",  // udev rules passed as credentials: kiln passes none
+    "systemd-journal-catalog-update.service", // message catalog index: explanations for journalctl -x only
+];
+
 const ENABLED_UNITS: &[&str] = &[
     "systemd-networkd.service",
     "systemd-resolved.service",
@@ -115,6 +132,7 @@ pub fn customize(ctx: &Context, agent: &Path) -> Result<()> {
     if tree.join("usr/lib/systemd/system/e2scrub_reap.service").exists() {
         disable.run()?;
     }
+    Cmd::new("chroot").arg(tree).args(["systemctl", "mask", "--quiet"]).args(MASKED_UNITS).run()?;
 
     // State lives on /var (the data partition); /home and /srv point there.
     make_var_factory(tree)?;
