@@ -9,7 +9,7 @@
 //! keeps running; and power cuts (QEMU killed) at random moments of installing v5 always leave
 //! a device that comes up on a committed slot.
 
-use crate::httpd::Server;
+use crate::httpd::{serve_channel as serve, Server};
 use crate::vm::Vm;
 use crate::Need;
 
@@ -21,16 +21,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use std::time::{Duration, Instant};
-
-/// Puts a channel's metadata (json + sig) where the server serves it.
-fn serve(site: &Path, snapshot: &Path) {
-    for f in ["stable.json", "stable.json.sig"] {
-        std::fs::copy(snapshot.join(f), site.join(format!(".{f}.tmp"))).unwrap();
-    }
-    // The signature first: a reader must never pair new metadata with an old signature.
-    std::fs::rename(site.join(".stable.json.sig.tmp"), site.join("stable.json.sig")).unwrap();
-    std::fs::rename(site.join(".stable.json.tmp"), site.join("stable.json")).unwrap();
-}
 
 fn snapshot(from: &Path, to: &Path) -> PathBuf {
     std::fs::create_dir_all(to).unwrap();

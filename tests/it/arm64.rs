@@ -1,13 +1,41 @@
 //! The Raspberry Pi image for real: an arm64 mmdebstrap build on this x86-64 host (qemu-user for
-//! maintainer scripts only; kiln's initramfs is made natively), the DOS table with the tryboot
-//! A/B layout, the firmware files of slot A, and a QEMU boot (`-M raspi3b`) to the readiness
-//! marker with kiln playing the GPU firmware's part. Prints what it measured.
+//! maintainer scripts only; kiln's initramfs is made natively; the arm64 kiln-agent cross-built
+//! by kiln itself), the DOS table with the tryboot A/B layout, the firmware files of slot A, and
+//! then the Pi updating itself over the air on QEMU's `virt` machine (the same card, the same
+//! boot files read as the firmware reads them, restarted after every reset as the firmware
+//! would): a first try-boot of a never-updated card falling back to slot A, v1 -> v2 committed
+//! (autoboot.txt swapped), v3 failing its health check rolled back to v2, power cuts during an
+//! install and during a trial. Prints what it measured.
 
+use crate::httpd::{serve_channel as serve, Server};
+use crate::vm::Vm;
 use crate::Need;
 use crate::{kiln, kiln_bin, repo_root, text};
-use std::path::Path;
+use kiln::boot::rpi::Reset;
+use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// Where the guest finds the feed: QEMU's user-mode network forwards it to the test's server.
+const FEED_HOST: &str = "10.0.2.100";
+
+/// One boot of the arm64 guest under TCG, generously (a loaded 2-core host).
+const BOOT: Duration = Duration::from_secs(900);
+
+/// kiln with the default cache (the agent's toolchain root and the .debs are kept across runs).
+fn kiln_here(work: &Path, args: &[&str]) -> String {
+    let out = Command::new(kiln_bin()).args(args).current_dir(work).output().unwrap();
+    assert!(out.status.success(), "kiln {} failed:\n{}\n{}", args.join(" "), text(&out.stdout), text(&out.stderr));
+    text(&out.stdout) + &text(&out.stderr)
+}
+
+fn snapshot(from: &Path, to: &Path) -> PathBuf {
+    std::fs::create_dir_all(to).unwrap();
+    for f in ["stable.json", "stable.json.sig"] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+    to.to_path_buf()
+}
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -25,54 +53,36 @@ fn fat_file(disk: &Path, offset: u64, name: &str) -> String {
 }
 
 #[test]
-fn rpi4_image_builds_and_boots_in_qemu() {
+fn rpi4_image_builds_boots_and_updates_itself() {
     if !crate::host_can_run(
-        "rpi4_image_builds_and_boots_in_qemu",
-        &[Need::Root, Need::Tool("mmdebstrap"), Need::Tool("arch-test"), Need::Tool("qemu-system-aarch64")],
+        "rpi4_image_builds_boots_and_updates_itself",
+        &[
+            Need::Root,
+            Need::Tool("mmdebstrap"),
+            Need::Tool("arch-test"),
+            Need::Tool("qemu-system-aarch64"),
+            Need::Tool("mtype"),
+        ],
     ) {
         return;
     }
     let root = repo_root();
     let work = root.join("target/kiln-it-rpi");
-    let out = work.join("out");
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(work.join("profiles")).unwrap();
-    // With [update]: the image must carry the arm64 agent, which kiln cross-builds itself.
-    let keygen = Command::new(kiln_bin()).args(["keygen", "--out", "keys"]).current_dir(&work).output().unwrap();
-    assert!(keygen.status.success(), "kiln keygen: {}", text(&keygen.stderr));
-    std::fs::write(
-        work.join("profiles/pi.toml"),
-        "extends = \"minimal\"\n[system]\nhostname = \"kiln-pi\"\n\
-         [update]\nfeed = \"http://10.0.2.100/stable.atom\"\npublic_key = \"../keys/kiln-release.pub\"\n",
-    )
-    .unwrap();
-
-    let t = Instant::now();
-    let build = Command::new(kiln_bin())
-        .args(["build", "--profile", "profiles/pi.toml", "--image", "rpi4", "--out"])
-        .arg(&out)
-        .current_dir(&work)
-        .output()
-        .unwrap();
-    assert!(build.status.success(), "kiln build --image rpi4 failed:\n{}", text(&build.stderr));
-    let secs = t.elapsed().as_secs_f64();
-    // The per-stage summary lines ("    bootstrap   512.3s  kernel ...").
-    let stages: Vec<String> = text(&build.stderr)
-        .lines()
-        .filter(|l| l.starts_with("    ") && !l.trim_start().starts_with("==>"))
-        .map(|l| l.trim().to_string())
-        .collect();
-    println!("kiln-it: built pi-rpi4 (arm64, cold) in {secs:.1}s");
-    for s in stages.iter().take(14) {
-        println!("kiln-it:   {s}");
+    let versions = ["0.1.0", "0.2.0", "0.3.0", "0.4.0"];
+    let outs: Vec<PathBuf> = versions.iter().map(|v| work.join(format!("out-{v}/pi-rpi4"))).collect();
+    // KILN_IT_REUSE=1 keeps the builds of an earlier run (for working on the update part).
+    let reuse = std::env::var_os("KILN_IT_REUSE").is_some() && outs[3].join("manifest.json").exists();
+    if reuse {
+        for d in ["site", "site-staging", "meta-2", "meta-3", "meta-4", "qemu", "card.img", "console.log"] {
+            let p = work.join(d);
+            let _ = std::fs::remove_dir_all(&p);
+            let _ = std::fs::remove_file(&p);
+        }
+    } else {
+        let _ = std::fs::remove_dir_all(&work);
+        build_releases(&work, &versions);
     }
-    // The agent stage cross-built (or, with a warm cache, reused) the arm64 agent.
-    assert!(
-        stages.iter().any(|s| s.starts_with("agent ") && s.contains("kiln-agent arm64")),
-        "no agent stage in the build output:\n{}",
-        text(&build.stderr)
-    );
-    let dir = out.join("pi-rpi4");
+    let dir = outs[0].clone();
     let disk = dir.join("disk.img");
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
@@ -115,25 +125,186 @@ fn rpi4_image_builds_and_boots_in_qemu() {
     assert!(inspect.status.success(), "{}", text(&inspect.stderr));
     println!("kiln-it: {}", text(&inspect.stdout).lines().last().unwrap_or_default());
 
-    // Boots under QEMU's raspi3b to the readiness marker, asked to try-boot: slot B of a card
-    // that was never updated holds no boot files, so the firmware (played by kiln boot) falls
-    // back to the normal slot A, as the real one does.
+    // QEMU's raspi3b machine (the Pi's own device tree, SD card and mini UART) is booted by
+    // scripts/bench ("rpi4 boot to ready (raspi3b)"); here the card boots on `virt`, which
+    // reads the same boot files and is several times faster under TCG.
+    updates_over_the_air(&work, &outs);
+}
+
+/// Keys, the profile, one lock, a cold locked build of the first version, then the others from
+/// the cached tree.
+fn build_releases(work: &Path, versions: &[&str]) {
+    std::fs::create_dir_all(work.join("profiles")).unwrap();
+    // With [update]: the image must carry the arm64 agent, which kiln cross-builds itself.
+    // Release 0.3.0 is the same appliance with a health check that fails.
+    kiln_here(work, &["keygen", "--out", "keys"]);
+    std::fs::write(
+        work.join("profiles/pi.toml"),
+        format!(
+            "extends = \"minimal\"\n[system]\nhostname = \"kiln-pi\"\n\
+             [update]\nfeed = \"http://{FEED_HOST}/stable.atom\"\npublic_key = \"../keys/kiln-release.pub\"\n\
+             interval = \"20s\"\njitter = \"0s\"\n\
+             [health]\ncommands = [\"! grep -q '^IMAGE_VERSION=0.3.0$' /usr/lib/os-release\"]\n"
+        ),
+    )
+    .unwrap();
     let t = Instant::now();
-    let boot = kiln(&root, &["boot", "--check", "--tryboot", "--timeout", "900", disk.to_str().unwrap()]);
-    let boot_out = text(&boot.stdout);
-    let err = text(&boot.stderr);
-    let fallback = err.lines().find(|l| l.contains("tryboot partition 3 (slot B) is not bootable")).map(str::to_string);
-    assert!(
-        fallback.as_deref().is_some_and(|l| l.contains("falling back to partition 2")),
-        "no fallback (on one line) from the empty tryboot slot: {err}"
-    );
-    assert!(err.contains("autoboot.txt -> partition 2 (slot A)"), "{err}");
-    println!("kiln-it: {}", fallback.unwrap().trim());
-    assert!(boot.status.success(), "boot check of the rpi4 image failed:\n{boot_out}\n{}", text(&boot.stderr));
-    assert!(boot_out.contains("KILN-READY"), "{boot_out}");
+    kiln_here(work, &["lock", "--profile", "profiles/pi.toml", "--image", "rpi4", "--out", "scratch"]);
+    println!("kiln-it: locked pi-rpi4 (arm64 bootstrap) in {:.1}s", t.elapsed().as_secs_f64());
+    let lock = "profiles/pi.rpi4.lock";
+    for v in versions {
+        let t = Instant::now();
+        let o = work.join(format!("out-{v}"));
+        let log = kiln_here(
+            work,
+            &["build", "--profile", "profiles/pi.toml", "--image", "rpi4", "--lock", lock, "--release", v, "--out"]
+                .into_iter()
+                .chain([o.to_str().unwrap()])
+                .collect::<Vec<_>>(),
+        );
+        let secs = t.elapsed().as_secs_f64();
+        // The per-stage summary lines ("    bootstrap   512.3s  kernel ...").
+        let stages: Vec<String> = log
+            .lines()
+            .filter(|l| l.starts_with("    ") && !l.trim_start().starts_with("==>"))
+            .map(|l| l.trim().to_string())
+            .collect();
+        println!("kiln-it: built pi-rpi4 {v} (arm64, locked) in {secs:.1}s");
+        if *v == versions[0] {
+            for s in stages.iter().take(14) {
+                println!("kiln-it:   {s}");
+            }
+        }
+        // The agent stage cross-built (or, with a warm cache, reused) the arm64 agent.
+        assert!(
+            stages.iter().any(|s| s.starts_with("agent ") && s.contains("kiln-agent arm64")),
+            "no agent stage in the build output:\n{log}"
+        );
+    }
+}
+
+/// The Pi updating itself: the releases published with `kiln publish`, served on 127.0.0.1
+/// (relayed into the guest's restricted network), the real agent on the card, QEMU `virt`
+/// started again after every reset with the slot the firmware would take.
+fn updates_over_the_air(work: &Path, outs: &[PathBuf]) {
+    let staging = work.join("site-staging");
+    let mut metas = Vec::new();
+    for (i, dir) in outs.iter().enumerate().skip(1) {
+        kiln_here(
+            work,
+            &[
+                "publish",
+                dir.to_str().unwrap(),
+                "--channel",
+                "stable",
+                "--to",
+                staging.to_str().unwrap(),
+                "--key",
+                "keys/kiln-release.key",
+                "--base-url",
+                &format!("http://{FEED_HOST}/"),
+            ],
+        );
+        metas.push(snapshot(&staging, &work.join(format!("meta-{}", i + 1))));
+    }
+    let (meta_v2, meta_v3, meta_v4) = (&metas[0], &metas[1], &metas[2]);
+    let site = work.join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    std::os::unix::fs::symlink(staging.join("artifacts"), site.join("artifacts")).unwrap();
+    // Nothing published yet at first (the server answers 404): the device says so and runs on.
+    let server = Server::start(&site);
+    let port = server.port();
+
+    let manifest: kiln::stages::manifest::Manifest =
+        serde_json::from_str(&std::fs::read_to_string(outs[0].join("manifest.json")).unwrap()).unwrap();
+    let qemu = kiln::boot::qemu::virt_machine(manifest.qemu.clone());
+    let disk = work.join("card.img");
+    let cp = Command::new("cp").arg("--sparse=always").arg(outs[0].join("disk.img")).arg(&disk).status().unwrap();
+    assert!(cp.success());
+    let offset = |name: &str| manifest.partitions.iter().find(|p| p.name == name).unwrap().offset;
+    let autoboot = || fat_file(&disk, offset("autoboot"), "autoboot.txt");
+    let log = work.join("console.log");
+    let scratch = work.join("qemu");
+    let relays = [(format!("{FEED_HOST}:80"), port)];
+    let relays: Vec<(&str, u16)> = relays.iter().map(|(g, p)| (g.as_str(), *p)).collect();
+    let start = |tryboot: bool| Vm::start_rpi(&disk, &qemu, &relays, tryboot, &log, &scratch);
+    // The next start after `vm` ended, as the firmware decides it.
+    let restart = |vm: &Vm, expect: Reset| {
+        let reset = vm.reset().unwrap_or(Reset::Plain);
+        assert_eq!(reset, expect, "the guest's last reset");
+        start(reset == Reset::Tryboot)
+    };
+
+    // v1 -> v2: installed into boot-b + root-b, `reboot "0 tryboot"`, healthy, committed.
+    // The first start asks for the tryboot slot of a card that was never updated: slot B holds
+    // no boot files, so the firmware (played by kiln) falls back to slot A, as the real one does.
+    let t = Instant::now();
+    let mut vm = start(true);
+    vm.wait_for(&["kiln-agent: booted 0.1.0 from slot a (committed)"], BOOT);
+    let ready = vm.wait_for(&["KILN-READY", "KILN-NOT-READY"], BOOT);
+    assert!(ready.contains("KILN-READY"), "{ready}");
+    let first_ready = t.elapsed().as_secs_f64();
+    let unserved = vm.wait_for(&["kiln-agent: "], BOOT);
+    println!("kiln-it: pi v1 ready after {first_ready:.1}s; with no release served: {}", unserved.trim());
+    assert!(vm.child.try_wait().unwrap().is_none(), "the device rebooted without a feed");
+    serve(&site, meta_v2);
+    vm.wait_for(&["kiln-agent: installing 0.2.0 into slot b"], BOOT);
+    let t_install = Instant::now();
+    let installed = vm.wait_for(&["kiln-agent: installed 0.2.0 into slot b"], BOOT);
+    let install_secs = t_install.elapsed().as_secs_f64();
+    vm.wait_exit(Duration::from_secs(300));
+    let mut vm = restart(&vm, Reset::Tryboot);
+    vm.wait_for(&["kiln-agent: booted 0.2.0 from slot b (trial"], BOOT);
+    vm.wait_for(&["KILN-READY version=0.2.0"], BOOT);
+    vm.wait_for(&["kiln-agent: committed 0.2.0 in slot b"], BOOT);
+    vm.wait_for(&["kiln-agent: running 0.2.0, the newest release"], BOOT);
+    let swapped = autoboot();
+    assert_eq!(swapped, "[all]\ntryboot_a_b=1\nboot_partition=3\n[tryboot]\nboot_partition=2\n");
     println!(
-        "kiln-it: raspi3b boot: {} ({:.1}s wall)",
-        boot_out.lines().next().unwrap_or_default().trim(),
+        "kiln-it: pi v1 -> v2 installed in {install_secs:.1}s ({}), committed {:.1}s after v1 started; autoboot.txt: [all] -> 3",
+        installed.trim(),
         t.elapsed().as_secs_f64()
     );
+
+    // v3 fails its health check: the trial rolls back by itself (a plain reboot: [all] = v2).
+    serve(&site, meta_v3);
+    let t = Instant::now();
+    vm.wait_for(&["kiln-agent: installing 0.3.0 into slot a"], BOOT);
+    vm.wait_exit(Duration::from_secs(900));
+    let mut vm = restart(&vm, Reset::Tryboot);
+    vm.wait_for(&["kiln-agent: booted 0.3.0 from slot a (trial"], BOOT);
+    vm.wait_for(&["KILN-NOT-READY version=0.3.0"], BOOT);
+    vm.wait_for(&["kiln-agent: 0.3.0 failed its health check; rolling back to 0.2.0 in slot b"], BOOT);
+    vm.wait_exit(Duration::from_secs(300));
+    let mut vm = restart(&vm, Reset::Plain);
+    vm.wait_for(&["kiln-agent: booted 0.2.0 from slot b (committed)"], BOOT);
+    let skip = vm.wait_for(&["kiln-agent: release 0.3.0 skipped: it failed on this device"], BOOT);
+    assert_eq!(autoboot(), swapped, "a failed trial must not change autoboot.txt");
+    println!("kiln-it: pi v3 rolled back to v2 in {:.1}s; then: {}", t.elapsed().as_secs_f64(), skip.trim());
+
+    // A power cut while v4 downloads: the committed v2 comes up and the install goes on.
+    serve(&site, meta_v4);
+    server.set_rate_limit(Some(4 << 20));
+    vm.wait_for(&["kiln-agent: installing 0.4.0 into slot a"], BOOT);
+    std::thread::sleep(Duration::from_secs(6));
+    vm.kill();
+    let mut vm = start(false);
+    vm.wait_for(&["kiln-agent: booted 0.2.0 from slot b (committed)"], BOOT);
+    vm.wait_for(&["KILN-READY version=0.2.0"], BOOT);
+    server.set_rate_limit(None);
+    let resumed = vm.wait_for(&["kiln-agent: resuming", "kiln-agent: installing 0.4.0"], BOOT);
+    vm.wait_for(&["kiln-agent: installed 0.4.0 into slot a"], BOOT);
+    println!("kiln-it: pi power cut during the v4 download: came up on v2; then {}", resumed.trim());
+
+    // A power cut during v4's trial: the tryboot flag is gone, the committed v2 boots.
+    vm.wait_exit(Duration::from_secs(300));
+    let mut vm = restart(&vm, Reset::Tryboot);
+    vm.wait_for(&["kiln-agent: booted 0.4.0 from slot a (trial"], BOOT);
+    vm.kill();
+    let mut vm = start(false);
+    vm.wait_for(&["kiln-agent: booted 0.2.0 from slot b (committed)"], BOOT);
+    vm.wait_for(&["KILN-READY version=0.2.0"], BOOT);
+    assert_eq!(autoboot(), swapped, "an interrupted trial must not change autoboot.txt");
+    vm.kill();
+    println!("kiln-it: pi power cut during the v4 trial: came up on the committed v2 (autoboot.txt unchanged)");
 }

@@ -181,3 +181,13 @@ fn serve(
     }
     Ok(())
 }
+
+/// Puts a channel's metadata (`stable.json` + `.sig` from `from`) where a [`Server`] serves
+/// `site`: the signature first, so a reader never pairs new metadata with an old signature.
+pub fn serve_channel(site: &Path, from: &Path) {
+    for f in ["stable.json", "stable.json.sig"] {
+        std::fs::copy(from.join(f), site.join(format!(".{f}.tmp"))).unwrap();
+    }
+    std::fs::rename(site.join(".stable.json.sig.tmp"), site.join("stable.json.sig")).unwrap();
+    std::fs::rename(site.join(".stable.json.tmp"), site.join("stable.json")).unwrap();
+}

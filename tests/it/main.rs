@@ -1,7 +1,9 @@
 //! kiln's integration tests: one binary, testing behaviour through the `kiln` command line.
 //!
-//! `arm64`: the Raspberry Pi 4 image built on this x86-64 host and booted on QEMU's raspi3b
-//! (named so that it sorts first: it is the longest test and should start at once).
+//! `arm64`: the Raspberry Pi 4 image built on this x86-64 host (four locked releases, the arm64
+//! agent cross-built by kiln) and updating itself over the air on QEMU's `virt` machine, kiln
+//! playing the firmware's tryboot across resets (named so that it sorts first: it is the
+//! longest test and should start at once).
 //! `golden`: profile errors against expected output (re-bless with KILN_BLESS=1).
 //! `cli`: plan and inspect behaviour that needs no build.
 //! `flash`: `kiln flash` against loop devices: writing, verifying, refusing the wrong device,

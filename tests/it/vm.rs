@@ -55,6 +55,38 @@ impl Vm {
         log: &Path,
         scratch: &Path,
     ) -> Vm {
+        Vm::launch(disk, qemu, relays, ssh_port, false, log, scratch)
+    }
+
+    /// Boots a Raspberry Pi card (changes persist) the way its firmware would after the last
+    /// reset: `tryboot` starts autoboot.txt's `[tryboot]` slot (falling back to `[all]` when
+    /// that slot is not bootable), otherwise the `[all]` slot. See [`Vm::reset`].
+    pub fn start_rpi(
+        disk: &Path,
+        qemu: &kiln::config::image::Qemu,
+        relays: &[(&str, u16)],
+        tryboot: bool,
+        log: &Path,
+        scratch: &Path,
+    ) -> Vm {
+        Vm::launch(disk, qemu, relays, None, tryboot, log, scratch)
+    }
+
+    /// How this run ended (QEMU has exited): what a Pi's firmware knows at the next start.
+    /// `None` (a reset without a word, a watchdog) boots the `[all]` slot like a plain reboot.
+    pub fn reset(&self) -> Option<kiln::boot::rpi::Reset> {
+        kiln::boot::rpi::reset_of(&self.lines.lock().unwrap())
+    }
+
+    fn launch(
+        disk: &Path,
+        qemu: &kiln::config::image::Qemu,
+        relays: &[(&str, u16)],
+        ssh_port: Option<u16>,
+        tryboot: bool,
+        log: &Path,
+        scratch: &Path,
+    ) -> Vm {
         std::fs::create_dir_all(scratch).unwrap();
         let relay = scratch.join("relay.py");
         std::fs::write(&relay, RELAY).unwrap();
@@ -71,7 +103,7 @@ impl Vm {
                 .map(|(guest, port)| format!("guestfwd=tcp:{guest}-cmd:python3 {} {port}", relay.display()))
                 .collect(),
             log: None,
-            tryboot: false,
+            tryboot,
         };
         let monitor = scratch.join("monitor.sock");
         let _ = std::fs::remove_file(&monitor);
@@ -88,7 +120,7 @@ impl Vm {
         let done = Arc::new(Mutex::new(false));
         let (l, p, d) = (lines.clone(), partial.clone(), done.clone());
         let mut logf = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        writeln!(logf, "==== qemu started").unwrap();
+        writeln!(logf, "==== qemu started{}", if tryboot { " (tryboot)" } else { "" }).unwrap();
         std::thread::spawn(move || {
             let mut pending = Vec::new();
             let mut chunk = [0u8; 4096];

@@ -79,7 +79,10 @@ pub fn bootstrap(ctx: &Context, packages: Packages) -> Result<BootFiles> {
     let final_initramfs =
         "rm -f \"$1\"/boot/initrd.img-* && chroot \"$1\" env KILN_INITRAMFS_FINAL=1 update-initramfs -c -k all";
     // With kiln's own initramfs, update-initramfs is diverted to a no-op before any package
-    // that calls it is installed: no initramfs is ever made under emulation.
+    // that calls it is installed: no initramfs is ever made under emulation. These hooks run
+    // as extract hooks (after the first packages are unpacked, before any is configured):
+    // mmdebstrap runs no essential hook for the custom variant of locked builds, where every
+    // package is installed in that first step.
     let divert = "chroot \"$1\" dpkg-divert --local --quiet --rename --divert /usr/sbin/update-initramfs.distrib --add /usr/sbin/update-initramfs && printf '#!/bin/sh\\n# kiln: the initramfs is built on the build host\\nexit 0\\n' > \"$1/usr/sbin/update-initramfs\" && chmod 755 \"$1/usr/sbin/update-initramfs\"";
     let mut cmd = Cmd::new("mmdebstrap")
         .arg("--mode=root")
@@ -112,11 +115,11 @@ pub fn bootstrap(ctx: &Context, packages: Packages) -> Result<BootFiles> {
     cmd = if tools {
         cmd.arg(format!("--setup-hook={setup}")).arg(format!("--customize-hook={final_initramfs}"))
     } else {
-        cmd.arg(format!("--essential-hook={divert}"))
+        cmd.arg(format!("--extract-hook={divert}"))
     };
     let foreign = !plan.arch.is_host();
     if foreign {
-        cmd = cmd.arg(format!("--essential-hook={}", super::native::essential_hook()));
+        cmd = cmd.arg(format!("--extract-hook={}", super::native::extract_hook()));
     }
     for opt in DPKG_EXCLUDES {
         cmd = cmd.arg(format!("--dpkgopt={opt}"));

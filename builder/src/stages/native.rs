@@ -1,7 +1,7 @@
 //! Work that maintainer scripts would do under qemu-user emulation in a foreign-architecture
 //! bootstrap, done on the host instead (part of making arm64 builds fast on x86-64).
 //!
-//! During the bootstrap, an essential hook diverts the slow programs to no-ops and pre-creates
+//! During the bootstrap, an extract hook diverts the slow programs to no-ops and pre-creates
 //! placeholder SSH host keys (kiln removes host keys anyway; each device makes its own at first
 //! boot). After mmdebstrap, `finish` does their work natively and removes the diversions, so the
 //! image's dpkg database and programs are as Debian installed them.
@@ -15,8 +15,9 @@ use std::path::Path;
 pub const DIVERTED: &[(&str, &str)] =
     &[("/usr/sbin/update-ca-certificates", "one sed and ln per certificate: ~2 minutes under emulation")];
 
-/// The essential hook (shell, run by mmdebstrap with the tree as `$1`).
-pub fn essential_hook() -> String {
+/// The extract hook (shell, run by mmdebstrap with the tree as `$1`, after the first packages
+/// are unpacked and before any is configured; locked builds get no essential hook).
+pub fn extract_hook() -> String {
     let mut parts = Vec::new();
     for (path, _) in DIVERTED {
         parts.push(format!(
