@@ -8,7 +8,8 @@
 //! The modules use each other in one direction only (`use crate::` edges; no circles):
 //!
 //! ```text
-//! main    -> agent, backup, state, update
+//! main    -> agent, backup, data, state, update
+//! data    -> exec, system                                   (/var: grown, formatted, mounted)
 //! update  -> agent, backup, boot, download, state, system   (one update check)
 //! agent   -> boot, state, system                            (boot, commit, rollback)
 //! backup  -> download, exec, state, system                  (restic)
@@ -20,6 +21,7 @@
 mod agent;
 mod backup;
 mod boot;
+mod data;
 mod download;
 mod exec;
 mod state;
@@ -73,6 +75,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run by kiln's initramfs, chrooted into the verified root: find the data partition on
+    /// the root's disk, grow it to the end of the medium, make its file system on first boot,
+    /// check and mount it (a tmpfs, and the reason in /run/kiln/data-error, when it cannot).
+    MountData {
+        #[arg(long, default_value = "/var")]
+        target: PathBuf,
+    },
     /// Backups with restic: now, status, drill, restore, prune.
     Backup {
         #[command(subcommand)]
@@ -122,6 +131,10 @@ fn run(cli: Cli) -> Result<()> {
     if let Command::Backup { action } = &cli.command {
         return backup(&cli.config, &cli.state_dir, action);
     }
+    if let Command::MountData { target } = &cli.command {
+        let config = kiln_device::DeviceConfig::load(&cli.config);
+        return data::mount_or_tmpfs(&system::Host::default(), config, target);
+    }
     let agent = agent::Agent::open(&cli.config, &cli.state_dir)?;
     match cli.command {
         Command::Boot => agent.boot(),
@@ -161,7 +174,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Status { .. } | Command::Backup { .. } => unreachable!("handled above"),
+        Command::Status { .. } | Command::Backup { .. } | Command::MountData { .. } => unreachable!("handled above"),
     }
 }
 
@@ -301,6 +314,7 @@ fn status(config: &std::path::Path, state_dir: &std::path::Path, json: bool) -> 
             "running_version": config.as_ref().map(|c| c.version.to_string()),
             "feed": config.as_ref().and_then(|c| c.update.as_ref()).map(|u| &u.feed),
             "state": state,
+            "data_error": std::fs::read_to_string(data::ERROR_FILE).ok().map(|e| e.trim().to_string()),
             "backup": backup::Status::load(state_dir).ok().map(|mut b| {
                 if let Some(c) = config.as_ref().and_then(|c| c.backup.as_ref()) {
                     b.refresh_alerts(kiln_feed::Timestamp::now(), c.stale_after_secs);
@@ -321,6 +335,9 @@ fn status(config: &std::path::Path, state_dir: &std::path::Path, json: bool) -> 
                 .map(|u| u.feed.clone())
                 .unwrap_or_else(|| "none ([update] not set in the profile)".into())
         );
+    }
+    if let Ok(e) = std::fs::read_to_string(data::ERROR_FILE) {
+        println!("data:      /var is a temporary file system for this boot: {}", e.trim());
     }
     println!("booted:    slot {}", state.booted.map(|s| s.to_string()).unwrap_or_else(none));
     println!("current:   {}", state.current_version.as_ref().map(|v| v.to_string()).unwrap_or_else(none));

@@ -133,64 +133,140 @@ impl GptTable {
 
     /// Writes the protective MBR, both headers and both entry arrays. Touches nothing else.
     pub fn write<W: Write + Seek>(&self, disk: &mut W) -> Result<(), GptError> {
+        self.write_with(disk, &mut |d: &mut W| d.flush())
+    }
+
+    /// [`GptTable::write`] in an order that survives a torn write, with `barrier` (an fsync on
+    /// a device) between the steps: the backup entries and header at the end of the disk first,
+    /// then the primary entries, then the primary header, which makes them valid. Cut anywhere,
+    /// either the primary table is whole (old or new) or the new backup is, and
+    /// [`GptTable::read`] (and Linux) fall back to the backup when the primary does not read.
+    pub fn write_with<W: Write + Seek>(
+        &self,
+        disk: &mut W,
+        barrier: &mut dyn FnMut(&mut W) -> std::io::Result<()>,
+    ) -> Result<(), GptError> {
         self.check()?;
         let last = self.disk_sectors - 1;
         let entries = self.entry_array();
         let crc = crc32fast::hash(&entries);
         let backup_entries_lba = last - ENTRY_SECTORS;
-        disk.seek(SeekFrom::Start(0))?;
-        disk.write_all(&self.protective_mbr())?;
-        disk.write_all(&self.header(1, last, 2, crc))?;
-        disk.write_all(&entries)?;
         disk.seek(SeekFrom::Start(backup_entries_lba * SECTOR))?;
         disk.write_all(&entries)?;
         disk.write_all(&self.header(last, 1, backup_entries_lba, crc))?;
-        disk.flush()?;
+        barrier(disk)?;
+        disk.seek(SeekFrom::Start(2 * SECTOR))?;
+        disk.write_all(&entries)?;
+        barrier(disk)?;
+        disk.seek(SeekFrom::Start(0))?;
+        disk.write_all(&self.protective_mbr())?;
+        disk.write_all(&self.header(1, last, 2, crc))?;
+        barrier(disk)?;
         Ok(())
     }
 
-    /// Reads the primary table back, checking both CRCs.
+    /// Reads the table of a disk of `disk_sectors` sectors: the primary one, or the backup in
+    /// the disk's last sector when the primary does not read (a torn write, a damaged sector 1).
     pub fn read<R: Read + Seek>(disk: &mut R, disk_sectors: u64) -> Result<GptTable, GptError> {
-        let mut h = vec![0u8; SECTOR as usize];
-        disk.seek(SeekFrom::Start(SECTOR))?;
-        disk.read_exact(&mut h)?;
-        if &h[0..8] != b"EFI PART" {
-            return Err(GptError::Invalid("no \"EFI PART\" signature at LBA 1".into()));
-        }
-        let stored = u32::from_le_bytes(h[16..20].try_into().expect("4 bytes"));
-        let mut z = h[0..92].to_vec();
-        z[16..20].fill(0);
-        if crc32fast::hash(&z) != stored {
-            return Err(GptError::Invalid("header CRC mismatch".into()));
-        }
-        let u64_at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().expect("8 bytes"));
-        let entries_lba = u64_at(72);
-        let mut entries = vec![0u8; (ENTRIES * ENTRY_SIZE) as usize];
-        disk.seek(SeekFrom::Start(entries_lba * SECTOR))?;
-        disk.read_exact(&mut entries)?;
-        if crc32fast::hash(&entries) != u32::from_le_bytes(h[88..92].try_into().expect("4 bytes")) {
-            return Err(GptError::Invalid("partition entry array CRC mismatch".into()));
-        }
-        let from_gpt = |b: &[u8]| {
-            Uuid([b[3], b[2], b[1], b[0], b[5], b[4], b[7], b[6], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]])
-        };
-        let mut partitions = Vec::new();
-        for e in entries.chunks(ENTRY_SIZE as usize) {
-            if e[0..16].iter().all(|b| *b == 0) {
-                continue;
-            }
-            let units: Vec<u16> =
-                e[56..128].chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).take_while(|u| *u != 0).collect();
-            partitions.push(GptPartition {
-                type_guid: from_gpt(&e[0..16]),
-                guid: from_gpt(&e[16..32]),
-                first_lba: u64::from_le_bytes(e[32..40].try_into().expect("8 bytes")),
-                last_lba: u64::from_le_bytes(e[40..48].try_into().expect("8 bytes")),
-                name: String::from_utf16_lossy(&units),
-            });
-        }
-        Ok(GptTable { disk_guid: from_gpt(&h[56..72]), disk_sectors, partitions })
+        GptTable::read_where(disk, disk_sectors).map(|(t, _)| t)
     }
+
+    /// [`GptTable::read`], and where the table was found.
+    pub fn read_where<R: Read + Seek>(disk: &mut R, disk_sectors: u64) -> Result<(GptTable, Found), GptError> {
+        let primary = match read_at(disk, 1, disk_sectors) {
+            Ok((table, backup_lba)) => return Ok((table, Found::Primary { backup_lba })),
+            Err(e) => e,
+        };
+        if disk_sectors < 2 {
+            return Err(primary);
+        }
+        match read_at(disk, disk_sectors - 1, disk_sectors) {
+            Ok((table, _)) => Ok((table, Found::Backup { primary_error: primary.to_string() })),
+            Err(backup) => Err(GptError::Invalid(format!(
+                "primary table: {}; backup table in the last sector: {}",
+                bare(&primary),
+                bare(&backup)
+            ))),
+        }
+    }
+}
+
+/// Where [`GptTable::read_where`] found the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// At LBA 1, naming its backup's LBA (the last sector of the disk it was written for).
+    Primary { backup_lba: u64 },
+    /// The primary did not read; the backup in the disk's last sector did.
+    Backup { primary_error: String },
+}
+
+fn bare(e: &GptError) -> String {
+    match e {
+        GptError::Invalid(m) => m.clone(),
+        e => e.to_string(),
+    }
+}
+
+/// Reads and checks the header at `lba` and its entry array; also returns the header's
+/// alternate LBA.
+fn read_at<R: Read + Seek>(disk: &mut R, lba: u64, disk_sectors: u64) -> Result<(GptTable, u64), GptError> {
+    let mut h = vec![0u8; SECTOR as usize];
+    disk.seek(SeekFrom::Start(lba * SECTOR))?;
+    disk.read_exact(&mut h)?;
+    if &h[0..8] != b"EFI PART" {
+        return Err(GptError::Invalid(format!("no \"EFI PART\" signature at LBA {lba}")));
+    }
+    let stored = u32::from_le_bytes(h[16..20].try_into().expect("4 bytes"));
+    let size = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes")) as usize;
+    if !(92..=SECTOR as usize).contains(&size) {
+        return Err(GptError::Invalid(format!("header at LBA {lba} has size {size}")));
+    }
+    let mut z = h[0..size].to_vec();
+    z[16..20].fill(0);
+    if crc32fast::hash(&z) != stored {
+        return Err(GptError::Invalid(format!("header CRC mismatch at LBA {lba}")));
+    }
+    let u64_at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().expect("8 bytes"));
+    let u32_at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().expect("4 bytes"));
+    if u64_at(24) != lba {
+        return Err(GptError::Invalid(format!("the header at LBA {lba} says it is at LBA {}", u64_at(24))));
+    }
+    if u32_at(80) as u64 != ENTRIES || u32_at(84) as u64 != ENTRY_SIZE {
+        return Err(GptError::Invalid(format!(
+            "{} entries of {} bytes (kiln reads tables of {ENTRIES} entries of {ENTRY_SIZE} bytes)",
+            u32_at(80),
+            u32_at(84)
+        )));
+    }
+    let entries_lba = u64_at(72);
+    if entries_lba + ENTRY_SECTORS > disk_sectors {
+        return Err(GptError::Invalid(format!("the entry array at LBA {entries_lba} is beyond the disk")));
+    }
+    let mut entries = vec![0u8; (ENTRIES * ENTRY_SIZE) as usize];
+    disk.seek(SeekFrom::Start(entries_lba * SECTOR))?;
+    disk.read_exact(&mut entries)?;
+    if crc32fast::hash(&entries) != u32_at(88) {
+        return Err(GptError::Invalid(format!("partition entry array CRC mismatch (header at LBA {lba})")));
+    }
+    let from_gpt = |b: &[u8]| {
+        Uuid([b[3], b[2], b[1], b[0], b[5], b[4], b[7], b[6], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]])
+    };
+    let mut partitions = Vec::new();
+    for e in entries.chunks(ENTRY_SIZE as usize) {
+        if e[0..16].iter().all(|b| *b == 0) {
+            continue;
+        }
+        let units: Vec<u16> =
+            e[56..128].chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).take_while(|u| *u != 0).collect();
+        partitions.push(GptPartition {
+            type_guid: from_gpt(&e[0..16]),
+            guid: from_gpt(&e[16..32]),
+            first_lba: u64::from_le_bytes(e[32..40].try_into().expect("8 bytes")),
+            last_lba: u64::from_le_bytes(e[40..48].try_into().expect("8 bytes")),
+            name: String::from_utf16_lossy(&units),
+        });
+    }
+    Ok((GptTable { disk_guid: from_gpt(&h[56..72]), disk_sectors, partitions }, u64_at(32)))
 }
 
 #[cfg(test)]
@@ -238,11 +314,81 @@ mod tests {
     fn detects_corruption_and_overlap() {
         let mut a = Cursor::new(vec![0u8; 8192 * 512]);
         table().write(&mut a).unwrap();
+        // The primary entries and the backup header damaged: nothing to read.
         a.get_mut()[1024 + 5] ^= 1;
+        a.get_mut()[8191 * 512 + 40] ^= 1;
         assert!(matches!(GptTable::read(&mut a, 8192), Err(GptError::Invalid(_))));
         let mut t = table();
         t.partitions[1].first_lba = 4000;
         assert!(matches!(t.write(&mut Cursor::new(vec![0u8; 8192 * 512])), Err(GptError::Overlap { .. })));
+    }
+
+    /// Records every write, so that a test can cut the sequence anywhere.
+    struct Recorder {
+        pos: u64,
+        writes: Vec<(u64, Vec<u8>)>,
+    }
+
+    impl Write for Recorder {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.writes.push((self.pos, buf.to_vec()));
+            self.pos += buf.len() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Seek for Recorder {
+        fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+            let SeekFrom::Start(p) = to else { unreachable!("the writer seeks from the start") };
+            self.pos = p;
+            Ok(p)
+        }
+    }
+
+    #[test]
+    fn a_write_cut_anywhere_leaves_the_old_or_the_new_table() {
+        // The image's table on a disk twice its size, then the data partition grown to the end
+        // (what the device does at first boot), cut after every single write.
+        let old = table();
+        let mut disk = vec![0u8; 16384 * 512];
+        old.write(&mut Cursor::new(&mut disk[..8192 * 512])).unwrap();
+        let mut new = old.clone();
+        new.disk_sectors = 16384;
+        new.partitions[1].last_lba = 16384 - 34;
+        let mut rec = Recorder { pos: 0, writes: Vec::new() };
+        new.write(&mut rec).unwrap();
+        let mut seen_new = false;
+        for cut in 0..=rec.writes.len() {
+            let mut d = disk.clone();
+            for (at, bytes) in &rec.writes[..cut] {
+                d[*at as usize..*at as usize + bytes.len()].copy_from_slice(bytes);
+            }
+            let got = GptTable::read(&mut Cursor::new(d), 16384)
+                .unwrap_or_else(|e| panic!("cut after {cut} of {} writes: {e}", rec.writes.len()));
+            assert!(
+                got.partitions == old.partitions || got.partitions == new.partitions,
+                "cut after {cut} writes: {got:?}"
+            );
+            seen_new |= got.partitions == new.partitions;
+        }
+        assert!(seen_new);
+    }
+
+    #[test]
+    fn a_damaged_primary_falls_back_to_the_backup() {
+        let mut a = Cursor::new(vec![0u8; 8192 * 512]);
+        table().write(&mut a).unwrap();
+        a.get_mut()[512 + 40] ^= 1;
+        let (t, found) = GptTable::read_where(&mut a, 8192).unwrap();
+        assert_eq!(t, table());
+        assert!(matches!(found, Found::Backup { .. }), "{found:?}");
+        // Both gone: an error that names both.
+        a.get_mut()[8191 * 512 + 20] ^= 1;
+        let e = GptTable::read(&mut a, 8192).unwrap_err().to_string();
+        assert!(e.contains("primary table: header CRC mismatch at LBA 1") && e.contains("backup table"), "{e}");
     }
 
     #[test]

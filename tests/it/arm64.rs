@@ -221,6 +221,8 @@ fn updates_over_the_air(work: &Path, outs: &[PathBuf]) {
     let disk = work.join("card.img");
     let cp = Command::new("cp").arg("--sparse=always").arg(outs[0].join("disk.img")).arg(&disk).status().unwrap();
     assert!(cp.success());
+    // An 8 GiB card: the data partition (logical 7 in the extended 4) grows to its end at first boot.
+    std::fs::OpenOptions::new().write(true).open(&disk).unwrap().set_len(8 << 30).unwrap();
     let offset = |name: &str| manifest.partitions.iter().find(|p| p.name == name).unwrap().offset;
     let autoboot = || fat_file(&disk, offset("autoboot"), "autoboot.txt");
     let log = work.join("console.log");
@@ -240,6 +242,12 @@ fn updates_over_the_air(work: &Path, outs: &[PathBuf]) {
     // no boot files, so the firmware (played by kiln) falls back to slot A, as the real one does.
     let t = Instant::now();
     let mut vm = start(true);
+    let var = vm.wait_for(&["kiln-agent: /var is ", "kiln-agent: error: the data partition"], BOOT);
+    assert!(
+        var.contains("partition grown from") && var.contains("new ext4 file system"),
+        "the first boot should grow the data partition to the 8 GiB card and format it: {var}"
+    );
+    println!("kiln-it: pi first boot on an 8 GiB card: {}", var.trim());
     vm.wait_for(&["kiln-agent: booted 0.1.0 from slot a (committed)"], BOOT);
     let ready = vm.wait_for(&["KILN-READY", "KILN-NOT-READY"], BOOT);
     assert!(ready.contains("KILN-READY"), "{ready}");
@@ -254,6 +262,8 @@ fn updates_over_the_air(work: &Path, outs: &[PathBuf]) {
     let install_secs = t_install.elapsed().as_secs_f64();
     vm.wait_exit(Duration::from_secs(300));
     let mut vm = restart(&vm, Reset::Tryboot);
+    let var = vm.wait_for(&["kiln-agent: /var is ", "kiln-agent: error: the data partition"], BOOT);
+    assert!(var.contains("/var is") && !var.contains("grown"), "an update must not touch the data partition: {var}");
     vm.wait_for(&["kiln-agent: booted 0.2.0 from slot b (trial"], BOOT);
     vm.wait_for(&["KILN-READY version=0.2.0"], BOOT);
     vm.wait_for(&["kiln-agent: committed 0.2.0 in slot b"], BOOT);

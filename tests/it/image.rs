@@ -105,8 +105,15 @@ fn minimal_image_builds_verifies_and_boots() {
         "ssh -i {key} -p {port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=20 -o LogLevel=ERROR",
         key = key.display()
     );
+    // Booted from an 8 GiB disk: the data partition grows to its end at first boot.
+    let big_dir = out.join("8g");
+    std::fs::create_dir_all(&big_dir).unwrap();
+    let big = big_dir.join("disk.img");
+    run(Command::new("cp").arg("--sparse=always").arg(&disk).arg(&big));
+    std::fs::copy(dir.join("manifest.json"), big_dir.join("manifest.json")).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&big).unwrap().set_len(8 << 30).unwrap();
     let script = format!(
-        "{ssh} -o BatchMode=yes tester@127.0.0.1 'echo login-ok; sudo -n true && echo sudo-ok; findmnt -no SOURCE,FSTYPE /; findmnt -no FSTYPE /var; touch /etc/x 2>&1 | head -1' \
+        "{ssh} -o BatchMode=yes tester@127.0.0.1 'echo login-ok; sudo -n true && echo sudo-ok; findmnt -no SOURCE,FSTYPE /; findmnt -no FSTYPE /var; echo var-bytes=$(df -B1 --output=size /var | tail -1); touch /etc/x 2>&1 | head -1' \
          && if {ssh} -o BatchMode=yes -o PubkeyAuthentication=no -o PreferredAuthentications=password,keyboard-interactive tester@127.0.0.1 true 2>&1; \
             then echo password-login-accepted; else echo password-login-refused; fi"
     );
@@ -119,7 +126,7 @@ fn minimal_image_builds_verifies_and_boots() {
             "400",
             "--ssh-port",
             &port.to_string(),
-            disk.to_str().unwrap(),
+            big.to_str().unwrap(),
             "--",
             "sh",
             "-c",
@@ -141,6 +148,21 @@ fn minimal_image_builds_verifies_and_boots() {
         assert!(boot_out.contains(want), "expected {want:?} in the SSH session output:\n{boot_out}");
     }
     println!("kiln-it: {}", boot_out.lines().next().unwrap_or_default().trim());
+    let var_bytes: u64 = boot_out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("var-bytes="))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no df figure for /var:\n{boot_out}"));
+    // 8 GiB less the ESP and two root slots (2.25 GiB) and the file system's own overhead.
+    assert!(var_bytes > 5 << 30, "/var should fill the 8 GiB disk: {var_bytes} bytes\n{boot_out}");
+    let console = std::fs::read_to_string(big_dir.join("boot-console.log")).unwrap();
+    let grown = console.lines().find(|l| l.contains("kiln-agent: /var is")).unwrap_or_default();
+    assert!(grown.contains("partition grown from 512 MiB"), "{console}");
+    println!(
+        "kiln-it: /var on an 8 GiB disk: df says {:.2} GiB; {}",
+        var_bytes as f64 / (1u64 << 30) as f64,
+        grown.trim()
+    );
     println!(
         "kiln-it: SSH key login, sudo, read-only verified root, /var on ext4 and refused password login all checked"
     );

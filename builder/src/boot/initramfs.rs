@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 const INIT_TEMPLATE: &str = include_str!("../../templates/initramfs/init.tera");
 
 /// The busybox applets `/init` calls, each linked in `/bin`.
-const APPLETS: &[&str] = &["sh", "mount", "mkdir", "sleep", "insmod", "switch_root"];
+const APPLETS: &[&str] = &["sh", "mount", "mkdir", "sleep", "insmod", "chroot", "switch_root"];
 /// Applets for the `kiln.debug` shell (job control on the console), linked when present.
 const DEBUG_APPLETS: &[&str] = &["setsid", "cttyhack"];
 /// Where busybox-static, util-linux and cryptsetup-bin put their programs (trixie, bookworm).
@@ -552,7 +552,7 @@ mod tests {
             link(root, l, t);
         }
         let mut busybox = synthetic(A, None, &[], None);
-        busybox.extend_from_slice(b"\0[\0[[\0cttyhack\0insmod\0mkdir\0mount\0setsid\0sh\0sleep\0switch_root\0");
+        busybox.extend_from_slice(b"\0[\0[[\0chroot\0cttyhack\0insmod\0mkdir\0mount\0setsid\0sh\0sleep\0switch_root\0");
         write(root, "/usr/bin/busybox", &busybox);
         let ld = "/lib/ld-linux-aarch64.so.1";
         write(root, "/usr/sbin/veritysetup", &synthetic(A, Some(ld), &["libcryptsetup.so.12", "libc.so.6"], None));

@@ -28,6 +28,17 @@ pub const MASKED_UNITS: &[&str] = &[
     "systemd-journal-catalog-update.service", // message catalog index: explanations for journalctl -x only
 ];
 
+/// systemd generators an appliance never needs: each is a program run at every boot (and every
+/// `daemon-reload`) before any unit starts. kiln mounts the root, /var and the ESP itself.
+pub const MASKED_GENERATORS: &[&str] = &[
+    "systemd-gpt-auto-generator",         // partitions found by GPT type: kiln names its own
+    "systemd-hibernate-resume-generator", // no hibernation
+    "systemd-tpm2-generator",             // no TPM2 units
+    "systemd-system-update-generator",    // no offline updates (kiln-agent updates whole slots)
+    "systemd-rc-local-generator",         // no /etc/rc.local
+    "systemd-ssh-generator",              // sshd on vsock/AF_UNIX for VMs and containers: ssh.service serves
+];
+
 const ENABLED_UNITS: &[&str] = &[
     "systemd-networkd.service",
     "systemd-resolved.service",
@@ -47,7 +58,6 @@ pub fn customize(ctx: &Context, agent: &Path) -> Result<()> {
     let tree = &ctx.tree;
     let t = &ctx.templates;
     let mut tctx = tera::Context::from_serialize(plan).context("plan as template context")?;
-    tctx.insert("data_uuid", &plan.partition(Role::Data, None).uuid);
     let uuid_of =
         |role| plan.disk.partitions.iter().find(|p| p.role == role).map(|p| p.uuid.clone()).unwrap_or_default();
     tctx.insert("esp_uuid", &uuid_of(Role::Esp));
@@ -133,6 +143,11 @@ pub fn customize(ctx: &Context, agent: &Path) -> Result<()> {
         disable.run()?;
     }
     Cmd::new("chroot").arg(tree).args(["systemctl", "mask", "--quiet"]).args(MASKED_UNITS).run()?;
+    let generators = tree.join("etc/systemd/system-generators");
+    std::fs::create_dir_all(&generators).with_context(|| format!("creating {}", generators.display()))?;
+    for g in MASKED_GENERATORS {
+        symlink_force("/dev/null", &generators.join(g))?;
+    }
 
     // State lives on /var (the data partition); /home and /srv point there.
     make_var_factory(tree)?;
@@ -508,8 +523,7 @@ mod fstab_tests {
         let plan =
             Plan::resolve(&load(Source::File(file)).unwrap(), &img, Some(&m), &Overrides::default(), 1_700_000_000)
                 .unwrap();
-        let mut tctx = tera::Context::from_serialize(&plan).unwrap();
-        tctx.insert("data_uuid", "d");
+        let tctx = tera::Context::from_serialize(&plan).unwrap();
         crate::stages::templates::Templates::load().unwrap().render("rootfs/fstab.tera", &tctx).unwrap()
     }
 
