@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 pub const PROVISION_DIR: &str = "/var/kiln/provision/backup";
 pub const CACHE_DIR: &str = "/var/cache/kiln-backup";
 pub const STATUS_FILE: &str = "backup.json";
-/// The image's own /var, which systemd-tmpfiles copies onto a fresh data partition.
-const FACTORY_VAR: &str = "/usr/share/factory/var";
+/// The image's own /var, which kiln-agent mount-data delivers onto the data partition.
+const FACTORY_VAR: &str = crate::factory::FACTORY;
 const RESTIC: &str = "/usr/bin/restic";
 /// How long one restic run may take at most (a first backup of a big disk over a slow line).
 const RUN_LIMIT: Duration = Duration::from_secs(12 * 3600);

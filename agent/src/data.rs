@@ -10,7 +10,8 @@
 //!    (`BLKPG_RESIZE_PARTITION`: the disk is in use, so it cannot re-read its table);
 //! 3. makes an ext4 file system when the partition has none (first boot), checks it
 //!    (`e2fsck -p`), mounts it on `/var` and grows the file system online to the partition
-//!    (`resize2fs`, journalled: a provisioned file system keeps its data).
+//!    (`resize2fs`, journalled: a provisioned file system keeps its data);
+//! 4. brings the image's factory `/var` in ([`crate::factory`]).
 //!
 //! An unexpected table (another scheme, the data partition not last, more or fewer partitions
 //! than the image made) is logged and left as it is: the partition is mounted at its size. When
@@ -409,6 +410,19 @@ pub fn mount_or_tmpfs(host: &Host, config: Result<DeviceConfig, String>, target:
         Ok(report) => {
             println!("kiln-agent: {report}");
             let _ = std::fs::remove_file(ERROR_FILE);
+            // The image's /var reaching the data partition; a failure here is reported, and
+            // the boot goes on with what the device has.
+            let root = host
+                .kernel_cmdline()
+                .ok()
+                .and_then(|c| system::cmdline_value(&c, "kiln.verity").map(str::to_string))
+                .unwrap_or_default();
+            let factory = Path::new(crate::factory::FACTORY);
+            match crate::factory::deliver(factory, factory, target, &root) {
+                Ok(d) if d.unchanged => {}
+                Ok(d) => println!("kiln-agent: {d}"),
+                Err(e) => println!("kiln-agent: error: delivering the image's factory /var: {e:#}"),
+            }
             Ok(())
         }
         Err(e) => {

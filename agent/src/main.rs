@@ -9,13 +9,13 @@
 //!
 //! ```text
 //! main    -> agent, backup, data, state, update
-//! data    -> exec, system                                   (/var: grown, formatted, mounted)
+//! data    -> exec, factory, system                          (/var: grown, formatted, mounted)
 //! update  -> agent, backup, boot, download, state, system   (one update check)
 //! agent   -> boot, state, system                            (boot, commit, rollback)
-//! backup  -> download, exec, state, system                  (restic)
+//! backup  -> download, exec, factory, state, system         (restic)
 //! boot    -> exec, state, system                            (the boot medium: UKIs, autoboot.txt, cmdline.txt)
 //! system  -> exec                                           (the running system: sysfs, /proc, systemd)
-//! download, state, exec -> (nothing of the agent's)          (exec: the only process spawner)
+//! download, state, exec, factory -> (nothing of the agent's)          (exec: the only process spawner)
 //! ```
 
 mod agent;
@@ -24,6 +24,7 @@ mod boot;
 mod data;
 mod download;
 mod exec;
+mod factory;
 mod state;
 mod system;
 mod update;

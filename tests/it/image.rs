@@ -113,7 +113,7 @@ fn minimal_image_builds_verifies_and_boots() {
     std::fs::copy(dir.join("manifest.json"), big_dir.join("manifest.json")).unwrap();
     std::fs::OpenOptions::new().write(true).open(&big).unwrap().set_len(8 << 30).unwrap();
     let script = format!(
-        "{ssh} -o BatchMode=yes tester@127.0.0.1 'echo login-ok; sudo -n true && echo sudo-ok; findmnt -no SOURCE,FSTYPE /; findmnt -no FSTYPE /var; echo var-bytes=$(df -B1 --output=size /var | tail -1); touch /etc/x 2>&1 | head -1' \
+        "{ssh} -o BatchMode=yes tester@127.0.0.1 'echo login-ok; sudo -n true && echo sudo-ok; findmnt -no SOURCE,FSTYPE /; findmnt -no FSTYPE /var; echo var-bytes=$(df -B1 --output=size /var | tail -1); echo dpkg-packages=$(dpkg-query -f . -W | wc -c); test -s /var/lib/kiln/factory.json && echo factory-recorded; touch /etc/x 2>&1 | head -1' \
          && if {ssh} -o BatchMode=yes -o PubkeyAuthentication=no -o PreferredAuthentications=password,keyboard-interactive tester@127.0.0.1 true 2>&1; \
             then echo password-login-accepted; else echo password-login-refused; fi"
     );
@@ -144,6 +144,7 @@ fn minimal_image_builds_verifies_and_boots() {
         "Read-only file system",
         "Permission denied (publickey)",
         "password-login-refused",
+        "factory-recorded",
     ] {
         assert!(boot_out.contains(want), "expected {want:?} in the SSH session output:\n{boot_out}");
     }
@@ -155,6 +156,13 @@ fn minimal_image_builds_verifies_and_boots() {
         .unwrap_or_else(|| panic!("no df figure for /var:\n{boot_out}"));
     // 8 GiB less the ESP and two root slots (2.25 GiB) and the file system's own overhead.
     assert!(var_bytes > 5 << 30, "/var should fill the 8 GiB disk: {var_bytes} bytes\n{boot_out}");
+    // The package database reaches the device (a link into the running release's factory copy).
+    let packages: u32 = boot_out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("dpkg-packages="))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(packages > 100, "dpkg-query should list the image's packages on the device:\n{boot_out}");
     let console = std::fs::read_to_string(big_dir.join("boot-console.log")).unwrap();
     let grown = console.lines().find(|l| l.contains("kiln-agent: /var is")).unwrap_or_default();
     assert!(grown.contains("partition grown from 512 MiB"), "{console}");

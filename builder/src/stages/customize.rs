@@ -60,6 +60,10 @@ pub fn customize(ctx: &Context, agent: &Path) -> Result<()> {
     let mut tctx = tera::Context::from_serialize(plan).context("plan as template context")?;
     let uuid_of =
         |role| plan.disk.partitions.iter().find(|p| p.role == role).map(|p| p.uuid.clone()).unwrap_or_default();
+    // kiln's initramfs mounts /var itself (kiln-agent mount-data); Debian's needs the fstab line.
+    let fstab_var = (plan.initramfs == crate::config::image::InitramfsKind::InitramfsTools)
+        .then(|| plan.partition(Role::Data, None).uuid.clone());
+    tctx.insert("fstab_var_uuid", &fstab_var);
     tctx.insert("esp_uuid", &uuid_of(Role::Esp));
     tctx.insert("autoboot_uuid", &uuid_of(Role::Autoboot));
 
@@ -150,7 +154,7 @@ pub fn customize(ctx: &Context, agent: &Path) -> Result<()> {
     }
 
     // State lives on /var (the data partition); /home and /srv point there.
-    make_var_factory(tree)?;
+    make_var_factory(tree, plan.initramfs == crate::config::image::InitramfsKind::InitramfsTools)?;
 
     clean(tree)?;
     if plan.rpi.is_some() {
@@ -365,9 +369,11 @@ fn create_users(ctx: &Context) -> Result<()> {
     write_file(&tree.join("usr/lib/tmpfiles.d/kiln-home.conf"), tmpfiles.as_bytes(), 0o644)
 }
 
-/// Moves the installed /var into /usr/share/factory/var and has systemd-tmpfiles copy what is
-/// missing onto the data partition at boot. /home and /srv become links into /var.
-fn make_var_factory(tree: &Path) -> Result<()> {
+/// Moves the installed /var into /usr/share/factory/var, which kiln-agent mount-data delivers
+/// onto the data partition at boot (agent/src/factory.rs; with Debian's initramfs-tools,
+/// `copy_rules`: systemd-tmpfiles copies each top-level directory that is missing). /home and
+/// /srv become links into /var.
+fn make_var_factory(tree: &Path, copy_rules: bool) -> Result<()> {
     let var = tree.join("var");
     let factory = tree.join("usr/share/factory/var");
     if factory.exists() {
@@ -375,7 +381,7 @@ fn make_var_factory(tree: &Path) -> Result<()> {
     }
     std::fs::create_dir_all(&factory).with_context(|| format!("creating {}", factory.display()))?;
     let mut rules = String::from(
-        "# Written by kiln: /var is the data partition; fill what is missing from the image's factory copy.\n\
+        "# Written by kiln: /var is the data partition; kiln-agent mount-data brings the image's factory copy in.\n\
          d /var/home 0755 root root -\n\
          d /var/srv 0755 root root -\n\
          d /var/tmp 1777 root root -\n\
@@ -398,7 +404,9 @@ fn make_var_factory(tree: &Path) -> Result<()> {
 
         std::fs::rename(&from, factory.join(&name))
             .with_context(|| format!("moving {} into the factory copy", from.display()))?;
-        rules.push_str(&format!("C /var/{name} - - - - -\n"));
+        if copy_rules {
+            rules.push_str(&format!("C /var/{name} - - - - -\n"));
+        }
     }
     write_file(&tree.join("usr/lib/tmpfiles.d/00-kiln-var.conf"), rules.as_bytes(), 0o644)?;
     // Under the mount point, for services that set up a private /var/tmp before /var is mounted.
@@ -515,6 +523,10 @@ mod fstab_tests {
     use crate::config::profile::{load, Source};
 
     fn fstab(hardening: &str) -> String {
+        fstab_with(hardening, None)
+    }
+
+    fn fstab_with(hardening: &str, var_uuid: Option<&str>) -> String {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("p.toml");
         std::fs::write(&file, format!("extends = \"minimal\"\n[hardening]\n{hardening}")).unwrap();
@@ -523,8 +535,17 @@ mod fstab_tests {
         let plan =
             Plan::resolve(&load(Source::File(file)).unwrap(), &img, Some(&m), &Overrides::default(), 1_700_000_000)
                 .unwrap();
-        let tctx = tera::Context::from_serialize(&plan).unwrap();
+        let mut tctx = tera::Context::from_serialize(&plan).unwrap();
+        tctx.insert("fstab_var_uuid", &var_uuid);
         crate::stages::templates::Templates::load().unwrap().render("rootfs/fstab.tera", &tctx).unwrap()
+    }
+
+    #[test]
+    fn var_is_in_fstab_only_when_debians_initramfs_boots_the_image() {
+        let kiln = fstab_with("", None);
+        assert!(!kiln.lines().any(|l| !l.starts_with('#') && l.contains(" /var ")), "{kiln}");
+        let tools = fstab_with("", Some("0fc63daf-0000-4000-8000-000000000001"));
+        assert!(tools.contains("PARTUUID=0fc63daf-0000-4000-8000-000000000001  /var  ext4  "), "{tools}");
     }
 
     #[test]
