@@ -124,34 +124,6 @@ fn grow_gpt<D: Read + Write + Seek>(
     Ok(if grow { Grow::Grown { from, to } } else { Grow::Full { size: to } })
 }
 
-/// Records the writes of [`MbrTable::write`], so they can be compared with the disk and
-/// applied in order with barriers.
-struct Writes {
-    pos: u64,
-    list: Vec<(u64, Vec<u8>)>,
-}
-
-impl Write for Writes {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.list.push((self.pos, buf.to_vec()));
-        self.pos += buf.len() as u64;
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Seek for Writes {
-    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
-        match to {
-            SeekFrom::Start(p) => self.pos = p,
-            _ => return Err(std::io::Error::other("only absolute seeks are recorded")),
-        }
-        Ok(self.pos)
-    }
-}
-
 fn grow_dos<D: Read + Write + Seek>(
     disk: &mut D,
     sectors: u64,
@@ -170,12 +142,12 @@ fn grow_dos<D: Read + Write + Seek>(
     }
     let to = p.sectors * SECTOR;
     // kiln's writer puts the EBRs first and the MBR (with the extended container) last.
-    let mut rec = Writes { pos: 0, list: Vec::new() };
+    let mut rec = kiln_device::fs::WriteLog::default();
     if let Err(e) = table.write(&mut rec) {
         return Ok(Grow::Left(format!("the DOS table is not laid out as kiln lays it out: {e}")));
     }
     let mut same = true;
-    for (at, bytes) in &rec.list {
+    for (at, bytes) in &rec.writes {
         let mut have = vec![0u8; bytes.len()];
         disk.seek(SeekFrom::Start(*at))?;
         disk.read_exact(&mut have)?;
@@ -188,8 +160,8 @@ fn grow_dos<D: Read + Write + Seek>(
     if !grow && !dos_torn_grow(disk, &table)? {
         return Ok(Grow::Left("the DOS table was not written by kiln (its bytes differ from kiln's)".into()));
     }
-    let n = rec.list.len();
-    for (i, (at, bytes)) in rec.list.iter().enumerate() {
+    let n = rec.writes.len();
+    for (i, (at, bytes)) in rec.writes.iter().enumerate() {
         if i + 1 == n {
             barrier(disk)?;
         }

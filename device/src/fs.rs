@@ -74,3 +74,33 @@ mod tests {
         assert!(parse_sha256(&"zz".repeat(32)).is_err());
     }
 }
+
+/// A writer that only records what is written where (absolute seeks only): to compare a table
+/// writer's output with a disk, apply it in order with barriers, or cut it anywhere in a test.
+#[derive(Debug, Default)]
+pub struct WriteLog {
+    pos: u64,
+    /// (byte offset, bytes), in the order written.
+    pub writes: Vec<(u64, Vec<u8>)>,
+}
+
+impl std::io::Write for WriteLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.writes.push((self.pos, buf.to_vec()));
+        self.pos += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl std::io::Seek for WriteLog {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        match to {
+            std::io::SeekFrom::Start(p) => self.pos = p,
+            _ => return Err(std::io::Error::other("only absolute seeks are recorded")),
+        }
+        Ok(self.pos)
+    }
+}

@@ -323,31 +323,6 @@ mod tests {
         assert!(matches!(t.write(&mut Cursor::new(vec![0u8; 8192 * 512])), Err(GptError::Overlap { .. })));
     }
 
-    /// Records every write, so that a test can cut the sequence anywhere.
-    struct Recorder {
-        pos: u64,
-        writes: Vec<(u64, Vec<u8>)>,
-    }
-
-    impl Write for Recorder {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.writes.push((self.pos, buf.to_vec()));
-            self.pos += buf.len() as u64;
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Seek for Recorder {
-        fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
-            let SeekFrom::Start(p) = to else { unreachable!("the writer seeks from the start") };
-            self.pos = p;
-            Ok(p)
-        }
-    }
-
     #[test]
     fn a_write_cut_anywhere_leaves_the_old_or_the_new_table() {
         // The image's table on a disk twice its size, then the data partition grown to the end
@@ -358,7 +333,7 @@ mod tests {
         let mut new = old.clone();
         new.disk_sectors = 16384;
         new.partitions[1].last_lba = 16384 - 34;
-        let mut rec = Recorder { pos: 0, writes: Vec::new() };
+        let mut rec = crate::fs::WriteLog::default();
         new.write(&mut rec).unwrap();
         let mut seen_new = false;
         for cut in 0..=rec.writes.len() {
