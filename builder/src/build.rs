@@ -76,6 +76,8 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
             };
             (boot, lock.packages.clone())
         }
+        // Unlocked: one bootstrap in which apt resolves and installs (its timestamp is the
+        // build's time, so no later build could reuse the tree).
         None => {
             let boot = stages::bootstrap::bootstrap(&ctx, Packages::Resolve)?;
             (boot, stages::bootstrap::collect_locked(&ctx, &cache)?)
@@ -132,7 +134,8 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
     Ok(BuildResult { dir: final_dir, manifest, locked, seconds: started.elapsed().as_secs_f64() })
 }
 
-/// `kiln lock`: bootstraps with apt resolving the request, and records what it installed.
+/// `kiln lock`: apt resolves the request and downloads it (nothing is installed); the lock
+/// records every package with its .deb's sha256.
 pub fn lock(plan: &Plan, out_dir: &Path) -> Result<LockFile> {
     std::env::set_var("SOURCE_DATE_EPOCH", plan.source_date_epoch.to_string());
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
@@ -150,10 +153,14 @@ pub fn lock(plan: &Plan, out_dir: &Path) -> Result<LockFile> {
         templates: crate::stages::templates::Templates::load()?,
     };
     let cache = Cache::open_default()?;
-    stages::bootstrap::bootstrap(&ctx, Packages::Resolve)?;
-    let packages = stages::bootstrap::collect_locked(&ctx, &cache)?;
+    let packages = stages::bootstrap::resolve(&ctx, &cache)?;
     std::fs::remove_dir_all(&work).with_context(|| format!("removing the work directory {}", work.display()))?;
-    Ok(LockFile {
+    Ok(lock_file(plan, packages))
+}
+
+/// The lock of a plan, given the package set apt resolved for it.
+fn lock_file(plan: &Plan, packages: Vec<crate::config::lock::LockedPackage>) -> LockFile {
+    LockFile {
         format: crate::config::lock::FORMAT,
         kiln: env!("CARGO_PKG_VERSION").into(),
         profile: plan.profile.clone(),
@@ -164,7 +171,7 @@ pub fn lock(plan: &Plan, out_dir: &Path) -> Result<LockFile> {
         request: crate::config::lock::request_hash(plan),
         host_tools: stages::manifest::host_tools(),
         packages,
-    })
+    }
 }
 
 /// A build needs room for the tree, the root image and the sparse disk's written blocks.

@@ -265,6 +265,94 @@ pub fn collect_locked(
     Ok(out)
 }
 
+/// The package set of a lock: apt resolves the plan's request, every `Essential: yes` and
+/// `Priority: required` package and apt (what mmdebstrap's minbase variant installs, the set
+/// locks had before) with their dependencies against the mirror's current indexes, and
+/// downloads them. Nothing is installed and no maintainer script
+/// runs (mmdebstrap's extract variant): for a foreign architecture that is seconds instead of
+/// minutes of emulation, and the locked bootstrap that follows is the only one. Every .deb is
+/// stored in the cache; the packages come back sorted, each with its .deb's sha256.
+pub fn resolve(
+    ctx: &Context,
+    cache: &crate::debian::cache::Cache,
+) -> Result<Vec<crate::config::lock::LockedPackage>> {
+    let plan = ctx.plan;
+    if !nix_is_root() {
+        bail!("kiln must run as root to resolve a lock: mmdebstrap extracts packages into a chroot (run it with sudo)");
+    }
+    let tree = ctx.work.join("resolve");
+    if tree.exists() {
+        std::fs::remove_dir_all(&tree).with_context(|| format!("removing the old {}", tree.display()))?;
+    }
+    let progress = StageProgress::start(
+        "resolve",
+        &format!("apt {} {} ({} packages asked, required and apt)", plan.suite, plan.arch.debian(), plan.packages.len()),
+    );
+    let mut cmd = Cmd::new("mmdebstrap")
+        .arg("--mode=root")
+        .arg("--format=directory")
+        .arg(format!("--architectures={}", plan.arch.debian()))
+        .arg("--variant=extract")
+        // An apt pattern goes in an --include of its own (mmdebstrap does not split it).
+        .arg("--include=?or(?essential,?priority(required))")
+        .arg(format!("--include=apt,{}", plan.packages.join(",")))
+        // The downloaded .debs stay in the tree: they are the lock.
+        .arg("--skip=cleanup/apt/cache")
+        .arg("--skip=download/empty")
+        .arg("--aptopt=Acquire::Retries \"3\"")
+        .arg("--aptopt=APT::Install-Recommends \"false\"")
+        .arg(format!("--components={}", plan.components.join(",")))
+        .env("SOURCE_DATE_EPOCH", plan.source_date_epoch.to_string());
+    for opt in DPKG_EXCLUDES {
+        cmd = cmd.arg(format!("--dpkgopt={opt}"));
+    }
+    cmd = cmd.arg(&plan.suite).arg(&tree).args(&plan.sources);
+    cmd.run_with_lines(|l| progress.line(l)).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}\nhint: check that the mirror {} serves {} for {} and that every package in system.packages exists there",
+            plan.mirror.debian,
+            plan.suite,
+            plan.arch.debian()
+        )
+    })?;
+    let archives = tree.join("var/cache/apt/archives");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&archives).with_context(|| format!("reading {}", archives.display()))? {
+        let path = e?.path();
+        let Some(file) = path.file_name().and_then(|n| n.to_str()).filter(|n| n.ends_with(".deb")) else {
+            continue;
+        };
+        let mut locked = locked_from_deb_name(file)
+            .with_context(|| format!("{}: not a .deb name apt makes (name_version_arch.deb)", path.display()))?;
+        locked.sha256 = cache.store_deb(&path)?.hex();
+        out.push(locked);
+    }
+    if out.is_empty() {
+        bail!("apt downloaded no packages into {}: nothing to lock", archives.display());
+    }
+    out.sort();
+    std::fs::remove_dir_all(&tree).with_context(|| format!("removing {}", tree.display()))?;
+    progress.finish(&format!("{} packages", out.len()));
+    Ok(out)
+}
+
+/// `name_version_arch.deb` as apt names a download (an epoch's `:` written `%3a`).
+fn locked_from_deb_name(file: &str) -> Option<crate::config::lock::LockedPackage> {
+    let stem = file.strip_suffix(".deb")?;
+    let mut parts = stem.split('_');
+    let (name, version, arch) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || name.is_empty() || version.is_empty() || arch.is_empty() {
+        return None;
+    }
+    let locked = crate::config::lock::LockedPackage {
+        name: name.into(),
+        version: version.replace("%3a", ":"),
+        arch: arch.into(),
+        sha256: String::new(),
+    };
+    (locked.deb_file_name() == file).then_some(locked)
+}
+
 /// Puts the locked .debs, verified against the lock, under `dir` with apt's file names.
 /// Packages missing from the cache are downloaded from the plan's mirror (found through its
 /// hash-checked indexes for the suite, -updates and -security) and must match the lock's sha256.
@@ -407,4 +495,21 @@ pub fn save_tree(ctx: &Context, cache: &crate::debian::cache::Cache, key: &str, 
     std::fs::write(tmp.join("kernel-version"), &boot.kernel_version)
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &dir).with_context(|| format!("moving {} to {}", tmp.display(), dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::locked_from_deb_name;
+
+    #[test]
+    fn deb_names_read_back_as_apt_wrote_them() {
+        let p = locked_from_deb_name("libc6_2.41-12_arm64.deb").unwrap();
+        assert_eq!((p.name.as_str(), p.version.as_str(), p.arch.as_str()), ("libc6", "2.41-12", "arm64"));
+        let p = locked_from_deb_name("systemd_1%3a257.9-1~deb13u1_amd64.deb").unwrap();
+        assert_eq!(p.version, "1:257.9-1~deb13u1");
+        assert_eq!(p.deb_file_name(), "systemd_1%3a257.9-1~deb13u1_amd64.deb");
+        for bad in ["libc6_2.41_arm64_x.deb", "libc6_2.41.deb", "_1_all.deb", "libc6_2.41-12_arm64.udeb", "a_b_c"] {
+            assert!(locked_from_deb_name(bad).is_none(), "{bad}");
+        }
+    }
 }
