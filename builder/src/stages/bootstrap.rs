@@ -272,10 +272,7 @@ pub fn collect_locked(
 /// runs (mmdebstrap's extract variant): for a foreign architecture that is seconds instead of
 /// minutes of emulation, and the locked bootstrap that follows is the only one. Every .deb is
 /// stored in the cache; the packages come back sorted, each with its .deb's sha256.
-pub fn resolve(
-    ctx: &Context,
-    cache: &crate::debian::cache::Cache,
-) -> Result<Vec<crate::config::lock::LockedPackage>> {
+pub fn resolve(ctx: &Context, cache: &crate::debian::cache::Cache) -> Result<Vec<crate::config::lock::LockedPackage>> {
     let plan = ctx.plan;
     if !nix_is_root() {
         bail!("kiln must run as root to resolve a lock: mmdebstrap extracts packages into a chroot (run it with sudo)");
@@ -286,7 +283,12 @@ pub fn resolve(
     }
     let progress = StageProgress::start(
         "resolve",
-        &format!("apt {} {} ({} packages asked, required and apt)", plan.suite, plan.arch.debian(), plan.packages.len()),
+        &format!(
+            "apt {} {} ({} packages asked, required and apt)",
+            plan.suite,
+            plan.arch.debian(),
+            plan.packages.len()
+        ),
     );
     let mut cmd = Cmd::new("mmdebstrap")
         .arg("--mode=root")

@@ -26,6 +26,7 @@ pub const MASKED_UNITS: &[&str] = &[
     "systemd-network-generator.service",      // networkd configuration from ip= arguments: kiln ships its own
     "systemd-udev-load-credentials.service",  // udev rules passed as credentials: kiln passes none
     "systemd-journal-catalog-update.service", // message catalog index: explanations for journalctl -x only
+    "kmod-static-nodes.service",              // its list is written at build time (`static_nodes`)
 ];
 
 /// systemd generators an appliance never needs: each is a program run at every boot (and every
@@ -147,6 +148,7 @@ pub fn customize(ctx: &Context, agent: &Path) -> Result<()> {
         disable.run()?;
     }
     Cmd::new("chroot").arg(tree).args(["systemctl", "mask", "--quiet"]).args(MASKED_UNITS).run()?;
+    write_static_nodes(tree)?;
     let generators = tree.join("etc/systemd/system-generators");
     std::fs::create_dir_all(&generators).with_context(|| format!("creating {}", generators.display()))?;
     for g in MASKED_GENERATORS {
@@ -164,6 +166,60 @@ pub fn customize(ctx: &Context, agent: &Path) -> Result<()> {
     }
     progress.finish(&format!("{} users, hostname {}", plan.users.len(), plan.hostname));
     Ok(())
+}
+
+/// The device nodes whose opening loads a module (`/dev/net/tun`, `/dev/fuse`, ...), as
+/// `kmod static-nodes --format=tmpfiles` lists them from the kernel's `modules.devname`.
+/// kmod-static-nodes.service writes that list at every boot, first in the boot's critical chain
+/// (about a second under TCG); the kernel is fixed per image, so kiln writes it at build time
+/// and systemd-tmpfiles-setup-dev-early creates the nodes as before.
+fn write_static_nodes(tree: &Path) -> Result<()> {
+    let modules = tree.join("usr/lib/modules");
+    let mut text =
+        String::from("# Written by kiln from the kernel's modules.devname (kmod static-nodes, at build time).\n");
+    let mut kernels: Vec<_> = std::fs::read_dir(&modules)
+        .with_context(|| format!("reading {}", modules.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    kernels.sort();
+    for k in kernels {
+        let devname = k.join("modules.devname");
+        let Ok(list) = std::fs::read_to_string(&devname) else { continue };
+        text.push_str(&static_nodes_tmpfiles(&list).with_context(|| format!("reading {}", devname.display()))?);
+    }
+    write_file(&tree.join("usr/lib/tmpfiles.d/kiln-static-nodes.conf"), text.as_bytes(), 0o644)
+}
+
+/// `modules.devname` ("module devname c10:200" lines) as tmpfiles.d lines, in kmod's format.
+fn static_nodes_tmpfiles(list: &str) -> Result<String> {
+    let mut out = String::new();
+    for (n, line) in list.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let parsed = match f.as_slice() {
+            [_module, devname, dev] => dev.split_once(':').and_then(|(t, min)| {
+                let (kind, maj) = t.split_at(1);
+                let ok = matches!(kind, "c" | "b")
+                    && maj.parse::<u32>().is_ok()
+                    && min.parse::<u32>().is_ok()
+                    && !devname.contains("..")
+                    && devname.chars().all(|c| c.is_ascii_alphanumeric() || "/-_.".contains(c));
+                ok.then_some((*devname, kind, maj, min))
+            }),
+            _ => None,
+        };
+        let Some((devname, kind, maj, min)) = parsed else {
+            bail!("line {}: expected \"module devname c|bMAJOR:MINOR\", found {line:?}", n + 1);
+        };
+        if let Some((dir, _)) = devname.rsplit_once('/') {
+            out.push_str(&format!("d /dev/{dir} 0755 - - -\n"));
+        }
+        out.push_str(&format!("{kind}! /dev/{devname} 0600 - - - {maj}:{min}\n"));
+    }
+    Ok(out)
 }
 
 /// The on-device agent: its binary, `/usr/lib/kiln/device.json`, and its units (the timer
@@ -513,6 +569,22 @@ mod tests {
             crate::host::exec::Cmd::new("systemd-escape").args(["--path", "/dev/disk/by-partuuid/0a1b-c.d"]).read();
         if let Ok(h) = host {
             assert_eq!(super::systemd_escape_path("/dev/disk/by-partuuid/0a1b-c.d"), h.trim());
+        }
+    }
+
+    #[test]
+    fn static_nodes_are_written_as_kmod_writes_them() {
+        // A trixie arm64 kernel's modules.devname (abridged) and what `kmod static-nodes
+        // --format=tmpfiles` makes of it.
+        let list = "# Device nodes to trigger on-demand module loading.\ncuse cuse c10:203\ntun net/tun c10:200\nsnd_timer snd/timer c116:33\nloop loop b7:0\n";
+        assert_eq!(
+            super::static_nodes_tmpfiles(list).unwrap(),
+            "c! /dev/cuse 0600 - - - 10:203\nd /dev/net 0755 - - -\nc! /dev/net/tun 0600 - - - 10:200\nd /dev/snd 0755 - - -\nc! /dev/snd/timer 0600 - - - 116:33\nb! /dev/loop 0600 - - - 7:0\n"
+        );
+        for bad in ["tun net/tun", "tun net/tun x10:200", "tun ../etc/x c10:200", "tun net/tun c10:2x", "tun a b c10:1"]
+        {
+            let e = super::static_nodes_tmpfiles(bad).unwrap_err().to_string();
+            assert!(e.starts_with("line 1: expected"), "{bad}: {e}");
         }
     }
 }

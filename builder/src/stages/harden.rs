@@ -159,6 +159,7 @@ pub fn harden(ctx: &Context) -> Result<SecurityReport> {
         0o644,
     )?;
     harden_login_defs(tree)?;
+    check_sshd(tree)?;
     if h.audit {
         install_audit(ctx, &mut tctx)?;
         units.push("auditd.service".into());
@@ -225,6 +226,45 @@ pub fn harden(ctx: &Context) -> Result<SecurityReport> {
         report.setuid_removed.len()
     ));
     Ok(report)
+}
+
+/// sshd's own check of its configuration, at build time, with a throw-away host key (the device
+/// makes its own at first boot). Debian's ssh.service runs the same `sshd -t` before every start;
+/// a drop-in empties that ExecStartPre: a mistake stops the build instead of the device's SSH,
+/// and the boot's critical chain loses an sshd start (about half a second under emulation).
+fn check_sshd(tree: &Path) -> Result<()> {
+    if !tree.join("usr/sbin/sshd").exists() {
+        return Ok(());
+    }
+    let scratch = tree.join("run/kiln-sshd-check");
+    let privsep = tree.join("run/sshd");
+    let made_privsep = !privsep.exists();
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    std::fs::create_dir_all(&privsep).with_context(|| format!("creating {}", privsep.display()))?;
+    let checked = Cmd::new("chroot")
+        .arg(tree)
+        .args(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", "/run/kiln-sshd-check/key"])
+        .output()
+        .map_err(|e| anyhow::anyhow!("making a throw-away host key for the sshd check: {e}"))
+        .and_then(|_| {
+            Cmd::new("chroot").arg(tree).args(["/usr/sbin/sshd", "-t", "-h", "/run/kiln-sshd-check/key"]).output().map_err(
+                |e| {
+                    anyhow::anyhow!(
+                        "the image's sshd refuses its configuration (/etc/ssh/sshd_config with sshd_config.d/50-kiln.conf, from the profile's users and hardening): {e}"
+                    )
+                },
+            )
+        });
+    std::fs::remove_dir_all(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
+    if made_privsep {
+        std::fs::remove_dir(&privsep).with_context(|| format!("removing {}", privsep.display()))?;
+    }
+    checked?;
+    write_file(
+        &tree.join("etc/systemd/system/ssh.service.d/90-kiln.conf"),
+        b"# Written by kiln: sshd -t ran when the image was built (no second check at every boot).\n[Service]\nExecStartPre=\n",
+        0o644,
+    )
 }
 
 /// New files private to their owner's group; strong hashes should a password ever be set.
