@@ -14,7 +14,7 @@ use reqwest::StatusCode;
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const CHUNK: usize = 1 << 20;
 /// Progress is made durable (and reported) every this many bytes.
@@ -34,8 +34,34 @@ pub struct Report {
     pub attempts: u32,
 }
 
+/// How slow a download may be before it is given up (a later check resumes it): at least
+/// `min_bytes` in every `window`, and finished by `deadline`. A per-read timeout alone let a
+/// server sending one byte a minute hold every future check (TUF's slow-retrieval attack).
+#[derive(Clone, Copy, Debug)]
+pub struct Pace {
+    pub window: Duration,
+    pub min_bytes: u64,
+    pub deadline: Instant,
+}
+
+/// An install's downloads end within this (kiln-agent.service's TimeoutStartSec, which also
+/// covers a backup before the update, is the backstop).
+pub const CHECK_DEADLINE: Duration = Duration::from_secs(3 * 3600);
+/// Small documents (metadata, signatures) take at most this, however they trickle in.
+const SMALL_DEADLINE: Duration = Duration::from_secs(120);
+
+impl Pace {
+    /// 64 KiB a minute at least (about 1 KiB/s), done within `CHECK_DEADLINE` of `started`
+    /// (the whole root image at that pace would take longer: a link that slow is reported).
+    pub fn standard(started: Instant) -> Pace {
+        Pace { window: Duration::from_secs(60), min_bytes: 64 << 10, deadline: started + CHECK_DEADLINE }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DownloadError {
+    #[error("{url}: too slow: {detail}; stopped at {got} of {expected} bytes")]
+    TooSlow { url: String, got: u64, expected: u64, detail: String },
     #[error("{url}: the server answered {status}")]
     Http { url: String, status: StatusCode },
     #[error("{url}: {source}")]
@@ -64,25 +90,72 @@ pub fn client() -> Result<Client> {
 
 /// A small document (metadata, signature), refused above `limit` bytes.
 pub fn fetch_small(client: &Client, url: &str, limit: u64) -> Result<Vec<u8>> {
+    fetch_small_within(client, url, limit, SMALL_DEADLINE)
+}
+
+fn fetch_small_within(client: &Client, url: &str, limit: u64, within: Duration) -> Result<Vec<u8>> {
+    let started = Instant::now();
     let resp = client.get(url).send().map_err(|e| DownloadError::Network { url: url.into(), source: e })?;
     if !resp.status().is_success() {
         return Err(DownloadError::Http { url: url.into(), status: resp.status() }.into());
     }
     let mut body = Vec::new();
-    resp.take(limit + 1).read_to_end(&mut body).with_context(|| format!("{url}: reading the body"))?;
+    let mut reader = resp.take(limit + 1);
+    let mut buf = [0u8; 16 << 10];
+    loop {
+        let n = reader.read(&mut buf).with_context(|| format!("{url}: reading the body"))?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&buf[..n]);
+        if started.elapsed() > within {
+            return Err(DownloadError::TooSlow {
+                url: url.into(),
+                got: body.len() as u64,
+                expected: limit,
+                detail: format!("not received within {within:?}"),
+            }
+            .into());
+        }
+    }
     if body.len() as u64 > limit {
         anyhow::bail!("{url}: larger than {limit} bytes; not a kiln metadata document");
     }
     Ok(body)
 }
 
+/// Whether the download fell below `pace`: the deadline passed, or a whole window went by with
+/// too few bytes (then a new window starts).
+fn too_slow(pace: &Pace, window_start: &mut Instant, window_bytes: &mut u64) -> Option<String> {
+    let now = Instant::now();
+    if now >= pace.deadline {
+        return Some("the check's deadline passed".into());
+    }
+    let elapsed = now.duration_since(*window_start);
+    if elapsed >= pace.window {
+        if *window_bytes < pace.min_bytes {
+            return Some(format!(
+                "{} bytes in {:.0}s, fewer than the {} required",
+                window_bytes,
+                elapsed.as_secs_f64(),
+                pace.min_bytes
+            ));
+        }
+        *window_start = now;
+        *window_bytes = 0;
+    }
+    None
+}
+
 /// Streams `url` into `dest` at offsets [start, size), after hashing [0, start) from `dest`.
+/// Slower than `pace` is an error (`TooSlow`) after what arrived was made durable.
 pub fn download(
     client: &Client,
     url: &str,
     expect: &Expect,
     dest: &mut std::fs::File,
     start: u64,
+    pace: Pace,
     progress: &mut dyn FnMut(u64) -> Result<()>,
 ) -> Result<Report, DownloadError> {
     let io = |what: String| move |source| DownloadError::Io { what, source };
@@ -100,6 +173,7 @@ pub fn download(
     let mut report = Report { downloaded_bytes: 0, resumed_from: start, attempts: 0 };
     let mut synced = pos;
     let mut stalled_at = None;
+    let (mut window_start, mut window_bytes) = (Instant::now(), 0u64);
     while pos < expect.size || report.attempts == 0 {
         report.attempts += 1;
         let mut req = client.get(url);
@@ -161,13 +235,18 @@ pub fn download(
             hasher.update(&buf[..n]);
             pos += n as u64;
             report.downloaded_bytes += n as u64;
-            if pos - synced >= SYNC_EVERY {
+            window_bytes += n as u64;
+            let slow = too_slow(&pace, &mut window_start, &mut window_bytes);
+            if pos - synced >= SYNC_EVERY || (slow.is_some() && pos > synced) {
                 dest.sync_data().map_err(io("syncing".into()))?;
                 synced = pos;
                 progress(pos).map_err(|e| DownloadError::Io {
                     what: "recording progress".into(),
                     source: std::io::Error::other(format!("{e:#}")),
                 })?;
+            }
+            if let Some(detail) = slow {
+                return Err(DownloadError::TooSlow { url: url.into(), got: pos, expected: expect.size, detail });
             }
         }
         if pos >= expect.size {
@@ -194,4 +273,122 @@ pub fn download(
         source: std::io::Error::other(format!("{e:#}")),
     })?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+
+    /// A loopback HTTP server for one artifact: connection `i` sends at most `cut(i)` bytes of
+    /// the body it owes (then drops the connection), `gap` apart in pieces of `piece` bytes.
+    /// Honours `Range: bytes=N-`.
+    fn serve(body: Vec<u8>, cut: fn(usize) -> Option<usize>, piece: usize, gap: Duration) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/artifact", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for (i, conn) in listener.incoming().enumerate() {
+                let Ok(mut conn) = conn else { return };
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut from = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(r) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                        from = r.trim().trim_end_matches('-').parse().unwrap();
+                    }
+                }
+                let rest = &body[from..];
+                let head = if from > 0 {
+                    format!(
+                        "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {from}-{}/{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len() - 1,
+                        body.len(),
+                        rest.len()
+                    )
+                } else {
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", rest.len())
+                };
+                if conn.write_all(head.as_bytes()).is_err() {
+                    continue;
+                }
+                let owed = cut(i).unwrap_or(rest.len()).min(rest.len());
+                for chunk in rest[..owed].chunks(piece) {
+                    if conn.write_all(chunk).is_err() {
+                        break;
+                    }
+                    let _ = conn.flush();
+                    std::thread::sleep(gap);
+                }
+            }
+        });
+        url
+    }
+
+    fn expect(body: &[u8]) -> Expect {
+        Expect { size: body.len() as u64, sha256: Sha256::digest(body).into() }
+    }
+
+    fn scratch_file() -> (tempfile::TempDir, std::fs::File) {
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::File::options().read(true).write(true).create_new(true).open(dir.path().join("a")).unwrap();
+        (dir, f)
+    }
+
+    fn pace(window_ms: u64, min_bytes: u64) -> Pace {
+        Pace { window: Duration::from_millis(window_ms), min_bytes, deadline: Instant::now() + Duration::from_secs(60) }
+    }
+
+    #[test]
+    fn dropped_connections_resume_where_they_stopped() {
+        let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        // The first three connections drop after 30000 bytes each: four requests in all.
+        let url = serve(body.clone(), |i| (i < 3).then_some(30_000), 10_000, Duration::ZERO);
+        let (dir, mut f) = scratch_file();
+        let report =
+            download(&client().unwrap(), &url, &expect(&body), &mut f, 0, pace(60_000, 1), &mut |_| Ok(())).unwrap();
+        assert_eq!(report.attempts, 4);
+        assert_eq!(report.downloaded_bytes, body.len() as u64);
+        assert_eq!(std::fs::read(dir.path().join("a")).unwrap(), body);
+    }
+
+    #[test]
+    fn a_trickle_is_given_up_with_what_arrived_kept() {
+        let body: Vec<u8> = vec![7u8; 100_000];
+        // 100 bytes every 50 ms: 2 KB/s, below the 20 KB per 300 ms asked for.
+        let url = serve(body.clone(), |_| None, 100, Duration::from_millis(50));
+        let (dir, mut f) = scratch_file();
+        let mut recorded = 0;
+        let started = Instant::now();
+        let e = download(&client().unwrap(), &url, &expect(&body), &mut f, 0, pace(300, 20_000), &mut |n| {
+            recorded = n;
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(matches!(e, DownloadError::TooSlow { .. }), "{e}");
+        assert!(e.to_string().contains("fewer than the 20000 required"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(10), "gave up after {:?}", started.elapsed());
+        // What arrived was made durable and recorded: a later check resumes from there.
+        assert!(recorded > 0, "no progress recorded");
+        let mut again = 0;
+        let fast = serve(body.clone(), |_| None, 10_000, Duration::ZERO);
+        download(&client().unwrap(), &fast, &expect(&body), &mut f, recorded, pace(60_000, 1), &mut |n| {
+            again = n;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(again, body.len() as u64);
+        assert_eq!(std::fs::read(dir.path().join("a")).unwrap(), body);
+    }
+
+    #[test]
+    fn a_trickling_small_document_has_a_deadline() {
+        let body = vec![b'{'; 4000];
+        let url = serve(body, |_| None, 10, Duration::from_millis(20));
+        let e = fetch_small_within(&client().unwrap(), &url, 1 << 20, Duration::from_millis(300)).unwrap_err();
+        assert!(format!("{e:#}").contains("too slow: not received within 300ms"), "{e:#}");
+    }
 }

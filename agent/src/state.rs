@@ -129,6 +129,14 @@ pub struct State {
     /// Network bytes of the last install.
     #[serde(default)]
     pub last_download_bytes: u64,
+    /// The newest `generated` of a signed metadata document this device accepted: an older
+    /// document is a replay and is refused.
+    #[serde(default)]
+    pub newest_metadata: Option<Timestamp>,
+    /// The latest time the clock said while it was synchronised: expiry is never checked
+    /// against anything earlier (a device without a real-time clock starts in the past).
+    #[serde(default)]
+    pub trusted_time: Option<Timestamp>,
 }
 
 impl Default for State {
@@ -145,6 +153,8 @@ impl Default for State {
             last_result: None,
             last_error: None,
             last_download_bytes: 0,
+            newest_metadata: None,
+            trusted_time: None,
         }
     }
 }
@@ -161,9 +171,24 @@ pub struct Booted {
 impl State {
     /// Reads the record; a missing file is a fresh device (both slots unknown).
     pub fn load(dir: &Path) -> Result<State> {
-        let record = kiln_device::fs::read_json(&dir.join(STATUS_FILE))
+        let record: Option<State> = kiln_device::fs::read_json(&dir.join(STATUS_FILE))
             .map_err(|e| anyhow::anyhow!("{e} (not a kiln-agent status file? move it away to start afresh)"))?;
-        Ok(record.unwrap_or_default())
+        let mut state = record.unwrap_or_default();
+        // A record missing a slot (damaged, or edited by hand) must not stop the agent (a
+        // rollback included): the slot is unknown, as on a fresh device.
+        for slot in [Slot::A, Slot::B] {
+            state.slots.entry(slot).or_insert(SlotRecord { status: SlotStatus::Empty, version: None, root_hash: None });
+        }
+        Ok(state)
+    }
+
+    /// A signed, current metadata document was accepted: remember its time, and the clock's
+    /// when it is synchronised. Does not write.
+    pub fn saw_metadata(&mut self, generated: Timestamp, now: Timestamp, synced: bool) {
+        self.newest_metadata = self.newest_metadata.max(Some(generated));
+        if synced {
+            self.trusted_time = self.trusted_time.max(Some(now));
+        }
     }
 
     /// Persists the record atomically: temp file, fsync, rename, fsync of the directory.
@@ -484,5 +509,31 @@ mod tests {
         std::fs::write(dir.path().join(STATUS_FILE), "{").unwrap();
         let e = format!("{:#}", State::load(dir.path()).unwrap_err());
         assert!(e.contains("not a kiln-agent status file"), "{e}");
+    }
+
+    #[test]
+    fn a_record_missing_a_slot_reads_as_that_slot_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = fresh();
+        s.slots.remove(&Slot::B);
+        std::fs::write(dir.path().join(STATUS_FILE), serde_json::to_string(&s).unwrap()).unwrap();
+        // Before: every command (rollback included) panicked on the missing slot.
+        let back = State::load(dir.path()).unwrap();
+        assert_eq!(back.slot(Slot::B).status, SlotStatus::Empty);
+        assert_eq!(back.slot(Slot::A).status, SlotStatus::Committed);
+        std::fs::write(dir.path().join(STATUS_FILE), r#"{"slots": {}, "booted": null, "current_version": null, "previous_version": null, "install": null, "last_check": null, "last_result": null, "last_error": null}"#).unwrap();
+        let back = State::load(dir.path()).unwrap();
+        assert_eq!(back.slot(Slot::A).status, SlotStatus::Empty);
+    }
+
+    #[test]
+    fn metadata_times_only_move_forward_and_the_clock_counts_when_synchronised() {
+        let mut s = State::default();
+        s.saw_metadata(Timestamp(500), Timestamp(900), false);
+        assert_eq!((s.newest_metadata, s.trusted_time), (Some(Timestamp(500)), None));
+        s.saw_metadata(Timestamp(400), Timestamp(1_000), true);
+        assert_eq!((s.newest_metadata, s.trusted_time), (Some(Timestamp(500)), Some(Timestamp(1_000))));
+        s.saw_metadata(Timestamp(600), Timestamp(800), true);
+        assert_eq!((s.newest_metadata, s.trusted_time), (Some(Timestamp(600)), Some(Timestamp(1_000))));
     }
 }

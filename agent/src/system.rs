@@ -107,6 +107,26 @@ pub fn cmdline_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
 }
 
 /// Bytes available to root on the file system holding `path`.
+/// An exclusive lock on `path` (created, with its directory), or None while another process
+/// holds it. Released when the value is dropped (or the process ends).
+pub fn try_lock(path: &Path) -> Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(anyhow::anyhow!("locking {}: {e}", path.display())),
+    }
+}
+
+/// Whether the clock was set from the network since boot: systemd-timesyncd creates this file
+/// at its first synchronisation (a QEMU guest with no time server never has it).
+pub fn clock_synchronised() -> bool {
+    Path::new("/run/systemd/timesync/synchronized").exists()
+}
+
 pub fn free_bytes(path: &Path) -> Result<u64> {
     let s = nix::sys::statvfs::statvfs(path).with_context(|| format!("statvfs {}", path.display()))?;
     Ok(s.blocks_available() as u64 * s.fragment_size() as u64)
@@ -186,6 +206,18 @@ mod tests {
         assert_eq!(cmdline_value(c, "kiln.verity"), Some("abcd"));
         assert_eq!(cmdline_value(c, "kiln.root"), Some("PARTUUID=1234abcd-05"));
         assert_eq!(cmdline_value(c, "kiln.ver"), None);
+    }
+
+    #[test]
+    fn a_second_holder_of_a_lock_is_told_no() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/check.lock");
+        let first = try_lock(&path).unwrap();
+        assert!(first.is_some());
+        // Before: two checks (the timer's and `check --now`) both wrote the other slot.
+        assert!(try_lock(&path).unwrap().is_none());
+        drop(first);
+        assert!(try_lock(&path).unwrap().is_some());
     }
 
     #[test]
