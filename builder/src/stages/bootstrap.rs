@@ -84,10 +84,7 @@ pub fn bootstrap(ctx: &Context, packages: Packages) -> Result<BootFiles> {
     // mmdebstrap runs no essential hook for the custom variant of locked builds, where every
     // package is installed in that first step.
     let divert = "chroot \"$1\" dpkg-divert --local --quiet --rename --divert /usr/sbin/update-initramfs.distrib --add /usr/sbin/update-initramfs && printf '#!/bin/sh\\n# kiln: the initramfs is built on the build host\\nexit 0\\n' > \"$1/usr/sbin/update-initramfs\" && chmod 755 \"$1/usr/sbin/update-initramfs\"";
-    let mut cmd = Cmd::new("mmdebstrap")
-        .arg("--mode=root")
-        .arg("--format=directory")
-        .arg(format!("--architectures={}", plan.arch.debian()));
+    let mut cmd = mmdebstrap(plan);
     cmd = match packages {
         Packages::Resolve => cmd
             .arg("--variant=minbase")
@@ -107,11 +104,6 @@ pub fn bootstrap(ctx: &Context, packages: Packages) -> Result<BootFiles> {
                 .arg(format!("--setup-hook=sync-in {} /var/cache/apt/archives/", shell_quote(&debs.to_string_lossy())))
         }
     };
-    cmd = cmd
-        .arg("--aptopt=Acquire::Retries \"3\"")
-        .arg("--aptopt=APT::Install-Recommends \"false\"")
-        .arg(format!("--components={}", plan.components.join(",")))
-        .env("SOURCE_DATE_EPOCH", plan.source_date_epoch.to_string());
     cmd = if tools {
         cmd.arg(format!("--setup-hook={setup}")).arg(format!("--customize-hook={final_initramfs}"))
     } else {
@@ -121,18 +113,7 @@ pub fn bootstrap(ctx: &Context, packages: Packages) -> Result<BootFiles> {
     if foreign {
         cmd = cmd.arg(format!("--extract-hook={}", super::native::extract_hook()));
     }
-    for opt in DPKG_EXCLUDES {
-        cmd = cmd.arg(format!("--dpkgopt={opt}"));
-    }
-    cmd = cmd.arg(&plan.suite).arg(&ctx.tree).args(&plan.sources);
-    cmd.run_with_lines(|l| progress.line(l)).map_err(|e| {
-        anyhow::anyhow!(
-            "{e}\nhint: check that the mirror {} serves {} for {} and that every package in system.packages exists there",
-            plan.mirror.debian,
-            plan.suite,
-            plan.arch.debian()
-        )
-    })?;
+    run_mmdebstrap(plan, cmd, &ctx.tree, &progress)?;
 
     if foreign {
         progress.line("host-side steps: CA certificates");
@@ -141,6 +122,36 @@ pub fn bootstrap(ctx: &Context, packages: Packages) -> Result<BootFiles> {
     let boot = copy_out_boot_files(ctx)?;
     progress.finish(&format!("kernel {}", boot.kernel_version));
     Ok(boot)
+}
+
+/// mmdebstrap with what every kiln bootstrap shares: root mode into a directory, the plan's
+/// architecture and components, no recommends, the build's timestamp, the dpkg excludes.
+fn mmdebstrap(plan: &crate::config::plan::Plan) -> Cmd {
+    let mut cmd = Cmd::new("mmdebstrap")
+        .arg("--mode=root")
+        .arg("--format=directory")
+        .arg(format!("--architectures={}", plan.arch.debian()))
+        .arg("--aptopt=Acquire::Retries \"3\"")
+        .arg("--aptopt=APT::Install-Recommends \"false\"")
+        .arg(format!("--components={}", plan.components.join(",")))
+        .env("SOURCE_DATE_EPOCH", plan.source_date_epoch.to_string());
+    for opt in DPKG_EXCLUDES {
+        cmd = cmd.arg(format!("--dpkgopt={opt}"));
+    }
+    cmd
+}
+
+/// Runs `cmd` (from `mmdebstrap`) for the plan's suite and sources into `tree`, its output as
+/// progress lines; a failure names the mirror to check.
+fn run_mmdebstrap(plan: &crate::config::plan::Plan, cmd: Cmd, tree: &Path, progress: &StageProgress) -> Result<()> {
+    cmd.arg(&plan.suite).arg(tree).args(&plan.sources).run_with_lines(|l| progress.line(l)).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}\nhint: check that the mirror {} serves {} for {} and that every package in system.packages exists there",
+            plan.mirror.debian,
+            plan.suite,
+            plan.arch.debian()
+        )
+    })
 }
 
 fn nix_is_root() -> bool {
@@ -290,33 +301,15 @@ pub fn resolve(ctx: &Context, cache: &crate::debian::cache::Cache) -> Result<Vec
             plan.packages.len()
         ),
     );
-    let mut cmd = Cmd::new("mmdebstrap")
-        .arg("--mode=root")
-        .arg("--format=directory")
-        .arg(format!("--architectures={}", plan.arch.debian()))
+    let cmd = mmdebstrap(plan)
         .arg("--variant=extract")
         // An apt pattern goes in an --include of its own (mmdebstrap does not split it).
         .arg("--include=?or(?essential,?priority(required))")
         .arg(format!("--include=apt,{}", plan.packages.join(",")))
         // The downloaded .debs stay in the tree: they are the lock.
         .arg("--skip=cleanup/apt/cache")
-        .arg("--skip=download/empty")
-        .arg("--aptopt=Acquire::Retries \"3\"")
-        .arg("--aptopt=APT::Install-Recommends \"false\"")
-        .arg(format!("--components={}", plan.components.join(",")))
-        .env("SOURCE_DATE_EPOCH", plan.source_date_epoch.to_string());
-    for opt in DPKG_EXCLUDES {
-        cmd = cmd.arg(format!("--dpkgopt={opt}"));
-    }
-    cmd = cmd.arg(&plan.suite).arg(&tree).args(&plan.sources);
-    cmd.run_with_lines(|l| progress.line(l)).map_err(|e| {
-        anyhow::anyhow!(
-            "{e}\nhint: check that the mirror {} serves {} for {} and that every package in system.packages exists there",
-            plan.mirror.debian,
-            plan.suite,
-            plan.arch.debian()
-        )
-    })?;
+        .arg("--skip=download/empty");
+    run_mmdebstrap(plan, cmd, &tree, &progress)?;
     let archives = tree.join("var/cache/apt/archives");
     let mut out = Vec::new();
     for e in std::fs::read_dir(&archives).with_context(|| format!("reading {}", archives.display()))? {
