@@ -83,6 +83,7 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
         return;
     }
     let work = repo_root().join("target/kiln-it-ota");
+    let _scratch = crate::Scratch(work.clone());
     // KILN_IT_REUSE=1 keeps the five builds of an earlier run (for working on this test).
     let reuse =
         std::env::var_os("KILN_IT_REUSE").is_some() && work.join("out-0.5.0/ota-pc-uefi/manifest.json").exists();
@@ -158,6 +159,10 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
             println!("kiln-it: built {profile} {v} in {:.1}s", t.elapsed().as_secs_f64());
         }
         outs.push(work.join(out).join(format!("{profile}-pc-uefi")));
+        // Only v1's disk is booted; the others are published (root image and UKI).
+        if v != "0.1.0" {
+            crate::drop_outputs(outs.last().unwrap(), &["disk.img", "disk.img.bmap"]);
+        }
     }
     println!("kiln-it: five releases built in {:.1}s", t.elapsed().as_secs_f64());
 
@@ -228,6 +233,11 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
     let disk = work.join("device.img");
     let cp = Command::new("cp").arg("--sparse=always").arg(outs[0].join("disk.img")).arg(&disk).status().unwrap();
     assert!(cp.success());
+    // Everything is published now: the sites hold the artifacts.
+    for (i, out) in outs.iter().enumerate() {
+        let uki = format!("kiln-0.{}.0.efi", i + 1);
+        crate::drop_outputs(out, &["disk.img", "disk.img.bmap", "root.img", &uki]);
+    }
     let scratch = work.join("qemu");
     let start = || Vm::start(&disk, &manifest.qemu, port, &log, &scratch);
 

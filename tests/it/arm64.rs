@@ -68,6 +68,7 @@ fn rpi4_image_builds_boots_and_updates_itself() {
     }
     let root = repo_root();
     let work = root.join("target/kiln-it-rpi");
+    let _scratch = crate::Scratch(work.clone());
     let versions = ["0.1.0", "0.2.0", "0.3.0", "0.4.0"];
     let outs: Vec<PathBuf> = versions.iter().map(|v| work.join(format!("out-{v}/pi-rpi4"))).collect();
     // KILN_IT_REUSE=1 keeps the builds of an earlier run (for working on the update part).
@@ -173,6 +174,10 @@ fn build_releases(work: &Path, versions: &[&str]) {
             .map(|l| l.trim().to_string())
             .collect();
         println!("kiln-it: built pi-rpi4 {v} (arm64, locked) in {secs:.1}s");
+        // Only the first release's card is booted; the others are published (root, boot image).
+        if *v != versions[0] {
+            crate::drop_outputs(&o.join("pi-rpi4"), &["disk.img", "disk.img.bmap"]);
+        }
         if *v == versions[0] {
             for s in stages.iter().take(14) {
                 println!("kiln-it:   {s}");
@@ -209,6 +214,7 @@ fn updates_over_the_air(work: &Path, outs: &[PathBuf]) {
             ],
         );
         metas.push(snapshot(&staging, &work.join(format!("meta-{}", i + 1))));
+        crate::drop_outputs(dir, &["root.img", "boot.img"]);
     }
     let (meta_v2, meta_v3, meta_v4) = (&metas[0], &metas[1], &metas[2]);
     let site = work.join("site");
@@ -224,6 +230,7 @@ fn updates_over_the_air(work: &Path, outs: &[PathBuf]) {
     let disk = work.join("card.img");
     let cp = Command::new("cp").arg("--sparse=always").arg(outs[0].join("disk.img")).arg(&disk).status().unwrap();
     assert!(cp.success());
+    crate::drop_outputs(&outs[0], &["disk.img", "disk.img.bmap"]);
     // An 8 GiB card: the data partition (logical 7 in the extended 4) grows to its end at first boot.
     std::fs::OpenOptions::new().write(true).open(&disk).unwrap().set_len(8 << 30).unwrap();
     let offset = |name: &str| manifest.partitions.iter().find(|p| p.name == name).unwrap().offset;

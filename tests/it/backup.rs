@@ -216,6 +216,7 @@ fn backups_restore_themselves_resist_deletion_and_report_failures() {
     }
     let root = repo_root();
     let work = root.join("target/kiln-it-backup");
+    let _scratch = crate::Scratch(work.clone());
     let reuse = std::env::var_os("KILN_IT_REUSE").is_some() && work.join("out/bk-pc-uefi/disk.img").exists();
     if !reuse {
         let _ = std::fs::remove_dir_all(&work);
@@ -292,6 +293,7 @@ public_key = "../keys/kiln-release.pub"
             &format!("http://{FEED}/"),
         ],
     );
+    crate::drop_outputs(&work.join("out-v2/bk-pc-uefi"), &["disk.img", "disk.img.bmap", "root.img", "kiln-0.2.0.efi"]);
     let feed = crate::httpd::Server::start(&site);
     let manifest: kiln::stages::manifest::Manifest =
         serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
@@ -308,7 +310,10 @@ public_key = "../keys/kiln-release.pub"
     )
     .unwrap();
     let disk = work.join("disk.img");
-    std::fs::copy(dir.join("disk.img"), &disk).unwrap();
+    // Sparse: the disk image is GiBs long and mostly holes.
+    let cp = Command::new("cp").arg("--sparse=always").arg(dir.join("disk.img")).arg(&disk).status().unwrap();
+    assert!(cp.success());
+    crate::drop_outputs(&dir, &["disk.img", "disk.img.bmap"]);
     let data_size = provision(&disk, &prov);
 
     let port = free_port();

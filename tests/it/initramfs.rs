@@ -35,6 +35,7 @@ fn native_initramfs_opens_the_verified_root_and_boots_systemd() {
     }
     let arch = Arch::from_env();
     let work = repo_root().join(format!("target/kiln-it-initramfs-{}", arch.debian));
+    let _scratch = crate::Scratch(work.clone());
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
     let tree = match std::env::var_os("KILN_IT_INITRAMFS_TREE") {

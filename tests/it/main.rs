@@ -95,6 +95,31 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("builder/ has a parent").to_path_buf()
 }
 
+/// A heavy test's directory under `target/`, removed when the test passes: the whole suite
+/// would otherwise keep ~20 GB of images until the next run, more than a CI machine may have.
+/// Kept after a failure (to look at), and always with `KILN_IT_REUSE` or `KILN_IT_KEEP` set.
+pub struct Scratch(pub PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let keep = std::env::var_os("KILN_IT_REUSE").is_some() || std::env::var_os("KILN_IT_KEEP").is_some();
+        if !std::thread::panicking() && !keep {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Removes build outputs a test no longer needs (a disk image is ~200 MB on disk), unless
+/// `KILN_IT_REUSE` keeps builds for the next run.
+pub fn drop_outputs(dir: &Path, files: &[&str]) {
+    if std::env::var_os("KILN_IT_REUSE").is_some() {
+        return;
+    }
+    for f in files {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+}
+
 /// Runs kiln with `args` in `cwd`, with a fixed mirror so no test depends on the host's apt.
 pub fn kiln(cwd: &Path, args: &[&str]) -> Output {
     Command::new(kiln_bin()).args(args).current_dir(cwd).output().expect("kiln runs")

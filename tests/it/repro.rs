@@ -29,6 +29,7 @@ fn locked_builds_are_bit_identical_and_refuse_tampered_debs() {
         return;
     }
     let work = repo_root().join("target/kiln-it-repro");
+    let _scratch = crate::Scratch(work.clone());
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
 
@@ -63,6 +64,9 @@ fn locked_builds_are_bit_identical_and_refuse_tampered_debs() {
     }
     assert_eq!(hashes[0], hashes[1], "two builds from one lock differ");
     println!("kiln-it: two locked builds are bit-identical");
+    for out in ["out-1", "out-2"] {
+        let _ = std::fs::remove_dir_all(work.join(out));
+    }
 
     // A configuration-only change (the release version) reuses the bootstrapped tree.
     let t = Instant::now();
@@ -74,6 +78,7 @@ fn locked_builds_are_bit_identical_and_refuse_tampered_debs() {
         "kiln-it: warm rebuild after a config-only change: {warm:.1}s (cold {cold:.1}s, {:.1}x faster)",
         cold / warm
     );
+    let _ = std::fs::remove_dir_all(work.join("out-warm"));
     let prune = kiln_in(&work, &["cache", "prune"]);
     assert!(prune.status.success(), "{}", text(&prune.stderr));
 

@@ -42,6 +42,7 @@ fn services_are_sandboxed_gated_and_only_declared_ports_listen() {
     }
     let root = repo_root();
     let work = root.join("target/kiln-it-services");
+    let _scratch = crate::Scratch(work.clone());
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(work.join("profiles/dist")).unwrap();
 
