@@ -66,17 +66,19 @@ impl Agent {
         Ok((booted, fallback))
     }
 
-    /// At every boot: reconcile the record with what booted, clean up after a fallback, and
-    /// say on the console what is running.
-    pub fn boot(&self) -> Result<()> {
-        let mut state = self.load_state()?;
-        let (booted, fallback) = self.observe(&mut state, false)?;
-        let mut reject = None;
+    /// Reconciles `state` with the boot medium and acts on what it shows: a failed trial's
+    /// boot entry is rejected (the medium first: the record is written after, best effort, and
+    /// a record that could not be written is derived again from the medium by the next boot or
+    /// check), a staged download no longer needed goes. Does not write the record.
+    pub fn reconcile(&self, state: &mut State) -> Result<Booted> {
+        let (booted, fallback) = self.observe(state, false)?;
+        let mut failed = false;
         match fallback {
             Some(Fallback::Failed { version, note }) => {
                 println!("kiln-agent: {note}");
-                reject = Some(version);
+                self.medium.reject(&version)?;
                 state.last_error = Some(note);
+                failed = true;
             }
             Some(Fallback::Interrupted { note, .. }) => {
                 println!("kiln-agent: {note}");
@@ -84,19 +86,33 @@ impl Agent {
             }
             None => {}
         }
-        if booted.trial {
-            // The new version is running: the staged download is not needed again.
+        if booted.trial || failed {
+            // The new version is running, or failed: its staged download is not needed again.
             crate::state::remove_staging(&self.state_dir);
         }
-        // The record first: a power cut between the two must not leave a failed version
-        // without its entry and without the record saying so (it would look never started).
-        state.write(&self.state_dir)?;
-        if let Some(version) = reject {
-            self.medium.reject(&version)?;
-        }
+        Ok(booted)
+    }
+
+    /// At every boot: reconcile the record with what booted, clean up after a fallback, and
+    /// say on the console what is running.
+    pub fn boot(&self) -> Result<()> {
+        let mut state = self.load_state()?;
+        let booted = self.reconcile(&mut state)?;
+        self.record(&state);
         let how = if booted.trial { "trial, waiting for the health check" } else { "committed" };
         println!("kiln-agent: booted {} from slot {} ({how})", self.running, self.slot);
         Ok(())
+    }
+
+    /// Writes the record where the boot medium is already right: a failure (a full /var) is
+    /// said on the console and in the journal, and does not stop a rollback.
+    fn record(&self, state: &State) {
+        if let Err(e) = state.write(&self.state_dir) {
+            eprintln!(
+                "kiln-agent: could not record the update state in {} ({e:#}); the boot slots are right, the next boot records it again",
+                self.state_dir.display()
+            );
+        }
     }
 
     /// After boot-complete.target (the health check passed): a trial becomes committed.
@@ -135,7 +151,7 @@ impl Agent {
         if !booted.trial {
             state.last_error =
                 Some(format!("health check failed on the committed {} (slot {})", self.running, self.slot));
-            state.write(&self.state_dir)?;
+            self.record(&state);
             println!(
                 "kiln-agent: health check failed on the committed {}; no rollback (nothing newer is on trial)",
                 self.running
@@ -145,8 +161,11 @@ impl Agent {
         let version = state.fail_trial(self.slot, "health check failed", Timestamp::now())?;
         let back = state.slot(!self.slot).version.clone();
         state.last_error = Some(format!("{version} failed its health check in slot {}; rolled back", self.slot));
-        state.write(&self.state_dir)?;
+        // The boot medium first (the way back must not depend on room in /var), then the
+        // record, best effort: the next boot derives the failure again from the medium.
         self.medium.reject(&version)?;
+        crate::state::remove_staging(&self.state_dir);
+        self.record(&state);
         let back = back.map(|v| v.to_string()).unwrap_or_else(|| "the committed version".into());
         println!("kiln-agent: {version} failed its health check; rolling back to {back} in slot {}", !self.slot);
         if reboot {

@@ -6,7 +6,7 @@
 //!   `kiln-<version>+<tries>.efi`: systemd-boot boots the newest entry, counts a try down on
 //!   every start (`+2-1`, ...) and sorts an entry without tries left below the others, so the
 //!   committed version boots again. Committing renames the file to drop the counter (what
-//!   systemd-bless-boot does too); rolling back deletes it.
+//!   systemd-bless-boot does too); rolling back renames it to a used-up counter (`+0-<n>`).
 //! - **Raspberry Pi (firmware tryboot):** `autoboot.txt` names the normal boot partition under
 //!   `[all]` and the other under `[tryboot]`; a new version is started once with
 //!   `reboot "0 tryboot"`, and any reset or power cut returns to the normal one. Committing
@@ -106,7 +106,15 @@ impl Medium {
                     Tried::No
                 }
             }
-            Medium::Rpi { .. } => Tried::Unknown,
+            // Tryboot leaves no trace, but a rejected trial does (see `reject`).
+            Medium::Rpi { autoboot } => {
+                let path = autoboot.join("autoboot.txt");
+                let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                match parse_autoboot(&text)? {
+                    (normal, tryboot) if normal == tryboot => Tried::Yes,
+                    _ => Tried::Unknown,
+                }
+            }
         })
     }
 
@@ -188,17 +196,35 @@ impl Medium {
         Ok(())
     }
 
-    /// The running trial failed: make sure it cannot boot again (UEFI: delete its UKI; the
-    /// Pi's tryboot is one-shot, nothing to undo).
+    /// The trial of `version` failed: make sure it cannot boot again, in a way the medium
+    /// itself remembers (the record in /var is written after this, best effort: a full /var
+    /// must not stop a rollback, and the next boot reads the failure from here).
+    /// UEFI: its UKI is renamed to a used-up counter (`+0-<n>`), which systemd-boot sorts below
+    /// every good entry, as it does itself when the tries run out; the next install's
+    /// `retire_other` removes it. Pi: autoboot.txt's `[tryboot]` names the normal slot too, so
+    /// no tryboot starts the failed one; the next install points it at the new slot again.
     pub fn reject(&self, version: &Version) -> Result<()> {
-        if let Medium::Uefi { esp } = self {
-            for (file, u) in Self::ukis(esp)? {
-                if u.version == version.as_str() {
-                    let p = Self::uki_dir(esp).join(&file);
-                    std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        match self {
+            Medium::Uefi { esp } => {
+                let dir = Self::uki_dir(esp);
+                for (file, u) in Self::ukis(esp)? {
+                    if u.version == version.as_str() && u.tries_left != Some(0) {
+                        let bad = UkiName { tries_left: Some(0), tries_done: u.tries_done.max(1), ..u }.file_name();
+                        std::fs::rename(dir.join(&file), dir.join(&bad))
+                            .with_context(|| format!("renaming {file} to {bad} on the ESP"))?;
+                    }
+                }
+                sync_fs(esp)?;
+            }
+            Medium::Rpi { autoboot } => {
+                let path = autoboot.join("autoboot.txt");
+                let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                let (normal, tryboot) = parse_autoboot(&text)?;
+                if tryboot != normal {
+                    write_atomically(&path, autoboot_txt(normal, normal).as_bytes())?;
+                    sync_fs(autoboot)?;
                 }
             }
-            sync_fs(esp)?;
         }
         Ok(())
     }
@@ -295,7 +321,36 @@ mod tests {
         let names: Vec<String> = Medium::ukis(t.path()).unwrap().into_iter().map(|(f, _)| f).collect();
         assert_eq!(names, ["kiln-0.1.0.efi", "kiln-0.2.0.efi"]);
         assert_eq!(m.retire_other(&cfg, Slot::B, &v2).unwrap(), ["kiln-0.1.0.efi"]);
+    }
+
+    #[test]
+    fn a_rejected_trial_is_marked_on_the_medium() {
+        // Issue 16 item 5: the medium is put right before the record (a full /var may refuse
+        // the record), and the medium alone must say the trial failed.
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("EFI/Linux");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("kiln-0.1.0.efi"), "old").unwrap();
+        std::fs::write(dir.join("kiln-0.2.0+2-1.efi"), "new").unwrap();
+        let v1: Version = "0.1.0".parse().unwrap();
+        let v2: Version = "0.2.0".parse().unwrap();
+        let m = Medium::Uefi { esp: t.path().into() };
         m.reject(&v2).unwrap();
-        assert!(Medium::ukis(t.path()).unwrap().is_empty());
+        let names: Vec<String> = Medium::ukis(t.path()).unwrap().into_iter().map(|(f, _)| f).collect();
+        assert_eq!(names, ["kiln-0.1.0.efi", "kiln-0.2.0+0-1.efi"]);
+        assert_eq!(m.was_tried(&v2).unwrap(), Tried::Yes);
+        m.reject(&v2).unwrap();
+        assert_eq!(Medium::ukis(t.path()).unwrap().len(), 2, "rejecting twice changes nothing");
+        let cfg: DeviceConfig = serde_json::from_str(r#"{"profile":"p","image":"pc-uefi","arch":"amd64","version":"0.1.0","bootloader":"systemd-boot","partition_table":"gpt","partitions":[],"health_timeout":60,"update":null}"#).unwrap();
+        assert_eq!(m.retire_other(&cfg, Slot::A, &v1).unwrap(), ["kiln-0.2.0+0-1.efi"]);
+
+        // Pi: [tryboot] names the normal slot; the medium says "tried" from then on.
+        let p = tempfile::tempdir().unwrap();
+        std::fs::write(p.path().join("autoboot.txt"), autoboot_txt(2, 3)).unwrap();
+        let m = Medium::Rpi { autoboot: p.path().into() };
+        assert_eq!(m.was_tried(&v2).unwrap(), Tried::Unknown, "tryboot leaves no trace");
+        m.reject(&v2).unwrap();
+        assert_eq!(std::fs::read_to_string(p.path().join("autoboot.txt")).unwrap(), autoboot_txt(2, 2));
+        assert_eq!(m.was_tried(&v2).unwrap(), Tried::Yes);
     }
 }

@@ -351,7 +351,12 @@ fn status(config: &std::path::Path, state_dir: &std::path::Path, json: bool) -> 
         );
     }
     if let Some(i) = &state.install {
-        if i.switches > 0 && state.slot(i.slot).status == state::SlotStatus::Trial {
+        if state.booted == Some(i.slot) {
+            println!(
+                "trial:     {} in slot {} (reboot {} into it), until its health check passes",
+                i.version, i.slot, i.switches
+            );
+        } else if i.switches > 0 && state.slot(i.slot).status == state::SlotStatus::Trial {
             println!("switching: to {} in slot {} (reboot {} into it)", i.version, i.slot, i.switches);
         } else {
             println!("installing {} into slot {} ({} artifact(s) in progress)", i.version, i.slot, i.done.len());

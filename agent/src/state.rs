@@ -77,8 +77,10 @@ pub struct Install {
     /// Bytes known to be written durably, by artifact sha256 (for resuming with HTTP Range).
     #[serde(default)]
     pub done: BTreeMap<String, u64>,
-    /// Reboots into this install started so far. The record stays until the new version boots,
-    /// so a switch cut off by a power loss is resumed, not blamed on the release.
+    /// Reboots into this install started so far. The record stays until the new version is
+    /// committed or failed, so a switch cut off by a power loss, or (Raspberry Pi, whose
+    /// one-shot tryboot leaves no trace) a reset during the trial, is tried again up to
+    /// `update.tries` reboots, not blamed on the release at once.
     #[serde(default)]
     pub switches: u32,
 }
@@ -242,11 +244,9 @@ impl State {
         let rec = self.slot_mut(booted.slot);
         rec.version = Some(booted.version.clone());
         if booted.trial {
+            // The install record stays, with its count of reboots into the trial, until the
+            // trial is committed or failed.
             rec.status = SlotStatus::Trial;
-            // The install finished (its boot entry exists and it booted): nothing to resume.
-            if self.install.as_ref().is_some_and(|i| i.slot == booted.slot) {
-                self.install = None;
-            }
         } else {
             if rec.status != SlotStatus::Committed {
                 rec.status = SlotStatus::Committed;
@@ -287,10 +287,15 @@ impl State {
         if interrupted {
             self.slot_mut(other).status = SlotStatus::Installing;
             let n = pending.unwrap_or(0);
-            let note = format!(
-                "the switch to {version} in slot {other} was cut off before it booted (attempt {n} of {}); the next check resumes it",
-                max_switches.max(1)
-            );
+            let max = max_switches.max(1);
+            let note = match tried {
+                Tried::Unknown => format!(
+                    "the trial of {version} in slot {other} ended in a reset or power cut, or never started (reboot {n} of {max}); the next check starts it again"
+                ),
+                _ => format!(
+                    "the switch to {version} in slot {other} was cut off before it booted (attempt {n} of {max}); the next check resumes it"
+                ),
+            };
             return Fallback::Interrupted { version, note };
         }
         let reason = match (tried, pending) {
@@ -366,6 +371,9 @@ impl State {
             bail!("slot {booted} is {:?}, not on trial", rec.status);
         }
         self.slot_mut(booted).status = SlotStatus::Committed;
+        if self.install.as_ref().is_some_and(|i| i.slot == booted) {
+            self.install = None;
+        }
         if self.slot(!booted).status == SlotStatus::Committed {
             self.slot_mut(!booted).status = SlotStatus::Previous;
         }
@@ -382,6 +390,9 @@ impl State {
         let Some(version) = rec.version else { bail!("slot {booted} has no recorded version") };
         self.remember_failure(version.clone(), reason.into(), now);
         self.slot_mut(booted).status = SlotStatus::Failed;
+        if self.install.as_ref().is_some_and(|i| i.slot == booted) {
+            self.install = None;
+        }
         Ok(version)
     }
 }
@@ -421,8 +432,9 @@ mod tests {
         assert_eq!(s.finish_install().unwrap(), Slot::B);
         assert_eq!(s.slot(Slot::B).status, SlotStatus::Trial);
         s.observe_boot(&Booted { slot: Slot::B, version: v("0.2.0"), trial: true }, Tried::Unknown, 3, NOW);
-        assert!(s.install.is_none(), "the new version booted: nothing to resume");
+        assert_eq!(s.install.as_ref().unwrap().switches, 1, "the reboots into the trial are counted until it ends");
         assert_eq!(s.commit(Slot::B).unwrap(), v("0.2.0"));
+        assert!(s.install.is_none(), "committed: nothing to resume");
         assert_eq!(s.slot(Slot::A).status, SlotStatus::Previous);
         assert_eq!(s.current_version, Some(v("0.2.0")));
         assert_eq!(s.previous_version, Some(v("0.1.0")));
@@ -496,6 +508,51 @@ mod tests {
         let mut s = fresh();
         s.begin_install(Slot::B, &v("0.4.0"), "ef", NOW).unwrap();
         s.finish_install().unwrap();
+        assert!(matches!(s.observe_boot(&committed, Tried::Yes, 3, NOW), Some(Fallback::Failed { .. })));
+    }
+
+    #[test]
+    fn a_pi_trial_reset_is_tried_again_up_to_tries_then_failed() {
+        // Issue 16 item 6: before, the install record was dropped when the trial booted, so one
+        // reset during a Pi trial (tryboot is one-shot, the firmware goes back) failed the
+        // release for good.
+        let mut s = fresh();
+        let committed = Booted { slot: Slot::A, version: v("0.1.0"), trial: false };
+        let trial = Booted { slot: Slot::B, version: v("0.2.0"), trial: true };
+        s.begin_install(Slot::B, &v("0.2.0"), "ab", NOW).unwrap();
+        for n in 1..=2 {
+            s.finish_install().unwrap();
+            assert!(s.observe_boot(&trial, Tried::Unknown, 3, NOW).is_none());
+            // A reset during the trial: the firmware starts the committed slot.
+            let f = s.observe_boot(&committed, Tried::Unknown, 3, NOW);
+            let Some(Fallback::Interrupted { note, .. }) = f else { panic!("reset {n}: {f:?}") };
+            assert!(
+                note.contains(&format!("ended in a reset or power cut, or never started (reboot {n} of 3)")),
+                "{note}"
+            );
+            assert!(s.has_failed(&v("0.2.0")).is_none());
+            s.begin_install(Slot::B, &v("0.2.0"), "ab", NOW).unwrap();
+        }
+        s.finish_install().unwrap();
+        s.observe_boot(&trial, Tried::Unknown, 3, NOW);
+        let f = s.observe_boot(&committed, Tried::Unknown, 3, NOW);
+        let Some(Fallback::Failed { note, .. }) = f else { panic!("{f:?}") };
+        assert!(note.contains("did not come up in 3 reboots"), "{note}");
+        assert!(s.has_failed(&v("0.2.0")).is_some());
+        // A health check that failed is final at once (the record, or the medium, says so).
+        let mut s = fresh();
+        s.begin_install(Slot::B, &v("0.3.0"), "cd", NOW).unwrap();
+        s.finish_install().unwrap();
+        s.observe_boot(&Booted { slot: Slot::B, version: v("0.3.0"), trial: true }, Tried::Unknown, 3, NOW);
+        s.fail_trial(Slot::B, "health check failed", NOW).unwrap();
+        assert!(s.install.is_none());
+        assert!(s.observe_boot(&committed, Tried::Unknown, 3, NOW).is_none());
+        assert_eq!(s.slot(Slot::B).status, SlotStatus::Failed);
+        // The record lost (a full /var) but the medium marked the trial rejected: failed too.
+        let mut s = fresh();
+        s.begin_install(Slot::B, &v("0.3.0"), "cd", NOW).unwrap();
+        s.finish_install().unwrap();
+        s.observe_boot(&Booted { slot: Slot::B, version: v("0.3.0"), trial: true }, Tried::Unknown, 3, NOW);
         assert!(matches!(s.observe_boot(&committed, Tried::Yes, 3, NOW), Some(Fallback::Failed { .. })));
     }
 

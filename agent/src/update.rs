@@ -100,6 +100,9 @@ pub fn check(agent: &Agent, ignore_window: bool) -> Result<Outcome> {
         ));
     };
     let mut state = agent.load_state()?;
+    // What the medium says first: a failed trial whose record could not be written (a full
+    // /var at the rollback) must read as failed here, not as an install to resume.
+    agent.reconcile(&mut state)?;
     let now = Timestamp::now();
     if state.slot(agent.slot).status == crate::state::SlotStatus::Trial {
         return Ok(Outcome::Skipped(format!("slot {} is still on trial; updates wait for its commit", agent.slot)));

@@ -123,11 +123,15 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
     )
     .unwrap();
     // Release 0.3.0 fails its health check (a release with a broken service, as it would be
-    // in real life: same appliance, same partitions, a check that does not pass).
+    // in real life: same appliance, same partitions, a check that does not pass), and fills
+    // /var to the last block first: the rollback must not need room there. The other releases'
+    // check removes the filler.
     std::fs::write(
         work.join("profiles/ota.toml"),
         std::fs::read_to_string(work.join("profiles/ota.toml")).unwrap()
-            + "[health]\ncommands = [\"! grep -q '^IMAGE_VERSION=0.3.0$' /usr/lib/os-release\"]\n",
+            + "[health]\ncommands = [\"f=/var/kiln-it-fill; if grep -q '^IMAGE_VERSION=0.3.0$' /usr/lib/os-release; \
+               then fallocate -l $(( $(stat -f -c '%f * %S' /var) - 1048576 )) $f; dd if=/dev/zero of=$f.2 bs=4096; exit 1; \
+               fi; rm -f $f $f.2\"]\n",
     )
     .unwrap();
 
@@ -270,12 +274,23 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
     let mut vm = start();
     vm.wait_for(&["kiln-agent: booted 0.3.0 from slot a (trial"], BOOT);
     vm.wait_for(&["KILN-NOT-READY version=0.3.0"], BOOT);
+    // /var is full: the record cannot be written, the boot entry is rejected all the same.
+    let unrecorded = vm.wait_for(&["kiln-agent: could not record the update state"], BOOT);
+    assert!(unrecorded.contains("No space left on device"), "{unrecorded}");
     vm.wait_for(&["kiln-agent: 0.3.0 failed its health check; rolling back to 0.2.0 in slot b"], BOOT);
     vm.wait_exit(Duration::from_secs(120));
+    let esp = esp_listing(&disk);
+    assert!(esp.contains("kiln-0.3.0+0-1.efi"), "v3's entry is marked used up on the ESP:\n{esp}");
     let mut vm = start();
+    // The next boot reads the failure from the medium (the record still said "on trial").
+    vm.wait_for(&["kiln-agent: 0.3.0 in slot a did not boot healthy"], BOOT);
     vm.wait_for(&["kiln-agent: booted 0.2.0 from slot b (committed)"], BOOT);
     let skip = vm.wait_for(&["kiln-agent: release 0.3.0 skipped: it failed on this device"], BOOT);
-    println!("kiln-it: v3 rolled back to v2 in {:.1}s; then: {skip}", t.elapsed().as_secs_f64());
+    println!(
+        "kiln-it: v3 rolled back to v2 with /var full in {:.1}s ({}; kiln-0.3.0+0-1.efi on the ESP); then: {skip}",
+        t.elapsed().as_secs_f64(),
+        unrecorded.trim()
+    );
 
     // v4, four ways wrong: each refused with its reason, v2 keeps running.
     let artifacts = staging.join("artifacts");

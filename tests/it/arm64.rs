@@ -299,7 +299,12 @@ fn updates_over_the_air(work: &Path, outs: &[PathBuf]) {
     let mut vm = restart(&vm, Reset::Plain);
     vm.wait_for(&["kiln-agent: booted 0.2.0 from slot b (committed)"], BOOT);
     let skip = vm.wait_for(&["kiln-agent: release 0.3.0 skipped: it failed on this device"], BOOT);
-    assert_eq!(autoboot(), swapped, "a failed trial must not change autoboot.txt");
+    // The rejected trial is marked on the medium itself: [tryboot] names the committed slot too.
+    assert_eq!(
+        autoboot(),
+        "[all]\ntryboot_a_b=1\nboot_partition=3\n[tryboot]\nboot_partition=3\n",
+        "no tryboot may start the failed v3"
+    );
     println!("kiln-it: pi v3 rolled back to v2 in {:.1}s; then: {}", t.elapsed().as_secs_f64(), skip.trim());
 
     // A power cut while v4 downloads: the committed v2 comes up and the install goes on.
@@ -316,15 +321,28 @@ fn updates_over_the_air(work: &Path, outs: &[PathBuf]) {
     vm.wait_for(&["kiln-agent: installed 0.4.0 into slot a"], BOOT);
     println!("kiln-it: pi power cut during the v4 download: came up on v2; then {}", resumed.trim());
 
-    // A power cut during v4's trial: the tryboot flag is gone, the committed v2 boots.
+    // A power cut during v4's trial: the tryboot flag is gone, the committed v2 boots, and the
+    // trial is started again (tryboot leaves no trace: reboots into it are counted up to
+    // update.tries, 3), where it passes and is committed.
     vm.wait_exit(Duration::from_secs(300));
     let mut vm = restart(&vm, Reset::Tryboot);
     vm.wait_for(&["kiln-agent: booted 0.4.0 from slot a (trial"], BOOT);
     vm.kill();
     let mut vm = start(false);
+    let note = vm.wait_for(&["kiln-agent: the trial of 0.4.0 in slot a ended in a reset or power cut"], BOOT);
+    assert!(note.contains("(reboot 1 of 3)"), "{note}");
     vm.wait_for(&["kiln-agent: booted 0.2.0 from slot b (committed)"], BOOT);
     vm.wait_for(&["KILN-READY version=0.2.0"], BOOT);
     assert_eq!(autoboot(), swapped, "an interrupted trial must not change autoboot.txt");
+    vm.wait_for(&["kiln-agent: installed 0.4.0 into slot a"], BOOT);
+    vm.wait_exit(Duration::from_secs(300));
+    let mut vm = restart(&vm, Reset::Tryboot);
+    vm.wait_for(&["kiln-agent: booted 0.4.0 from slot a (trial"], BOOT);
+    vm.wait_for(&["kiln-agent: committed 0.4.0 in slot a"], BOOT);
+    assert_eq!(autoboot(), "[all]\ntryboot_a_b=1\nboot_partition=2\n[tryboot]\nboot_partition=3\n");
     vm.kill();
-    println!("kiln-it: pi power cut during the v4 trial: came up on the committed v2 (autoboot.txt unchanged)");
+    println!(
+        "kiln-it: pi power cut during the v4 trial: came up on the committed v2 ({}), started the trial again, committed v4",
+        note.trim()
+    );
 }
