@@ -544,6 +544,28 @@ mod tests {
     }
 
     #[test]
+    fn unit_files_carry_profile_strings_literally() {
+        // Issue 16 item 14: systemd expands "%" specifiers and unescapes "\\" in ExecStart= and
+        // quoted Environment= values; the unit must say what the profile says.
+        let p = plan_of(
+            r#"extends = "minimal"
+[services.app]
+exec = '/usr/bin/printf 100%% %h \\n'
+[services.app.environment]
+GREETING = 'C:\Users 50%'
+"#,
+        );
+        let s = p.services.iter().find(|s| s.name == "app").unwrap();
+        let t = crate::stages::templates::Templates::load().unwrap();
+        let mut c = tera::Context::from_serialize(&p).unwrap();
+        c.insert("service", s);
+        c.insert("sites", &s.sites);
+        let unit = t.render("catalog/service.tera", &c).unwrap();
+        assert!(unit.contains("\nExecStart=/usr/bin/printf 100%%%% %%h \\\\\\\\n\n"), "{unit}");
+        assert!(unit.contains("\nEnvironment=\"GREETING=C:\\\\Users 50%%\"\n"), "{unit}");
+    }
+
+    #[test]
     fn backups_cover_the_services_state_home_and_srv() {
         let p = plan_of(
             r#"extends = "minimal"

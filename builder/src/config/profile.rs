@@ -360,9 +360,50 @@ pub fn parse_file(src: &Source, text: &str) -> Result<(toml::Table, ProfileFile)
             .unwrap_or_default();
         ProfileError::new(src, None, format!("not valid TOML{at}: {msg}"))
     })?;
+    check_no_control_characters(src, &table, "")?;
     let typed = typed_from_table(src, &table)?;
     check_values(src, &typed)?;
     Ok((table, typed))
+}
+
+/// No profile string (key or value) may hold a control character or a Unicode line break:
+/// every one of them ends up in a line-based syntax somewhere (a unit file, a shell script, a
+/// kernel command line, nftables, a Caddyfile), where a `\r` or `\n` starts a line of the
+/// attacker's choosing. Checked once for every string, before any field's own rules.
+fn check_no_control_characters(src: &Source, table: &toml::Table, prefix: &str) -> Result<(), ProfileError> {
+    fn bad(s: &str) -> Option<char> {
+        s.chars().find(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
+    }
+    fn walk(src: &Source, key: &str, v: &toml::Value) -> Result<(), ProfileError> {
+        match v {
+            toml::Value::String(s) => match bad(s) {
+                Some(c) => Err(ProfileError::new(
+                    src,
+                    Some(key),
+                    format!(
+                        "holds the control character U+{:04X}: profile strings are one line of printable text",
+                        c as u32
+                    ),
+                )),
+                None => Ok(()),
+            },
+            toml::Value::Array(a) => a.iter().enumerate().try_for_each(|(i, v)| walk(src, &format!("{key}[{i}]"), v)),
+            toml::Value::Table(t) => check_no_control_characters(src, t, key),
+            _ => Ok(()),
+        }
+    }
+    for (k, v) in table {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        if let Some(c) = bad(k) {
+            return Err(ProfileError::new(
+                src,
+                Some(&key.escape_debug().to_string()),
+                format!("a key holds the control character U+{:04X}", c as u32),
+            ));
+        }
+        walk(src, &key, v)?;
+    }
+    Ok(())
 }
 
 fn typed_from_table(src: &Source, table: &toml::Table) -> Result<ProfileFile, ProfileError> {
@@ -475,6 +516,15 @@ fn check_values(src: &Source, p: &ProfileFile) -> Result<(), ProfileError> {
                         format!("{a:?} is set by kiln itself (verified root) and cannot be overridden"),
                     );
                 }
+                if a.contains(['"', '\'']) {
+                    return err(
+                        &format!("system.kernel_cmdline[{i}]"),
+                        format!("expected a kernel argument without quotes (a quote joins the arguments after it), found {a:?}"),
+                    );
+                }
+                if let Some(why) = defeats_fallback(a) {
+                    return err(&format!("system.kernel_cmdline[{i}]"), format!("{a:?} is refused: {why}"));
+                }
             }
         }
     }
@@ -562,8 +612,56 @@ fn check_values(src: &Source, p: &ProfileFile) -> Result<(), ProfileError> {
         if h.timeout == Some(0) {
             return err("health.timeout", "expected a positive number of seconds, found 0".into());
         }
+        for (i, u) in h.units.iter().flatten().enumerate() {
+            if !valid_unit_name(u) {
+                return err(
+                    &format!("health.units[{i}]"),
+                    format!("expected a systemd unit name such as \"caddy.service\" (letters, digits, \":-_.@\\\", and a unit type), found {u:?}"),
+                );
+            }
+        }
+        for (i, c) in h.commands.iter().flatten().enumerate() {
+            if c.trim().is_empty() {
+                return err(&format!("health.commands[{i}]"), "expected a shell command, found an empty string".into());
+            }
+        }
     }
     Ok(())
+}
+
+/// Kernel arguments that would keep a device from going back to its committed slot when an
+/// update does not come up: a kernel that never reboots after a panic, a boot that ends in a
+/// shell or another target instead of the health check, or a root shell on a console.
+pub fn defeats_fallback(arg: &str) -> Option<&'static str> {
+    let (name, value) = arg.split_once('=').map_or((arg, None), |(n, v)| (n, Some(v)));
+    match (name, value) {
+        ("panic", Some(v)) if v.trim() == "0" || v.parse::<i64>().is_err() => {
+            Some("with panic=0 a kernel panic hangs instead of rebooting, and a trial that panics never falls back (kiln sets panic=10)")
+        }
+        ("init" | "rdinit", _) => Some("another init skips systemd, the health check and the commit or rollback"),
+        ("single" | "emergency" | "rescue" | "s" | "S" | "1" | "-s", None) => {
+            Some("a rescue or emergency boot waits at a shell: no health check, no fallback")
+        }
+        ("systemd.unit" | "rd.systemd.unit" | "systemd.mask" | "rd.systemd.mask", _) => {
+            Some("it changes which units start, so the health check or the agent may not run")
+        }
+        ("rd.break" | "rd.shell" | "rd.emergency" | "systemd.debug_shell" | "systemd.debug-shell", _) => {
+            Some("it opens a root shell on a console, and may stop the boot before the health check")
+        }
+        _ => None,
+    }
+}
+
+/// A systemd unit name with its type: `name[@instance].type`.
+pub fn valid_unit_name(u: &str) -> bool {
+    const TYPES: &[&str] =
+        &["service", "socket", "target", "timer", "mount", "automount", "path", "swap", "device", "slice", "scope"];
+    let Some((name, kind)) = u.rsplit_once('.') else { return false };
+    u.len() <= 255
+        && TYPES.contains(&kind)
+        && !name.is_empty()
+        && !name.starts_with('-')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || ":-_.@\\".contains(c))
 }
 
 /// A service's name becomes its unit's and state directory's name.
@@ -604,6 +702,10 @@ impl Port {
     }
 }
 
+/// Characters with a meaning of their own in a Caddyfile token: placeholders, quotes, comments,
+/// blocks, heredocs.
+const CADDY_SPECIAL: &[char] = &['{', '}', '"', '\'', '`', '#', '<', '\\'];
+
 fn check_service(src: &Source, name: &str, s: &Service) -> Result<(), ProfileError> {
     let key = |k: &str| format!("services.{name}.{k}");
     let err = |k: String, msg: String| Err(ProfileError::new(src, Some(&k), msg));
@@ -615,8 +717,12 @@ fn check_service(src: &Source, name: &str, s: &Service) -> Result<(), ProfileErr
         );
     }
     if let Some(e) = &s.exec {
-        if !e.starts_with('/') || e.contains('\n') {
+        if !e.starts_with('/') {
             return err(key("exec"), format!("expected a command line starting with an absolute path, such as \"/usr/local/bin/{name} --port 8080\", found {e:?}"));
+        }
+        // systemd reads a lone ";" as the start of another command line.
+        if e.split_whitespace().any(|w| w == ";") {
+            return err(key("exec"), "expected one command: a lone \";\" would start a second one (put several in a script, shipped with binary = \"...\")".into());
         }
     }
     if let Some(b) = &s.binary {
@@ -668,8 +774,8 @@ fn check_service(src: &Source, name: &str, s: &Service) -> Result<(), ProfileErr
                 "expected a systemd directive name such as \"MemoryDenyWriteExecute\"".into(),
             );
         }
-        if v.contains('\n') {
-            return err(key(&format!("loosen.{k}")), "expected a value on one line".into());
+        if v.contains('\\') {
+            return err(key(&format!("loosen.{k}")), format!("expected a directive value without '\\', found {v:?}"));
         }
     }
     if let Some(b) = s.exposure_budget {
@@ -685,13 +791,13 @@ fn check_service(src: &Source, name: &str, s: &Service) -> Result<(), ProfileErr
                 "expected either root (a directory to serve) or proxy (an address to forward to), not both or neither"
                     .into(),
             ),
-            (Some(r), None) if !r.starts_with('/') || r.contains(char::is_whitespace) => {
+            (Some(r), None) if !r.starts_with('/') || r.contains(char::is_whitespace) || r.contains(CADDY_SPECIAL) => {
                 return err(
                     format!("{k}.root"),
                     format!("expected an absolute directory such as \"/srv/www\", found {r:?}"),
                 )
             }
-            (None, Some(p)) if p.is_empty() || p.contains(char::is_whitespace) || p.contains(['{', '}']) => {
+            (None, Some(p)) if p.is_empty() || p.contains(char::is_whitespace) || p.contains(CADDY_SPECIAL) => {
                 return err(
                     format!("{k}.proxy"),
                     format!("expected an address such as \"127.0.0.1:5232\", found {p:?}"),
@@ -907,7 +1013,8 @@ pub fn valid_window(w: &str) -> bool {
 /// file that set `update.public_key`), and checks its form. Returns the key as 64 hex digits.
 pub fn resolve_public_key(declared_in: &Source, value: &str) -> Result<String, ProfileError> {
     let err = |msg: String| ProfileError::new(declared_in, Some("update.public_key"), msg);
-    let line = if value.trim_start().starts_with("kiln-ed25519:") {
+    // Inline (either half: a secret pasted by mistake must not be echoed as a file name).
+    let line = if value.trim_start().starts_with("kiln-ed25519") {
         value.trim().to_string()
     } else {
         let Source::File(profile) = declared_in else {
@@ -924,12 +1031,23 @@ pub fn resolve_public_key(declared_in: &Source, value: &str) -> Result<String, P
             .trim()
             .to_string()
     };
+    // Never echo what was found: a secret key given by mistake must not reach a terminal, a
+    // CI log or a bug report. Say what it looks like instead.
+    let expected = "expected a public key line \"kiln-ed25519:<64 hex digits>\" (the .pub file of `kiln keygen`)";
     match line.strip_prefix("kiln-ed25519:") {
         Some(hex) if hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()) => Ok(hex.to_ascii_lowercase()),
-        _ => Err(err(format!(
-            "expected a public key line \"kiln-ed25519:<64 hex digits>\" (the .pub file of `kiln keygen`), found {:?}",
-            line.chars().take(80).collect::<String>()
+        _ if line.starts_with("kiln-ed25519-secret:") => Err(err(format!(
+            "this is a SECRET release key, not the public one: never put it in a profile (the image would carry it); \
+             name the .pub file next to it; {expected}"
         ))),
+        Some(hex) => Err(err(format!(
+            "{expected}, found \"kiln-ed25519:\" followed by {} characters{}",
+            hex.chars().count(),
+            if hex.chars().all(|c| c.is_ascii_hexdigit()) { "" } else { " that are not all hex digits" }
+        ))),
+        None => {
+            Err(err(format!("{expected}, found {} characters of something else (not shown)", line.chars().count())))
+        }
     }
 }
 
@@ -1112,6 +1230,58 @@ mod tests {
 
     fn parse(text: &str) -> Result<ProfileFile, ProfileError> {
         parse_file(&Source::File("p.toml".into()), text).map(|(_, t)| t)
+    }
+
+    #[test]
+    fn hostile_strings_are_refused_where_they_would_change_the_syntax() {
+        // Issue 16 item 14: a "\r" in exec put a root ExecStartPre=+ into the unit.
+        let svc = |extra: &str| format!("[services.app]\nexec = \"/usr/bin/app\"\n{extra}");
+        let e = parse("[services.app]\nexec = \"/usr/bin/app\\rExecStartPre=+/bin/sh -c evil\"\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("services.app.exec"));
+        assert!(e.message.contains("control character U+000D"), "{e}");
+        for (text, key) in [
+            (svc("environment = { A = \"x\\u2028y\" }\n"), "services.app.environment.A"),
+            ("[health]\ncommands = [\"true\", \"a\\u0085b\"]\n".to_string(), "health.commands[1]"),
+            ("[system]\nkernel_cmdline = [\"quiet\\u0000\"]\n".to_string(), "system.kernel_cmdline[0]"),
+        ] {
+            let e = parse(&text).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{text}: {e}");
+        }
+        let e = parse(&svc("")).map(|_| ());
+        assert!(e.is_ok(), "{e:?}");
+        let e = parse("[services.app]\nexec = \"/usr/bin/app ; /bin/sh\"\n").unwrap_err();
+        assert!(e.message.contains("a lone \";\""), "{e}");
+        let e = parse(&svc("loosen = { ReadWritePaths = \"/srv\\\\x\" }\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("services.app.loosen.ReadWritePaths"));
+        // Health units are unit names; commands are non-empty.
+        for bad in ["caddy", "caddy.service; reboot", "-x.service", "a b.service", "x.exe"] {
+            let e = parse(&format!("[health]\nunits = [{bad:?}]\n")).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some("health.units[0]"), "{bad}");
+        }
+        assert!(parse("[health]\nunits = [\"caddy.service\", \"getty@tty1.service\", \"x.timer\"]\n").is_ok());
+        assert!(parse("[health]\ncommands = [\" \"]\n").is_err());
+        // The kernel command line: no quotes, nothing that defeats the fallback.
+        for bad in [
+            "panic=0",
+            "panic=x",
+            "init=/bin/sh",
+            "single",
+            "emergency",
+            "systemd.unit=rescue.target",
+            "rd.break",
+            "systemd.mask=kiln-health.service",
+            "a=\\\"b",
+        ] {
+            let e = parse(&format!("[system]\nkernel_cmdline = [{bad:?}]\n")).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some("system.kernel_cmdline[0]"), "{bad}: {e}");
+        }
+        assert!(parse("[system]\nkernel_cmdline = [\"panic=-1\", \"quiet\", \"console=ttyS0,115200\"]\n").is_ok());
+        // Caddyfile tokens: no placeholders, quotes, comments or blocks.
+        for (field, bad) in [("root", "/srv/{http.request.host}"), ("root", "/srv/a#b"), ("proxy", "127.0.0.1:80\\\"x")]
+        {
+            let e = parse(&svc(&format!("[[services.app.sites]]\n{field} = {bad:?}\n"))).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(format!("services.app.sites[0].{field}").as_str()), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -112,6 +112,7 @@ pub fn customize(ctx: &Context, agent: &Path) -> Result<()> {
         t.render("rootfs/health-check.tera", &tctx)?.as_bytes(),
         0o755,
     )?;
+    write_health_commands(tree, &ctx.plan.health.commands)?;
     write_file(
         &tree.join("usr/lib/systemd/system/kiln-provision.service"),
         t.render("rootfs/kiln-provision.service", &tctx)?.as_bytes(),
@@ -325,6 +326,25 @@ pub fn systemd_escape_path(path: &str) -> String {
 }
 
 /// Writes a file (creating parent directories) with the given mode.
+/// Each of the profile's `health.commands` is a shell script of its own
+/// (`/usr/lib/kiln/health.d/<n>`), never pasted into the health check: a `#`, a `;` or an
+/// unbalanced quote stays inside its command. A command that is not valid `sh` stops the build
+/// here (`sh -n`), not every trial boot on the devices.
+fn write_health_commands(tree: &Path, commands: &[String]) -> Result<()> {
+    let dir = tree.join("usr/lib/kiln/health.d");
+    for (i, cmd) in commands.iter().enumerate() {
+        let path = dir.join((i + 1).to_string());
+        let script = format!(
+            "#!/bin/sh\n# Written by kiln: health.commands[{i}] of the profile; exit 0 means healthy.\n{cmd}\n"
+        );
+        write_file(&path, script.as_bytes(), 0o755)?;
+        if let Err(e) = Cmd::new("sh").arg("-n").arg(&path).output() {
+            bail!("health.commands[{i}]: not a valid sh command: {e:#}");
+        }
+    }
+    Ok(())
+}
+
 pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -559,6 +579,23 @@ fn remove_pycache(dir: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::write_health_commands;
+
+    #[test]
+    fn health_commands_are_scripts_of_their_own_checked_by_sh() {
+        // Issue 16 item 14: pasted into the health check, a "#" or an unbalanced quote broke
+        // every check after it, and so every trial boot.
+        let tree = tempfile::tempdir().unwrap();
+        let ok = ["test -e /etc/os-release # a comment".to_string(), "echo 'a; b' | grep -q b".to_string()];
+        write_health_commands(tree.path(), &ok).unwrap();
+        let first = std::fs::read_to_string(tree.path().join("usr/lib/kiln/health.d/1")).unwrap();
+        assert!(first.starts_with("#!/bin/sh\n") && first.ends_with("\ntest -e /etc/os-release # a comment\n"));
+        let out = std::process::Command::new(tree.path().join("usr/lib/kiln/health.d/2")).status().unwrap();
+        assert!(out.success());
+        let e = write_health_commands(tree.path(), &["true".into(), "echo 'unbalanced".into()]).unwrap_err();
+        assert!(format!("{e:#}").starts_with("health.commands[1]: not a valid sh command"), "{e:#}");
+    }
+
     #[test]
     fn escapes_like_systemd_escape() {
         assert_eq!(

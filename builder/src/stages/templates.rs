@@ -58,6 +58,28 @@ macro_rules! catalog_templates {
 pub const CATALOG_FILES: &[(&str, &str)] =
     catalog_templates!["service.tera", "caddy/Caddyfile.tera", "radicale/config.tera"];
 
+/// A unit file value in which systemd must expand no specifier: `%` becomes `%%`.
+/// (Description=, sandbox directive values.)
+pub fn systemd_specifiers(v: &str) -> String {
+    v.replace('%', "%%")
+}
+
+/// A unit file value that systemd also unescapes (ExecStart= words, a quoted Environment=
+/// value): `\` becomes `\\` and `%` becomes `%%`, so the text arrives as the profile wrote it.
+/// (`$VAR` in an exec line is still expanded from the service's environment: documented.)
+pub fn systemd_escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('%', "%%")
+}
+
+fn filter(
+    f: fn(&str) -> String,
+) -> impl Fn(&tera::Value, &std::collections::HashMap<String, tera::Value>) -> tera::Result<tera::Value> {
+    move |v, _| match v {
+        tera::Value::String(s) => Ok(tera::Value::String(f(s))),
+        other => Ok(other.clone()),
+    }
+}
+
 pub struct Templates {
     tera: tera::Tera,
 }
@@ -66,6 +88,8 @@ impl Templates {
     pub fn load() -> Result<Templates> {
         let mut tera = tera::Tera::default();
         tera.autoescape_on(vec![]);
+        tera.register_filter("systemd_specifiers", filter(systemd_specifiers));
+        tera.register_filter("systemd_escape", filter(systemd_escape));
         for (name, text) in FILES {
             if name.ends_with(".tera") {
                 tera.add_raw_template(name, text).with_context(|| format!("template {name}"))?;
