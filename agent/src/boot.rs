@@ -124,6 +124,7 @@ impl Medium {
         let mut removed = Vec::new();
         match self {
             Medium::Uefi { esp } => {
+                removed.extend(Self::remove_leftovers(esp)?);
                 for (file, u) in Self::ukis(esp)? {
                     if u.version != running_version.as_str() {
                         let p = Self::uki_dir(esp).join(&file);
@@ -147,10 +148,37 @@ impl Medium {
         Ok(removed)
     }
 
+    /// Half-written UKIs (`.<name>.tmp`) a power cut left in EFI/Linux: removed before an
+    /// install, or the ESP would fill up with them.
+    fn leftovers(esp: &Path) -> Result<Vec<String>> {
+        let dir = Self::uki_dir(esp);
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let name =
+                e.with_context(|| format!("reading {}", dir.display()))?.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                out.push(name);
+            }
+        }
+        Ok(out)
+    }
+
+    fn remove_leftovers(esp: &Path) -> Result<Vec<String>> {
+        let names = Self::leftovers(esp)?;
+        for n in &names {
+            let p = Self::uki_dir(esp).join(n);
+            std::fs::remove_file(&p).with_context(|| format!("removing the leftover {}", p.display()))?;
+        }
+        Ok(names)
+    }
+
     /// The bytes the ESP has for a new UKI once every UKI but the running version's is gone
-    /// (what `retire_other` removes before the install writes one).
+    /// (what `retire_other` removes before the install writes one), leftovers too.
     pub fn uki_room(esp: &Path, running: &Version) -> Result<u64> {
         let mut free = system::free_bytes(esp)?;
+        for file in Self::leftovers(esp)? {
+            free += std::fs::metadata(Self::uki_dir(esp).join(file)).map(|m| m.len()).unwrap_or(0);
+        }
         for (file, u) in Self::ukis(esp)? {
             if u.version != running.as_str() {
                 free += std::fs::metadata(Self::uki_dir(esp).join(file)).map(|m| m.len()).unwrap_or(0);
@@ -342,7 +370,10 @@ mod tests {
         m.reject(&v2).unwrap();
         assert_eq!(Medium::ukis(t.path()).unwrap().len(), 2, "rejecting twice changes nothing");
         let cfg: DeviceConfig = serde_json::from_str(r#"{"profile":"p","image":"pc-uefi","arch":"amd64","version":"0.1.0","bootloader":"systemd-boot","partition_table":"gpt","partitions":[],"health_timeout":60,"update":null}"#).unwrap();
-        assert_eq!(m.retire_other(&cfg, Slot::A, &v1).unwrap(), ["kiln-0.2.0+0-1.efi"]);
+        // A power cut during a UKI's write left its temporary file: it goes too.
+        std::fs::write(dir.join(".kiln-0.3.0+3.efi.tmp"), "half").unwrap();
+        assert_eq!(m.retire_other(&cfg, Slot::A, &v1).unwrap(), [".kiln-0.3.0+3.efi.tmp", "kiln-0.2.0+0-1.efi"]);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
 
         // Pi: [tryboot] names the normal slot; the medium says "tried" from then on.
         let p = tempfile::tempdir().unwrap();

@@ -295,9 +295,22 @@ fn open_device(dev: &BlockDevice, write: bool) -> Result<File> {
             dev.dev
         );
     }
+    // The same device number may be another medium by now (a card swapped while the prompt
+    // waited, a loop device attached to another file): the sequence number tells.
+    if let Some(seen) = dev.diskseq {
+        let mut now = 0u64;
+        // SAFETY: BLKGETDISKSEQ writes one u64 through the pointer.
+        if unsafe { blkgetdiskseq(file.as_raw_fd(), &mut now) }.is_ok() && now != seen {
+            bail!(
+                "{} is another disk than the one checked (the kernel's disk sequence number went from {seen} to {now}: a card or stick was swapped, or the device re-attached); nothing was written; run kiln flash again",
+                dev.path.display()
+            );
+        }
+    }
     Ok(file)
 }
 
+nix::ioctl_read!(blkgetdiskseq, 0x12, 128, u64);
 nix::ioctl_none!(blkflsbuf, 0x12, 97);
 nix::ioctl_none!(blkrrpart, 0x12, 95);
 
@@ -788,6 +801,36 @@ fn print_figures(args: &FlashArgs, dev: &BlockDevice, map: &Bmap, f: &Figures) {
 mod tests {
     use super::*;
     use crate::units::MIB;
+
+    #[test]
+    fn another_medium_under_the_same_device_number_is_refused() {
+        // Issue 16 item 16: a card swapped while the prompt waited has the same device number;
+        // its disk sequence number differs. A loop device re-attached to another file is the
+        // same event.
+        let test = "another_medium_under_the_same_device_number_is_refused";
+        if !crate::testing::allows(test, nix::unistd::geteuid().is_root(), "root (loop devices)") {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let (a, b) = (t.path().join("a.img"), t.path().join("b.img"));
+        for f in [&a, &b] {
+            std::fs::File::create(f).unwrap().set_len(4 * MIB).unwrap();
+        }
+        let losetup = |args: &[&std::ffi::OsStr]| {
+            let o = std::process::Command::new("losetup").args(args).output().unwrap();
+            assert!(o.status.success(), "losetup {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+            String::from_utf8_lossy(&o.stdout).trim().to_string()
+        };
+        let loopdev = losetup(&["--find".as_ref(), "--show".as_ref(), a.as_os_str()]);
+        let dev = device::BlockDevice::inspect(Path::new(&loopdev)).unwrap();
+        assert!(dev.diskseq.is_some(), "this kernel has no diskseq for {loopdev}");
+        open_device(&dev, false).unwrap();
+        losetup(&["-d".as_ref(), loopdev.as_ref()]);
+        losetup(&[loopdev.as_ref(), b.as_os_str()]);
+        let e = open_device(&dev, false).map(|_| ()).unwrap_err().to_string();
+        losetup(&["-d".as_ref(), loopdev.as_ref()]);
+        assert!(e.contains("is another disk than the one checked (the kernel's disk sequence number went from"), "{e}");
+    }
 
     #[test]
     fn spans_are_cut_around_the_skipped_partition() {

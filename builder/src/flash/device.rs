@@ -47,6 +47,9 @@ pub struct BlockDevice {
     pub dev: DevId,
     /// Its directory under /sys/devices.
     pub sysfs: PathBuf,
+    /// The kernel's sequence number of the medium (Linux >= 5.15): a new card in the reader, or
+    /// a loop device attached to another file, gets a new one under the same device number.
+    pub diskseq: Option<u64>,
 }
 
 impl BlockDevice {
@@ -62,7 +65,8 @@ impl BlockDevice {
             format!("{}: block device {dev} has no entry /sys/dev/block/{dev} (is sysfs mounted?)", path.display())
         })?;
         let name = sysfs.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        Ok(BlockDevice { path: path.to_path_buf(), name, dev, sysfs })
+        let diskseq = fs::read_to_string(sysfs.join("diskseq")).ok().and_then(|s| s.trim().parse().ok());
+        Ok(BlockDevice { path: path.to_path_buf(), name, dev, sysfs, diskseq })
     }
 
     fn attr(&self, rel: &str) -> Option<String> {

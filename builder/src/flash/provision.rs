@@ -49,7 +49,10 @@ const KEY_TYPES: &[&str] = &[
 #[derive(Debug)]
 pub struct Provision {
     pub dir: PathBuf,
-    entries: Vec<(PathBuf, bool)>,
+    /// (relative path, None for a directory or the file's bytes). Files are read once, in
+    /// `load`, without following links: what was checked before the prompt is what is written
+    /// after it, whatever happens to DIR meanwhile.
+    entries: Vec<(PathBuf, Option<Vec<u8>>)>,
 }
 
 /// The data filesystem made for one device: a sparse file the size of the partition and its map.
@@ -73,36 +76,37 @@ impl Provision {
             match name.as_str() {
                 "ssh" => {
                     require_dir(&path)?;
-                    entries.push((rel.clone(), true));
+                    entries.push((rel.clone(), None));
                     for (sub, subpath) in list(&path)? {
                         if sub != "authorized_keys" {
                             bail!("{}: unknown entry in ssh/ (known: ssh/authorized_keys/<user>)", subpath.display());
                         }
                         require_dir(&subpath)?;
-                        entries.push((rel.join(&sub), true));
+                        entries.push((rel.join(&sub), None));
                         for (user, keyfile) in list(&subpath)? {
-                            require_file(&keyfile)?;
+                            let data = read_regular(&keyfile)?;
                             if !valid_user(&user) {
                                 bail!("{}: {user:?} is not a valid user name (lowercase letters, digits, '_' and '-', starting with a letter or '_', at most 32)", keyfile.display());
                             }
-                            check_keys(&keyfile)?;
-                            entries.push((rel.join(&sub).join(&user), false));
+                            check_keys(&keyfile, &data)?;
+                            entries.push((rel.join(&sub).join(&user), Some(data)));
                         }
                     }
                 }
                 "backup" | "wifi" => {
                     require_dir(&path)?;
-                    entries.push((rel.clone(), true));
+                    entries.push((rel.clone(), None));
+                    let first = entries.len();
                     walk(&path, &rel, &mut entries)?;
                     if name == "backup" {
-                        check_backup(&path)?;
+                        check_backup(&path, &entries[first..])?;
                     }
                 }
                 "hostname" => {
-                    require_file(&path)?;
-                    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                    let data = read_regular(&path)?;
+                    let text = String::from_utf8_lossy(&data);
                     check_hostname(text.trim()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-                    entries.push((rel, false));
+                    entries.push((rel, Some(data)));
                 }
                 _ => bail!("{}: unknown provisioning entry (known: {KNOWN})", path.display()),
             }
@@ -124,16 +128,16 @@ impl Provision {
         make_dir(&tree, 0o755)?;
         make_dir(&tree.join("kiln"), 0o755)?;
         make_dir(&dest, 0o755)?;
-        for (rel, is_dir) in &self.entries {
+        for (rel, data) in &self.entries {
             let to = dest.join(rel);
-            let mode = mode_for(rel, *is_dir);
-            if *is_dir {
-                make_dir(&to, mode)?;
-            } else {
-                let from = self.dir.join(rel);
-                fs::copy(&from, &to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
-                fs::set_permissions(&to, fs::Permissions::from_mode(mode))
-                    .with_context(|| format!("setting the mode of {}", to.display()))?;
+            let mode = mode_for(rel, data.is_none());
+            match data {
+                None => make_dir(&to, mode)?,
+                Some(bytes) => {
+                    fs::write(&to, bytes).with_context(|| format!("writing {}", to.display()))?;
+                    fs::set_permissions(&to, fs::Permissions::from_mode(mode))
+                        .with_context(|| format!("setting the mode of {}", to.display()))?;
+                }
             }
             std::os::unix::fs::chown(&to, Some(0), Some(0))
                 .with_context(|| format!("giving {} to root", to.display()))?;
@@ -234,35 +238,59 @@ fn list(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     Ok(out)
 }
 
-fn walk(dir: &Path, rel: &Path, entries: &mut Vec<(PathBuf, bool)>) -> Result<()> {
+fn walk(dir: &Path, rel: &Path, entries: &mut Vec<(PathBuf, Option<Vec<u8>>)>) -> Result<()> {
     for (name, path) in list(dir)? {
         let meta = fs::symlink_metadata(&path).with_context(|| format!("reading {}", path.display()))?;
         if meta.is_dir() {
-            entries.push((rel.join(&name), true));
+            entries.push((rel.join(&name), None));
             walk(&path, &rel.join(&name), entries)?;
         } else {
-            require_file(&path)?;
-            entries.push((rel.join(&name), false));
+            let data = read_regular(&path)?;
+            entries.push((rel.join(&name), Some(data)));
         }
     }
     Ok(())
+}
+
+/// The largest provisioning file: keys, passwords and lists, never data.
+const MAX_FILE: u64 = 1 << 20;
+
+/// A provisioning file's bytes, read once through a descriptor opened without following a
+/// link, and only if it is a regular file of at most [`MAX_FILE`] bytes.
+fn read_regular(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(nix::libc::ELOOP) => anyhow::anyhow!(
+                "{}: a symbolic link; provisioning takes regular files only (copy the file itself)",
+                path.display()
+            ),
+            _ => anyhow::Error::new(e).context(format!("reading {}", path.display())),
+        })?;
+    let meta = f.metadata().with_context(|| format!("reading {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{}: expected a regular file", path.display());
+    }
+    if meta.len() > MAX_FILE {
+        bail!(
+            "{}: {} bytes; provisioning files are keys, passwords and settings of at most 1 MiB",
+            path.display(),
+            meta.len()
+        );
+    }
+    let mut data = Vec::new();
+    f.take(MAX_FILE + 1).read_to_end(&mut data).with_context(|| format!("reading {}", path.display()))?;
+    Ok(data)
 }
 
 fn require_dir(path: &Path) -> Result<()> {
     let meta = fs::symlink_metadata(path).with_context(|| format!("reading {}", path.display()))?;
     if !meta.is_dir() {
         bail!("{}: expected a directory", path.display());
-    }
-    Ok(())
-}
-
-fn require_file(path: &Path) -> Result<()> {
-    let meta = fs::symlink_metadata(path).with_context(|| format!("reading {}", path.display()))?;
-    if meta.file_type().is_symlink() {
-        bail!("{}: a symbolic link; provisioning takes regular files only (copy the file itself)", path.display());
-    }
-    if !meta.is_file() {
-        bail!("{}: expected a regular file", path.display());
     }
     Ok(())
 }
@@ -297,9 +325,9 @@ pub fn check_hostname(name: &str) -> std::result::Result<(), String> {
 
 /// Every non-empty, non-comment line must hold an OpenSSH public key (options before it are
 /// allowed, as in authorized_keys); at least one key.
-fn check_keys(path: &Path) -> Result<()> {
-    let text = fs::read_to_string(path)
-        .with_context(|| format!("reading {} (expected OpenSSH public keys)", path.display()))?;
+fn check_keys(path: &Path, data: &[u8]) -> Result<()> {
+    let text = std::str::from_utf8(data)
+        .map_err(|_| anyhow::anyhow!("{}: not UTF-8 text (expected OpenSSH public keys)", path.display()))?;
     let mut keys = 0;
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -370,17 +398,20 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
 
 /// backup/: the repository password must be there and not empty (the device's agent cannot
 /// back up without it); backup/env must be KEY=VALUE lines restic reads.
-fn check_backup(dir: &Path) -> Result<()> {
+fn check_backup(dir: &Path, entries: &[(PathBuf, Option<Vec<u8>>)]) -> Result<()> {
+    let file = |name: &str| {
+        entries.iter().find(|(p, _)| p == Path::new("backup").join(name).as_path()).and_then(|(_, d)| d.as_ref())
+    };
     let password = dir.join("password");
-    match fs::metadata(&password) {
-        Ok(m) if m.is_file() && m.len() > 0 => {}
-        Ok(_) => bail!("{}: the restic repository password is empty", password.display()),
-        Err(_) => bail!("{}: missing: backup/ needs the restic repository password (one line), and optionally env, repository, ssh_key, known_hosts", password.display()),
+    match file("password") {
+        Some(d) if !d.is_empty() => {}
+        Some(_) => bail!("{}: the restic repository password is empty", password.display()),
+        None => bail!("{}: missing: backup/ needs the restic repository password (one line), and optionally env, repository, ssh_key, known_hosts", password.display()),
     }
-    let env = dir.join("env");
-    if env.exists() {
-        let text = fs::read_to_string(&env).with_context(|| format!("reading {}", env.display()))?;
-        kiln_device::parse_backup_env(&text).map_err(|m| anyhow::anyhow!("{}: {m}", env.display()))?;
+    if let Some(d) = file("env") {
+        let env = dir.join("env");
+        let text = std::str::from_utf8(d).map_err(|_| anyhow::anyhow!("{}: not UTF-8 text", env.display()))?;
+        kiln_device::parse_backup_env(text).map_err(|m| anyhow::anyhow!("{}: {m}", env.display()))?;
     }
     Ok(())
 }
@@ -496,6 +527,37 @@ mod tests {
             err(d).contains("backup/password: missing: backup/ needs the restic repository password"),
             "{}",
             err(d)
+        );
+    }
+
+    #[test]
+    fn what_was_checked_is_what_is_written() {
+        // Issue 16 item 16: files were checked in load() and copied, following links, after
+        // the prompt: a swap in between wrote anything (a symlink to /etc/shadow, say).
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs::create_dir_all(d.join("ssh/authorized_keys")).unwrap();
+        fs::write(d.join("ssh/authorized_keys/alice"), format!("{KEY}\n")).unwrap();
+        fs::write(d.join("hostname"), "kiln-test\n").unwrap();
+        let p = Provision::load(d).unwrap();
+        fs::remove_file(d.join("ssh/authorized_keys/alice")).unwrap();
+        std::os::unix::fs::symlink("/etc/shadow", d.join("ssh/authorized_keys/alice")).unwrap();
+        fs::write(d.join("hostname"), "evil\n").unwrap();
+        let bytes = |rel: &str| p.entries.iter().find(|(r, _)| r == Path::new(rel)).unwrap().1.clone().unwrap();
+        assert_eq!(bytes("ssh/authorized_keys/alice"), format!("{KEY}\n").into_bytes());
+        assert_eq!(bytes("hostname"), b"kiln-test\n");
+        // Oversized files and devices are refused at load.
+        fs::write(d.join("hostname"), vec![b'a'; (MAX_FILE + 1) as usize]).unwrap();
+        let e = Provision::load(d).unwrap_err().to_string();
+        assert!(
+            e.ends_with("1048577 bytes; provisioning files are keys, passwords and settings of at most 1 MiB"),
+            "{e}"
+        );
+        fs::write(d.join("hostname"), "kiln-test\n").unwrap();
+        let e = Provision::load(d).unwrap_err().to_string();
+        assert!(
+            e.ends_with("alice: a symbolic link; provisioning takes regular files only (copy the file itself)"),
+            "{e}"
         );
     }
 }
