@@ -33,6 +33,10 @@ use std::time::{Duration, Instant};
 pub const PROVISION_DIR: &str = "/var/kiln/provision/backup";
 pub const CACHE_DIR: &str = "/var/cache/kiln-backup";
 pub const STATUS_FILE: &str = "backup.json";
+/// The provisioned identity (`kiln flash --provision` writes DIR/device-id).
+pub const PROVISIONED_ID: &str = "/var/kiln/provision/device-id";
+/// The identity a device without a provisioned one made itself, in the state directory.
+pub const DEVICE_ID_FILE: &str = "device-id";
 /// The image's own /var, which kiln-agent mount-data delivers onto the data partition.
 const FACTORY_VAR: &str = crate::factory::FACTORY;
 const RESTIC: &str = "/usr/bin/restic";
@@ -69,6 +73,17 @@ pub struct Status {
     /// What needs a human now: failed runs, a stale last good backup.
     #[serde(default)]
     pub alerts: Vec<String>,
+    /// The repository this device backs up to, as it last opened it: a repository that is
+    /// then missing or replaced is an alert, never a reason to create a new one.
+    #[serde(default)]
+    pub repository: Option<SeenRepository>,
+}
+
+/// A repository the device opened: where (credentials removed) and restic's id for it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SeenRepository {
+    pub location: String,
+    pub id: String,
 }
 
 /// One run's outcome.
@@ -100,6 +115,25 @@ impl Status {
 
     pub fn write(&self, dir: &Path) -> Result<()> {
         write_record(dir, STATUS_FILE, self)
+    }
+
+    /// Takes every URL's password out of the summaries and alerts ([`redact`]).
+    pub fn redact(&mut self) {
+        for r in [
+            &mut self.last_backup,
+            &mut self.last_good_backup,
+            &mut self.last_drill,
+            &mut self.last_prune,
+            &mut self.self_restore,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            r.summary = redact(&r.summary);
+        }
+        for a in &mut self.alerts {
+            *a = redact(a);
+        }
     }
 
     /// Recomputes the alerts from the record: the last backup, drill and self-restore failed,
@@ -146,7 +180,10 @@ fn human(secs: u64) -> String {
 /// The device's repository and the secrets that open it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Credentials {
+    /// As restic takes it: it may carry a password (`rest:https://user:secret@host/`).
     pub repository: String,
+    /// As messages, the record and alerts show it: [`redact`]ed.
+    pub shown: String,
     pub password_file: PathBuf,
     pub env: Vec<(String, String)>,
     /// sftp: extra ssh arguments (key, known hosts).
@@ -164,6 +201,16 @@ impl std::fmt::Display for NoCredentials {
 }
 
 impl std::error::Error for NoCredentials {}
+
+/// restic's id of a repository, from `restic cat config`.
+fn config_id(stdout: &[String]) -> Result<String> {
+    let v: serde_json::Value = serde_json::from_str(&stdout.join("\n")).context("reading `restic cat config`")?;
+    v["id"].as_str().map(str::to_string).context("`restic cat config` names no repository id")
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
 
 impl Credentials {
     pub fn load(dir: &Path, cfg: &BackupConfig) -> Result<Credentials> {
@@ -198,8 +245,71 @@ impl Credentials {
             }
             a
         });
-        Ok(Credentials { repository, password_file, env, sftp_args })
+        let shown = redact(&repository);
+        Ok(Credentials { repository, shown, password_file, env, sftp_args })
     }
+}
+
+/// `text` with the password of every URL in it replaced by `***` (`scheme://user:***@host`):
+/// a provisioned repository may carry one, and nothing the agent prints, records or sends may.
+pub fn redact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail.find(|c: char| c == '/' || c.is_whitespace()).unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(at) => {
+                let userinfo = &authority[..at];
+                match userinfo.split_once(':') {
+                    Some((user, _)) => out.push_str(&format!("{user}:***")),
+                    None => out.push_str(userinfo),
+                }
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// This device's backup identity, restic's `--host` for its snapshots: the provisioned
+/// `device-id` (made by `kiln flash --provision`, kept with the provisioning directory so a
+/// re-flashed device finds its own snapshots), else one made at the first backup and kept on
+/// the data partition. Never the hostname: devices without one, or with the same one, would
+/// share snapshots, and a new device would restore another device's data.
+pub fn device_id(provisioned: &Path, state_dir: &Path) -> Result<String> {
+    if let Ok(text) = std::fs::read_to_string(provisioned) {
+        let id = text.trim();
+        if !kiln_device::valid_device_id(id) {
+            bail!(
+                "{}: expected 32 hex digits (as kiln flash --provision writes it), found {} characters",
+                provisioned.display(),
+                id.len()
+            );
+        }
+        return Ok(id.to_string());
+    }
+    let own = state_dir.join(DEVICE_ID_FILE);
+    if let Ok(text) = std::fs::read_to_string(&own) {
+        let id = text.trim();
+        if kiln_device::valid_device_id(id) {
+            return Ok(id.to_string());
+        }
+    }
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .context("reading /dev/urandom for this device's id")?;
+    let id = kiln_device::device_id_from(bytes);
+    std::fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+    kiln_device::fs::write_atomically(&own, format!("{id}\n").as_bytes())
+        .with_context(|| format!("keeping this device's id in {}", own.display()))?;
+    Ok(id)
 }
 
 /// What went wrong, from restic's messages, in words a device owner can act on.
@@ -313,6 +423,8 @@ pub struct Backups {
     pub cache: PathBuf,
     pub hostname: String,
     pub version: String,
+    /// Where the provisioned device id would be ([`device_id`]).
+    pub provisioned_id: PathBuf,
 }
 
 /// A restic run's result.
@@ -331,6 +443,20 @@ impl Backups {
             cache: CACHE_DIR.into(),
             hostname,
             version: version.into(),
+            provisioned_id: PROVISIONED_ID.into(),
+        }
+    }
+
+    /// restic's `--host` for this device's snapshots ([`device_id`]).
+    fn id(&self) -> Result<String> {
+        device_id(&self.provisioned_id, &self.state_dir)
+    }
+
+    /// Who the snapshots are of, for messages: the hostname and the identity.
+    fn who(&self) -> String {
+        match self.id() {
+            Ok(id) => format!("{} (device {})", self.hostname, &id[..12]),
+            Err(_) => self.hostname.clone(),
         }
     }
 
@@ -387,7 +513,7 @@ impl Backups {
         }
         let mut lines = f.stderr.clone();
         lines.extend(f.stopped.iter().cloned());
-        let what = classify(&lines, &creds.repository);
+        let what = classify(&lines, &creds.shown);
         let detail = lines
             .iter()
             .rev()
@@ -423,7 +549,7 @@ impl Backups {
             // A local path: it must exist (a disk that is not mounted is not a repository).
             let path = Path::new(&creds.repository);
             if creds.repository.starts_with('/') && !path.parent().is_some_and(|p| p.exists()) {
-                bail!("the backup target {} is not there (is its disk mounted?)", creds.repository);
+                bail!("the backup target {} is not there (is its disk mounted?)", creds.shown);
             }
             return Ok(());
         };
@@ -445,23 +571,53 @@ impl Backups {
             });
             match attempt {
                 Ok(()) => return Ok(()),
-                Err(e) if Instant::now() > deadline => bail!("cannot reach the backup target {} ({host}:{port}: {e}); the next attempt is at the next scheduled run", creds.repository),
+                Err(e) if Instant::now() > deadline => bail!("cannot reach the backup target {} ({host}:{port}: {e}); the next attempt is at the next scheduled run", creds.shown),
                 Err(_) => std::thread::sleep(Duration::from_secs(2)),
             }
         }
     }
 
-    /// Opens the repository, creating it when the target has none yet (restic exit code 10).
-    fn open_or_init(&self, creds: &Credentials) -> Result<bool> {
-        match self.restic(creds, &["cat".into(), "config".into()], |_| false) {
-            Ok(_) => Ok(false),
-            Err(e) if e.downcast_ref::<ResticError>().is_some_and(|r| r.code == Some(10)) => {
-                self.restic(creds, &["init".into()], |_| false).context("creating the repository")?;
-                println!("kiln-agent: created a new restic repository at {}", creds.repository);
-                Ok(true)
+    /// Opens the repository. It is created (restic exit code 10: none there) only where this
+    /// device never opened one at that location, or when the owner says so (`new_repository`):
+    /// a repository that disappears (an unmounted NAS volume, a wrong address, someone in the
+    /// middle of `rest:http`) or is replaced by another is an error with an alert. Returns
+    /// whether it was created.
+    fn open_or_init(&self, creds: &Credentials, new_repository: bool) -> Result<bool> {
+        let mut status = Status::load(&self.state_dir)?;
+        let seen = status.repository.clone().filter(|r| r.location == creds.shown);
+        let opened = self.restic(creds, &["cat".into(), "config".into()], |_| false);
+        let missing = matches!(&opened, Err(e) if e.downcast_ref::<ResticError>().is_some_and(|r| r.code == Some(10)));
+        let (id, created) = match (opened, seen) {
+            (Ok(out), seen) => {
+                let id = config_id(&out.stdout)?;
+                if let Some(seen) = seen.filter(|s| s.id != id && !new_repository) {
+                    bail!(
+                        "the repository at {} is not the one this device backed up to (its id is {}, was {}): another repository, or a target that is not what it was; nothing was backed up. Check the target; to back up into this repository from now on, run `kiln-agent backup now --new-repository`",
+                        creds.shown,
+                        short(&id),
+                        short(&seen.id)
+                    );
+                }
+                (id, false)
             }
-            Err(e) => Err(e),
+            (Err(_), Some(seen)) if missing && !new_repository => bail!(
+                "the repository at {}, which holds this device's backups (id {}), is not there: an unmounted volume, a wrong address, or someone in between; nothing was created or backed up. Check the target; if it is really gone, run `kiln-agent backup now --new-repository` to start a new one",
+                creds.shown,
+                short(&seen.id)
+            ),
+            (Err(_), _) if missing => {
+                self.restic(creds, &["init".into()], |_| false).context("creating the repository")?;
+                println!("kiln-agent: created a new restic repository at {}", creds.shown);
+                let out = self.restic(creds, &["cat".into(), "config".into()], |_| false)?;
+                (config_id(&out.stdout)?, true)
+            }
+            (Err(e), _) => return Err(e),
+        };
+        if status.repository.as_ref().map(|r| (&r.location, &r.id)) != Some((&creds.shown, &id)) {
+            status.repository = Some(SeenRepository { location: creds.shown.clone(), id });
+            status.write(&self.state_dir)?;
         }
+        Ok(created)
     }
 
     /// The paths that exist now (restic refuses a missing one).
@@ -470,7 +626,7 @@ impl Backups {
     }
 
     /// `kiln-agent backup now`: a snapshot of the declared paths, services quiesced.
-    pub fn backup(&self, reason: Reason, force: bool) -> Result<Run> {
+    pub fn backup(&self, reason: Reason, force: bool, new_repository: bool) -> Result<Run> {
         let _lock = lock()?;
         let start = Instant::now();
         let status = Status::load(&self.state_dir)?;
@@ -481,14 +637,20 @@ impl Backups {
         }
         let creds = self.credentials()?;
         self.probe(&creds)?;
-        let created = self.open_or_init(&creds)?;
+        let created = self.open_or_init(&creds, new_repository)?;
         let paths = self.existing_paths();
         if paths.is_empty() {
             bail!("nothing to back up: none of {} exists", self.cfg.paths.join(", "));
         }
         let stopped = self.quiesce()?;
-        let mut args: Vec<String> = vec!["backup".into(), "--json".into(), "--host".into(), self.hostname.clone()];
-        for t in ["kiln".to_string(), reason.tag().to_string(), format!("version={}", self.version)] {
+        let mut args: Vec<String> = vec!["backup".into(), "--json".into(), "--host".into(), self.id()?];
+        let tags = [
+            "kiln".to_string(),
+            reason.tag().to_string(),
+            format!("version={}", self.version),
+            format!("hostname={}", self.hostname),
+        ];
+        for t in tags {
             args.push("--tag".into());
             args.push(t);
         }
@@ -560,14 +722,7 @@ impl Backups {
     fn latest(&self, creds: &Credentials) -> Result<Option<serde_json::Value>> {
         let out = self.restic(
             creds,
-            &[
-                "snapshots".into(),
-                "--json".into(),
-                "--latest".into(),
-                "1".into(),
-                "--host".into(),
-                self.hostname.clone(),
-            ],
+            &["snapshots".into(), "--json".into(), "--latest".into(), "1".into(), "--host".into(), self.id()?],
             |_| true,
         )?;
         let list: Vec<serde_json::Value> =
@@ -586,7 +741,7 @@ impl Backups {
         self.restic(&creds, &["check".into(), format!("--read-data-subset={}", self.cfg.check_subset)], |_| false)
             .context("restic check of the repository")?;
         let Some(snap) = self.latest(&creds)? else {
-            bail!("there is no snapshot of {} in {} to restore", self.hostname, creds.repository);
+            bail!("there is no snapshot of {} in {} to restore", self.who(), creds.shown);
         };
         let id = snap["id"].as_str().context("snapshot without id")?.to_string();
         let short = id[..8.min(id.len())].to_string();
@@ -641,42 +796,103 @@ impl Backups {
         compare_tree(&nodes, scratch)
     }
 
-    /// `kiln-agent backup restore [SNAPSHOT]`: the snapshot back into place, the quiesced
-    /// services stopped meanwhile (all of them: a live one would overwrite what comes back).
+    /// `kiln-agent backup restore [SNAPSHOT]`: the snapshot (this device's own: another
+    /// device's is refused) back into place, path by path: each of the profile's paths is made
+    /// exactly what the snapshot holds (files made since are removed: a SQLite `-wal` left
+    /// next to a restored database would corrupt it), and nothing outside them is touched
+    /// (a snapshot holding more, an `authorized_keys` say, plants nothing). Every service of the
+    /// profile is stopped meanwhile, crash-looping ones too, and started again after.
     pub fn restore(&self, snapshot: Option<&str>) -> Result<Run> {
         let _lock = lock()?;
         let start = Instant::now();
         let creds = self.credentials()?;
         self.probe(&creds)?;
-        let id = match snapshot {
-            Some(s) => s.to_string(),
+        let snap = match snapshot {
+            Some(s) => self.snapshot(&creds, s)?,
             None => match self.latest(&creds)? {
-                Some(s) => s["id"].as_str().context("snapshot without id")?.to_string(),
-                None => bail!("there is no snapshot of {} in {}", self.hostname, creds.repository),
+                Some(s) => s,
+                None => bail!("there is no snapshot of {} in {}", self.who(), creds.shown),
             },
         };
+        let id = snap["id"].as_str().context("snapshot without id")?.to_string();
         let mut stopped = Vec::new();
         for s in &self.cfg.services {
-            if system::is_active(&s.unit) {
+            // Not only the active ones: a crash-looping service restarts into the restore.
+            let state = system::active_state(&s.unit);
+            if state != "inactive" {
                 Cmd::new("systemctl").args(["stop", &s.unit]).run()?;
                 stopped.push(s.unit.clone());
             }
         }
-        let result = self.restic(&creds, &["restore".into(), id.clone(), "--target".into(), "/".into()], |_| false);
+        let result = self.restore_paths(&creds, &snap, false);
         let resumed = self.resume(&stopped);
-        result?;
+        let (restored, skipped) = result?;
         resumed?;
         let short = id[..8.min(id.len())].to_string();
+        let skipped = if skipped.is_empty() {
+            String::new()
+        } else {
+            format!(" ({} not in the snapshot: left as it is)", skipped.join(", "))
+        };
         Ok(Run {
             at: Timestamp::now(),
             ok: true,
-            summary: format!("snapshot {short} restored into place"),
+            summary: format!("snapshot {short} restored into place: {}{skipped}", restored.join(" ")),
             snapshot: Some(short),
             files: None,
             bytes: None,
             seconds: start.elapsed().as_secs_f64(),
             outcome: Some("restored".into()),
         })
+    }
+
+    /// One snapshot by id, which must be this device's.
+    fn snapshot(&self, creds: &Credentials, id: &str) -> Result<serde_json::Value> {
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+            bail!("{id:?} is not a snapshot id (hex digits, as `kiln-agent backup status` and restic show them)");
+        }
+        let out = self.restic(creds, &["snapshots".into(), "--json".into(), id.into()], |_| true)?;
+        let list: Vec<serde_json::Value> =
+            serde_json::from_str(&out.stdout.join("\n")).context("reading restic's snapshot list")?;
+        let snap = list.into_iter().next().with_context(|| format!("there is no snapshot {id} in {}", creds.shown))?;
+        let own = self.id()?;
+        let host = snap["hostname"].as_str().unwrap_or_default();
+        if host != own {
+            bail!(
+                "snapshot {id} is not this device's (it is of device {host:?}, this is {}): restoring it would bring another device's data and files here",
+                self.who()
+            );
+        }
+        Ok(snap)
+    }
+
+    /// Restores the profile's paths that `snap` holds, each into itself with files the snapshot
+    /// does not have removed; returns (restored, not in the snapshot).
+    fn restore_paths(
+        &self,
+        creds: &Credentials,
+        snap: &serde_json::Value,
+        verify: bool,
+    ) -> Result<(Vec<String>, Vec<String>)> {
+        let id = snap["id"].as_str().context("snapshot without id")?;
+        let in_snapshot: Vec<&str> =
+            snap["paths"].as_array().map(|a| a.iter().filter_map(|p| p.as_str()).collect()).unwrap_or_default();
+        let (mut restored, mut skipped) = (Vec::new(), Vec::new());
+        for p in &self.cfg.paths {
+            if !in_snapshot.iter().any(|s| s == p) {
+                skipped.push(p.clone());
+                continue;
+            }
+            std::fs::create_dir_all(p).with_context(|| format!("creating {p}"))?;
+            let mut args: Vec<String> =
+                vec!["restore".into(), format!("{id}:{p}"), "--target".into(), p.clone(), "--delete".into()];
+            if verify {
+                args.push("--verify".into());
+            }
+            self.restic(creds, &args, |_| false).with_context(|| format!("restoring {p}"))?;
+            restored.push(p.clone());
+        }
+        Ok((restored, skipped))
     }
 
     /// At boot, before the services: a data partition that never ran (only what the image
@@ -721,11 +937,7 @@ impl Backups {
             };
             let Some(snap) = snap else { return Ok(None) };
             let id = snap["id"].as_str().context("snapshot without id")?.to_string();
-            self.restic(
-                &creds,
-                &["restore".into(), id.clone(), "--target".into(), "/".into(), "--verify".into()],
-                |_| false,
-            )?;
+            self.restore_paths(&creds, &snap, true)?;
             let files = snap["summary"]["total_files_processed"].as_u64().unwrap_or(0);
             Ok(Some((id, files)))
         };
@@ -733,7 +945,7 @@ impl Backups {
             Ok(None) => run(
                 true,
                 "fresh",
-                format!("no snapshot of {} in {} yet: starting with empty data", self.hostname, creds.repository),
+                format!("no snapshot of {} in {} yet: starting with empty data", self.who(), creds.shown),
             ),
             Ok(Some((id, files))) => {
                 let short = id[..8.min(id.len())].to_string();
@@ -742,7 +954,7 @@ impl Backups {
                     "restored",
                     format!(
                         "restored snapshot {short} ({files} files) from {} before the services started",
-                        creds.repository
+                        creds.shown
                     ),
                 );
                 r.snapshot = Some(short);
@@ -761,10 +973,10 @@ impl Backups {
         let creds = self.credentials()?;
         self.probe(&creds)?;
         let keep = keep_args(&self.cfg.keep);
-        let mut args: Vec<String> = vec!["forget".into(), "--prune".into(), "--host".into(), self.hostname.clone()];
+        let id = self.id()?;
+        let mut args: Vec<String> = vec!["forget".into(), "--prune".into(), "--host".into(), id.clone()];
         args.extend(keep.iter().cloned());
-        let trusted =
-            format!("restic -r {} forget --prune --host {} {}", creds.repository, self.hostname, keep.join(" "));
+        let trusted = format!("restic -r {} forget --prune --host {id} {}", creds.shown, keep.join(" "));
         // restic reports a refused delete as a message and still exits 0: a prune that could
         // not delete is a failed prune.
         match self.restic_judged(&creds, &args, |_| false, |l| l.contains("(403)") || l.contains("403 Forbidden")) {
@@ -913,6 +1125,7 @@ pub fn record(state_dir: &Path, cfg: &BackupConfig, update: impl FnOnce(&mut Sta
     let before = status.alerts.clone();
     update(&mut status);
     status.refresh_alerts(Timestamp::now(), cfg.stale_after_secs);
+    status.redact();
     status.write(state_dir)?;
     for a in &status.alerts {
         // sd-daemon priority prefix: the journal files the line at "err".
@@ -977,6 +1190,59 @@ fn post_alert(url: &str, title: &str, body: &str, priority: &str) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_in_urls_never_reach_a_message() {
+        // Issue 16 item 12: a provisioned backup/repository with a password was echoed into
+        // logs, backup.json and alert_url.
+        assert_eq!(
+            redact("rest:https://dev1:s3cr3t@backup.example.org/dev1/"),
+            "rest:https://dev1:***@backup.example.org/dev1/"
+        );
+        assert_eq!(
+            redact("cannot reach rest:http://u:p%40ss@10.0.2.2:8000/r (x) and s3:https://k:v@s3.example.org/b"),
+            "cannot reach rest:http://u:***@10.0.2.2:8000/r (x) and s3:https://k:***@s3.example.org/b"
+        );
+        for same in
+            ["rest:https://backup.example.org/x", "sftp:backup@nas:/srv/restic", "/var/backup", "no url here", "a://"]
+        {
+            assert_eq!(redact(same), same);
+        }
+        let mut st = Status {
+            last_backup: Some(Run {
+                at: Timestamp(1),
+                ok: false,
+                summary: "cannot reach the backup target rest:http://u:pw@h/r".into(),
+                snapshot: None,
+                files: None,
+                bytes: None,
+                seconds: 0.0,
+                outcome: None,
+            }),
+            alerts: vec!["backup failed at x: rest:http://u:pw@h/r".into()],
+            ..Status::default()
+        };
+        st.redact();
+        let text = serde_json::to_string(&st).unwrap();
+        assert!(!text.contains("pw@") && text.contains("u:***@h"), "{text}");
+    }
+
+    #[test]
+    fn a_device_has_an_identity_of_its_own() {
+        // Issue 16 item 10: identity was the hostname: devices without one shared snapshots.
+        let t = tempfile::tempdir().unwrap();
+        let (prov, state_a, state_b) = (t.path().join("device-id"), t.path().join("a"), t.path().join("b"));
+        let a = device_id(&prov, &state_a).unwrap();
+        let b = device_id(&prov, &state_b).unwrap();
+        assert!(kiln_device::valid_device_id(&a) && kiln_device::valid_device_id(&b));
+        assert_ne!(a, b, "two devices without a provisioned id get different ones");
+        assert_eq!(device_id(&prov, &state_a).unwrap(), a, "kept on the data partition");
+        std::fs::write(&prov, "0123456789abcdef0123456789abcdef\n").unwrap();
+        assert_eq!(device_id(&prov, &state_a).unwrap(), "0123456789abcdef0123456789abcdef", "the provisioned one wins");
+        std::fs::write(&prov, "dev1\n").unwrap();
+        let e = device_id(&prov, &state_a).unwrap_err().to_string();
+        assert!(e.ends_with("expected 32 hex digits (as kiln flash --provision writes it), found 4 characters"), "{e}");
+    }
 
     #[test]
     fn endpoints_of_network_repositories() {

@@ -100,6 +100,10 @@ enum BackupAction {
         /// Back up even though this device's self-restore failed.
         #[arg(long)]
         force: bool,
+        /// Create the repository even though this device backed up to another one at that
+        /// location before (which is missing or replaced now): only when it is really gone.
+        #[arg(long)]
+        new_repository: bool,
     },
     /// The last backup, drill, prune and self-restore, and the alerts.
     Status {
@@ -130,7 +134,9 @@ fn run(cli: Cli) -> Result<()> {
         return status(&cli.config, &cli.state_dir, json);
     }
     if let Command::Backup { action } = &cli.command {
-        return backup(&cli.config, &cli.state_dir, action);
+        // Nothing printed may carry a repository password (a provisioned URL can hold one).
+        return backup(&cli.config, &cli.state_dir, action)
+            .map_err(|e| anyhow::anyhow!(backup::redact(&format!("{e:#}"))));
     }
     if let Command::MountData { target } = &cli.command {
         let config = kiln_device::DeviceConfig::load(&cli.config);
@@ -192,7 +198,7 @@ fn backup(config: &std::path::Path, state_dir: &std::path::Path, action: &Backup
     let failed = |what: &str, e: &anyhow::Error| backup::Run {
         at: kiln_feed::Timestamp::now(),
         ok: false,
-        summary: format!("{e:#}"),
+        summary: backup::redact(&format!("{e:#}")),
         snapshot: None,
         files: None,
         bytes: None,
@@ -200,9 +206,9 @@ fn backup(config: &std::path::Path, state_dir: &std::path::Path, action: &Backup
         outcome: Some(what.into()),
     };
     match action {
-        BackupAction::Now { scheduled, force } => {
+        BackupAction::Now { scheduled, force, new_repository } => {
             let reason = if *scheduled { backup::Reason::Scheduled } else { backup::Reason::Manual };
-            let result = b.backup(reason, *force);
+            let result = b.backup(reason, *force, *new_repository);
             let run = result.as_ref().map(Clone::clone).unwrap_or_else(|e| failed("failed", e));
             backup::record(state_dir, &cfg, |s| {
                 if run.ok {
@@ -211,7 +217,7 @@ fn backup(config: &std::path::Path, state_dir: &std::path::Path, action: &Backup
                 s.last_backup = Some(run.clone());
             })?;
             let run = result?;
-            println!("kiln-agent: backup: {} in {:.1}s", run.summary, run.seconds);
+            println!("kiln-agent: backup: {} in {:.1}s", backup::redact(&run.summary), run.seconds);
             if *scheduled && cfg.prune {
                 let pruned = b.prune();
                 let r = pruned.as_ref().map(Clone::clone).unwrap_or_else(|e| failed("failed", e));
@@ -225,7 +231,7 @@ fn backup(config: &std::path::Path, state_dir: &std::path::Path, action: &Backup
             let run = result.as_ref().map(Clone::clone).unwrap_or_else(|e| failed("failed", e));
             backup::record(state_dir, &cfg, |s| s.last_drill = Some(run.clone()))?;
             let run = result.context("restore drill failed")?;
-            println!("kiln-agent: restore drill passed: {} in {:.1}s", run.summary, run.seconds);
+            println!("kiln-agent: restore drill passed: {} in {:.1}s", backup::redact(&run.summary), run.seconds);
             Ok(())
         }
         BackupAction::Restore { snapshot } => {
@@ -235,7 +241,7 @@ fn backup(config: &std::path::Path, state_dir: &std::path::Path, action: &Backup
                     s.self_restore = Some(run.clone());
                 }
             })?;
-            println!("kiln-agent: {} in {:.1}s", run.summary, run.seconds);
+            println!("kiln-agent: {} in {:.1}s", backup::redact(&run.summary), run.seconds);
             Ok(())
         }
         BackupAction::SelfRestore => {
@@ -254,7 +260,7 @@ fn backup(config: &std::path::Path, state_dir: &std::path::Path, action: &Backup
             println!(
                 "kiln-agent: self-restore: {}: {} ({:.1}s)",
                 run.outcome.as_deref().unwrap_or("?"),
-                run.summary,
+                backup::redact(&run.summary),
                 run.seconds
             );
             Ok(())
@@ -264,7 +270,7 @@ fn backup(config: &std::path::Path, state_dir: &std::path::Path, action: &Backup
             let run = result.as_ref().map(Clone::clone).unwrap_or_else(|e| failed("failed", e));
             backup::record(state_dir, &cfg, |s| s.last_prune = Some(run.clone()))?;
             let run = result?;
-            println!("kiln-agent: {} in {:.1}s", run.summary, run.seconds);
+            println!("kiln-agent: {} in {:.1}s", backup::redact(&run.summary), run.seconds);
             Ok(())
         }
         BackupAction::Status { json } => {
@@ -274,7 +280,11 @@ fn backup(config: &std::path::Path, state_dir: &std::path::Path, action: &Backup
                 println!("{}", serde_json::to_string_pretty(&status)?);
                 return Ok(());
             }
-            println!("repository: {} (password and credentials from {})", cfg.repository, backup::PROVISION_DIR);
+            println!(
+                "repository: {} (password and credentials from {})",
+                backup::redact(&cfg.repository),
+                backup::PROVISION_DIR
+            );
             println!("paths:      {}", cfg.paths.join(" "));
             let show = |name: &str, r: &Option<backup::Run>| match r {
                 Some(r) => println!("{name:<11} {} {} {}", r.at, if r.ok { "ok" } else { "FAILED" }, r.summary),

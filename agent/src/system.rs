@@ -144,6 +144,16 @@ pub fn is_active(unit: &str) -> bool {
     Cmd::new("systemctl").args(["is-active", "--quiet", unit]).run().is_ok()
 }
 
+/// systemd's ActiveState of `unit` ("active", "activating" while it restarts, "failed",
+/// "inactive", ...); "unknown" when systemctl does not answer.
+pub fn active_state(unit: &str) -> String {
+    Cmd::new("systemctl")
+        .args(["show", "--property=ActiveState", "--value", unit])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o).trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 /// Reboots through systemd. `tryboot`: the Raspberry Pi firmware boots the `[tryboot]`
 /// slot once (the parameter reaches the firmware through the reboot syscall).
 pub fn reboot(tryboot: bool) -> Result<()> {

@@ -50,7 +50,7 @@ fn backup_before_update(agent: &Agent, release: &Release) -> Result<Option<Strin
         return Ok(None);
     };
     let b = Backups::new(cfg.clone(), &agent.state_dir, &agent.running.to_string());
-    let result = b.backup(Reason::BeforeUpdate, false);
+    let result = b.backup(Reason::BeforeUpdate, false, false);
     match &result {
         Ok(run) => {
             println!("kiln-agent: backup before the update: {}", run.summary);
@@ -61,14 +61,16 @@ fn backup_before_update(agent: &Agent, release: &Release) -> Result<Option<Strin
             Ok(None)
         }
         Err(e) if e.downcast_ref::<NoCredentials>().is_some() => {
-            println!("kiln-agent: no backup before the update: {e:#}");
+            println!("kiln-agent: no backup before the update: {}", backup::redact(&format!("{e:#}")));
             Ok(None)
         }
         Err(e) => {
+            // The repository's password (a provisioned URL may carry one) is never printed.
+            let e = backup::redact(&format!("{e:#}"));
             let failed = backup::Run {
                 at: Timestamp::now(),
                 ok: false,
-                summary: format!("{e:#}"),
+                summary: e.clone(),
                 snapshot: None,
                 files: None,
                 bytes: None,
@@ -78,11 +80,11 @@ fn backup_before_update(agent: &Agent, release: &Release) -> Result<Option<Strin
             backup::record(&agent.state_dir, &cfg, |s| s.last_backup = Some(failed))?;
             if cfg.before_update == BeforeUpdate::Require {
                 Ok(Some(format!(
-                    "release {} waits: the backup before the update failed ({e:#}); the next check tries again",
+                    "release {} waits: the backup before the update failed ({e}); the next check tries again",
                     release.version
                 )))
             } else {
-                println!("kiln-agent: the backup before the update failed ({e:#}); installing anyway (before_update = \"try\")");
+                println!("kiln-agent: the backup before the update failed ({e}); installing anyway (before_update = \"try\")");
                 Ok(None)
             }
         }

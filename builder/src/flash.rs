@@ -139,6 +139,13 @@ pub fn run(args: &FlashArgs) -> Result<()> {
             if !nix::unistd::geteuid().is_root() {
                 bail!("--provision needs root: the files on the device must belong to root (run kiln flash with sudo)");
             }
+            let (id, made) = provision::ensure_device_id(dir)?;
+            if made {
+                eprintln!(
+                    "device-id {id}: made in {} (the device's backup identity: keep it with the directory, so this device flashed again restores its own backups)",
+                    dir.join(provision::DEVICE_ID).display()
+                );
+            }
             let p = provision::Provision::load(dir)?;
             let part = data.clone().with_context(|| {
                 format!("{} has no partition table: --provision needs the image's data partition", args.image.display())

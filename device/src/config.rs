@@ -232,6 +232,16 @@ pub struct DevicePartition {
 }
 
 /// A device's provisioned `backup/env`: KEY=VALUE lines for restic (comments with '#', blank lines allowed).
+/// A device's backup identity (provisioning's `device-id`): 32 lowercase hex digits.
+pub fn valid_device_id(id: &str) -> bool {
+    id.len() == 32 && id.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+}
+
+/// Makes a device id from 16 random bytes.
+pub fn device_id_from(bytes: [u8; 16]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 pub fn parse_backup_env(text: &str) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {

@@ -144,6 +144,8 @@ fn provision(disk: &Path, prov: &Path) -> u64 {
         f.write_all(&zero[..n]).unwrap();
         left -= n as u64;
     }
+    // As kiln flash --provision does: the device's backup identity is made once, kept in DIR.
+    kiln::flash::provision::ensure_device_id(prov).unwrap();
     let fs = kiln::flash::provision::Provision::load(prov).unwrap().build(size).unwrap();
     let bytes = std::fs::read(&fs.image).unwrap();
     assert_eq!(bytes.len() as u64, size);
@@ -362,6 +364,13 @@ public_key = "../keys/kiln-release.pub"
     assert!(snaps.status.success(), "stock restic on the host reads the repository: {}", text(&snaps.stderr));
     let list: Vec<serde_json::Value> = serde_json::from_slice(&snaps.stdout).unwrap();
     assert_eq!(list.len(), 2, "both snapshots survived the device's forget: {list:?}");
+    // The snapshots are of the device's own identity (made at flash, kept with the
+    // provisioning directory), never of a hostname another device may share.
+    let device_id = std::fs::read_to_string(prov.join("device-id")).unwrap().trim().to_string();
+    for s in &list {
+        assert_eq!(s["hostname"], device_id.as_str(), "{s}");
+        assert!(s["tags"].as_array().unwrap().iter().any(|t| t == "hostname=dev1"), "{s}");
+    }
 
     // Failures: each one clear in the status, the service running throughout.
     let pw = "/var/kiln/provision/backup/password";
@@ -417,6 +426,38 @@ public_key = "../keys/kiln-release.pub"
         alerts.len(),
         alerts.last().map(|(_, b)| b.lines().next().unwrap_or_default())
     );
+
+    // A manual restore puts the snapshot back exactly: files made since are removed (a SQLite
+    // -wal left next to a restored database corrupts it), changed ones restored, the service
+    // stopped meanwhile and running again.
+    let out = ssh_ok(
+        &key,
+        ssh_port,
+        "sudo sh -c 'echo stale > /var/lib/private/notes/docs/n1.txt-wal; echo changed > /var/lib/private/notes/docs/n2.txt'; sudo kiln-agent backup restore",
+    );
+    assert!(out.contains("restored into place: /var/lib/private/notes"), "{out}");
+    let check = ssh_ok(
+        &key,
+        ssh_port,
+        "test ! -e /var/lib/private/notes/docs/n1.txt-wal && echo gone; sudo cat /var/lib/private/notes/docs/n2.txt; systemctl is-active notes",
+    );
+    assert_eq!(check.split_whitespace().collect::<Vec<_>>(), ["gone", "note", "2", "active"], "{check}");
+    assert_eq!(ssh3(&key, ssh_port, HASHES).1, before, "the restored data differs from the snapshot");
+    println!("kiln-it: manual restore: {}", out.trim());
+
+    // The repository disappears (an unmounted volume, a wrong address, someone in between):
+    // the device says so and creates nothing (restic exit 10 is not "a fresh device").
+    let away = work.join("repo-away");
+    std::fs::rename(&repo, &away).unwrap();
+    let (ok, out) = ssh(&key, ssh_port, "sudo kiln-agent backup now");
+    let made = repo.exists();
+    if made {
+        std::fs::remove_dir_all(&repo).unwrap();
+    }
+    std::fs::rename(&away, &repo).unwrap();
+    assert!(!ok && out.contains("which holds this device's backups") && out.contains("nothing was created"), "{out}");
+    assert!(!made, "a new repository was created where the device's one disappeared");
+    println!("kiln-it: repository gone: {}", out.lines().last().unwrap_or_default());
 
     // Stock restic on the host restores the same bytes.
     let host_dir = work.join("host-restore");

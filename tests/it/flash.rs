@@ -416,7 +416,7 @@ fn provision_writes_an_ext4_data_partition() {
     assert_eq!(
         text(&out.stderr).lines().last().unwrap(),
         format!(
-            "error: {}: unknown provisioning entry (known: ssh/authorized_keys/<user>, backup/, wifi/, hostname)",
+            "error: {}: unknown provisioning entry (known: ssh/authorized_keys/<user>, backup/, wifi/, hostname, device-id)",
             prov.join("notes.txt").display()
         )
     );
@@ -438,6 +438,10 @@ fn provision_writes_an_ext4_data_partition() {
     assert_eq!(cat("backup/env"), "RESTIC_REPOSITORY=sftp:backup@nas:/kiln\n");
     assert_eq!(cat("wifi/home.psk"), "[Security]\nPassphrase=hunter22\n");
     assert_eq!(cat("hostname"), "kiln-test\n");
+    // The device's backup identity: made by the first flash, kept in DIR, on the device too.
+    let id = fs::read_to_string(prov.join("device-id")).unwrap();
+    assert!(id.trim().len() == 32 && id.trim().chars().all(|c| c.is_ascii_hexdigit()), "{id:?}");
+    assert_eq!(cat("device-id"), id);
     let root = |m: &str| (m.to_string(), "0".to_string(), "0".to_string());
     assert_eq!(stat(&data, "/kiln/provision/ssh/authorized_keys/alice"), root("0644"));
     assert_eq!(stat(&data, "/kiln/provision/ssh/authorized_keys"), root("0755"));

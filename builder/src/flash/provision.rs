@@ -9,6 +9,9 @@
 //! DIR/backup/…                     any files: backup repository password, environment
 //! DIR/wifi/…                       any files: Wi-Fi networks and their passphrases
 //! DIR/hostname                     the device's hostname (one line)
+//! DIR/device-id                    the device's backup identity (32 hex digits): made by kiln
+//!                                  flash when missing, and kept in DIR, so that the same
+//!                                  device flashed again restores its own backups
 //! ```
 //!
 //! The data partition gets a fresh ext4 filesystem (label `kiln-data`) made on the host with
@@ -31,7 +34,9 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// The entries DIR may hold, for messages.
-pub const KNOWN: &str = "ssh/authorized_keys/<user>, backup/, wifi/, hostname";
+pub const KNOWN: &str = "ssh/authorized_keys/<user>, backup/, wifi/, hostname, device-id";
+/// The device's backup identity in DIR.
+pub const DEVICE_ID: &str = "device-id";
 /// Where DIR lands inside the data filesystem.
 pub const TARGET: &str = "kiln/provision";
 pub const LABEL: &str = "kiln-data";
@@ -102,6 +107,17 @@ impl Provision {
                         check_backup(&path, &entries[first..])?;
                     }
                 }
+                DEVICE_ID => {
+                    let data = read_regular(&path)?;
+                    let text = String::from_utf8_lossy(&data);
+                    if !kiln_device::valid_device_id(text.trim()) {
+                        bail!(
+                            "{}: expected 32 lowercase hex digits (kiln flash writes one when the file is missing)",
+                            path.display()
+                        );
+                    }
+                    entries.push((rel, Some(data)));
+                }
                 "hostname" => {
                     let data = read_regular(&path)?;
                     let text = String::from_utf8_lossy(&data);
@@ -113,7 +129,28 @@ impl Provision {
         }
         Ok(Provision { dir: dir.to_path_buf(), entries })
     }
+}
 
+/// DIR/device-id, made from 16 random bytes when it is missing: the device's backup identity
+/// (restic's `--host`), which stays with DIR, so flashing the same device again restores its
+/// own backups, and two devices never share one. Returns the id and whether it was made now.
+pub fn ensure_device_id(dir: &Path) -> Result<(String, bool)> {
+    let path = dir.join(DEVICE_ID);
+    if fs::symlink_metadata(&path).is_ok() {
+        let data = read_regular(&path)?;
+        return Ok((String::from_utf8_lossy(&data).trim().to_string(), false));
+    }
+    let mut bytes = [0u8; 16];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .context("reading /dev/urandom")?;
+    let id = kiln_device::device_id_from(bytes);
+    kiln_device::fs::write_atomically(&path, format!("{id}\n").as_bytes())
+        .with_context(|| format!("writing {} (kiln flash keeps the device's identity in DIR)", path.display()))?;
+    Ok((id, true))
+}
+
+impl Provision {
     /// The relative paths that will be copied, parents first.
     pub fn paths(&self) -> impl Iterator<Item = &Path> {
         self.entries.iter().map(|(p, _)| p.as_path())
@@ -488,7 +525,7 @@ mod tests {
         assert_eq!(
             err(d),
             format!(
-                "{}: unknown provisioning entry (known: ssh/authorized_keys/<user>, backup/, wifi/, hostname)",
+                "{}: unknown provisioning entry (known: ssh/authorized_keys/<user>, backup/, wifi/, hostname, device-id)",
                 d.join("notes.txt").display()
             )
         );
