@@ -155,6 +155,21 @@ fn native_initramfs_opens_the_verified_root_and_boots_systemd() {
     assert!(miss.exited, "after the panic the machine should reboot (panic=10):\n{}", miss.tail());
     println!("kiln-it: wrong root hash: {error}");
     println!("kiln-it: wrong root hash: {} (rebooted after {:.1}s)", miss.line("Kernel panic"), miss.seconds);
+
+    // 4. A second disk holding a copy of the image (a USB stick with the public image and a
+    // data partition of someone's making): its root passes dm-verity, so the boot must stop
+    // rather than take the root, and /var, from a disk it cannot tell apart.
+    let twin = guest.boot_disks(
+        "twin",
+        &[&disk, &disk],
+        &append(&hash, "quiet"),
+        |l| l.contains("Kernel panic"),
+        Stop::AtExit,
+    );
+    let error = twin.line("kiln-initramfs: ");
+    assert!(error.contains("is on several disks: vda vdb;"), "{}", twin.tail());
+    assert!(!twin.has("verified root"), "{}", twin.tail());
+    println!("kiln-it: a second disk with the same root: {error}");
 }
 
 /// The first sector of the root partition.
@@ -325,6 +340,11 @@ impl Guest<'_> {
     /// `until`; then stops QEMU, or lets the guest go on until QEMU exits. Stops anyway after
     /// BOOT_TIMEOUT. The console goes to `boot-<name>.log`.
     fn boot(&self, name: &str, disk: &Path, append: &str, until: impl Fn(&str) -> bool, stop: Stop) -> Boot {
+        self.boot_disks(name, &[disk], append, until, stop)
+    }
+
+    /// [`Guest::boot`] with several disks (virtio, in order: vda, vdb, ...).
+    fn boot_disks(&self, name: &str, disks: &[&Path], append: &str, until: impl Fn(&str) -> bool, stop: Stop) -> Boot {
         let cmd = Cmd::new(self.arch.qemu[0])
             .args(&self.arch.qemu[1..])
             .args([
@@ -345,9 +365,10 @@ impl Guest<'_> {
             .arg("-initrd")
             .arg(&self.initrd)
             .arg("-append")
-            .arg(append)
-            .arg("-drive")
-            .arg(format!("file={},format=raw,if=virtio,snapshot=on", disk.display()));
+            .arg(append);
+        let cmd = disks.iter().fold(cmd, |c, d| {
+            c.arg("-drive").arg(format!("file={},format=raw,if=virtio,snapshot=on,file.locking=off", d.display()))
+        });
         let started = Instant::now();
         let mut child = cmd.spawn_piped(false).unwrap();
         let (tx, rx) = mpsc::channel();

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 const INIT_TEMPLATE: &str = include_str!("../../templates/initramfs/init.tera");
 
 /// The busybox applets `/init` calls, each linked in `/bin`.
-const APPLETS: &[&str] = &["sh", "mount", "mkdir", "sleep", "insmod", "chroot", "switch_root"];
+const APPLETS: &[&str] = &["sh", "mount", "mkdir", "sleep", "insmod", "chroot", "switch_root", "readlink"];
 /// Applets for the `kiln.debug` shell (job control on the console), linked when present.
 const DEBUG_APPLETS: &[&str] = &["setsid", "cttyhack"];
 /// Where busybox-static, util-linux and cryptsetup-bin put their programs (trixie, bookworm).
