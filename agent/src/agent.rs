@@ -106,7 +106,7 @@ impl Agent {
 
     /// Writes the record where the boot medium is already right: a failure (a full /var) is
     /// said on the console and in the journal, and does not stop a rollback.
-    fn record(&self, state: &State) {
+    pub fn record(&self, state: &State) {
         if let Err(e) = state.write(&self.state_dir) {
             eprintln!(
                 "kiln-agent: could not record the update state in {} ({e:#}); the boot slots are right, the next boot records it again",

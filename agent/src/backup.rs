@@ -889,6 +889,12 @@ impl Backups {
             if verify {
                 args.push("--verify".into());
             }
+            // What was never backed up must not count as "not in the snapshot": restic deletes
+            // only files its filters take in.
+            for x in &self.cfg.exclude {
+                args.push("--exclude".into());
+                args.push(x.clone());
+            }
             self.restic(creds, &args, |_| false).with_context(|| format!("restoring {p}"))?;
             restored.push(p.clone());
         }

@@ -168,13 +168,14 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 Err(e) => {
                     state.last_error = Some(format!("{e:#}"));
-                    state.write(&agent.state_dir)?;
+                    agent.record(&state);
                     return Err(anyhow::anyhow!("{e:#}"));
                 }
             };
             state.last_check = Some(kiln_feed::Timestamp::now());
-            state.write(&agent.state_dir)?;
+            // Said first, recorded after, best effort: a full /var must not swallow the line.
             println!("kiln-agent: {line}");
+            agent.record(&state);
             if matches!(outcome, Ok(update::Outcome::Installed { .. })) && !no_reboot {
                 println!("kiln-agent: rebooting into the new slot");
                 agent.medium.reboot_into_trial()?;

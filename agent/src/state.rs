@@ -251,6 +251,11 @@ impl State {
             if rec.status != SlotStatus::Committed {
                 rec.status = SlotStatus::Committed;
             }
+            // Committed without `commit` recording it (systemd-bless-boot, or a record that
+            // could not be written): the install into this slot is over.
+            if self.install.as_ref().is_some_and(|i| i.slot == booted.slot) {
+                self.install = None;
+            }
             if self.current_version.as_ref() != Some(&booted.version) {
                 if self.current_version.is_some() {
                     self.previous_version = self.current_version.take();

@@ -105,6 +105,7 @@ pub fn check(agent: &Agent, ignore_window: bool) -> Result<Outcome> {
     // What the medium says first: a failed trial whose record could not be written (a full
     // /var at the rollback) must read as failed here, not as an install to resume.
     agent.reconcile(&mut state)?;
+    agent.record(&state);
     let now = Timestamp::now();
     if state.slot(agent.slot).status == crate::state::SlotStatus::Trial {
         return Ok(Outcome::Skipped(format!("slot {} is still on trial; updates wait for its commit", agent.slot)));

@@ -231,7 +231,6 @@ pub struct DevicePartition {
     pub size: u64,
 }
 
-/// A device's provisioned `backup/env`: KEY=VALUE lines for restic (comments with '#', blank lines allowed).
 /// A device's backup identity (provisioning's `device-id`): 32 lowercase hex digits.
 pub fn valid_device_id(id: &str) -> bool {
     id.len() == 32 && id.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
@@ -242,6 +241,7 @@ pub fn device_id_from(bytes: [u8; 16]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A device's provisioned `backup/env`: KEY=VALUE lines for restic (comments with '#', blank lines allowed).
 pub fn parse_backup_env(text: &str) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {

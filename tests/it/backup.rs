@@ -439,7 +439,7 @@ public_key = "../keys/kiln-release.pub"
     let check = ssh_ok(
         &key,
         ssh_port,
-        "test ! -e /var/lib/private/notes/docs/n1.txt-wal && echo gone; sudo cat /var/lib/private/notes/docs/n2.txt; systemctl is-active notes",
+        "sudo test ! -e /var/lib/private/notes/docs/n1.txt-wal && echo gone; sudo cat /var/lib/private/notes/docs/n2.txt; systemctl is-active notes",
     );
     assert_eq!(check.split_whitespace().collect::<Vec<_>>(), ["gone", "note", "2", "active"], "{check}");
     assert_eq!(ssh3(&key, ssh_port, HASHES).1, before, "the restored data differs from the snapshot");

@@ -552,7 +552,9 @@ mod tests {
             link(root, l, t);
         }
         let mut busybox = synthetic(A, None, &[], None);
-        busybox.extend_from_slice(b"\0[\0[[\0chroot\0cttyhack\0insmod\0mkdir\0mount\0readlink\0setsid\0sh\0sleep\0switch_root\0");
+        busybox.extend_from_slice(
+            b"\0[\0[[\0chroot\0cttyhack\0insmod\0mkdir\0mount\0readlink\0setsid\0sh\0sleep\0switch_root\0",
+        );
         write(root, "/usr/bin/busybox", &busybox);
         let ld = "/lib/ld-linux-aarch64.so.1";
         write(root, "/usr/sbin/veritysetup", &synthetic(A, Some(ld), &["libcryptsetup.so.12", "libc.so.6"], None));

@@ -635,17 +635,18 @@ fn check_values(src: &Source, p: &ProfileFile) -> Result<(), ProfileError> {
 pub fn defeats_fallback(arg: &str) -> Option<&'static str> {
     let (name, value) = arg.split_once('=').map_or((arg, None), |(n, v)| (n, Some(v)));
     match (name, value) {
-        ("panic", Some(v)) if v.trim() == "0" || v.parse::<i64>().is_err() => {
+        ("panic", Some(v)) if v.parse::<i64>().map_or(true, |n| n == 0) => {
             Some("with panic=0 a kernel panic hangs instead of rebooting, and a trial that panics never falls back (kiln sets panic=10)")
         }
         ("init" | "rdinit", _) => Some("another init skips systemd, the health check and the commit or rollback"),
-        ("single" | "emergency" | "rescue" | "s" | "S" | "1" | "-s", None) => {
+        ("single" | "emergency" | "rescue" | "s" | "S" | "1" | "-s" | "-b", None) => {
             Some("a rescue or emergency boot waits at a shell: no health check, no fallback")
         }
         ("systemd.unit" | "rd.systemd.unit" | "systemd.mask" | "rd.systemd.mask", _) => {
             Some("it changes which units start, so the health check or the agent may not run")
         }
-        ("rd.break" | "rd.shell" | "rd.emergency" | "systemd.debug_shell" | "systemd.debug-shell", _) => {
+        ("--", None) => Some("it hands every argument after it to init instead of the kernel"),
+        ("rd.break" | "rd.shell" | "rd.emergency" | "break" | "systemd.debug_shell" | "systemd.debug-shell", _) => {
             Some("it opens a root shell on a console, and may stop the boot before the health check")
         }
         _ => None,
@@ -1014,7 +1015,8 @@ pub fn valid_window(w: &str) -> bool {
 pub fn resolve_public_key(declared_in: &Source, value: &str) -> Result<String, ProfileError> {
     let err = |msg: String| ProfileError::new(declared_in, Some("update.public_key"), msg);
     // Inline (either half: a secret pasted by mistake must not be echoed as a file name).
-    let line = if value.trim_start().starts_with("kiln-ed25519") {
+    let v = value.trim_start();
+    let line = if v.starts_with("kiln-ed25519:") || v.starts_with("kiln-ed25519-secret:") {
         value.trim().to_string()
     } else {
         let Source::File(profile) = declared_in else {
@@ -1263,6 +1265,11 @@ mod tests {
         // The kernel command line: no quotes, nothing that defeats the fallback.
         for bad in [
             "panic=0",
+            "panic=00",
+            "panic=-0",
+            "--",
+            "break=top",
+            "-b",
             "panic=x",
             "init=/bin/sh",
             "single",

@@ -30,7 +30,7 @@ use crate::host::exec::Cmd;
 use crate::units::MIB;
 use anyhow::{bail, Context as _, Result};
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// The entries DIR may hold, for messages.
@@ -145,8 +145,16 @@ pub fn ensure_device_id(dir: &Path) -> Result<(String, bool)> {
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
         .context("reading /dev/urandom")?;
     let id = kiln_device::device_id_from(bytes);
-    kiln_device::fs::write_atomically(&path, format!("{id}\n").as_bytes())
-        .with_context(|| format!("writing {} (kiln flash keeps the device's identity in DIR)", path.display()))?;
+    // A new file only (O_EXCL: no link followed, nothing overwritten), then synced.
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {} (kiln flash keeps the device's identity in DIR)", path.display()))?;
+    std::io::Write::write_all(&mut f, format!("{id}\n").as_bytes())
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok((id, true))
 }
 
@@ -296,7 +304,6 @@ const MAX_FILE: u64 = 1 << 20;
 /// link, and only if it is a regular file of at most [`MAX_FILE`] bytes.
 fn read_regular(path: &Path) -> Result<Vec<u8>> {
     use std::io::Read as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
     let f = fs::OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)

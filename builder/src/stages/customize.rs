@@ -325,7 +325,6 @@ pub fn systemd_escape_path(path: &str) -> String {
     out
 }
 
-/// Writes a file (creating parent directories) with the given mode.
 /// Each of the profile's `health.commands` is a shell script of its own
 /// (`/usr/lib/kiln/health.d/<n>`), never pasted into the health check: a `#`, a `;` or an
 /// unbalanced quote stays inside its command. A command that is not valid `sh` stops the build
@@ -345,6 +344,7 @@ fn write_health_commands(tree: &Path, commands: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Writes a file (creating parent directories) with the given mode.
 pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
