@@ -10,6 +10,7 @@ pub mod fs;
 pub mod gpt;
 pub mod mbr;
 pub mod parttable;
+pub mod wifi;
 
 pub use config::*;
 

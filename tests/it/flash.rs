@@ -404,7 +404,7 @@ fn provision_writes_an_ext4_data_partition() {
     fs::write(prov.join("backup/password"), "correct horse battery staple\n").unwrap();
     fs::write(prov.join("backup/env"), "RESTIC_REPOSITORY=sftp:backup@nas:/kiln\n").unwrap();
     fs::create_dir_all(prov.join("wifi")).unwrap();
-    fs::write(prov.join("wifi/home.psk"), "[Security]\nPassphrase=hunter22\n").unwrap();
+    fs::write(prov.join("wifi/home.network"), "ssid=Home\npassphrase=hunter22\n").unwrap();
     fs::write(prov.join("hostname"), "kiln-test\n").unwrap();
 
     // An unknown entry is refused before anything is written.
@@ -436,7 +436,7 @@ fn provision_writes_an_ext4_data_partition() {
     assert_eq!(cat("ssh/authorized_keys/alice"), key);
     assert_eq!(cat("backup/password"), "correct horse battery staple\n");
     assert_eq!(cat("backup/env"), "RESTIC_REPOSITORY=sftp:backup@nas:/kiln\n");
-    assert_eq!(cat("wifi/home.psk"), "[Security]\nPassphrase=hunter22\n");
+    assert_eq!(cat("wifi/home.network"), "ssid=Home\npassphrase=hunter22\n");
     assert_eq!(cat("hostname"), "kiln-test\n");
     // The device's backup identity: made by the first flash, kept in DIR, on the device too.
     let id = fs::read_to_string(prov.join("device-id")).unwrap();
@@ -447,7 +447,7 @@ fn provision_writes_an_ext4_data_partition() {
     assert_eq!(stat(&data, "/kiln/provision/ssh/authorized_keys"), root("0755"));
     assert_eq!(stat(&data, "/kiln/provision/backup"), root("0700"));
     assert_eq!(stat(&data, "/kiln/provision/backup/password"), root("0600"));
-    assert_eq!(stat(&data, "/kiln/provision/wifi/home.psk"), root("0600"));
+    assert_eq!(stat(&data, "/kiln/provision/wifi/home.network"), root("0600"));
     assert_eq!(stat(&data, "/kiln/provision/hostname"), root("0600"));
     assert_eq!(stat(&data, "/"), root("0755"));
 

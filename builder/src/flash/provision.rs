@@ -7,7 +7,8 @@
 //! ```text
 //! DIR/ssh/authorized_keys/<user>   OpenSSH public keys of a login user, one per line
 //! DIR/backup/…                     any files: backup repository password, environment
-//! DIR/wifi/…                       any files: Wi-Fi networks and their passphrases
+//! DIR/wifi/<name>.network          a Wi-Fi network: ssid=, passphrase= (or sae_password=, or
+//!                                  open=true), hidden=, priority= (kiln_device::wifi)
 //! DIR/hostname                     the device's hostname (one line)
 //! DIR/device-id                    the device's backup identity (32 hex digits): made by kiln
 //!                                  flash when missing, and kept in DIR, so that the same
@@ -98,13 +99,28 @@ impl Provision {
                         }
                     }
                 }
-                "backup" | "wifi" => {
+                "backup" => {
                     require_dir(&path)?;
                     entries.push((rel.clone(), None));
                     let first = entries.len();
                     walk(&path, &rel, &mut entries)?;
-                    if name == "backup" {
-                        check_backup(&path, &entries[first..])?;
+                    check_backup(&path, &entries[first..])?;
+                }
+                "wifi" => {
+                    require_dir(&path)?;
+                    entries.push((rel.clone(), None));
+                    for (file, filepath) in list(&path)? {
+                        let Some(stem) = file.strip_suffix(kiln_device::wifi::SUFFIX).filter(|s| !s.is_empty()) else {
+                            bail!("{}: a Wi-Fi network file is named <name>.network (ssid=, passphrase= or sae_password= or open=true, hidden=, priority=)", filepath.display());
+                        };
+                        let data = read_regular(&filepath)?;
+                        let text = std::str::from_utf8(&data)
+                            .map_err(|_| anyhow::anyhow!("{}: not UTF-8 text", filepath.display()))?;
+                        kiln_device::wifi::parse_network(stem, text).map_err(|(line, msg)| match line {
+                            0 => anyhow::anyhow!("{}: {msg}", filepath.display()),
+                            n => anyhow::anyhow!("{}:{n}: {msg}", filepath.display()),
+                        })?;
+                        entries.push((rel.join(&file), Some(data)));
                     }
                 }
                 DEVICE_ID => {
@@ -501,8 +517,8 @@ mod tests {
         fs::write(d.join("ssh/authorized_keys/alice"), format!("# alice\n{KEY}\n")).unwrap();
         fs::create_dir_all(d.join("backup")).unwrap();
         fs::write(d.join("backup/password"), "s3cret\n").unwrap();
-        fs::create_dir_all(d.join("wifi/extra")).unwrap();
-        fs::write(d.join("wifi/extra/home.conf"), "x").unwrap();
+        fs::create_dir_all(d.join("wifi")).unwrap();
+        fs::write(d.join("wifi/home.network"), "ssid=Home\npassphrase=correct horse\n").unwrap();
         fs::write(d.join("hostname"), "kiln-test\n").unwrap();
         let p = Provision::load(d).unwrap();
         let paths: Vec<String> = p.paths().map(|p| p.display().to_string()).collect();
@@ -516,8 +532,7 @@ mod tests {
                 "ssh/authorized_keys",
                 "ssh/authorized_keys/alice",
                 "wifi",
-                "wifi/extra",
-                "wifi/extra/home.conf"
+                "wifi/home.network"
             ]
         );
         assert_eq!(mode_for(Path::new("ssh/authorized_keys/alice"), false), 0o644);
@@ -571,6 +586,34 @@ mod tests {
             err(d).contains("backup/password: missing: backup/ needs the restic repository password"),
             "{}",
             err(d)
+        );
+    }
+
+    #[test]
+    fn wifi_networks_are_checked_naming_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs::create_dir_all(d.join("wifi")).unwrap();
+        fs::write(d.join("wifi/home.network"), "ssid=Home\n# WPA2\npassphrase=short\n").unwrap();
+        let e = Provision::load(d).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}:3: passphrase: expected 8 to 63 printable ASCII characters (WPA), found 5 characters",
+                d.join("wifi/home.network").display()
+            )
+        );
+        fs::write(d.join("wifi/home.network"), "ssid=Home\npassphrase=long enough\n").unwrap();
+        Provision::load(d).unwrap();
+        fs::write(d.join("wifi/notes.txt"), "x").unwrap();
+        let e = Provision::load(d).unwrap_err().to_string();
+        assert!(e.ends_with("notes.txt: a Wi-Fi network file is named <name>.network (ssid=, passphrase= or sae_password= or open=true, hidden=, priority=)"), "{e}");
+        fs::remove_file(d.join("wifi/notes.txt")).unwrap();
+        fs::write(d.join("wifi/cafe.network"), "ssid=Cafe\n").unwrap();
+        let e = Provision::load(d).unwrap_err().to_string();
+        assert!(
+            e.ends_with("cafe.network: no passphrase=, sae_password= or open=true: how the network is secured"),
+            "{e}"
         );
     }
 
