@@ -585,7 +585,7 @@ impl Backups {
     fn open_or_init(&self, creds: &Credentials, new_repository: bool) -> Result<bool> {
         let mut status = Status::load(&self.state_dir)?;
         let seen = status.repository.clone().filter(|r| r.location == creds.shown);
-        let opened = self.restic(creds, &["cat".into(), "config".into()], |_| false);
+        let opened = self.restic(creds, &["cat".into(), "config".into()], |_| true);
         let missing = matches!(&opened, Err(e) if e.downcast_ref::<ResticError>().is_some_and(|r| r.code == Some(10)));
         let (id, created) = match (opened, seen) {
             (Ok(out), seen) => {
@@ -608,7 +608,7 @@ impl Backups {
             (Err(_), _) if missing => {
                 self.restic(creds, &["init".into()], |_| false).context("creating the repository")?;
                 println!("kiln-agent: created a new restic repository at {}", creds.shown);
-                let out = self.restic(creds, &["cat".into(), "config".into()], |_| false)?;
+                let out = self.restic(creds, &["cat".into(), "config".into()], |_| true)?;
                 (config_id(&out.stdout)?, true)
             }
             (Err(e), _) => return Err(e),
