@@ -149,6 +149,14 @@ impl Cmd {
         Ok(out)
     }
 
+    /// Starts the program in the background with this process's stdout and stderr (the
+    /// journal, for a service): for a daemon the caller supervises.
+    pub fn start(&self) -> Result<Child, ExecError> {
+        let mut c = self.command();
+        c.stdout(Stdio::inherit()).stderr(Stdio::inherit());
+        self.spawn(c)
+    }
+
     /// Runs the program to completion, discarding stdout.
     pub fn run(&self) -> Result<(), ExecError> {
         self.output().map(|_| ())

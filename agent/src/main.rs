@@ -28,6 +28,7 @@ mod factory;
 mod state;
 mod system;
 mod update;
+mod wifi;
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
@@ -83,6 +84,9 @@ enum Command {
         #[arg(long, default_value = "/var")]
         target: PathBuf,
     },
+    /// Wi-Fi on one interface with the provisioned networks (kiln-wifi@IFACE.service): runs
+    /// wpa_supplicant and says what happens (connected, passphrase refused, nothing in range).
+    Wifi { interface: String },
     /// Backups with restic: now, status, drill, restore, prune.
     Backup {
         #[command(subcommand)]
@@ -138,6 +142,10 @@ fn run(cli: Cli) -> Result<()> {
         return backup(&cli.config, &cli.state_dir, action)
             .map_err(|e| anyhow::anyhow!(backup::redact(&format!("{e:#}"))));
     }
+    if let Command::Wifi { interface } = &cli.command {
+        let config = kiln_device::DeviceConfig::load(&cli.config).map_err(anyhow::Error::msg)?;
+        return wifi::run(&config, interface);
+    }
     if let Command::MountData { target } = &cli.command {
         let config = kiln_device::DeviceConfig::load(&cli.config);
         return data::mount_or_tmpfs(&system::Host::default(), config, target);
@@ -182,7 +190,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Status { .. } | Command::Backup { .. } | Command::MountData { .. } => unreachable!("handled above"),
+        Command::Status { .. } | Command::Backup { .. } | Command::MountData { .. } | Command::Wifi { .. } => {
+            unreachable!("handled above")
+        }
     }
 }
 
@@ -333,6 +343,7 @@ fn status(config: &std::path::Path, state_dir: &std::path::Path, json: bool) -> 
                 }
                 b
             }),
+            "wifi": wifi::statuses(std::path::Path::new(wifi::RUN_DIR)),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -384,6 +395,15 @@ fn status(config: &std::path::Path, state_dir: &std::path::Path, json: bool) -> 
         s.refresh_alerts(kiln_feed::Timestamp::now(), b.stale_after_secs);
         let good = s.last_good_backup.as_ref().map(|r| format!("{} ({})", r.at, r.summary)).unwrap_or_else(none);
         println!("backup:    last good {good}; {} alert(s) (kiln-agent backup status)", s.alerts.len());
+    }
+    if config.as_ref().is_some_and(|c| c.wifi.is_some()) {
+        let all = wifi::statuses(std::path::Path::new(wifi::RUN_DIR));
+        if all.is_empty() {
+            println!("wifi:      no wireless interface has appeared");
+        }
+        for w in all {
+            println!("wifi:      {} since {}", w.message, kiln_feed::Timestamp(w.since));
+        }
     }
     Ok(())
 }

@@ -178,6 +178,9 @@ pub struct DeviceConfig {
     /// None: the profile has no `[backup]`.
     #[serde(default)]
     pub backup: Option<BackupConfig>,
+    /// None: the profile has no `[network] wifi = true`; the image has no supplicant.
+    #[serde(default)]
+    pub wifi: Option<WifiConfig>,
 }
 
 impl DeviceConfig {
@@ -307,6 +310,15 @@ pub struct BackupService {
     pub quiesce: Quiesce,
     /// Its state directory's real path (`/var/lib/private/<name>` with DynamicUser).
     pub path: String,
+}
+
+/// Wi-Fi: the networks come from provisioning (`/var/kiln/provision/wifi/*.network`,
+/// [`crate::wifi`]); the image knows only where it is used.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WifiConfig {
+    /// The regulatory domain (ISO 3166-1 alpha-2, or "00"): which channels and powers are legal.
+    pub country: String,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

@@ -140,15 +140,15 @@ pub fn valid_country(c: &str) -> bool {
     c == "00" || (c.len() == 2 && c.chars().all(|c| c.is_ascii_uppercase()))
 }
 
-/// wpa_supplicant's configuration for `networks` in `country`. SSIDs are written in hex and
-/// secrets as quoted strings (wpa_supplicant takes everything up to the last quote on the
-/// line, and no line break can be in one), so no value can end its field early.
-pub fn supplicant_conf(country: &str, networks: &[WifiNetwork]) -> String {
+/// wpa_supplicant's configuration for `networks` in `country`, its control sockets in
+/// `ctrl_dir`. SSIDs are written in hex and secrets as quoted strings (wpa_supplicant takes
+/// everything up to the last quote on the line, and no line break can be in one), so no value
+/// can end its field early. wpa_supplicant numbers the networks from 0 in this order.
+pub fn supplicant_conf(country: &str, ctrl_dir: &str, networks: &[WifiNetwork]) -> String {
     let mut out = String::from(
-        "# Written by kiln-agent at boot from /var/kiln/provision/wifi/*.network; not kept.\n\
-         ctrl_interface=DIR=/run/wpa_supplicant\nupdate_config=0\n",
+        "# Written by kiln-agent from /var/kiln/provision/wifi/*.network when the interface appeared; not kept.\n",
     );
-    out.push_str(&format!("country={country}\n"));
+    out.push_str(&format!("ctrl_interface=DIR={ctrl_dir}\nupdate_config=0\ncountry={country}\n"));
     for n in networks {
         let hex: String = n.ssid.bytes().map(|b| format!("{b:02x}")).collect();
         out.push_str(&format!("\n# {}\nnetwork={{\n\tssid={hex}\n", n.name));
@@ -184,7 +184,8 @@ mod tests {
         assert_eq!(n.priority, 10);
         let sae = parse_network("wpa3", "ssid=x\nsae_password=a long one\n").unwrap();
         let open = parse_network("cafe", "ssid=Cafe\nopen=true\n").unwrap();
-        let conf = supplicant_conf("DE", &[n, sae, open]);
+        let conf = supplicant_conf("DE", "/run/kiln-wifi/wlan0/ctrl", &[n, sae, open]);
+        assert!(conf.contains("ctrl_interface=DIR=/run/kiln-wifi/wlan0/ctrl\nupdate_config=0\ncountry=DE\n"), "{conf}");
         assert!(conf.contains("country=DE\n"), "{conf}");
         assert!(conf.contains("\tssid=486f6d65204e65742022354722\n\tscan_ssid=1\n\tkey_mgmt=WPA-PSK WPA-PSK-SHA256 SAE\n\tpsk=\"correct horse \"battery\"\"\n\tieee80211w=1\n\tpriority=10\n"), "{conf}");
         assert!(

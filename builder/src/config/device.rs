@@ -29,5 +29,6 @@ pub fn device_config(plan: &Plan) -> Result<kiln_device::DeviceConfig> {
         health_timeout: plan.health.timeout_secs,
         update: plan.update.clone(),
         backup: plan.backup.as_ref().map(|b| b.device.clone()),
+        wifi: plan.wifi.clone(),
     })
 }

@@ -34,6 +34,9 @@ pub struct ImageDef {
     pub kernel_cmdline: Vec<String>,
     #[serde(default)]
     pub initramfs_modules: Vec<String>,
+    /// Firmware packages for the board's Wi-Fi chip, installed when a profile turns Wi-Fi on.
+    #[serde(default)]
+    pub wifi_firmware: Vec<String>,
     /// Who makes the initramfs: Debian's initramfs-tools inside the tree, or kiln on the host
     /// from the tree's files (no code of the image's architecture runs: fast for arm64 on x86).
     #[serde(default)]

@@ -72,6 +72,8 @@ pub struct Plan {
     pub hardening: HardeningPlan,
     /// Backups (None: no `[backup]` in the profile).
     pub backup: Option<BackupPlan>,
+    /// Wi-Fi (None: the profile does not turn it on).
+    pub wifi: Option<kiln_device::WifiConfig>,
     /// Hash of every input: seeds the UUIDs that are not derived from content.
     pub seed: String,
 }
@@ -292,7 +294,24 @@ impl Plan {
                 ))
             }
         };
-        let sources = mirror.source_lines(&suite, &def.components.join(" "));
+        let net = p.network.clone().unwrap_or_default();
+        let wifi = match (net.wifi.unwrap_or(false), &net.country) {
+            (false, _) => None,
+            (true, None) => {
+                return Err(ProfileError::new(
+                    &file,
+                    Some("network.country"),
+                    "required with wifi = true: the regulatory country (\"DE\", \"US\", ...), which says the channels and transmit power that are legal where the device is",
+                ))
+            }
+            (true, Some(c)) => Some(kiln_device::WifiConfig { country: c.clone() }),
+        };
+        let wifi_firmware = net.firmware.clone().unwrap_or_else(|| def.wifi_firmware.clone());
+        let mut components = def.components.clone();
+        if wifi.is_some() && !wifi_firmware.is_empty() && !components.iter().any(|c| c == "non-free-firmware") {
+            components.push("non-free-firmware".into());
+        }
+        let sources = mirror.source_lines(&suite, &components.join(" "));
         let locale = sys.locale.clone().unwrap_or_else(|| "C.UTF-8".into());
 
         let mut packages: BTreeSet<String> = REQUIRED_PACKAGES.iter().map(|s| s.to_string()).collect();
@@ -425,6 +444,11 @@ impl Plan {
         if backup.is_some() {
             packages.insert("restic".to_string());
         }
+        if wifi.is_some() {
+            // The supplicant (WPA2/WPA3) and the regulatory database it hands the kernel.
+            packages.extend(["wpasupplicant".to_string(), "wireless-regdb".to_string()]);
+            packages.extend(wifi_firmware.iter().cloned());
+        }
 
         let seed_input = serde_json::json!({
             "profile": p, "image": def, "version": version, "suite": suite, "epoch": source_date_epoch,
@@ -451,7 +475,7 @@ impl Plan {
             arch: def.arch,
             bootloader: def.bootloader,
             suite,
-            components: def.components.clone(),
+            components,
             mirror,
             sources,
             packages: packages.into_iter().collect(),
@@ -468,6 +492,7 @@ impl Plan {
             health,
             qemu: def.qemu.clone(),
             rpi: def.rpi.clone(),
+            wifi,
             update,
             services,
             hardening,
@@ -672,6 +697,42 @@ restore_drill = "off"
         assert!(!p.packages.iter().any(|p| p == "auditd" || p == "libpam-tmpdir"));
         assert!(!p.kernel_cmdline.iter().any(|a| a.starts_with("audit")));
         assert!(!p.health.units.contains(&"auditd.service".to_string()));
+    }
+
+    #[test]
+    fn wifi_brings_the_supplicant_and_the_boards_firmware() {
+        let p = plan();
+        assert!(p.wifi.is_none() && !p.packages.iter().any(|p| p == "wpasupplicant"));
+        let dir = tempfile::tempdir().unwrap();
+        let m = Mirror::from_uri("http://mirror.test/debian");
+        let resolve = |text: &str, image: &str| {
+            let file = dir.path().join("w.toml");
+            std::fs::write(&file, text).unwrap();
+            let prof = load(Source::File(file)).map_err(|e| e.to_string())?;
+            let img = crate::config::image::load(image, std::path::Path::new("/nonexistent")).unwrap();
+            Plan::resolve(&prof, &img, Some(&m), &Overrides::default(), 1_700_000_000).map_err(|e| e.to_string())
+        };
+        let pi = resolve("extends = \"minimal\"\n[network]\nwifi = true\ncountry = \"DE\"\n", "rpi4").unwrap();
+        assert_eq!(pi.wifi, Some(kiln_device::WifiConfig { country: "DE".into() }));
+        for pkg in ["wpasupplicant", "wireless-regdb", "firmware-brcm80211"] {
+            assert!(pi.packages.iter().any(|p| p == pkg), "{pkg} missing: {:?}", pi.packages);
+        }
+        assert!(crate::config::device::device_config(&pi).unwrap().wifi.is_some());
+        // x86: no firmware unless the profile names it; naming it brings non-free-firmware.
+        let pc = resolve("extends = \"minimal\"\n[network]\nwifi = true\ncountry = \"US\"\n", "pc-uefi").unwrap();
+        assert!(!pc.packages.iter().any(|p| p.starts_with("firmware-")) && pc.components == ["main"]);
+        let intel = resolve(
+            "extends = \"minimal\"\n[network]\nwifi = true\ncountry = \"US\"\nfirmware = [\"firmware-iwlwifi\"]\n",
+            "pc-uefi",
+        )
+        .unwrap();
+        assert!(intel.packages.iter().any(|p| p == "firmware-iwlwifi"));
+        assert_eq!(intel.components, ["main", "non-free-firmware"]);
+        assert!(intel.sources.iter().all(|l| l.contains("non-free-firmware")), "{:?}", intel.sources);
+        let e = resolve("extends = \"minimal\"\n[network]\nwifi = true\n", "rpi4").unwrap_err();
+        assert!(e.contains("network.country") && e.contains("required with wifi = true"), "{e}");
+        let e = resolve("extends = \"minimal\"\n[network]\nwifi = true\ncountry = \"de\"\n", "rpi4").unwrap_err();
+        assert!(e.contains("network.country") && e.contains("found \"de\""), "{e}");
     }
 
     #[test]

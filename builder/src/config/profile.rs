@@ -47,6 +47,21 @@ pub struct ProfileFile {
     /// Encrypted backups with restic: where to, when, what to keep, and restore drills.
     /// The password and credentials are provisioned per device, never part of the image.
     pub backup: Option<Backup>,
+    /// Networking beyond DHCP on every wired interface: Wi-Fi.
+    pub network: Option<Network>,
+}
+
+#[derive(Deserialize, Serialize, Default, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// Join the Wi-Fi networks provisioned per device (`provision/wifi/<name>.network`):
+    /// wpa_supplicant and DHCP on every wireless interface (default false).
+    pub wifi: Option<bool>,
+    /// The regulatory country ("DE", "US", ...; ISO 3166-1 alpha-2): required with wifi.
+    pub country: Option<String>,
+    /// Firmware packages for the Wi-Fi chip (default: the image's, e.g. firmware-brcm80211 on
+    /// a Raspberry Pi). Non-free firmware comes from Debian's non-free-firmware component.
+    pub firmware: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Serialize, Default, Debug, Clone, PartialEq)]
@@ -453,6 +468,21 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 /// Checks of values that the type alone does not express.
 fn check_values(src: &Source, p: &ProfileFile) -> Result<(), ProfileError> {
     let err = |key: &str, msg: String| Err(ProfileError::new(src, Some(key), msg));
+    if let Some(n) = &p.network {
+        if let Some(c) = &n.country {
+            if !kiln_device::wifi::valid_country(c) {
+                return err(
+                    "network.country",
+                    format!("expected a two-letter country code in capitals such as \"DE\" or \"US\" (ISO 3166-1), or \"00\", found {c:?}"),
+                );
+            }
+        }
+        for f in n.firmware.iter().flatten() {
+            if !valid_package(f) {
+                return err("network.firmware", format!("expected Debian package names, found {f:?}"));
+            }
+        }
+    }
     if let Some(sys) = &p.system {
         if let Some(suite) = &sys.suite {
             if suite.is_empty() || !suite.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {

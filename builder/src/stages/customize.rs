@@ -252,6 +252,9 @@ fn install_agent(ctx: &Context, tctx: &tera::Context, bin: &Path) -> Result<()> 
     if let Some(b) = &plan.backup {
         install_backup(ctx, tctx, b)?;
     }
+    if plan.wifi.is_some() {
+        install_wifi(ctx, tctx)?;
+    }
     if let Some(u) = &plan.update {
         let mut c = tctx.clone();
         c.insert("first_check_secs", &u.interval_secs.min(300));
@@ -260,6 +263,31 @@ fn install_agent(ctx: &Context, tctx: &tera::Context, bin: &Path) -> Result<()> 
             t.render("rootfs/kiln-agent.timer.tera", &c)?.as_bytes(),
             0o644,
         )?;
+    }
+    Ok(())
+}
+
+/// Wi-Fi: wpa_supplicant and the regulatory database come from Debian (the plan added them);
+/// kiln-agent runs the supplicant per wireless interface with the provisioned networks. Debian's
+/// own supplicant units stay unused (they would read configuration from the read-only /etc).
+fn install_wifi(ctx: &Context, tctx: &tera::Context) -> Result<()> {
+    let (tree, t) = (&ctx.tree, &ctx.templates);
+    if !tree.join("usr/sbin/wpa_supplicant").exists() {
+        bail!("[network] wifi needs wpa_supplicant in the image, and /usr/sbin/wpa_supplicant is missing from the tree (is the wpasupplicant package installed?)");
+    }
+    for (template, dest) in [
+        ("kiln-wifi@.service", "usr/lib/systemd/system/kiln-wifi@.service"),
+        ("kiln-wifi.rules", "usr/lib/udev/rules.d/90-kiln-wifi.rules"),
+        ("wifi.network", "etc/systemd/network/80-kiln-wifi.network"),
+    ] {
+        write_file(&tree.join(dest), t.render(&format!("rootfs/{template}"), tctx)?.as_bytes(), 0o644)?;
+    }
+    // Debian enables wpa_supplicant.service (D-Bus, unconfigured): not needed, not started.
+    for unit in ["wpa_supplicant.service", "dbus-fi.w1.wpa_supplicant1.service"] {
+        let _ = std::fs::remove_file(tree.join("etc/systemd/system").join(unit));
+    }
+    for wants in ["multi-user.target.wants", "dbus.service.wants"] {
+        let _ = std::fs::remove_file(tree.join("etc/systemd/system").join(wants).join("wpa_supplicant.service"));
     }
     Ok(())
 }
