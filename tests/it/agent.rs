@@ -126,25 +126,38 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
     // in real life: same appliance, same partitions, a check that does not pass), and fills
     // /var to the last block first: the rollback must not need room there. The other releases'
     // check removes the filler.
+    // Factory state after an update (ARCHITECTURE.md, "The image at run time"): v1 makes
+    // state of its own under /var; v2 and later ship one more package, whose /var directory
+    // (sgml-base: /var/lib/sgml-base) and package database entry must reach the updated
+    // device while v1's state stays. A v2 without them is not healthy, and is rolled back.
     std::fs::write(
         work.join("profiles/ota.toml"),
         std::fs::read_to_string(work.join("profiles/ota.toml")).unwrap()
             + "[health]\ncommands = [\"f=/var/kiln-it-fill; if grep -q '^IMAGE_VERSION=0.3.0$' /usr/lib/os-release; \
                then fallocate -l $(( $(stat -f -c '%f * %S' /var) - 1048576 )) $f; dd if=/dev/zero of=$f.2 bs=4096; exit 1; \
-               fi; rm -f $f $f.2\"]\n",
+               fi; rm -f $f $f.2\", \
+               \"if grep -q '^IMAGE_VERSION=0.1.0$' /usr/lib/os-release; then mkdir -p /var/lib/kiln-it; \
+               echo made-on-v1 > /var/lib/kiln-it/state; else grep -q made-on-v1 /var/lib/kiln-it/state && \
+               test -d /var/lib/sgml-base && dpkg-query -W sgml-base; fi\"]\n",
     )
     .unwrap();
+    let v1_profile = std::fs::read_to_string(work.join("profiles/ota.toml")).unwrap();
+    let later_profile = v1_profile.replace("[update]\n", "[system]\npackages = [\"sgml-base\"]\n[update]\n");
+    assert_ne!(v1_profile, later_profile);
 
     // Builds: one lock, a cold build, then warm rebuilds from the cached tree.
     let t = Instant::now();
     let lock = "profiles/ota.pc-uefi.lock";
-    if !reuse {
-        kiln_ok(&work, &["lock", "--profile", "profiles/ota.toml", "--out", "scratch"]);
-    }
     let mut outs = Vec::new();
     for (v, profile) in [("0.1.0", "ota"), ("0.2.0", "ota"), ("0.3.0", "ota"), ("0.4.0", "ota"), ("0.5.0", "ota")] {
         let t = Instant::now();
         let out = format!("out-{v}");
+        // v1 from its own lock; v2 and later from the lock with one more package.
+        if !reuse && (v == "0.1.0" || v == "0.2.0") {
+            let text = if v == "0.1.0" { &v1_profile } else { &later_profile };
+            std::fs::write(work.join("profiles/ota.toml"), text).unwrap();
+            kiln_ok(&work, &["lock", "--profile", "profiles/ota.toml", "--out", "scratch"]);
+        }
         if !reuse {
             kiln_ok(
                 &work,
@@ -257,6 +270,9 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
     let install_secs = t_install.elapsed().as_secs_f64();
     vm.wait_exit(Duration::from_secs(120));
     let mut vm = start();
+    // v2's factory /var (one more package) reaches the device; its health check requires
+    // /var/lib/sgml-base, sgml-base in the package database and v1's own state.
+    let factory = vm.wait_for(&["kiln-agent: factory state:"], BOOT);
     vm.wait_for(&["kiln-agent: booted 0.2.0 from slot b (trial"], BOOT);
     vm.wait_for(&["KILN-READY version=0.2.0"], BOOT);
     vm.wait_for(&["kiln-agent: committed 0.2.0 in slot b"], BOOT);
@@ -264,6 +280,10 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
     println!(
         "kiln-it: v1 -> v2 installed in {install_secs:.1}s ({installed}), committed {:.1}s after v1 started",
         t.elapsed().as_secs_f64()
+    );
+    println!(
+        "kiln-it: after the update: {} (v2's /var/lib/sgml-base and package database there, v1's state kept: v2's health check)",
+        factory.trim()
     );
 
     // v3 fails its health check: the device goes back to v2 by itself and never retries v3.

@@ -28,6 +28,43 @@ class Handler(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("", port), Handler).serve_forever()
 "#;
 
+/// Wi-Fi in the guest, run over SSH after the other checks: two mac80211_hwsim radios appear
+/// (as a USB stick would); the test's access point (hostapd, WPA2, with networkd's DHCP server)
+/// takes wlan1, the appliance's own kiln-wifi@wlan0 joins it with the provisioned network and
+/// gets a lease over the air; then the same network provisioned with a wrong passphrase.
+const WIFI: &str = r#"set -e
+net="ssid=kiln-it net"
+printf "%s\npassphrase=correct horse battery\n" "$net" | sudo install -D -m 0600 /dev/stdin /var/kiln/provision/wifi/home.network
+printf "ssid=Typo\npassphrase=short\n" | sudo install -m 0600 /dev/stdin /var/kiln/provision/wifi/typo.network
+sudo install -d -m 0755 /run/kiln-it /run/systemd/network
+printf "interface=wlan1\ndriver=nl80211\nssid=kiln-it net\nhw_mode=g\nchannel=6\nwpa=2\nwpa_key_mgmt=WPA-PSK\nrsn_pairwise=CCMP\nwpa_passphrase=correct horse battery\n" | sudo tee /run/kiln-it/hostapd.conf >/dev/null
+printf "[Match]\nName=wlan1\n[Network]\nAddress=192.168.207.1/24\nDHCPServer=yes\n[DHCPServer]\nPoolOffset=100\nPoolSize=20\n" | sudo install -m 0644 /dev/stdin /run/systemd/network/10-kiln-it-ap.network
+sudo networkctl reload
+sudo systemctl mask --runtime --quiet kiln-wifi@wlan1.service
+sudo nft insert rule inet kiln input iifname wlan1 udp dport 67 accept
+sudo modprobe mac80211_hwsim radios=2
+sudo udevadm settle
+sudo systemd-run --quiet --unit kiln-it-ap /usr/sbin/hostapd /run/kiln-it/hostapd.conf
+for i in $(seq 90); do
+  addr=$(ip -4 -br addr show dev wlan0 2>&1 || true)
+  case "$addr" in *192.168.207.*) break ;; esac
+  sleep 1
+done
+echo "wifi-after $i s: $addr"
+sudo kiln-agent status | grep "^wifi:" | sed "s/^/wifi-status /"
+sudo /usr/lib/kiln/health-check | sed "s/^/wifi-health /"
+printf "%s\npassphrase=not the passphrase\n" "$net" | sudo install -m 0600 /dev/stdin /var/kiln/provision/wifi/home.network
+sudo systemctl restart kiln-wifi@wlan0.service
+for i in $(seq 90); do
+  sudo kiln-agent status | grep -q "refused the passphrase" && break
+  sleep 1
+done
+sudo kiln-agent status | grep "^wifi:" | sed "s/^/wifi-wrong-status /"
+sudo journalctl -b -o cat -u kiln-wifi@wlan0.service | sed "s/^/wifi-journal /"
+sudo /usr/lib/kiln/health-check | sed "s/^/wifi-wrong-health /"
+sudo stat -c "%a %U %n" /run/kiln-wifi/wlan0/wpa_supplicant.conf /var/kiln/provision/wifi/home.network | sed "s/^/wifi-mode /"
+"#;
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -72,6 +109,13 @@ binary = "dist/myapp"
 exec = "/usr/local/bin/myapp --port 8080"
 ports = [8080]
 state = true
+
+# Wi-Fi: the appliance joins the provisioned networks. hostapd is the test's access point.
+[network]
+wifi = true
+country = "DE"
+[system]
+packages = ["hostapd"]
 "#,
             public.trim()
         ),
@@ -196,6 +240,7 @@ for name, port in (("declared", {app_port}), ("undeclared", {open_port})):
     print("host-" + name, "answered" if data.startswith(b"HTTP/") else "no-answer", data[:40])
 EOF
 if {ssh} -o PubkeyAuthentication=no -o PreferredAuthentications=password,keyboard-interactive true 2>/dev/null; then echo password-login-accepted; else echo password-login-refused; fi
+{ssh} '{WIFI}'
 "#
     );
     let t = Instant::now();
@@ -222,6 +267,7 @@ if {ssh} -o PubkeyAuthentication=no -o PreferredAuthentications=password,keyboar
     assert!(out.contains("host-declared answered"), "{out}");
     assert!(out.contains("host-undeclared no-answer"), "the firewall must drop port 9999:\n{out}");
     assert!(out.contains("password-login-refused"), "{out}");
+    wifi_checks(&out);
 
     // Listening sockets: every one on a non-loopback address is a declared port (or 9999,
     // which the test opened itself and the firewall dropped).
@@ -251,4 +297,36 @@ if {ssh} -o PubkeyAuthentication=no -o PreferredAuthentications=password,keyboar
         "kiln-it: non-loopback listeners: {} (all declared; 9999 opened by the test and dropped by the firewall)",
         seen.join(" ")
     );
+}
+
+/// What the Wi-Fi part of the guest script printed.
+fn wifi_checks(out: &str) {
+    let lines = |p: &str| out.lines().filter(|l| l.starts_with(p)).map(|l| l[p.len()..].trim()).collect::<Vec<_>>();
+    let after = lines("wifi-after ");
+    assert!(after.first().is_some_and(|a| a.contains("192.168.207.")), "no DHCP lease over Wi-Fi on wlan0:\n{out}");
+    let status = lines("wifi-status ").join("\n");
+    assert!(status.contains("connected to \"kiln-it net\" (/var/kiln/provision/wifi/home.network)"), "{out}");
+    assert!(lines("wifi-health ").iter().any(|l| l.starts_with("KILN-READY")), "health check with Wi-Fi up:\n{out}");
+    let journal = lines("wifi-journal ");
+    assert!(
+        journal.iter().any(|l| l.contains("typo.network line 2: passphrase: expected 8 to 63")),
+        "a bad network file is named with its line:\n{out}"
+    );
+    let refused: Vec<&&str> = journal.iter().filter(|l| l.contains("refused the passphrase")).collect();
+    assert_eq!(refused.len(), 1, "a wrong passphrase is one line in the journal:\n{out}");
+    assert!(lines("wifi-wrong-status ").iter().any(|l| l.contains("refused the passphrase")), "{out}");
+    assert!(
+        lines("wifi-wrong-health ").iter().any(|l| l.starts_with("KILN-READY")),
+        "a wrong passphrase is not a failed boot:\n{out}"
+    );
+    // The passphrase is on the data partition and, for the supplicant, in /run: root's alone.
+    let modes = lines("wifi-mode ");
+    assert_eq!(
+        modes,
+        ["600 root /run/kiln-wifi/wlan0/wpa_supplicant.conf", "600 root /var/kiln/provision/wifi/home.network"],
+        "{out}"
+    );
+    println!("kiln-it: Wi-Fi: lease after {}", after[0]);
+    println!("kiln-it: Wi-Fi: kiln-agent status: {status}");
+    println!("kiln-it: Wi-Fi: wrong passphrase: {}", refused[0]);
 }
