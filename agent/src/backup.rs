@@ -301,11 +301,7 @@ pub fn device_id(provisioned: &Path, state_dir: &Path) -> Result<String> {
             return Ok(id.to_string());
         }
     }
-    let mut bytes = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-        .context("reading /dev/urandom for this device's id")?;
-    let id = kiln_device::device_id_from(bytes);
+    let id = kiln_device::new_device_id().context("reading /dev/urandom for this device's id")?;
     std::fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
     kiln_device::fs::write_atomically(&own, format!("{id}\n").as_bytes())
         .with_context(|| format!("keeping this device's id in {}", own.display()))?;

@@ -244,6 +244,13 @@ pub fn device_id_from(bytes: [u8; 16]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A new random device id (16 bytes from /dev/urandom, as 32 hex digits).
+pub fn new_device_id() -> std::io::Result<String> {
+    let mut bytes = [0u8; 16];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+    Ok(device_id_from(bytes))
+}
+
 /// A device's provisioned `backup/env`: KEY=VALUE lines for restic (comments with '#', blank lines allowed).
 pub fn parse_backup_env(text: &str) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();

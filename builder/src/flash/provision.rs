@@ -156,11 +156,7 @@ pub fn ensure_device_id(dir: &Path) -> Result<(String, bool)> {
         let data = read_regular(&path)?;
         return Ok((String::from_utf8_lossy(&data).trim().to_string(), false));
     }
-    let mut bytes = [0u8; 16];
-    fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-        .context("reading /dev/urandom")?;
-    let id = kiln_device::device_id_from(bytes);
+    let id = kiln_device::new_device_id().context("reading /dev/urandom for a device id")?;
     // A new file only (O_EXCL: no link followed, nothing overwritten), then synced.
     let mut f = fs::OpenOptions::new()
         .write(true)
