@@ -18,6 +18,7 @@ pub mod config;
 pub mod debian;
 pub mod flash;
 pub mod host;
+pub mod init;
 pub mod release;
 pub mod stages;
 #[cfg(test)]

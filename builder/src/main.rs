@@ -84,6 +84,10 @@ enum Command {
     /// read them back and verify. Refuses mounted devices, partitions, the system disk and
     /// devices larger than --max-size; asks first unless --yes.
     Flash(kiln::flash::FlashArgs),
+    /// Start an appliance project: DIR/NAME.toml (extends base, your SSH key for the login user,
+    /// a commented example of every section), a release key pair, a provisioning skeleton.
+    /// Existing files are kept, never overwritten.
+    Init(InitArgs),
     /// Make a release signing key pair (ed25519): DIR/kiln-release.key (secret, 0600) and
     /// DIR/kiln-release.pub (for the profile's [update] public_key).
     Keygen(KeygenArgs),
@@ -222,6 +226,19 @@ struct PlanArgs {
 }
 
 #[derive(clap::Args)]
+struct InitArgs {
+    /// The project directory; its name becomes the profile's and the hostname ("myhome").
+    dir: PathBuf,
+    /// The SSH public key for the login user (default: ~/.ssh/id_ed25519.pub, id_ecdsa.pub,
+    /// id_ed25519_sk.pub, id_rsa.pub, then any other ~/.ssh/*.pub).
+    #[arg(long, value_name = "FILE")]
+    ssh_key: Option<PathBuf>,
+    /// The login user's name on the appliance.
+    #[arg(long, default_value = "admin")]
+    user: String,
+}
+
+#[derive(clap::Args)]
 struct KeygenArgs {
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
@@ -357,6 +374,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Cache(args) => cmd_cache(args),
         Command::Plan(args) => cmd_plan(args),
         Command::Flash(args) => kiln::flash::run(&args),
+        Command::Init(args) => cmd_init(args),
         Command::Keygen(args) => cmd_keygen(args),
         Command::Publish(args) => cmd_publish(args),
         Command::Doctor(args) => cmd_doctor(args),
@@ -640,6 +658,19 @@ fn cmd_agent(AgentArgs { target, out }: AgentArgs) -> Result<()> {
         None => bin,
     };
     println!("{}", bin.display());
+    Ok(())
+}
+
+fn cmd_init(InitArgs { dir, ssh_key, user }: InitArgs) -> Result<()> {
+    let r = kiln::init::init(&kiln::init::InitOptions { dir, ssh_key, user: user.clone(), home: None })?;
+    println!("kiln init: {} (SSH key from {})", r.name, r.key_source.display());
+    for (path, what) in &r.created {
+        println!("  created {}: {what}", path.display());
+    }
+    for path in &r.kept {
+        println!("  kept    {} (it exists; not overwritten)", path.display());
+    }
+    println!("{}", kiln::init::next_steps(&r, &user));
     Ok(())
 }
 
