@@ -717,6 +717,7 @@ fn cmd_publish(
 
 fn cmd_doctor(DoctorArgs { install }: DoctorArgs) -> Result<()> {
     let missing = doctor::report();
+    doctor::report_rootless();
     if install {
         doctor::install(&missing)?;
         let still: Vec<_> = tools::TOOLS.iter().filter(|t| !tools::is_present(t)).map(|t| t.name).collect();

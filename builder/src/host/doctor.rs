@@ -120,3 +120,163 @@ fn ensure_backports_source() -> Result<()> {
     }
     Ok(())
 }
+
+/// What an ordinary user needs for rootless builds (mmdebstrap `--mode=unshare`): the setuid
+/// id mappers, a subordinate uid and gid range of at least 65536 ids, and unprivileged user
+/// namespaces. Each problem comes with the command that fixes it.
+pub struct RootlessHost<'a> {
+    pub user: &'a str,
+    pub uid: u32,
+    pub subuid: &'a str,
+    pub subgid: &'a str,
+    /// (program, present and setuid root)
+    pub mappers: [(&'a str, bool); 2],
+    /// `kernel.unprivileged_userns_clone` (Debian), `user.max_user_namespaces`,
+    /// `kernel.apparmor_restrict_unprivileged_userns` (Ubuntu 24.04+); None where absent.
+    pub userns_clone: Option<&'a str>,
+    pub max_user_namespaces: Option<&'a str>,
+    pub apparmor_restrict: Option<&'a str>,
+}
+
+/// The ids mmdebstrap maps into a rootless build's user namespace.
+pub const SUBID_NEEDED: u64 = 65536;
+
+/// `user`'s (or `uid`'s) largest range in /etc/subuid or /etc/subgid text: (start, count).
+pub fn subid_range(text: &str, user: &str, uid: u32) -> Option<(u64, u64)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.trim().split(':');
+            let (who, start, count) = (f.next()?, f.next()?.parse().ok()?, f.next()?.parse().ok()?);
+            (who == user || who == uid.to_string()).then_some((start, count))
+        })
+        .max_by_key(|&(_, count)| count)
+}
+
+pub fn rootless_problems(h: &RootlessHost) -> Vec<String> {
+    let mut p = Vec::new();
+    let user = h.user;
+    for (program, ok) in h.mappers {
+        if !ok {
+            p.push(format!("{program} is missing or not setuid root: `sudo apt-get install uidmap`"));
+        }
+    }
+    for (file, text, flag) in [("/etc/subuid", h.subuid, "--add-subuids"), ("/etc/subgid", h.subgid, "--add-subgids")] {
+        match subid_range(text, user, h.uid) {
+            Some((_, count)) if count >= SUBID_NEEDED => {}
+            found => p.push(format!(
+                "{file} gives {user} {}, and a build needs {SUBID_NEEDED}: `sudo usermod {flag} 100000-165535 {user}`",
+                found.map(|(s, c)| format!("only {c} ids (from {s})")).unwrap_or_else(|| "no range".into())
+            )),
+        }
+    }
+    if h.userns_clone.map(str::trim) == Some("0") {
+        p.push("unprivileged user namespaces are off (kernel.unprivileged_userns_clone = 0): `sudo sysctl -w kernel.unprivileged_userns_clone=1`, and the same line in /etc/sysctl.d/ to keep it".into());
+    }
+    if h.max_user_namespaces.map(str::trim) == Some("0") {
+        p.push("user namespaces are disabled (user.max_user_namespaces = 0): `sudo sysctl -w user.max_user_namespaces=15000`, and in /etc/sysctl.d/ to keep it".into());
+    }
+    if h.apparmor_restrict.map(str::trim) == Some("1") {
+        p.push("AppArmor restricts unprivileged user namespaces (kernel.apparmor_restrict_unprivileged_userns = 1): `sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`, or an AppArmor profile for mmdebstrap".into());
+    }
+    p
+}
+
+/// Prints what rootless builds would need on this host, for the user running kiln (or the one
+/// who ran sudo). Informational: builds run as root today.
+pub fn report_rootless() {
+    let euid = nix::unistd::geteuid();
+    let (user, uid) = if euid.is_root() {
+        match std::env::var("SUDO_USER").ok().filter(|u| !u.is_empty() && u != "root") {
+            Some(u) => {
+                let uid = nix::unistd::User::from_name(&u).ok().flatten().map(|u| u.uid.as_raw()).unwrap_or(u32::MAX);
+                (u, uid)
+            }
+            None => {
+                println!(
+                    "rootless builds: running as root (checked for an ordinary user when run as one, or via sudo)"
+                );
+                return;
+            }
+        }
+    } else {
+        let name = nix::unistd::User::from_uid(euid).ok().flatten().map(|u| u.name).unwrap_or_default();
+        (name, euid.as_raw())
+    };
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let setuid_root = |p: &str| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).map(|m| m.uid() == 0 && m.mode() & 0o4000 != 0).unwrap_or(false)
+    };
+    let (subuid, subgid) = (read("/etc/subuid").unwrap_or_default(), read("/etc/subgid").unwrap_or_default());
+    let (clone, max, apparmor) = (
+        read("/proc/sys/kernel/unprivileged_userns_clone"),
+        read("/proc/sys/user/max_user_namespaces"),
+        read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns"),
+    );
+    let host = RootlessHost {
+        user: &user,
+        uid,
+        subuid: &subuid,
+        subgid: &subgid,
+        mappers: [
+            ("/usr/bin/newuidmap", setuid_root("/usr/bin/newuidmap")),
+            ("/usr/bin/newgidmap", setuid_root("/usr/bin/newgidmap")),
+        ],
+        userns_clone: clone.as_deref(),
+        max_user_namespaces: max.as_deref(),
+        apparmor_restrict: apparmor.as_deref(),
+    };
+    let problems = rootless_problems(&host);
+    if problems.is_empty() {
+        println!("rootless builds: this host is ready for {user} (id mappers, subordinate ids, user namespaces)");
+    } else {
+        println!("rootless builds: not ready for {user} (kiln builds as root for now; rootless builds need):");
+        for p in problems {
+            println!("  - {p}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rootless_readiness_names_each_missing_piece_and_its_fix() {
+        let ready = RootlessHost {
+            user: "alice",
+            uid: 1000,
+            subuid: "bob:100000:65536\nalice:165536:65536\n",
+            subgid: "1000:165536:65536\n",
+            mappers: [("/usr/bin/newuidmap", true), ("/usr/bin/newgidmap", true)],
+            userns_clone: Some("1\n"),
+            max_user_namespaces: Some("15000\n"),
+            apparmor_restrict: None,
+        };
+        assert_eq!(rootless_problems(&ready), Vec::<String>::new());
+        assert_eq!(subid_range(ready.subuid, "alice", 1000), Some((165536, 65536)));
+        assert_eq!(subid_range("junk\nalice:x:1\n", "alice", 1000), None);
+        let broken = RootlessHost {
+            subuid: "alice:165536:1000\n",
+            subgid: "",
+            mappers: [("/usr/bin/newuidmap", false), ("/usr/bin/newgidmap", true)],
+            userns_clone: Some("0\n"),
+            max_user_namespaces: Some("0"),
+            apparmor_restrict: Some("1\n"),
+            ..ready
+        };
+        let p = rootless_problems(&broken);
+        assert_eq!(p.len(), 6, "{p:#?}");
+        assert!(p[0].starts_with("/usr/bin/newuidmap is missing") && p[0].contains("apt-get install uidmap"));
+        assert!(
+            p[1].contains("/etc/subuid gives alice only 1000 ids (from 165536)")
+                && p[1].contains("usermod --add-subuids")
+        );
+        assert!(
+            p[2].contains("/etc/subgid gives alice no range") && p[2].contains("--add-subgids 100000-165535 alice")
+        );
+        assert!(p[3].contains("unprivileged_userns_clone = 0"));
+        assert!(p[4].contains("max_user_namespaces = 0"));
+        assert!(p[5].contains("apparmor_restrict_unprivileged_userns = 1"));
+    }
+}
