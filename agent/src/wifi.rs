@@ -15,7 +15,6 @@ use crate::exec::Cmd;
 use anyhow::{bail, Context as _, Result};
 use kiln_device::wifi::{parse_network, WifiNetwork, SUFFIX};
 use serde::{Deserialize, Serialize};
-use std::io::Read as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -35,6 +34,7 @@ pub struct WifiStatus {
     pub state: State,
     /// The network file's name (without `.network`) this is about, if one.
     pub network: Option<String>,
+    /// That network's SSID.
     pub ssid: Option<String>,
     /// Unix seconds since which this is the state.
     pub since: u64,
@@ -92,18 +92,14 @@ pub fn load_networks(dir: &Path) -> (Vec<WifiNetwork>, Vec<String>) {
 
 /// A regular file of at most [`MAX_FILE`] bytes, opened without following a link.
 fn read_small(path: &Path) -> Result<String, String> {
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| format!("cannot be read ({e}); it must be a regular file, not a link"))?;
-    let meta = f.metadata().map_err(|e| e.to_string())?;
-    if !meta.is_file() || meta.len() > MAX_FILE {
-        return Err(format!("expected a regular file of at most {MAX_FILE} bytes"));
-    }
-    let mut text = String::new();
-    f.by_ref().take(MAX_FILE).read_to_string(&mut text).map_err(|e| format!("not UTF-8 text ({e})"))?;
-    Ok(text)
+    use kiln_device::fs::ReadError;
+    let data = kiln_device::fs::read_regular(path, MAX_FILE).map_err(|e| match e {
+        ReadError::Io(e) => format!("cannot be read ({e})"),
+        ReadError::TooBig(n) => format!("{n} bytes; a network file has at most {MAX_FILE}"),
+        ReadError::Link => "a symbolic link; a network file must be a regular file".to_string(),
+        ReadError::NotRegular => "not a regular file".to_string(),
+    })?;
+    String::from_utf8(data).map_err(|e| format!("not UTF-8 text ({e})"))
 }
 
 /// An interface name as the kernel makes them: 1 to 15 of letters, digits, `-`, `_`, `.`.
@@ -135,6 +131,7 @@ pub fn run(config: &kiln_device::DeviceConfig, interface: &str) -> Result<()> {
         say.state(
             State::NoNetworks,
             None,
+            None,
             format!(
                 "{interface}: no Wi-Fi network is provisioned ({PROVISION_DIR}/<name>{SUFFIX}, written by kiln flash --provision DIR); {interface} stays down"
             ),
@@ -161,7 +158,7 @@ pub fn run(config: &kiln_device::DeviceConfig, interface: &str) -> Result<()> {
         }
     };
     let names: Vec<String> = networks.iter().map(|n| format!("{:?} ({}{SUFFIX})", n.ssid, n.name)).collect();
-    say.state(State::Searching, None, format!("{interface}: looking for {}", names.join(", ")));
+    say.state(State::Searching, None, None, format!("{interface}: looking for {}", names.join(", ")));
 
     let mut buf = [0u8; 4096];
     loop {
@@ -169,7 +166,8 @@ pub fn run(config: &kiln_device::DeviceConfig, interface: &str) -> Result<()> {
             Ok(n) => {
                 let event = String::from_utf8_lossy(&buf[..n]);
                 if let Some((state, network, line)) = judge(&event, &networks, say.last) {
-                    say.state(state, network, format!("{interface}: {line}"));
+                    let ssid = network.as_ref().and_then(|name| networks.iter().find(|n| &n.name == name));
+                    say.state(state, network.clone(), ssid.map(|n| n.ssid.clone()), format!("{interface}: {line}"));
                 }
             }
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
@@ -268,13 +266,13 @@ struct Reporter {
 }
 
 impl Reporter {
-    fn state(&mut self, state: State, network: Option<String>, message: String) {
+    fn state(&mut self, state: State, network: Option<String>, ssid: Option<String>, message: String) {
         println!("kiln-agent: wifi: {message}");
         self.last = Some(state);
         let s = WifiStatus {
             interface: self.interface.clone(),
             state,
-            ssid: None,
+            ssid,
             network,
             since: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             message,
@@ -367,7 +365,7 @@ mod tests {
         assert_eq!(nets.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["b-home"]);
         assert_eq!(problems.len(), 3, "{problems:?}");
         assert!(problems[0].contains("a-bad.network line 2: passphrase: expected 8 to 63"), "{problems:?}");
-        assert!(problems[1].contains("c-link.network: cannot be read"), "{problems:?}");
+        assert!(problems[1].contains("c-link.network: a symbolic link"), "{problems:?}");
         assert!(problems[2].contains("notes.txt: not a network file"), "{problems:?}");
         assert_eq!(load_networks(&d.join("missing")), (vec![], vec![]));
         std::fs::remove_dir_all(&d).unwrap();

@@ -22,6 +22,58 @@ pub fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| context(e, format!("syncing {}", dir.display())))
 }
 
+/// Why [`read_regular`] refused a file.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The path is a symbolic link (it is not followed).
+    Link,
+    /// Not a regular file (a directory, a FIFO, a device).
+    NotRegular,
+    /// Bigger than the caller's limit (the file's size).
+    TooBig(u64),
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Link => write!(f, "a symbolic link, not a regular file"),
+            ReadError::NotRegular => write!(f, "not a regular file"),
+            ReadError::TooBig(n) => write!(f, "{n} bytes, too big"),
+            ReadError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// The contents of `path` if it is a regular file of at most `max` bytes, opened without
+/// following a link and without blocking on a FIFO (provisioned files come from a medium
+/// anybody could have written).
+pub fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(nix::libc::ELOOP) => ReadError::Link,
+            _ => ReadError::Io(e),
+        })?;
+    let meta = f.metadata().map_err(ReadError::Io)?;
+    if !meta.is_file() {
+        return Err(ReadError::NotRegular);
+    }
+    if meta.len() > max {
+        return Err(ReadError::TooBig(meta.len()));
+    }
+    let mut data = Vec::new();
+    f.take(max + 1).read_to_end(&mut data).map_err(ReadError::Io)?;
+    if data.len() as u64 > max {
+        return Err(ReadError::TooBig(data.len() as u64));
+    }
+    Ok(data)
+}
+
 /// Writes a record as pretty JSON, in one step.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     let mut text = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
@@ -49,6 +101,21 @@ pub fn parse_sha256(hex: &str) -> Result<[u8; 32], String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_regular_refuses_links_others_and_big_files() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("f");
+        std::fs::write(&f, b"hello").unwrap();
+        assert_eq!(read_regular(&f, 5).unwrap(), b"hello");
+        assert!(matches!(read_regular(&f, 4), Err(ReadError::TooBig(5))));
+        std::os::unix::fs::symlink(&f, t.path().join("l")).unwrap();
+        assert!(matches!(read_regular(&t.path().join("l"), 5), Err(ReadError::Link)));
+        assert!(matches!(read_regular(t.path(), 5), Err(ReadError::NotRegular)));
+        nix::unistd::mkfifo(&t.path().join("p"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(matches!(read_regular(&t.path().join("p"), 5), Err(ReadError::NotRegular)));
+        assert!(matches!(read_regular(&t.path().join("none"), 5), Err(ReadError::Io(_))));
+    }
 
     #[test]
     fn records_round_trip_and_replace_in_one_step() {

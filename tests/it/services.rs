@@ -52,6 +52,8 @@ for i in $(seq 90); do
 done
 echo "wifi-after $i s: $addr"
 sudo kiln-agent status | grep "^wifi:" | sed "s/^/wifi-status /"
+sudo kiln-agent status --json | grep -o '"ssid": "[^"]*"' | sed "s/^/wifi-ssid /"
+systemctl is-enabled wpa_supplicant.service 2>&1 | sed "s/^/wifi-debian-unit /"
 sudo /usr/lib/kiln/health-check | sed "s/^/wifi-health /"
 printf "%s\npassphrase=not the passphrase\n" "$net" | sudo install -m 0600 /dev/stdin /var/kiln/provision/wifi/home.network
 sudo systemctl restart kiln-wifi@wlan0.service
@@ -306,6 +308,8 @@ fn wifi_checks(out: &str) {
     assert!(after.first().is_some_and(|a| a.contains("192.168.207.")), "no DHCP lease over Wi-Fi on wlan0:\n{out}");
     let status = lines("wifi-status ").join("\n");
     assert!(status.contains("connected to \"kiln-it net\" (/var/kiln/provision/wifi/home.network)"), "{out}");
+    assert_eq!(lines("wifi-ssid "), [r#""ssid": "kiln-it net""#], "kiln-agent status --json names the SSID:\n{out}");
+    assert_eq!(lines("wifi-debian-unit "), ["disabled"], "Debian's D-Bus supplicant is not enabled:\n{out}");
     assert!(lines("wifi-health ").iter().any(|l| l.starts_with("KILN-READY")), "health check with Wi-Fi up:\n{out}");
     let journal = lines("wifi-journal ");
     assert!(

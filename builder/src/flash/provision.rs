@@ -315,32 +315,21 @@ const MAX_FILE: u64 = 1 << 20;
 /// A provisioning file's bytes, read once through a descriptor opened without following a
 /// link, and only if it is a regular file of at most [`MAX_FILE`] bytes.
 fn read_regular(path: &Path) -> Result<Vec<u8>> {
-    use std::io::Read as _;
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(nix::libc::ELOOP) => anyhow::anyhow!(
+    use kiln_device::fs::ReadError;
+    kiln_device::fs::read_regular(path, MAX_FILE).map_err(|e| match e {
+        ReadError::Link => {
+            anyhow::anyhow!(
                 "{}: a symbolic link; provisioning takes regular files only (copy the file itself)",
                 path.display()
-            ),
-            _ => anyhow::Error::new(e).context(format!("reading {}", path.display())),
-        })?;
-    let meta = f.metadata().with_context(|| format!("reading {}", path.display()))?;
-    if !meta.is_file() {
-        bail!("{}: expected a regular file", path.display());
-    }
-    if meta.len() > MAX_FILE {
-        bail!(
-            "{}: {} bytes; provisioning files are keys, passwords and settings of at most 1 MiB",
-            path.display(),
-            meta.len()
-        );
-    }
-    let mut data = Vec::new();
-    f.take(MAX_FILE + 1).read_to_end(&mut data).with_context(|| format!("reading {}", path.display()))?;
-    Ok(data)
+            )
+        }
+        ReadError::NotRegular => anyhow::anyhow!("{}: expected a regular file", path.display()),
+        ReadError::TooBig(n) => anyhow::anyhow!(
+            "{}: {n} bytes; provisioning files are keys, passwords and settings of at most 1 MiB",
+            path.display()
+        ),
+        ReadError::Io(e) => anyhow::Error::new(e).context(format!("reading {}", path.display())),
+    })
 }
 
 fn require_dir(path: &Path) -> Result<()> {

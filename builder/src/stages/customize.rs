@@ -283,11 +283,8 @@ fn install_wifi(ctx: &Context, tctx: &tera::Context) -> Result<()> {
         write_file(&tree.join(dest), t.render(&format!("rootfs/{template}"), tctx)?.as_bytes(), 0o644)?;
     }
     // Debian enables wpa_supplicant.service (D-Bus, unconfigured): not needed, not started.
-    for unit in ["wpa_supplicant.service", "dbus-fi.w1.wpa_supplicant1.service"] {
-        let _ = std::fs::remove_file(tree.join("etc/systemd/system").join(unit));
-    }
-    for wants in ["multi-user.target.wants", "dbus.service.wants"] {
-        let _ = std::fs::remove_file(tree.join("etc/systemd/system").join(wants).join("wpa_supplicant.service"));
+    if tree.join("usr/lib/systemd/system/wpa_supplicant.service").exists() {
+        Cmd::new("chroot").arg(tree).args(["systemctl", "disable", "--quiet", "wpa_supplicant.service"]).run()?;
     }
     Ok(())
 }
