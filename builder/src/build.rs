@@ -83,8 +83,10 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
             (boot, stages::bootstrap::collect_locked(&ctx, &cache)?)
         }
     };
+    let dev = crate::host::userns::DevNodes::bind(&ctx.tree)?;
     stages::customize::customize(&ctx, &agent)?;
     let security = stages::harden::harden(&ctx)?;
+    drop(dev);
     let packages = stages::manifest::packages(&ctx.tree)?;
     let root = stages::rootfs::make_root(&ctx)?;
     let boot = match plan.bootloader {

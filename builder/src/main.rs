@@ -285,6 +285,7 @@ struct DoctorArgs {
 
 fn main() {
     quiet_on_closed_stdout();
+    kiln::host::exec::complete_path();
     let cli = Cli::parse();
     kiln::host::exec::set_debug(cli.debug);
     if let Err(e) = run(cli) {
@@ -364,6 +365,19 @@ fn output_dir(p: &Path) -> PathBuf {
 
 /// One function per command, named after it.
 fn run(cli: Cli) -> Result<()> {
+    // Commands that write a Debian root run as root: for an ordinary user, kiln runs them
+    // again as root of a user namespace (host/userns.rs), before anything else happens.
+    let writes_a_root = match &cli.command {
+        Command::Build(_) => Some("build"),
+        Command::Lock(_) => Some("lock"),
+        Command::Rebuild(_) => Some("rebuild"),
+        Command::Cache(_) => Some("cache"),
+        _ => None,
+    };
+    if let Some(what) = writes_a_root {
+        kiln::host::userns::become_root(what)?;
+        kiln::host::userns::private_mounts()?;
+    }
     match cli.command {
         Command::Build(args) => cmd_build(args),
         Command::Boot(args) => cmd_boot(args),
@@ -718,6 +732,7 @@ fn cmd_publish(
 fn cmd_doctor(DoctorArgs { install }: DoctorArgs) -> Result<()> {
     let missing = doctor::report();
     doctor::report_rootless();
+    stages::agent::report();
     if install {
         doctor::install(&missing)?;
         let still: Vec<_> = tools::TOOLS.iter().filter(|t| !tools::is_present(t)).map(|t| t.name).collect();

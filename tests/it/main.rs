@@ -157,3 +157,72 @@ pub fn flip_byte(path: &Path, at: u64) {
     std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(at)).unwrap();
     std::io::Write::write_all(&mut f, &b).unwrap();
 }
+
+/// An ordinary user for the rootless tests (`kiln-it`, made once with a home and a subordinate
+/// id range, as `useradd` gives every new user on Debian), and a directory of its own under
+/// /tmp holding copies of kiln and kiln-agent: the checkout may sit in a directory only root can
+/// enter (/root), and a user must run kiln from where it can read it.
+pub struct Unprivileged {
+    pub name: &'static str,
+    pub uid: u32,
+    /// Owned by the user; holds `bin/kiln`, `bin/kiln-agent`; removed on drop unless kept.
+    pub dir: PathBuf,
+}
+
+impl Unprivileged {
+    pub fn new(label: &str) -> Unprivileged {
+        let name = "kiln-it";
+        if nix::unistd::User::from_name(name).unwrap().is_none() {
+            let out = Command::new("useradd").args(["--create-home", "--shell", "/bin/sh", name]).output().unwrap();
+            assert!(out.status.success(), "useradd {name}: {}", text(&out.stderr));
+        }
+        let user = nix::unistd::User::from_name(name).unwrap().expect("the test user exists");
+        for (file, flag) in [("/etc/subuid", "--add-subuids"), ("/etc/subgid", "--add-subgids")] {
+            let ranges = std::fs::read_to_string(file).unwrap_or_default();
+            if !ranges.lines().any(|l| l.starts_with(&format!("{name}:"))) {
+                let out = Command::new("usermod").args([flag, "2000000-2065535", name]).output().unwrap();
+                assert!(out.status.success(), "usermod {flag} {name}: {}", text(&out.stderr));
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("kiln-it-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        let exe = Path::new(kiln_bin());
+        for b in ["kiln", "kiln-agent"] {
+            std::fs::copy(exe.with_file_name(b), dir.join("bin").join(b))
+                .unwrap_or_else(|e| panic!("copying {b} next to kiln ({e}): `cargo build --workspace --bins` first"));
+        }
+        let me = Unprivileged { name, uid: user.uid.as_raw(), dir };
+        me.chown(&me.dir);
+        me
+    }
+
+    /// Gives `path` (recursively) to the user.
+    pub fn chown(&self, path: &Path) {
+        let out = Command::new("chown").arg("-R").arg(format!("{0}:{0}", self.name)).arg(path).output().unwrap();
+        assert!(out.status.success(), "chown {}: {}", path.display(), text(&out.stderr));
+    }
+
+    /// Runs the user's copy of kiln in `cwd` with a login's environment (its PATH has no
+    /// /usr/sbin) and the cache `cache`.
+    pub fn kiln(&self, cwd: &Path, cache: &Path, args: &[&str]) -> Output {
+        Command::new("runuser")
+            .args(["-u", self.name, "--", "env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8"])
+            .arg(format!("HOME={}", self.dir.display()))
+            .arg(format!("KILN_CACHE={}", cache.display()))
+            .arg(self.dir.join("bin/kiln"))
+            .args(args)
+            .current_dir(cwd)
+            .output()
+            .expect("runuser runs")
+    }
+}
+
+impl Drop for Unprivileged {
+    fn drop(&mut self) {
+        let keep = std::env::var_os("KILN_IT_KEEP").is_some();
+        if !std::thread::panicking() && !keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -1,8 +1,9 @@
-//! Locked builds: `kiln lock`, then two `kiln build --locked` in different directories must give
-//! bit-identical images; a tampered cached .deb must stop a locked build.
+//! Locked builds: `kiln lock`, then two `kiln build --locked` in different directories, one as
+//! root and one as an ordinary user, must give bit-identical images; a tampered cached .deb must
+//! stop a locked build.
 
 use crate::Need;
-use crate::{kiln_bin, repo_root, text};
+use crate::{kiln_bin, repo_root, text, Unprivileged};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Instant;
@@ -14,6 +15,12 @@ fn kiln_in(work: &Path, args: &[&str]) -> Output {
         .env("KILN_CACHE", work.join("cache"))
         .output()
         .expect("kiln runs")
+}
+
+fn image_hashes(dir: &Path, what: &str, secs: f64) -> Vec<String> {
+    let h: Vec<String> = ["disk.img", "root.img", "manifest.json"].iter().map(|f| sha256(&dir.join(f))).collect();
+    println!("kiln-it: {what}: built in {secs:.1}s: disk.img {} root.img {} manifest.json {}", h[0], h[1], h[2]);
+    h
 }
 
 fn sha256(path: &Path) -> String {
@@ -45,28 +52,47 @@ fn locked_builds_are_bit_identical_and_refuse_tampered_debs() {
         lock_file.display()
     );
 
-    // Two cold builds (each bootstraps; the tree cache is emptied in between) in different
-    // directories at different times.
+    // Two cold builds (each bootstraps) in different directories at different times: one as
+    // root, one as an ordinary user (kiln in its user namespace, host/userns.rs) with a cache of
+    // its own, seeded with the same verified .debs. The images must be the same bytes.
     let mut hashes = Vec::new();
-    let mut cold = 0.0;
-    for out in ["out-1", "out-2"] {
-        let prune = kiln_in(&work, &["cache", "prune"]);
-        assert!(prune.status.success(), "kiln cache prune failed:\n{}", text(&prune.stderr));
-        let t = Instant::now();
-        let b = kiln_in(&work, &["build", "--locked", "--out", out]);
-        assert!(b.status.success(), "kiln build --locked failed:\n{}", text(&b.stderr));
-        assert!(!text(&b.stderr).contains("from the cache"), "a cold build must bootstrap");
-        cold = t.elapsed().as_secs_f64();
-        let dir = work.join(out).join("minimal-pc-uefi");
-        let h: Vec<String> = ["disk.img", "root.img", "manifest.json"].iter().map(|f| sha256(&dir.join(f))).collect();
-        println!("kiln-it: {out}: built in {cold:.1}s: disk.img {} root.img {} manifest.json {}", h[0], h[1], h[2]);
-        hashes.push(h);
+    let prune = kiln_in(&work, &["cache", "prune"]);
+    assert!(prune.status.success(), "kiln cache prune failed:\n{}", text(&prune.stderr));
+    let t = Instant::now();
+    let b = kiln_in(&work, &["build", "--locked", "--out", "out-1"]);
+    assert!(b.status.success(), "kiln build --locked failed:\n{}", text(&b.stderr));
+    assert!(!text(&b.stderr).contains("from the cache"), "a cold build must bootstrap");
+    let root_secs = t.elapsed().as_secs_f64();
+    hashes.push(image_hashes(&work.join("out-1/minimal-pc-uefi"), "out-1 (root)", root_secs));
+
+    let user = Unprivileged::new("repro");
+    let cache = user.dir.join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let cp =
+        Command::new("cp").args(["-a", "--reflink=auto"]).arg(work.join("cache/debs")).arg(&cache).output().unwrap();
+    assert!(cp.status.success(), "{}", text(&cp.stderr));
+    std::fs::create_dir_all(user.dir.join("profiles")).unwrap();
+    std::fs::copy(&lock_file, user.dir.join("profiles/minimal.pc-uefi.lock")).unwrap();
+    user.chown(&user.dir);
+    let doctor = user.kiln(&user.dir, &cache, &["doctor"]);
+    let doctor_out = text(&doctor.stdout);
+    assert!(doctor_out.contains("rootless builds: this host is ready for kiln-it"), "{doctor_out}");
+    let t = Instant::now();
+    let b = user.kiln(&user.dir, &cache, &["build", "--locked", "--out", "out-2"]);
+    assert!(b.status.success(), "kiln build --locked as {} failed:\n{}", user.name, text(&b.stderr));
+    assert!(!text(&b.stderr).contains("from the cache"), "a cold build must bootstrap");
+    let cold = t.elapsed().as_secs_f64();
+    let dir = user.dir.join("out-2/minimal-pc-uefi");
+    hashes.push(image_hashes(&dir, "out-2 (ordinary user)", cold));
+    for f in ["disk.img", "root.img", "manifest.json"] {
+        use std::os::unix::fs::MetadataExt as _;
+        assert_eq!(std::fs::metadata(dir.join(f)).unwrap().uid(), user.uid, "{f} belongs to the user who built it");
     }
-    assert_eq!(hashes[0], hashes[1], "two builds from one lock differ");
-    println!("kiln-it: two locked builds are bit-identical");
-    for out in ["out-1", "out-2"] {
-        let _ = std::fs::remove_dir_all(work.join(out));
-    }
+    assert!(!user.dir.join("out-2/.work").join("minimal-pc-uefi").exists(), "the work tree is removed");
+    assert_eq!(hashes[0], hashes[1], "a root build and an ordinary user's build from one lock differ");
+    println!("kiln-it: a root build and an ordinary user's build from one lock are bit-identical (root {root_secs:.1}s, user {cold:.1}s)");
+    let _ = std::fs::remove_dir_all(work.join("out-1"));
+    drop(user);
 
     // A configuration-only change (the release version) reuses the bootstrapped tree.
     let t = Instant::now();

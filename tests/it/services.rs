@@ -52,7 +52,7 @@ for i in $(seq 90); do
 done
 echo "wifi-after $i s: $addr"
 sudo kiln-agent status | grep "^wifi:" | sed "s/^/wifi-status /"
-sudo kiln-agent status --json | grep -o '"ssid": "[^"]*"' | sed "s/^/wifi-ssid /"
+sudo kiln-agent status --json | grep ssid | sed "s/^ *//; s/,\$//; s/^/wifi-ssid /"
 systemctl is-enabled wpa_supplicant.service 2>&1 | sed "s/^/wifi-debian-unit /"
 sudo /usr/lib/kiln/health-check | sed "s/^/wifi-health /"
 printf "%s\npassphrase=not the passphrase\n" "$net" | sudo install -m 0600 /dev/stdin /var/kiln/provision/wifi/home.network

@@ -181,8 +181,36 @@ pub fn rootless_problems(h: &RootlessHost) -> Vec<String> {
     p
 }
 
+/// What this host lacks for `user`'s rootless builds (read from /etc and /proc).
+pub fn host_rootless_problems(user: &str, uid: u32) -> Vec<String> {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let setuid_root = |p: &str| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).map(|m| m.uid() == 0 && m.mode() & 0o4000 != 0).unwrap_or(false)
+    };
+    let (subuid, subgid) = (read("/etc/subuid").unwrap_or_default(), read("/etc/subgid").unwrap_or_default());
+    let (clone, max, apparmor) = (
+        read("/proc/sys/kernel/unprivileged_userns_clone"),
+        read("/proc/sys/user/max_user_namespaces"),
+        read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns"),
+    );
+    rootless_problems(&RootlessHost {
+        user,
+        uid,
+        subuid: &subuid,
+        subgid: &subgid,
+        mappers: [
+            ("/usr/bin/newuidmap", setuid_root("/usr/bin/newuidmap")),
+            ("/usr/bin/newgidmap", setuid_root("/usr/bin/newgidmap")),
+        ],
+        userns_clone: clone.as_deref(),
+        max_user_namespaces: max.as_deref(),
+        apparmor_restrict: apparmor.as_deref(),
+    })
+}
+
 /// Prints what rootless builds would need on this host, for the user running kiln (or the one
-/// who ran sudo). Informational: builds run as root today.
+/// who ran sudo). Informational: root builds need none of it.
 pub fn report_rootless() {
     let euid = nix::unistd::geteuid();
     let (user, uid) = if euid.is_root() {
@@ -202,35 +230,11 @@ pub fn report_rootless() {
         let name = nix::unistd::User::from_uid(euid).ok().flatten().map(|u| u.name).unwrap_or_default();
         (name, euid.as_raw())
     };
-    let read = |p: &str| std::fs::read_to_string(p).ok();
-    let setuid_root = |p: &str| {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(p).map(|m| m.uid() == 0 && m.mode() & 0o4000 != 0).unwrap_or(false)
-    };
-    let (subuid, subgid) = (read("/etc/subuid").unwrap_or_default(), read("/etc/subgid").unwrap_or_default());
-    let (clone, max, apparmor) = (
-        read("/proc/sys/kernel/unprivileged_userns_clone"),
-        read("/proc/sys/user/max_user_namespaces"),
-        read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns"),
-    );
-    let host = RootlessHost {
-        user: &user,
-        uid,
-        subuid: &subuid,
-        subgid: &subgid,
-        mappers: [
-            ("/usr/bin/newuidmap", setuid_root("/usr/bin/newuidmap")),
-            ("/usr/bin/newgidmap", setuid_root("/usr/bin/newgidmap")),
-        ],
-        userns_clone: clone.as_deref(),
-        max_user_namespaces: max.as_deref(),
-        apparmor_restrict: apparmor.as_deref(),
-    };
-    let problems = rootless_problems(&host);
+    let problems = host_rootless_problems(&user, uid);
     if problems.is_empty() {
         println!("rootless builds: this host is ready for {user} (id mappers, subordinate ids, user namespaces)");
     } else {
-        println!("rootless builds: not ready for {user} (kiln builds as root for now; rootless builds need):");
+        println!("rootless builds: not ready for {user} (kiln build, lock and rebuild as {user} need; or use sudo):");
         for p in problems {
             println!("  - {p}");
         }

@@ -15,6 +15,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 static DEBUG: AtomicBool = AtomicBool::new(false);
 
 /// Turns on `+ cmd` logging of every spawned command (the CLI's `--debug`).
+/// Adds the system directories an ordinary user's PATH lacks (`/usr/sbin`, `/sbin`: chroot,
+/// mkfs.*, veritysetup, newuidmap's peers live there), keeping the user's order. Called once at
+/// startup, before any thread: every program kiln runs and every `which` sees the same PATH.
+pub fn complete_path() {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<std::path::PathBuf> = std::env::split_paths(&path).collect();
+    for d in ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"] {
+        if !dirs.iter().any(|x| x == std::path::Path::new(d)) {
+            dirs.push(d.into());
+        }
+    }
+    if let Ok(p) = std::env::join_paths(dirs) {
+        std::env::set_var("PATH", p);
+    }
+}
+
 pub fn set_debug(on: bool) {
     DEBUG.store(on, Ordering::Relaxed);
 }

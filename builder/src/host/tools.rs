@@ -176,6 +176,13 @@ pub const TOOLS: &[Tool] = &[
         backports_on_bookworm: false,
         used_for: "keys for test devices, ssh into them (tests, kiln boot --ssh-port)",
     },
+    Tool {
+        name: "newuidmap",
+        probe: "newuidmap",
+        package: "uidmap",
+        backports_on_bookworm: false,
+        used_for: "builds as an ordinary user: mapping its subordinate ids into kiln's user namespace",
+    },
 ];
 
 /// Other programs kiln runs that come with a package of [`TOOLS`]: (program, tool name).
@@ -186,6 +193,7 @@ pub const ALSO_PROVIDED: &[(&str, &str)] = &[
     ("mtype", "mcopy"),
     ("ssh", "ssh-keygen"),
     ("dpkg-deb", "dpkg-query"),
+    ("newgidmap", "newuidmap"),
 ];
 
 /// Programs of Debian's and Ubuntu's Essential and required packages (coreutils, dash,
@@ -205,6 +213,11 @@ pub const BASE_PROGRAMS: &[&str] = &[
     "apt-get",
     "systemd-escape",
     "env",
+    "chown",
+    "runuser",
+    // passwd (Priority: required): the rootless tests' ordinary user.
+    "useradd",
+    "usermod",
 ];
 
 /// The tools `kiln build` needs for an image of `arch` (the rest serve boot, flash and tests).
@@ -221,6 +234,8 @@ pub fn build_tools(arch: crate::config::image::Arch) -> impl Iterator<Item = &'s
         "qemu-img",
         "restic",
         "ssh-keygen",
+        // Root builds do not need it; an ordinary user's build checks it (host/userns.rs).
+        "newuidmap",
     ];
     let foreign = !arch.is_host();
     TOOLS.iter().filter(move |t| !NOT_FOR_BUILD.contains(&t.name) && (foreign || !t.name.starts_with("qemu-aarch64")))

@@ -72,6 +72,28 @@ pub fn prepare(plan: &Plan, cache: &Cache) -> Result<PathBuf> {
     next_to_kiln(plan.arch)
 }
 
+/// Where the agent for each architecture comes from, as `kiln doctor` says it: `$KILN_AGENT`,
+/// a cross build from kiln's source tree (arm64 from an x86-64 checkout), or `kiln-agent[-arch]`
+/// next to kiln (what the release archives install).
+pub fn report() {
+    if let Some(p) = std::env::var_os("KILN_AGENT") {
+        println!("on-device agent: $KILN_AGENT = {}", Path::new(&p).display());
+        return;
+    }
+    for arch in [Arch::Amd64, Arch::Arm64] {
+        let from_source = source_tree().filter(|_| arch == Arch::Arm64 && std::env::consts::ARCH == "x86_64");
+        match (from_source, next_to_kiln(arch)) {
+            (Some(ws), _) => println!(
+                "on-device agent ({}): cross-built from {} at the first build for it (cached)",
+                arch.debian(),
+                ws.display()
+            ),
+            (None, Ok(p)) => println!("on-device agent ({}): {}", arch.debian(), p.display()),
+            (None, Err(e)) => println!("on-device agent ({}): {e:#}", arch.debian()),
+        }
+    }
+}
+
 /// `kiln-agent[-<arch>]` next to the running kiln executable.
 pub fn next_to_kiln(arch: Arch) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the kiln executable")?;

@@ -48,7 +48,7 @@ pub enum Packages<'a> {
 pub fn bootstrap(ctx: &Context, packages: Packages) -> Result<BootFiles> {
     let plan = ctx.plan;
     if !nix_is_root() {
-        bail!("kiln build must run as root: mmdebstrap installs packages into a chroot (run it with sudo)");
+        bail!("kiln build must run as root or in kiln's user namespace: mmdebstrap installs packages into a chroot");
     }
     crate::host::doctor::ensure_binfmt(plan.arch.debian())?;
     let hooks = ctx.work.join("initramfs-files");
@@ -117,6 +117,7 @@ pub fn bootstrap(ctx: &Context, packages: Packages) -> Result<BootFiles> {
 
     if foreign {
         progress.line("host-side steps: CA certificates");
+        let _dev = crate::host::userns::DevNodes::bind(&ctx.tree)?;
         super::native::finish(&ctx.tree)?;
     }
     let boot = copy_out_boot_files(ctx)?;
@@ -124,11 +125,16 @@ pub fn bootstrap(ctx: &Context, packages: Packages) -> Result<BootFiles> {
     Ok(boot)
 }
 
-/// mmdebstrap with what every kiln bootstrap shares: root mode into a directory, the plan's
+/// mmdebstrap with what every kiln bootstrap shares: unshare mode into a directory, the plan's
 /// architecture and components, no recommends, the build's timestamp, the dpkg excludes.
+///
+/// Unshare mode as root (real, or of kiln's user namespace for an ordinary user, see
+/// host/userns.rs) only adds mount and pid namespaces: nothing it mounts outlives it, and the
+/// same code runs for both. The one difference between the two, device nodes in `/dev` (root
+/// can make them, a namespace cannot), is removed by [`empty_dev`].
 fn mmdebstrap(plan: &crate::config::plan::Plan) -> Cmd {
     let mut cmd = Cmd::new("mmdebstrap")
-        .arg("--mode=root")
+        .arg("--mode=unshare")
         .arg("--format=directory")
         .arg(format!("--architectures={}", plan.arch.debian()))
         .arg("--aptopt=Acquire::Retries \"3\"")
@@ -151,7 +157,27 @@ fn run_mmdebstrap(plan: &crate::config::plan::Plan, cmd: Cmd, tree: &Path, progr
             plan.suite,
             plan.arch.debian()
         )
-    })
+    })?;
+    empty_dev(tree)
+}
+
+/// Empties the tree's `/dev`: the image mounts devtmpfs there (the initramfs moves its own), so
+/// nothing in it is ever seen on a device, and what a bootstrap leaves there depends on who ran
+/// it (root makes device nodes, a user namespace cannot). Run after the bootstrap and again
+/// before the root image (a program run in the chroot may have written `/dev/null` as a file).
+pub fn empty_dev(tree: &Path) -> Result<()> {
+    let dev = tree.join("dev");
+    let meta = std::fs::symlink_metadata(&dev).with_context(|| format!("reading {}", dev.display()))?;
+    if !meta.is_dir() {
+        bail!("{}: not a directory", dev.display());
+    }
+    for e in std::fs::read_dir(&dev).with_context(|| format!("reading {}", dev.display()))? {
+        let path = e.with_context(|| format!("reading {}", dev.display()))?.path();
+        let is_dir = std::fs::symlink_metadata(&path).map(|m| m.is_dir()).unwrap_or(false);
+        if is_dir { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) }
+            .with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn nix_is_root() -> bool {
@@ -286,7 +312,7 @@ pub fn collect_locked(
 pub fn resolve(ctx: &Context, cache: &crate::debian::cache::Cache) -> Result<Vec<crate::config::lock::LockedPackage>> {
     let plan = ctx.plan;
     if !nix_is_root() {
-        bail!("kiln must run as root to resolve a lock: mmdebstrap extracts packages into a chroot (run it with sudo)");
+        bail!("kiln must run as root or in kiln's user namespace to resolve a lock: mmdebstrap extracts packages into a chroot");
     }
     let tree = ctx.work.join("resolve");
     if tree.exists() {

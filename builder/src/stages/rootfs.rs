@@ -33,6 +33,7 @@ pub fn make_root(ctx: &Context) -> Result<RootImage> {
     let path = ctx.work.join("root.img");
     let _ = std::fs::remove_file(&path);
     let fs_uuid = Uuid::derive(&plan.seed, "erofs");
+    super::bootstrap::empty_dev(&ctx.tree)?;
     Cmd::new("mkfs.erofs")
         .arg(format!("-z{COMPRESSION}"))
         .arg(format!("-T{}", plan.source_date_epoch))
