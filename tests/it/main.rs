@@ -27,6 +27,7 @@ mod agent;
 mod arm64;
 mod backup;
 mod cli;
+mod dist;
 mod flash;
 mod golden;
 mod httpd;

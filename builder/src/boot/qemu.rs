@@ -309,12 +309,21 @@ pub fn choose_accel(requested: Accel, qemu: &Qemu, scratch: &Path) -> Accel {
     match requested {
         Accel::Kvm | Accel::Tcg => requested,
         Accel::Auto => {
-            if qemu.system != "x86_64" || !Path::new("/dev/kvm").exists() {
+            // An ordinary user outside the kvm group cannot open /dev/kvm: TCG, no probe.
+            let usable =
+                nix::unistd::access("/dev/kvm", nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::W_OK);
+            if qemu.system != "x86_64" || usable.is_err() {
                 return Accel::Tcg;
             }
-            let cache = std::env::temp_dir().join("kiln-kvm-probe");
+            // One verdict per user and boot of the host; a file another user made is not read.
+            let euid = nix::unistd::geteuid();
+            let cache = std::env::temp_dir().join(format!("kiln-kvm-probe-{euid}"));
             let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-            if let Ok(c) = std::fs::read_to_string(&cache) {
+            let mine = {
+                use std::os::unix::fs::MetadataExt as _;
+                std::fs::symlink_metadata(&cache).map(|m| m.is_file() && m.uid() == euid.as_raw()).unwrap_or(false)
+            };
+            if let Some(c) = mine.then(|| std::fs::read_to_string(&cache).ok()).flatten() {
                 if let Some((id, verdict)) = c.split_once(' ') {
                     if id == boot_id.trim() {
                         return if verdict.trim() == "kvm" { Accel::Kvm } else { Accel::Tcg };

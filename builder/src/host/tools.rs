@@ -177,6 +177,13 @@ pub const TOOLS: &[Tool] = &[
         used_for: "keys for test devices, ssh into them (tests, kiln boot --ssh-port)",
     },
     Tool {
+        name: "curl",
+        probe: "curl",
+        package: "curl",
+        backports_on_bookworm: false,
+        used_for: "kiln's release installer (tests: it downloads the archive from loopback)",
+    },
+    Tool {
         name: "newuidmap",
         probe: "newuidmap",
         package: "uidmap",
@@ -195,6 +202,10 @@ pub const ALSO_PROVIDED: &[(&str, &str)] = &[
     ("dpkg-deb", "dpkg-query"),
     ("newgidmap", "newuidmap"),
 ];
+
+/// Programs the test suite needs that come from the Rust crate registry, not from apt:
+/// (program, what installs it). `scripts/test` installs them (`cargo install --locked`).
+pub const CARGO_TEST_TOOLS: &[(&str, &str)] = &[("dist", "cargo-dist 0.34.0, the release packager")];
 
 /// Programs of Debian's and Ubuntu's Essential and required packages (coreutils, dash,
 /// util-linux, mount, apt, systemd's escape helper where systemd is the init): on every host,
@@ -218,6 +229,7 @@ pub const BASE_PROGRAMS: &[&str] = &[
     // passwd (Priority: required): the rootless tests' ordinary user.
     "useradd",
     "usermod",
+    "tar",
 ];
 
 /// The tools `kiln build` needs for an image of `arch` (the rest serve boot, flash and tests).
@@ -234,6 +246,7 @@ pub fn build_tools(arch: crate::config::image::Arch) -> impl Iterator<Item = &'s
         "qemu-img",
         "restic",
         "ssh-keygen",
+        "curl",
         // Root builds do not need it; an ordinary user's build checks it (host/userns.rs).
         "newuidmap",
     ];
@@ -307,7 +320,8 @@ mod tests {
             }
             let known = TOOLS.iter().any(|t| t.probe == prog || t.name == prog)
                 || ALSO_PROVIDED.iter().any(|(p, _)| p == prog)
-                || BASE_PROGRAMS.contains(&prog.as_str());
+                || BASE_PROGRAMS.contains(&prog.as_str())
+                || CARGO_TEST_TOOLS.iter().any(|(p, _)| p == prog);
             if !known {
                 unknown.push(format!("{prog} ({file})"));
             }
