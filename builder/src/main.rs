@@ -630,7 +630,13 @@ fn cmd_cache(CacheArgs { action }: CacheArgs) -> Result<()> {
         CacheAction::Prune { keep_locks_in } => {
             let mut keep = std::collections::BTreeSet::new();
             for dir in &keep_locks_in {
-                for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+                let entries = std::fs::read_dir(dir).with_context(|| {
+                    format!(
+                        "reading {}, searched for the lock files whose .debs are kept (name the directories that hold your locks: kiln cache prune DIR...)",
+                        dir.display()
+                    )
+                })?;
+                for e in entries {
                     let p = e?.path();
                     if p.extension().is_some_and(|x| x == "lock") {
                         keep.extend(kiln::config::lock::LockFile::read(&p)?.packages.into_iter().map(|p| p.sha256));
@@ -731,7 +737,7 @@ fn cmd_publish(
 
 fn cmd_doctor(DoctorArgs { install }: DoctorArgs) -> Result<()> {
     let missing = doctor::report();
-    doctor::report_rootless();
+    let rootless = doctor::report_rootless();
     stages::agent::report();
     if install {
         doctor::install(&missing)?;
@@ -740,8 +746,26 @@ fn cmd_doctor(DoctorArgs { install }: DoctorArgs) -> Result<()> {
             bail!("still missing after installing: {}", still.join(", "));
         }
         println!("all host tools are installed");
+        // Run through sudo: the user behind it gets what its builds without root need.
+        if let Some((user, problems)) = rootless.filter(|(_, p)| !p.is_empty()) {
+            if nix::unistd::geteuid().is_root() {
+                let uid =
+                    nix::unistd::User::from_name(&user).ok().flatten().map(|u| u.uid.as_raw()).unwrap_or(u32::MAX);
+                doctor::ensure_subids(&user, uid)?;
+                let left = doctor::host_rootless_problems(&user, uid);
+                if !left.is_empty() {
+                    bail!("builds without root for {user} still need:\n  - {}", left.join("\n  - "));
+                }
+                println!("rootless builds: this host is now ready for {user} (was: {})", problems.join("; "));
+            }
+        }
     } else if !missing.is_empty() {
         bail!("{} host tools missing; run `kiln doctor --install`", missing.len());
+    } else if let Some((_, problems)) = rootless.filter(|(_, p)| !p.is_empty() && !nix::unistd::geteuid().is_root()) {
+        bail!(
+            "this host is not ready for builds without root ({} problem(s) above): run `sudo kiln doctor --install`, or build with sudo",
+            problems.len()
+        );
     }
     Ok(())
 }

@@ -211,7 +211,7 @@ pub fn host_rootless_problems(user: &str, uid: u32) -> Vec<String> {
 
 /// Prints what rootless builds would need on this host, for the user running kiln (or the one
 /// who ran sudo). Informational: root builds need none of it.
-pub fn report_rootless() {
+pub fn report_rootless() -> Option<(String, Vec<String>)> {
     let euid = nix::unistd::geteuid();
     let (user, uid) = if euid.is_root() {
         match std::env::var("SUDO_USER").ok().filter(|u| !u.is_empty() && u != "root") {
@@ -223,7 +223,7 @@ pub fn report_rootless() {
                 println!(
                     "rootless builds: running as root (checked for an ordinary user when run as one, or via sudo)"
                 );
-                return;
+                return None;
             }
         }
     } else {
@@ -235,10 +235,51 @@ pub fn report_rootless() {
         println!("rootless builds: this host is ready for {user} (id mappers, subordinate ids, user namespaces)");
     } else {
         println!("rootless builds: not ready for {user} (kiln build, lock and rebuild as {user} need; or use sudo):");
-        for p in problems {
+        for p in &problems {
             println!("  - {p}");
         }
     }
+    Some((user, problems))
+}
+
+/// `sudo kiln doctor --install`: gives the user behind sudo a subordinate uid and gid range
+/// (65536 ids past every range already given) if it has none big enough, so its builds can run
+/// without root. `useradd` does this for users made on Debian 12 and later; older ones lack it.
+pub fn ensure_subids(user: &str, uid: u32) -> Result<()> {
+    let subuid = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
+    let subgid = std::fs::read_to_string("/etc/subgid").unwrap_or_default();
+    let enough = |text: &str| subid_range(text, user, uid).is_some_and(|(_, c)| c >= SUBID_NEEDED);
+    if enough(&subuid) && enough(&subgid) {
+        return Ok(());
+    }
+    let start = free_subid_start(&subuid, &subgid);
+    let range = format!("{start}-{}", start + SUBID_NEEDED - 1);
+    let mut cmd = Cmd::new("usermod");
+    if !enough(&subuid) {
+        cmd = cmd.args(["--add-subuids", &range]);
+    }
+    if !enough(&subgid) {
+        cmd = cmd.args(["--add-subgids", &range]);
+    }
+    cmd.arg(user).run().with_context(|| format!("giving {user} subordinate ids {range}"))?;
+    println!("gave {user} the subordinate ids {range} (/etc/subuid, /etc/subgid) for builds without root");
+    Ok(())
+}
+
+/// The first id, at or above 100000 and a multiple of 65536 past it, that no range in either
+/// file reaches.
+pub fn free_subid_start(subuid: &str, subgid: &str) -> u64 {
+    let end = subuid
+        .lines()
+        .chain(subgid.lines())
+        .filter_map(|l| {
+            let mut f = l.trim().split(':').skip(1);
+            Some(f.next()?.parse::<u64>().ok()? + f.next()?.parse::<u64>().ok()?)
+        })
+        .max()
+        .unwrap_or(0)
+        .max(100000);
+    100000 + (end - 100000).div_ceil(SUBID_NEEDED) * SUBID_NEEDED
 }
 
 #[cfg(test)]
@@ -260,6 +301,8 @@ mod tests {
         assert_eq!(rootless_problems(&ready), Vec::<String>::new());
         assert_eq!(subid_range(ready.subuid, "alice", 1000), Some((165536, 65536)));
         assert_eq!(subid_range("junk\nalice:x:1\n", "alice", 1000), None);
+        assert_eq!(free_subid_start("", ""), 100000);
+        assert_eq!(free_subid_start("bob:100000:65536\n", "bob:100000:65536\ncarol:165536:100\n"), 231072);
         let broken = RootlessHost {
             subuid: "alice:165536:1000\n",
             subgid: "",
