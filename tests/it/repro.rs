@@ -1,5 +1,5 @@
-//! Locked builds of a `kiln init` project: `kiln lock`, then two `kiln build --locked` in
-//! different directories, one as root and one as the ordinary user who made the project, must
+//! Locked builds of a `kiln init` project: the ordinary user who made it runs `kiln lock`, then
+//! two `kiln build --locked` in different directories, one as root and one as that user, must
 //! give bit-identical images; the user boots its image and logs in with its own SSH key; a
 //! tampered cached .deb must stop a locked build.
 
@@ -60,9 +60,13 @@ fn locked_builds_are_bit_identical_and_refuse_tampered_debs() {
     let out = |name: &str| work.join(name).to_str().unwrap().to_string();
     assert!(std::fs::read_to_string(&profile).unwrap().contains("kiln-it@repro"), "the user's key is in the profile");
 
+    // The user locks its project (apt resolves and downloads into the user's cache).
+    let cache = user.dir.join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    user.chown(&cache);
     let t = Instant::now();
-    let lock = root_kiln(&["lock", "--profile", profile_arg, "--out", &out("scratch")]);
-    assert!(lock.status.success(), "kiln lock failed:\n{}", text(&lock.stderr));
+    let lock = user.kiln(&user.dir, &cache, &["lock", "--profile", profile_arg, "--out", "scratch"]);
+    assert!(lock.status.success(), "kiln lock as {} failed:\n{}", user.name, text(&lock.stderr));
     let lock_file = user.dir.join("myhome/myhome.pc-uefi.lock");
     let lock_dir = lock_file.parent().unwrap().to_str().unwrap();
     let locked = kiln::config::lock::LockFile::read(&lock_file).unwrap();
@@ -74,9 +78,17 @@ fn locked_builds_are_bit_identical_and_refuse_tampered_debs() {
     );
 
     // Two cold builds (each bootstraps) in different directories at different times: one as
-    // root, one as the ordinary user (kiln in its user namespace, host/userns.rs) with a cache
-    // of its own, seeded with the same verified .debs. The images must be the same bytes.
+    // root (its cache seeded with the user's verified .debs), one as the ordinary user (kiln in
+    // its user namespace, host/userns.rs). The images must be the same bytes.
     let mut hashes = Vec::new();
+    std::fs::create_dir_all(work.join("cache")).unwrap();
+    let cp = Command::new("cp")
+        .args(["-a", "--reflink=auto"])
+        .arg(cache.join("debs"))
+        .arg(work.join("cache"))
+        .output()
+        .unwrap();
+    assert!(cp.status.success(), "{}", text(&cp.stderr));
     let prune = root_kiln(&["cache", "prune", lock_dir]);
     assert!(prune.status.success(), "kiln cache prune failed:\n{}", text(&prune.stderr));
     let t = Instant::now();
@@ -86,15 +98,29 @@ fn locked_builds_are_bit_identical_and_refuse_tampered_debs() {
     let root_secs = t.elapsed().as_secs_f64();
     hashes.push(image_hashes(&work.join("out-1/myhome-pc-uefi"), "out-1 (root)", root_secs));
 
-    let cache = user.dir.join("cache");
-    std::fs::create_dir_all(&cache).unwrap();
-    let cp =
-        Command::new("cp").args(["-a", "--reflink=auto"]).arg(work.join("cache/debs")).arg(&cache).output().unwrap();
-    assert!(cp.status.success(), "{}", text(&cp.stderr));
-    user.chown(&user.dir);
+    let prune = user.kiln(&user.dir, &cache, &["cache", "prune", "myhome"]);
+    assert!(prune.status.success(), "kiln cache prune as {}:\n{}", user.name, text(&prune.stderr));
     let doctor = user.kiln(&user.dir, &cache, &["doctor"]);
     let doctor_out = text(&doctor.stdout);
     assert!(doctor_out.contains("rootless builds: this host is ready for kiln-it"), "{doctor_out}");
+    // Bad input first: a user without subordinate ids is told what is missing and how to fix
+    // it; an output directory the user cannot write is named.
+    let nobody = Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(user.dir.join("bin/kiln"))
+        .arg("build")
+        .current_dir("/tmp")
+        .output()
+        .unwrap();
+    let err = text(&nobody.stderr);
+    assert_eq!(nobody.status.code(), Some(1), "{err}");
+    assert!(err.contains("/etc/subuid gives nobody no range") && err.contains("usermod --add-subuids"), "{err}");
+    let unwritable =
+        user.kiln(&user.dir, &cache, &["build", "--profile", "myhome/myhome.toml", "--out", "/root/kiln-it-out"]);
+    let err = text(&unwritable.stderr);
+    assert!(!unwritable.status.success() && err.contains("creating /root/kiln-it-out"), "{err}");
+    println!("kiln-it: as nobody: {}", text(&nobody.stderr).lines().take(2).collect::<Vec<_>>().join(" / "));
+
     let t = Instant::now();
     let b = user.kiln(&user.dir, &cache, &["build", "--profile", "myhome/myhome.toml", "--locked", "--out", "out-2"]);
     assert!(b.status.success(), "kiln build --locked as {} failed:\n{}", user.name, text(&b.stderr));

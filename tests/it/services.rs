@@ -1,5 +1,5 @@
-//! Sandboxed services end to end: a profile with caddy, syncthing, radicale and a program of
-//! the user's own, locked and built for real; the security gate's scores (every one within the
+//! Sandboxed services end to end: the README's `profiles/home.toml` (caddy, syncthing, radicale,
+//! backups, updates) extended with a program of the user's own and Wi-Fi, locked and built for real; the security gate's scores (every one within the
 //! 2.0 budget); a deliberately weak unit that fails the build with the directives to fix; and in
 //! QEMU: every service active, only declared ports listening, the firewall dropping an
 //! undeclared port that something listens on, and SSH refusing passwords. (The Lynis audit of
@@ -94,18 +94,18 @@ fn services_are_sandboxed_gated_and_only_declared_ports_listen() {
     assert!(kg.success());
     let public = std::fs::read_to_string(work.join("id_ed25519.pub")).unwrap();
     std::fs::write(work.join("profiles/dist/myapp"), MYAPP).unwrap();
+    // The README's worked example, as it is in the repository, with a release key of the test's
+    // own next to it; the test's appliance extends it.
+    std::fs::copy(repo_root().join("profiles/home.toml"), work.join("profiles/home.toml")).unwrap();
+    kiln_ok(&work, &["keygen", "--out", "profiles/keys"]);
     std::fs::write(
         work.join("profiles/svc.toml"),
         format!(
-            r#"extends = "minimal"
+            r#"extends = "home"
 [users.tester]
 ssh_keys = ["{}"]
 groups = ["sudo"]
 
-[services.caddy]
-sites = [{{ root = "/srv/www" }}]
-[services.syncthing]
-[services.radicale]
 [services.myapp]
 binary = "dist/myapp"
 exec = "/usr/local/bin/myapp --port 8080"
@@ -216,6 +216,7 @@ RestrictNamespaces = "no"
     let script = format!(
         r#"set -e
 {ssh} 'for u in caddy syncthing radicale myapp; do echo "active $u $(systemctl is-active $u)"; done
+  echo "home-timers $(systemctl is-enabled kiln-backup.timer kiln-backup-drill.timer kiln-agent.timer | tr "\n" " ")"
   echo "hello from caddy" | sudo install -D -m 0644 /dev/stdin /srv/www/index.html
   python3 -c "import urllib.request as u; print(\"caddy-says\", u.urlopen(\"http://127.0.0.1/\").read().decode().strip())"
   python3 -c "import time, urllib.request as u, urllib.error as e
@@ -263,6 +264,7 @@ if {ssh} -o PubkeyAuthentication=no -o PreferredAuthentications=password,keyboar
     for u in ["caddy", "syncthing", "radicale", "myapp"] {
         assert!(out.contains(&format!("active {u} active")), "{u} is not active:\n{out}");
     }
+    assert!(out.contains("home-timers enabled enabled enabled"), "home.toml's backups and updates are on:\n{out}");
     assert!(out.contains("caddy-says hello from caddy"), "{out}");
     assert!(out.contains("radicale-says 401"), "radicale must ask for a login:\n{out}");
     assert!(out.contains("myapp-starts 1"), "{out}");

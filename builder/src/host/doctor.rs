@@ -160,12 +160,14 @@ pub fn rootless_problems(h: &RootlessHost) -> Vec<String> {
             p.push(format!("{program} is missing or not setuid root: `sudo apt-get install uidmap`"));
         }
     }
+    let start = free_subid_start(h.subuid, h.subgid);
     for (file, text, flag) in [("/etc/subuid", h.subuid, "--add-subuids"), ("/etc/subgid", h.subgid, "--add-subgids")] {
         match subid_range(text, user, h.uid) {
             Some((_, count)) if count >= SUBID_NEEDED => {}
             found => p.push(format!(
-                "{file} gives {user} {}, and a build needs {SUBID_NEEDED}: `sudo usermod {flag} 100000-165535 {user}`",
-                found.map(|(s, c)| format!("only {c} ids (from {s})")).unwrap_or_else(|| "no range".into())
+                "{file} gives {user} {}, and a build needs {SUBID_NEEDED}: `sudo usermod {flag} {start}-{} {user}` (or `sudo kiln doctor --install`, run by {user})",
+                found.map(|(s, c)| format!("only {c} ids (from {s})")).unwrap_or_else(|| "no range".into()),
+                start + SUBID_NEEDED - 1
             )),
         }
     }
@@ -320,7 +322,7 @@ mod tests {
                 && p[1].contains("usermod --add-subuids")
         );
         assert!(
-            p[2].contains("/etc/subgid gives alice no range") && p[2].contains("--add-subgids 100000-165535 alice")
+            p[2].contains("/etc/subgid gives alice no range") && p[2].contains("--add-subgids 231072-296607 alice")
         );
         assert!(p[3].contains("unprivileged_userns_clone = 0"));
         assert!(p[4].contains("max_user_namespaces = 0"));
