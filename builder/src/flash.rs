@@ -137,7 +137,7 @@ pub fn run(args: &FlashArgs) -> Result<()> {
     let provision = match &args.provision {
         Some(dir) => {
             if !nix::unistd::geteuid().is_root() {
-                bail!("--provision needs root: the files on the device must belong to root (run kiln flash with sudo)");
+                bail!("--provision needs root, or kiln's user namespace: the files on the device must belong to root");
             }
             let (id, made) = provision::ensure_device_id(dir)?;
             if made {

@@ -365,13 +365,16 @@ fn output_dir(p: &Path) -> PathBuf {
 
 /// One function per command, named after it.
 fn run(cli: Cli) -> Result<()> {
-    // Commands that write a Debian root run as root: for an ordinary user, kiln runs them
-    // again as root of a user namespace (host/userns.rs), before anything else happens.
+    // Commands that write a Debian root (or a file system for the device) run as root: for an
+    // ordinary user, kiln runs them again as root of a user namespace (host/userns.rs), before
+    // anything else happens.
     let writes_a_root = match &cli.command {
         Command::Build(_) => Some("build"),
         Command::Lock(_) => Some("lock"),
         Command::Rebuild(_) => Some("rebuild"),
         Command::Cache(_) => Some("cache"),
+        // The provisioned files must belong to root on the device (mkfs.ext4 -d copies owners).
+        Command::Flash(a) if a.provision.is_some() => Some("flash --provision"),
         _ => None,
     };
     if let Some(what) = writes_a_root {

@@ -455,4 +455,28 @@ fn provision_writes_an_ext4_data_partition() {
     // data partition out) passes.
     let out = kiln(dir.path(), &["flash", img.to_str().unwrap(), &lp.dev, "--verify-only"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // An ordinary user with write access to the device (here: it owns the loop device) flashes
+    // and provisions it too; kiln makes the data file system in its user namespace, so the
+    // files still belong to root on the device.
+    let user = crate::Unprivileged::new("flash");
+    fs::copy(&img, user.dir.join("disk.img")).unwrap();
+    let bmap = img.with_file_name("disk.img.bmap");
+    fs::copy(&bmap, user.dir.join("disk.img.bmap")).unwrap();
+    run(Command::new("cp").arg("-a").arg(&prov).arg(user.dir.join("device-1")));
+    fs::write(user.dir.join("device-1/hostname"), "kiln-user\n").unwrap();
+    user.chown(&user.dir);
+    run(Command::new("chown").arg(user.name).arg(&lp.dev));
+    let out = user.kiln(
+        &user.dir,
+        &user.dir.join("cache"),
+        &["flash", "disk.img", &lp.dev, "--yes", "--provision", "device-1"],
+    );
+    run(Command::new("chown").arg("root").arg(&lp.dev));
+    assert!(out.status.success(), "kiln flash --provision as {}:\n{}", user.name, text(&out.stderr));
+    lp.update_partitions();
+    assert_eq!(cat("hostname"), "kiln-user\n");
+    assert_eq!(stat(&data, "/kiln/provision/backup/password"), root("0600"));
+    assert_eq!(stat(&data, "/kiln/provision/hostname"), root("0600"));
+    println!("kiln-it: {} flashed and provisioned {} (files owned by root on the device)", user.name, lp.dev);
 }
