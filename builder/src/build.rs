@@ -37,6 +37,7 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
     std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
     let out_dir =
         std::fs::canonicalize(&opts.out_dir).with_context(|| format!("resolving {}", opts.out_dir.display()))?;
+    crate::host::userns::check_output_dir(&out_dir)?;
     let opts = &BuildOptions { out_dir, keep_work: opts.keep_work, locked: opts.locked.clone() };
     let final_dir = opts.out_dir.join(&plan.output_name);
     let work = opts.out_dir.join(".work").join(&plan.output_name);
@@ -142,6 +143,7 @@ pub fn lock(plan: &Plan, out_dir: &Path) -> Result<LockFile> {
     std::env::set_var("SOURCE_DATE_EPOCH", plan.source_date_epoch.to_string());
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let out_dir = std::fs::canonicalize(out_dir).with_context(|| format!("resolving {}", out_dir.display()))?;
+    crate::host::userns::check_output_dir(&out_dir)?;
     let work = out_dir.join(".work").join(format!("{}.lock", plan.output_name));
     if work.exists() {
         std::fs::remove_dir_all(&work).with_context(|| format!("removing the leftover {}", work.display()))?;

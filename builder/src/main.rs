@@ -286,6 +286,9 @@ struct DoctorArgs {
 fn main() {
     quiet_on_closed_stdout();
     kiln::host::exec::complete_path();
+    // Files kiln makes (the image's directories among them) get the same modes whoever runs it:
+    // a user's umask of 002 must not make a different, group-writable image.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     let cli = Cli::parse();
     kiln::host::exec::set_debug(cli.debug);
     if let Err(e) = run(cli) {
@@ -751,7 +754,10 @@ fn cmd_doctor(DoctorArgs { install }: DoctorArgs) -> Result<()> {
         println!("all host tools are installed");
         // Run through sudo: the user behind it gets what its builds without root need.
         if let Some((user, problems)) = rootless.filter(|(_, p)| !p.is_empty()) {
-            if nix::unistd::geteuid().is_root() {
+            if !nix::unistd::geteuid().is_root() {
+                bail!("this host is not ready for {user}'s builds without root: run `sudo kiln doctor --install`");
+            }
+            {
                 let uid =
                     nix::unistd::User::from_name(&user).ok().flatten().map(|u| u.uid.as_raw()).unwrap_or(u32::MAX);
                 doctor::ensure_subids(&user, uid)?;

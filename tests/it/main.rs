@@ -172,21 +172,35 @@ pub struct Unprivileged {
 
 impl Unprivileged {
     pub fn new(label: &str) -> Unprivileged {
+        // Two tests may ask at once (--test-threads=2): one makes the user, the other waits.
+        static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = MAKING.lock().unwrap_or_else(|e| e.into_inner());
         let name = "kiln-it";
         if nix::unistd::User::from_name(name).unwrap().is_none() {
             let out = Command::new("useradd").args(["--create-home", "--shell", "/bin/sh", name]).output().unwrap();
             assert!(out.status.success(), "useradd {name}: {}", text(&out.stderr));
         }
         let user = nix::unistd::User::from_name(name).unwrap().expect("the test user exists");
-        for (file, flag) in [("/etc/subuid", "--add-subuids"), ("/etc/subgid", "--add-subgids")] {
-            let ranges = std::fs::read_to_string(file).unwrap_or_default();
+        let (subuid, subgid) = (
+            std::fs::read_to_string("/etc/subuid").unwrap_or_default(),
+            std::fs::read_to_string("/etc/subgid").unwrap_or_default(),
+        );
+        // Debian's useradd gives a new user a range; where it did not, a free one.
+        let start = kiln::host::doctor::free_subid_start(&subuid, &subgid);
+        let range = format!("{start}-{}", start + 65535);
+        for (ranges, flag) in [(&subuid, "--add-subuids"), (&subgid, "--add-subgids")] {
             if !ranges.lines().any(|l| l.starts_with(&format!("{name}:"))) {
-                let out = Command::new("usermod").args([flag, "2000000-2065535", name]).output().unwrap();
+                let out = Command::new("usermod").args([flag, &range, name]).output().unwrap();
                 assert!(out.status.success(), "usermod {flag} {name}: {}", text(&out.stderr));
             }
         }
-        let dir = std::env::temp_dir().join(format!("kiln-it-{label}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        // A fresh directory no one else could have prepared (/tmp is shared).
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("kiln-it-{label}-"))
+            .tempdir_in(std::env::temp_dir())
+            .unwrap()
+            .keep();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         std::fs::create_dir_all(dir.join("bin")).unwrap();
         let exe = Path::new(kiln_bin());
         for b in ["kiln", "kiln-agent"] {

@@ -331,10 +331,22 @@ pub fn choose_accel(requested: Accel, qemu: &Qemu, scratch: &Path) -> Accel {
                 }
             }
             let verdict = if probe_kvm(qemu, scratch) { Accel::Kvm } else { Accel::Tcg };
-            let _ = std::fs::write(
-                &cache,
-                format!("{} {}\n", boot_id.trim(), if verdict == Accel::Kvm { "kvm" } else { "tcg" }),
-            );
+            // Never through a link another user put there (the file is in the shared /tmp).
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&cache)
+                .and_then(|mut f| {
+                    f.write_all(
+                        format!("{} {}\n", boot_id.trim(), if verdict == Accel::Kvm { "kvm" } else { "tcg" })
+                            .as_bytes(),
+                    )
+                });
             verdict
         }
     }

@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 static DEBUG: AtomicBool = AtomicBool::new(false);
 
-/// Turns on `+ cmd` logging of every spawned command (the CLI's `--debug`).
 /// Adds the system directories an ordinary user's PATH lacks (`/usr/sbin`, `/sbin`: chroot,
 /// mkfs.*, veritysetup, newuidmap's peers live there), keeping the user's order. Called once at
 /// startup, before any thread: every program kiln runs and every `which` sees the same PATH.
@@ -31,6 +30,7 @@ pub fn complete_path() {
     }
 }
 
+/// Turns on `+ cmd` logging of every spawned command (the CLI's `--debug`).
 pub fn set_debug(on: bool) {
     DEBUG.store(on, Ordering::Relaxed);
 }

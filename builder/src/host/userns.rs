@@ -66,9 +66,9 @@ pub fn become_root(what: &str) -> Result<()> {
 /// with the subordinate ids; the setuid mappers, run from outside, may).
 fn enter(uid_map: &[String], gid_map: &[String]) -> Result<()> {
     use nix::sys::wait::{waitpid, WaitStatus};
-    use nix::unistd::{fork, pipe, read, ForkResult};
+    use nix::unistd::{fork, pipe2, read, ForkResult};
     let parent = nix::unistd::getpid();
-    let (ready_r, ready_w) = pipe().context("pipe")?;
+    let (ready_r, ready_w) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
     // SAFETY: kiln is single-threaded here (called before any stage starts a thread), and the
     // child only waits, spawns the two mappers and exits.
     match unsafe { fork() }.context("fork")? {
@@ -111,7 +111,50 @@ pub fn private_mounts() -> Result<()> {
     use nix::mount::{mount, MsFlags};
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).context("unshare(CLONE_NEWNS)")?;
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .context("making / a private mount in kiln's mount namespace")
+        .context("making / a private mount in kiln's mount namespace")?;
+    PRIVATE.store(true, std::sync::atomic::Ordering::SeqCst);
+    Ok(())
+}
+
+static PRIVATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// As real root (not in kiln's namespace), refuses an output directory another user could
+/// change: one owned by someone else, or writable by a group other than root's or by anyone
+/// (without the sticky bit). Such a user could swap the build's tree for links into the host
+/// while root works on it. (An ordinary user's build needs no root: build without sudo.)
+pub fn check_output_dir(dir: &std::path::Path) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() || std::env::var_os(ENV).is_some() {
+        return Ok(());
+    }
+    for d in [dir.to_path_buf(), dir.join(".work")] {
+        use std::os::unix::fs::MetadataExt as _;
+        let Ok(m) = std::fs::symlink_metadata(&d) else { continue };
+        if let Some(problem) = unsafe_for_root(m.uid(), m.gid(), m.mode(), m.file_type().is_symlink()) {
+            bail!(
+                "{}: {problem}; as root, kiln builds only into a directory no other user can change (they could swap the build tree for links into this machine). Build without sudo (builds need no root), or pick another --out",
+                d.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Why a directory with these owners and mode is not safe for root to build in, if it is not.
+pub fn unsafe_for_root(uid: u32, gid: u32, mode: u32, symlink: bool) -> Option<String> {
+    if symlink {
+        return Some("a symbolic link".into());
+    }
+    if uid != 0 {
+        return Some(format!("owned by uid {uid}, not root"));
+    }
+    let sticky = mode & 0o1000 != 0;
+    if mode & 0o002 != 0 && !sticky {
+        return Some(format!("writable by every user (mode {:o})", mode & 0o7777));
+    }
+    if mode & 0o020 != 0 && gid != 0 && !sticky {
+        return Some(format!("writable by group {gid} (mode {:o})", mode & 0o7777));
+    }
+    None
 }
 
 /// The device nodes programs in the chroot expect (`sshd -t` will not start without
@@ -127,10 +170,21 @@ const DEV_NODES: &[&str] = &["null", "zero", "full", "random", "urandom"];
 impl DevNodes {
     pub fn bind(tree: &std::path::Path) -> Result<DevNodes> {
         use nix::mount::{mount, MsFlags};
+        use std::os::unix::fs::OpenOptionsExt as _;
+        if !PRIVATE.load(std::sync::atomic::Ordering::SeqCst) {
+            bail!("internal: device nodes are bound only in kiln's private mount namespace (userns::private_mounts)");
+        }
         let mut nodes = DevNodes { mounted: Vec::new() };
         for name in DEV_NODES {
             let target = tree.join("dev").join(name);
-            std::fs::write(&target, b"").with_context(|| format!("creating {}", target.display()))?;
+            // A new file, never through a link (the tree's /dev was emptied).
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .mode(0o644)
+                .open(&target)
+                .with_context(|| format!("creating {}", target.display()))?;
             let source = std::path::Path::new("/dev").join(name);
             mount(Some(&source), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>).with_context(|| {
                 format!("binding {} onto {} (kiln's private mount namespace)", source.display(), target.display())
@@ -144,10 +198,29 @@ impl DevNodes {
 impl Drop for DevNodes {
     fn drop(&mut self) {
         for target in self.mounted.drain(..) {
-            if let Err(e) = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH) {
-                eprintln!("warning: unmounting {}: {e}", target.display());
+            match nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH) {
+                // Removed only once unmounted: never the host's node through the bind mount.
+                Ok(()) => {
+                    let _ = std::fs::remove_file(&target);
+                }
+                Err(e) => eprintln!("warning: unmounting {}: {e}", target.display()),
             }
-            let _ = std::fs::remove_file(&target);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unsafe_for_root;
+
+    #[test]
+    fn root_builds_only_where_no_other_user_can_change_the_tree() {
+        assert_eq!(unsafe_for_root(0, 0, 0o40755, false), None);
+        assert_eq!(unsafe_for_root(0, 0, 0o40775, false), None, "root's own group");
+        assert_eq!(unsafe_for_root(0, 0, 0o41777, false), None, "sticky, like /tmp");
+        assert_eq!(unsafe_for_root(1000, 1000, 0o40755, false).unwrap(), "owned by uid 1000, not root");
+        assert_eq!(unsafe_for_root(0, 100, 0o40775, false).unwrap(), "writable by group 100 (mode 775)");
+        assert_eq!(unsafe_for_root(0, 0, 0o40777, false).unwrap(), "writable by every user (mode 777)");
+        assert_eq!(unsafe_for_root(0, 0, 0o120777, true).unwrap(), "a symbolic link");
     }
 }

@@ -133,8 +133,10 @@ pub fn cross_build(arch: Arch, ws: &Path, cache: &Cache, mirror: &str) -> Result
             arch.debian()
         );
     }
-    if !nix::unistd::geteuid().is_root() {
-        bail!("cross-building the arm64 agent makes and enters a toolchain root (mmdebstrap, chroot): run kiln as root, or set $KILN_AGENT to a prebuilt kiln-agent-arm64");
+    // The toolchain root is entered with a fresh /proc (`unshare --mount-proc`), which kiln's
+    // user namespace may not mount: an ordinary user's build takes a prebuilt agent.
+    if !nix::unistd::geteuid().is_root() || std::env::var_os(crate::host::userns::ENV).is_some() {
+        bail!("cross-building the arm64 agent makes and enters a toolchain root (mmdebstrap, chroot, a new /proc), which needs real root: build the first Pi image with sudo (the agent is cached), or set $KILN_AGENT to the release's aarch64 kiln-agent");
     }
     let dir = toolchain_dir(cache);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -448,7 +448,7 @@ pub fn tree_key(
     templates: &crate::stages::templates::Templates,
 ) -> Result<String> {
     let mut input = format!(
-        "kiln {}\n{} {} {:?} {:?}\nepoch {}\nmodules {}\nexcludes {}\n",
+        "kiln {} mmdebstrap-unshare\n{} {} {:?} {:?}\nepoch {}\nmodules {}\nexcludes {}\n",
         env!("CARGO_PKG_VERSION"),
         plan.suite,
         plan.arch.debian(),
