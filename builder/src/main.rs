@@ -753,24 +753,22 @@ fn cmd_doctor(DoctorArgs { install }: DoctorArgs) -> Result<()> {
         }
         println!("all host tools are installed");
         // Run through sudo: the user behind it gets what its builds without root need.
-        if let Some((user, problems)) = rootless.filter(|(_, p)| !p.is_empty()) {
+        if let Some((user, uid, problems)) = rootless.filter(|(_, _, p)| !p.is_empty()) {
             if !nix::unistd::geteuid().is_root() {
                 bail!("this host is not ready for {user}'s builds without root: run `sudo kiln doctor --install`");
             }
-            {
-                let uid =
-                    nix::unistd::User::from_name(&user).ok().flatten().map(|u| u.uid.as_raw()).unwrap_or(u32::MAX);
-                doctor::ensure_subids(&user, uid)?;
-                let left = doctor::host_rootless_problems(&user, uid);
-                if !left.is_empty() {
-                    bail!("builds without root for {user} still need:\n  - {}", left.join("\n  - "));
-                }
-                println!("rootless builds: this host is now ready for {user} (was: {})", problems.join("; "));
+            doctor::ensure_subids(&user, uid)?;
+            let left = doctor::host_rootless_problems(&user, uid);
+            if !left.is_empty() {
+                bail!("builds without root for {user} still need:\n  - {}", left.join("\n  - "));
             }
+            println!("rootless builds: this host is now ready for {user} (was: {})", problems.join("; "));
         }
     } else if !missing.is_empty() {
         bail!("{} host tools missing; run `kiln doctor --install`", missing.len());
-    } else if let Some((_, problems)) = rootless.filter(|(_, p)| !p.is_empty() && !nix::unistd::geteuid().is_root()) {
+    } else if let Some((_, _, problems)) =
+        rootless.filter(|(_, _, p)| !p.is_empty() && !nix::unistd::geteuid().is_root())
+    {
         bail!(
             "this host is not ready for builds without root ({} problem(s) above): run `sudo kiln doctor --install`, or build with sudo",
             problems.len()

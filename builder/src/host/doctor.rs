@@ -213,7 +213,7 @@ pub fn host_rootless_problems(user: &str, uid: u32) -> Vec<String> {
 
 /// Prints what rootless builds would need on this host, for the user running kiln (or the one
 /// who ran sudo). Informational: root builds need none of it.
-pub fn report_rootless() -> Option<(String, Vec<String>)> {
+pub fn report_rootless() -> Option<(String, u32, Vec<String>)> {
     let euid = nix::unistd::geteuid();
     let (user, uid) = if euid.is_root() {
         match std::env::var("SUDO_USER").ok().filter(|u| !u.is_empty() && u != "root") {
@@ -241,7 +241,7 @@ pub fn report_rootless() -> Option<(String, Vec<String>)> {
             println!("  - {p}");
         }
     }
-    Some((user, problems))
+    Some((user, uid, problems))
 }
 
 /// `sudo kiln doctor --install`: gives the user behind sudo a subordinate uid and gid range

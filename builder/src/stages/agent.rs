@@ -51,46 +51,52 @@ pub fn source_tree() -> Option<PathBuf> {
     (ws.join("Cargo.lock").is_file() && ws.join("agent/Cargo.toml").is_file()).then_some(ws)
 }
 
-/// The agent binary for this plan's image: found, or cross-built (see the module comment).
-pub fn prepare(plan: &Plan, cache: &Cache) -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("KILN_AGENT") {
-        let p = PathBuf::from(p);
-        if !p.is_file() {
-            bail!(
-                "KILN_AGENT={} is not a file: point it at a kiln-agent binary for {}",
-                p.display(),
-                plan.arch.debian()
-            );
-        }
-        return Ok(p);
-    }
-    if !plan.arch.is_host() {
-        if let Some(ws) = source_tree() {
-            return cross_build(plan.arch, &ws, cache, &plan.mirror.debian);
-        }
-    }
-    next_to_kiln(plan.arch)
+/// Where the agent for an architecture comes from: one rule for `prepare` and `kiln doctor`.
+pub enum AgentSource {
+    /// `$KILN_AGENT` names it.
+    Env(PathBuf),
+    /// Cross-built from kiln's source tree (a foreign architecture, kiln run from its checkout).
+    CrossBuild(PathBuf),
+    /// `kiln-agent[-<arch>]` next to kiln (what the release archives install), if it is there.
+    NextToKiln(Result<PathBuf>),
 }
 
-/// Where the agent for each architecture comes from, as `kiln doctor` says it: `$KILN_AGENT`,
-/// a cross build from kiln's source tree (arm64 from an x86-64 checkout), or `kiln-agent[-arch]`
-/// next to kiln (what the release archives install).
-pub fn report() {
+pub fn source(arch: Arch) -> AgentSource {
     if let Some(p) = std::env::var_os("KILN_AGENT") {
-        println!("on-device agent: $KILN_AGENT = {}", Path::new(&p).display());
-        return;
+        return AgentSource::Env(PathBuf::from(p));
     }
+    match source_tree().filter(|_| !arch.is_host()) {
+        Some(ws) => AgentSource::CrossBuild(ws),
+        None => AgentSource::NextToKiln(next_to_kiln(arch)),
+    }
+}
+
+/// The agent binary for this plan's image: found, or cross-built (see the module comment).
+pub fn prepare(plan: &Plan, cache: &Cache) -> Result<PathBuf> {
+    match source(plan.arch) {
+        AgentSource::Env(p) if !p.is_file() => bail!(
+            "KILN_AGENT={} is not a file: point it at a kiln-agent binary for {}",
+            p.display(),
+            plan.arch.debian()
+        ),
+        AgentSource::Env(p) => Ok(p),
+        AgentSource::CrossBuild(ws) => cross_build(plan.arch, &ws, cache, &plan.mirror.debian),
+        AgentSource::NextToKiln(found) => found,
+    }
+}
+
+/// Where the agent for each architecture comes from, as `kiln doctor` says it.
+pub fn report() {
     for arch in [Arch::Amd64, Arch::Arm64] {
-        let from_source = source_tree().filter(|_| arch == Arch::Arm64 && std::env::consts::ARCH == "x86_64");
-        match (from_source, next_to_kiln(arch)) {
-            (Some(ws), _) => println!(
-                "on-device agent ({}): cross-built from {} at the first build for it (cached)",
-                arch.debian(),
-                ws.display()
-            ),
-            (None, Ok(p)) => println!("on-device agent ({}): {}", arch.debian(), p.display()),
-            (None, Err(e)) => println!("on-device agent ({}): {e:#}", arch.debian()),
-        }
+        let how = match source(arch) {
+            AgentSource::Env(p) => format!("$KILN_AGENT = {}", p.display()),
+            AgentSource::CrossBuild(ws) => {
+                format!("cross-built from {} at the first build for it (cached)", ws.display())
+            }
+            AgentSource::NextToKiln(Ok(p)) => p.display().to_string(),
+            AgentSource::NextToKiln(Err(e)) => format!("{e:#}"),
+        };
+        println!("on-device agent ({}): {how}", arch.debian());
     }
 }
 
