@@ -514,6 +514,7 @@ mod tests {
             artifacts: Vec::new(),
             changelog: Vec::new(),
             notes: String::new(),
+            security: false,
         }
     }
 

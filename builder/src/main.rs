@@ -269,6 +269,10 @@ struct PublishArgs {
     /// A note shown in the feeds and the metadata.
     #[arg(long, default_value = "")]
     notes: String,
+    /// The release fixes security problems: devices that have not installed it say so in
+    /// their status feeds (and `kiln status`).
+    #[arg(long)]
+    security: bool,
     /// Releases kept in the channel.
     #[arg(long, default_value_t = 10)]
     keep: usize,
@@ -716,15 +720,24 @@ fn cmd_keygen(KeygenArgs { out, force }: KeygenArgs) -> Result<()> {
 }
 
 fn cmd_publish(
-    PublishArgs { output, channel, to, key, base_url, valid_for, notes, keep, force }: PublishArgs,
+    PublishArgs { output, channel, to, key, base_url, valid_for, notes, security, keep, force }: PublishArgs,
 ) -> Result<()> {
     let valid_for =
         humantime::parse_duration(&valid_for).map_err(|e| anyhow::anyhow!("--valid-for {valid_for:?}: {e}"))?;
     if valid_for.as_secs() == 0 {
         eprintln!("warning: --valid-for 0s: devices will refuse this metadata as expired (meant for tests)");
     }
-    let opts =
-        kiln::release::publish::PublishOptions { channel, site: to, key, base_url, valid_for, notes, keep, force };
+    let opts = kiln::release::publish::PublishOptions {
+        channel,
+        site: to,
+        key,
+        base_url,
+        valid_for,
+        notes,
+        security,
+        keep,
+        force,
+    };
     let p = kiln::release::publish::publish(&output, &opts)?;
     let r = &p.release;
     println!(

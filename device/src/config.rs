@@ -181,6 +181,10 @@ pub struct DeviceConfig {
     /// None: the profile has no `[network] wifi = true`; the image has no supplicant.
     #[serde(default)]
     pub wifi: Option<WifiConfig>,
+    /// What the device watches and where it reports (`[monitor]`; images made before it have
+    /// the defaults).
+    #[serde(default)]
+    pub monitor: MonitorConfig,
 }
 
 impl DeviceConfig {
@@ -328,6 +332,67 @@ pub struct WifiConfig {
     pub country: String,
 }
 
+/// `[monitor]`: what `kiln-agent monitor` watches, its thresholds, and where it reports. URLs
+/// here are the profile's; a device's provisioning (`monitor/push-url`, `alert-url`,
+/// `heartbeat-url`, `push-authorization` in [`MONITOR_PROVISION_DIR`]) overrides them, so
+/// secrets (a presigned URL, credentials) never need to be in the image.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorConfig {
+    /// Seconds between looks (the timer), and so the heartbeat's period.
+    pub interval_secs: u64,
+    /// The data partition's use in percent: a warning at `disk_warn`, an alert at `disk_alert`.
+    pub disk_warn: u8,
+    pub disk_alert: u8,
+    /// The same for its inodes.
+    pub inodes_warn: u8,
+    pub inodes_alert: u8,
+    /// Restarts of one unit between two looks that make it crash-looping.
+    pub restarts: u32,
+    /// A TLS certificate caddy manages that expires within this many days is a warning
+    /// (within a third of it, an alert).
+    pub cert_days: u32,
+    /// A newer release offered by the feed and not installed for this long is an alert.
+    pub update_stale_secs: u64,
+    /// Failed SSH logins and sudo denials between two looks that make an alert.
+    pub failed_logins: u32,
+    /// A clock not synchronised this long after boot is a warning (time sync switched off: at once).
+    pub clock_grace_secs: u64,
+    /// Entries kept in the status feed.
+    pub history: u32,
+    /// HTTP PUT target of `status.atom` after every look (`{hostname}` replaced); the JSON twin
+    /// goes to the same URL with `.json` for `.atom`.
+    pub push: Option<String>,
+    /// Alerts raised and cleared are POSTed here as plain text (ntfy-style).
+    pub alert_url: Option<String>,
+    /// Fetched after every look while no alert is open (a dead man's switch).
+    pub heartbeat_url: Option<String>,
+}
+
+/// Where a device's monitor URLs and push credentials are provisioned.
+pub const MONITOR_PROVISION_DIR: &str = "/var/kiln/provision/monitor";
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        MonitorConfig {
+            interval_secs: 300,
+            disk_warn: 85,
+            disk_alert: 95,
+            inodes_warn: 85,
+            inodes_alert: 95,
+            restarts: 3,
+            cert_days: 14,
+            update_stale_secs: 7 * 86400,
+            failed_logins: 10,
+            clock_grace_secs: 3600,
+            history: 200,
+            push: None,
+            alert_url: None,
+            heartbeat_url: None,
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateConfig {
@@ -383,6 +448,7 @@ mod tests {
         let b = c.backup.as_ref().unwrap();
         assert_eq!(b.before_update, BeforeUpdate::Try);
         assert_eq!(b.services.iter().map(|s| s.quiesce).collect::<Vec<_>>(), [Quiesce::Stop, Quiesce::Live]);
+        assert_eq!(c.monitor, MonitorConfig::default(), "an image made before [monitor] has the defaults");
         let again = DeviceConfig::parse(&c.to_json()).unwrap();
         assert_eq!(again, c);
         // The spelling on disk is unchanged.

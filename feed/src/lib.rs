@@ -9,6 +9,7 @@
 
 pub mod render;
 pub mod sign;
+pub mod status;
 
 pub use sign::{sign, verify, KeyError, PublicKey, SecretKey, SignatureError};
 
@@ -164,6 +165,10 @@ pub struct Release {
     /// Free text from the publisher (`kiln publish --notes`).
     #[serde(default)]
     pub notes: String,
+    /// The release fixes security problems (`kiln publish --security`): a device that has not
+    /// installed it says so in its status feed. Written only when true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub security: bool,
 }
 
 impl Release {

@@ -30,5 +30,6 @@ pub fn device_config(plan: &Plan) -> Result<kiln_device::DeviceConfig> {
         update: plan.update.clone(),
         backup: plan.backup.as_ref().map(|b| b.device.clone()),
         wifi: plan.wifi.clone(),
+        monitor: plan.monitor.clone(),
     })
 }

@@ -74,6 +74,8 @@ pub struct Plan {
     pub backup: Option<BackupPlan>,
     /// Wi-Fi (None: the profile does not turn it on).
     pub wifi: Option<kiln_device::WifiConfig>,
+    /// What the device watches and where it reports (defaults without `[monitor]`).
+    pub monitor: kiln_device::MonitorConfig,
     /// Hash of every input: seeds the UUIDs that are not derived from content.
     pub seed: String,
 }
@@ -228,6 +230,33 @@ fn resolve_backup(
         schedule: b.schedule.clone().unwrap_or_else(|| "daily".into()),
         restore_drill: (drill != "off").then_some(drill),
     })
+}
+
+/// `[monitor]` with its defaults filled in (values were checked when the file was read).
+fn resolve_monitor(m: Option<&crate::config::profile::Monitor>) -> kiln_device::MonitorConfig {
+    let d = kiln_device::MonitorConfig::default();
+    let Some(m) = m else { return d };
+    let secs = |v: &Option<String>, default: u64| {
+        v.as_deref().and_then(|v| humantime::parse_duration(v).ok()).map(|v| v.as_secs()).unwrap_or(default)
+    };
+    let num = |v: Option<i64>, default: u32| v.map(|v| v as u32).unwrap_or(default);
+    let pct = |v: Option<i64>, default: u8| v.map(|v| v as u8).unwrap_or(default);
+    kiln_device::MonitorConfig {
+        interval_secs: secs(&m.interval, d.interval_secs),
+        disk_warn: pct(m.disk_warn, d.disk_warn),
+        disk_alert: pct(m.disk_alert, d.disk_alert),
+        inodes_warn: pct(m.inodes_warn, d.inodes_warn),
+        inodes_alert: pct(m.inodes_alert, d.inodes_alert),
+        restarts: num(m.restarts, d.restarts),
+        cert_days: num(m.cert_days, d.cert_days),
+        update_stale_secs: secs(&m.update_stale, d.update_stale_secs),
+        failed_logins: num(m.failed_logins, d.failed_logins),
+        clock_grace_secs: secs(&m.clock_grace, d.clock_grace_secs),
+        history: num(m.history, d.history),
+        push: m.push.clone(),
+        alert_url: m.alert_url.clone(),
+        heartbeat_url: m.heartbeat_url.clone(),
+    }
 }
 
 /// `[update]` with its defaults filled in (values were checked when the file was read).
@@ -444,6 +473,11 @@ impl Plan {
         if backup.is_some() {
             packages.insert("restic".to_string());
         }
+        let mut monitor = resolve_monitor(p.monitor.as_ref());
+        // `[backup] alert_url` (before `[monitor]` existed) still says where alerts go.
+        if monitor.alert_url.is_none() {
+            monitor.alert_url = p.backup.as_ref().and_then(|b| b.alert_url.clone());
+        }
         if wifi.is_some() {
             // The supplicant (WPA2/WPA3) and the regulatory database it hands the kernel.
             packages.extend(["wpasupplicant".to_string(), "wireless-regdb".to_string()]);
@@ -493,6 +527,7 @@ impl Plan {
             qemu: def.qemu.clone(),
             rpi: def.rpi.clone(),
             wifi,
+            monitor,
             update,
             services,
             hardening,

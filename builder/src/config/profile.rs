@@ -49,6 +49,44 @@ pub struct ProfileFile {
     pub backup: Option<Backup>,
     /// Networking beyond DHCP on every wired interface: Wi-Fi.
     pub network: Option<Network>,
+    /// What the device watches (units, disk, backups, updates, clock, certificates, logins) and
+    /// where it reports: a status feed, alerts, a heartbeat.
+    pub monitor: Option<Monitor>,
+}
+
+/// `[monitor]`: what the device watches and where it reports. On by default with no URLs: the
+/// status feed is kept on the device (`/var/lib/kiln-agent/status.atom`, `kiln-agent status`).
+#[derive(Deserialize, Serialize, Default, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Monitor {
+    /// How often the device looks (default "5m"): also the heartbeat's period.
+    pub interval: Option<String>,
+    /// The data partition's use in percent that raises a warning (default 85) and an alert (95).
+    pub disk_warn: Option<i64>,
+    pub disk_alert: Option<i64>,
+    /// The same for its inodes (default 85 and 95).
+    pub inodes_warn: Option<i64>,
+    pub inodes_alert: Option<i64>,
+    /// Restarts of a unit between two looks that count as crash-looping (default 3).
+    pub restarts: Option<i64>,
+    /// Warn when a TLS certificate caddy manages expires within this many days (default 14).
+    pub cert_days: Option<i64>,
+    /// Alert when a newer release has been offered and not installed for this long (default "7d").
+    pub update_stale: Option<String>,
+    /// Failed SSH logins and sudo denials between two looks that raise an alert (default 10).
+    pub failed_logins: Option<i64>,
+    /// Warn when the clock is not synchronised this long after boot (default "1h").
+    pub clock_grace: Option<String>,
+    /// Entries kept in the status feed (default 200).
+    pub history: Option<i64>,
+    /// Where the status feed is PUT after every look: "https://dav.example.org/kiln/{hostname}.atom"
+    /// (the JSON twin next to it, `.json`). Credentials: per device, `provision/monitor/`.
+    pub push: Option<String>,
+    /// Where alerts are POSTed as plain text when raised and cleared ("https://ntfy.sh/my-home").
+    pub alert_url: Option<String>,
+    /// Fetched after every look while no alert is open: a dead man's switch
+    /// ("https://hc-ping.com/<uuid>").
+    pub heartbeat_url: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Default, Debug, Clone, PartialEq)]
@@ -638,6 +676,9 @@ fn check_values(src: &Source, p: &ProfileFile) -> Result<(), ProfileError> {
     if let Some(b) = &p.backup {
         check_backup(src, b)?;
     }
+    if let Some(m) = &p.monitor {
+        check_monitor(src, m)?;
+    }
     if let Some(h) = &p.health {
         if h.timeout == Some(0) {
             return err("health.timeout", "expected a positive number of seconds, found 0".into());
@@ -934,6 +975,79 @@ fn check_backup(src: &Source, b: &Backup) -> Result<(), ProfileError> {
         if let Err(e) = u.parse::<BeforeUpdate>() {
             return err("before_update", e);
         }
+    }
+    Ok(())
+}
+
+fn check_monitor(src: &Source, m: &Monitor) -> Result<(), ProfileError> {
+    let err = |k: &str, msg: String| Err(ProfileError::new(src, Some(&format!("monitor.{k}")), msg));
+    for (key, d) in [("interval", &m.interval), ("update_stale", &m.update_stale), ("clock_grace", &m.clock_grace)] {
+        if let Some(d) = d {
+            match humantime::parse_duration(d) {
+                Err(_) => return err(key, format!("expected a duration such as \"5m\" or \"7d\", found {d:?}")),
+                Ok(v) if key == "interval" && v.as_secs() < 10 => {
+                    return err(key, format!("expected at least \"10s\" between looks, found {d:?}"))
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+    let percent = |key: &str, v: Option<i64>| -> Result<(), ProfileError> {
+        match v {
+            Some(v) if !(1..=100).contains(&v) => err(key, format!("expected a percentage from 1 to 100, found {v}")),
+            _ => Ok(()),
+        }
+    };
+    for (what, warn, alert) in [("disk", m.disk_warn, m.disk_alert), ("inodes", m.inodes_warn, m.inodes_alert)] {
+        percent(&format!("{what}_warn"), warn)?;
+        percent(&format!("{what}_alert"), alert)?;
+        let (w, a) = (warn.unwrap_or(85), alert.unwrap_or(95));
+        if w > a {
+            return err(
+                &format!("{what}_warn"),
+                format!("{w} is above {what}_alert ({a}): the warning comes first, so it must be the lower figure"),
+            );
+        }
+    }
+    for (key, v, max) in [
+        ("restarts", m.restarts, 1000),
+        ("cert_days", m.cert_days, 365),
+        ("failed_logins", m.failed_logins, 100_000),
+        ("history", m.history, 10_000),
+    ] {
+        if let Some(v) = v {
+            if !(1..=max).contains(&v) {
+                return err(key, format!("expected a whole number from 1 to {max}, found {v}"));
+            }
+        }
+    }
+    for (key, u) in [("push", &m.push), ("alert_url", &m.alert_url), ("heartbeat_url", &m.heartbeat_url)] {
+        if let Some(u) = u {
+            if let Err(e) = monitor_url(u) {
+                return err(key, e);
+            }
+            if key == "push" && !u.ends_with(".atom") {
+                return err(key, format!("expected a URL ending in .atom (the JSON twin goes next to it as .json), such as \"https://dav.example.org/kiln/{{hostname}}.atom\", found {u:?}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A monitor URL: http(s), one line without spaces, no credentials (they are provisioned per
+/// device), and no placeholder but `{hostname}`.
+pub fn monitor_url(u: &str) -> Result<(), String> {
+    if !(u.starts_with("http://") || u.starts_with("https://"))
+        || u.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!("expected an http:// or https:// URL, found {u:?}"));
+    }
+    let authority = u.split("://").nth(1).unwrap_or("").split('/').next().unwrap_or("");
+    if authority.contains('@') {
+        return Err(format!("{u:?} holds credentials: they are provisioned per device (provision/monitor/push-authorization, or the whole URL in provision/monitor/push-url), never baked into the image"));
+    }
+    if u.replace("{hostname}", "").contains(['{', '}']) {
+        return Err(format!("the only placeholder is {{hostname}}, found {u:?}"));
     }
     Ok(())
 }

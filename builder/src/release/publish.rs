@@ -49,6 +49,8 @@ pub struct PublishOptions {
     pub base_url: String,
     pub valid_for: Duration,
     pub notes: String,
+    /// The release fixes security problems (`--security`).
+    pub security: bool,
     pub keep: usize,
     pub force: bool,
 }
@@ -191,6 +193,7 @@ pub fn publish(out_dir: &Path, opts: &PublishOptions) -> Result<Published> {
         artifacts,
         changelog,
         notes: opts.notes.clone(),
+        security: opts.security,
     };
     releases.insert(0, release.clone());
     releases.truncate(opts.keep.max(1));
