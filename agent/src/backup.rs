@@ -1119,12 +1119,11 @@ fn lock() -> Result<nix::fcntl::Flock<std::fs::File>> {
         .map_err(|(_, e)| anyhow::anyhow!("locking /run/kiln-agent/backup.lock: {e}"))
 }
 
-/// Records a run's outcome, refreshes the alerts and reports them: every current alert to the
-/// journal (priority err) and the console; alerts newly raised, and their clearing, to
-/// `alert_url` when the profile has one (a failed delivery is reported, never fatal).
+/// Records a run's outcome, refreshes the alerts and reports every current alert to the journal
+/// (priority err) and the console. Delivering them (`alert_url`, the status feed) is the
+/// monitor's, which `main` runs after every backup command.
 pub fn record(state_dir: &Path, cfg: &BackupConfig, update: impl FnOnce(&mut Status)) -> Result<Status> {
     let mut status = Status::load(state_dir)?;
-    let before = status.alerts.clone();
     update(&mut status);
     status.refresh_alerts(Timestamp::now(), cfg.stale_after_secs);
     status.redact();
@@ -1133,60 +1132,18 @@ pub fn record(state_dir: &Path, cfg: &BackupConfig, update: impl FnOnce(&mut Sta
         // sd-daemon priority prefix: the journal files the line at "err".
         println!("<3>kiln-agent: ALERT: {a}");
     }
-    if let Some(url) = &cfg.alert_url {
-        let host =
-            nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "kiln".into());
-        let raised: Vec<&String> = status.alerts.iter().filter(|a| !before.iter().any(|b| same_alert(a, b))).collect();
-        let message = if !raised.is_empty() {
-            Some((
-                format!("{host}: backup alert"),
-                raised.iter().map(|a| a.as_str()).collect::<Vec<_>>().join("\n"),
-                "high",
-            ))
-        } else if status.alerts.is_empty() && !before.is_empty() {
-            Some((format!("{host}: backups healthy again"), format!("resolved: {}", before.join("; ")), "default"))
-        } else {
-            None
-        };
-        if let Some((title, body, priority)) = message {
-            if let Err(e) = post_alert(url, &title, &body, priority) {
-                println!("<4>kiln-agent: could not deliver the alert to {url}: {e:#}");
-            }
-        }
-    }
     Ok(status)
 }
 
-/// Two alerts are the same one when they differ only in times and ages (a stale backup that
-/// got a day older, a backup that failed again for the same reason, is not news).
-fn same_alert(a: &str, b: &str) -> bool {
-    fn key(s: &str) -> String {
-        if let Some((head, tail)) = s.split_once(" at ") {
-            if let Some((_, reason)) = tail.split_once(": ") {
-                return format!("{head}: {reason}");
-            }
+/// An alert's identity: two alerts are the same one when they differ only in times and ages (a
+/// stale backup that got a day older, a backup that failed again for the same reason, is not news).
+pub fn alert_key(s: &str) -> String {
+    if let Some((head, tail)) = s.split_once(" at ") {
+        if let Some((_, reason)) = tail.split_once(": ") {
+            return format!("{head}: {reason}");
         }
-        s.split(" (").next().unwrap_or(s).to_string()
     }
-    key(a) == key(b)
-}
-
-fn post_alert(url: &str, title: &str, body: &str, priority: &str) -> Result<()> {
-    let client = crate::download::client()?;
-    let resp = client
-        .post(url)
-        .header("Title", title)
-        .header("Priority", priority)
-        .header("Tags", "kiln,backup")
-        .header("Content-Type", "text/plain; charset=utf-8")
-        .body(format!("{title}\n{body}\n"))
-        .timeout(Duration::from_secs(20))
-        .send()
-        .with_context(|| format!("POST {url}"))?;
-    if !resp.status().is_success() {
-        bail!("POST {url}: HTTP {}", resp.status());
-    }
-    Ok(())
+    s.split(" (").next().unwrap_or(s).to_string()
 }
 
 #[cfg(test)]
@@ -1296,6 +1253,7 @@ mod tests {
 
     #[test]
     fn an_alert_that_only_got_older_is_not_raised_again() {
+        let same_alert = |a: &str, b: &str| alert_key(a) == alert_key(b);
         assert!(same_alert("backup failed at 2026-12-01T03:00:00Z: x", "backup failed at 2026-12-02T03:00:00Z: x"));
         assert!(!same_alert("backup failed at 2026-12-01T03:00:00Z: x", "backup failed at 2026-12-02T03:00:00Z: y"));
         assert!(same_alert(

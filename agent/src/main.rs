@@ -8,14 +8,16 @@
 //! The modules use each other in one direction only (`use crate::` edges; no circles):
 //!
 //! ```text
-//! main    -> agent, backup, data, state, update
+//! main    -> agent, backup, data, monitor, state, update
+//! monitor -> backup, data, download, state, watch           (one look: events, the status feed, delivery)
+//! watch   -> backup, exec, state, system, x509              (what the monitor watches, judged)
 //! data    -> exec, factory, system                          (/var: grown, formatted, mounted)
 //! update  -> agent, backup, boot, download, state, system   (one update check)
 //! agent   -> boot, state, system                            (boot, commit, rollback)
 //! backup  -> download, exec, factory, state, system         (restic)
 //! boot    -> exec, state, system                            (the boot medium: UKIs, autoboot.txt, cmdline.txt)
 //! system  -> exec                                           (the running system: sysfs, /proc, systemd)
-//! download, state, exec, factory -> (nothing of the agent's)          (exec: the only process spawner)
+//! download, state, exec, factory, x509 -> (nothing of the agent's)    (exec: the only process spawner)
 //! ```
 
 mod agent;
@@ -25,10 +27,13 @@ mod data;
 mod download;
 mod exec;
 mod factory;
+mod monitor;
 mod state;
 mod system;
 mod update;
+mod watch;
 mod wifi;
+mod x509;
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
@@ -87,6 +92,13 @@ enum Command {
     /// Wi-Fi on one interface with the provisioned networks (kiln-wifi@IFACE.service): runs
     /// wpa_supplicant and says what happens (connected, passphrase refused, nothing in range).
     Wifi { interface: String },
+    /// Look at the device once (kiln-monitor.timer): failed units, disk, backups, updates,
+    /// clock, certificates, power, logins; write the status feed and deliver it and the alerts.
+    Monitor {
+        /// Run at shutdown: record that this boot ends cleanly.
+        #[arg(long)]
+        stopping: bool,
+    },
     /// Backups with restic: now, status, drill, restore, prune.
     Backup {
         #[command(subcommand)]
@@ -137,10 +149,25 @@ fn run(cli: Cli) -> Result<()> {
     if let Command::Status { json } = cli.command {
         return status(&cli.config, &cli.state_dir, json);
     }
+    if let Command::Monitor { stopping } = cli.command {
+        if stopping {
+            return monitor::stopping(&cli.state_dir);
+        }
+        let config = kiln_device::DeviceConfig::load(&cli.config).map_err(anyhow::Error::msg)?;
+        let events = monitor::look(&config, &cli.state_dir)?;
+        if !events.is_empty() {
+            println!("kiln-agent: monitor: {} change(s); peak RSS {} KiB", events.len(), peak_rss_kib());
+        }
+        return Ok(());
+    }
     if let Command::Backup { action } = &cli.command {
         // Nothing printed may carry a repository password (a provisioned URL can hold one).
-        return backup(&cli.config, &cli.state_dir, action)
-            .map_err(|e| anyhow::anyhow!(backup::redact(&format!("{e:#}"))));
+        let result =
+            backup(&cli.config, &cli.state_dir, action).map_err(|e| anyhow::anyhow!(backup::redact(&format!("{e:#}"))));
+        if !matches!(action, BackupAction::Status { .. }) {
+            look_after(&cli.config, &cli.state_dir);
+        }
+        return result;
     }
     if let Command::Wifi { interface } = &cli.command {
         let config = kiln_device::DeviceConfig::load(&cli.config).map_err(anyhow::Error::msg)?;
@@ -153,7 +180,11 @@ fn run(cli: Cli) -> Result<()> {
     let agent = agent::Agent::open(&cli.config, &cli.state_dir)?;
     match cli.command {
         Command::Boot => agent.boot(),
-        Command::Commit => agent.commit(),
+        Command::Commit => {
+            let r = agent.commit();
+            look_after(&cli.config, &cli.state_dir);
+            r
+        }
         Command::Rollback { no_reboot } => agent.rollback(!no_reboot),
         Command::Check { now, no_reboot } => {
             let outcome = update::check(&agent, now);
@@ -184,13 +215,18 @@ fn run(cli: Cli) -> Result<()> {
             // Said first, recorded after, best effort: a full /var must not swallow the line.
             println!("kiln-agent: {line}");
             agent.record(&state);
+            look_after(&cli.config, &cli.state_dir);
             if matches!(outcome, Ok(update::Outcome::Installed { .. })) && !no_reboot {
                 println!("kiln-agent: rebooting into the new slot");
                 agent.medium.reboot_into_trial()?;
             }
             Ok(())
         }
-        Command::Status { .. } | Command::Backup { .. } | Command::MountData { .. } | Command::Wifi { .. } => {
+        Command::Status { .. }
+        | Command::Backup { .. }
+        | Command::MountData { .. }
+        | Command::Wifi { .. }
+        | Command::Monitor { .. } => {
             unreachable!("handled above")
         }
     }
@@ -314,6 +350,15 @@ fn backup(config: &std::path::Path, state_dir: &std::path::Path, action: &Backup
     }
 }
 
+/// A look by the monitor after a command that changed what it watches (a backup, an update
+/// check, a commit), so the news goes out now rather than at the next timer. Best effort.
+fn look_after(config: &std::path::Path, state_dir: &std::path::Path) {
+    let Ok(device) = kiln_device::DeviceConfig::load(config) else { return };
+    if let Err(e) = monitor::look(&device, state_dir) {
+        println!("<4>kiln-agent: monitor: {e:#}");
+    }
+}
+
 /// The process's peak resident set size (VmHWM), for the benchmark figures.
 fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -344,6 +389,15 @@ fn status(config: &std::path::Path, state_dir: &std::path::Path, json: bool) -> 
                 b
             }),
             "wifi": wifi::statuses(std::path::Path::new(wifi::RUN_DIR)),
+            "monitor": monitor::Record::load(state_dir).ok().map(|r| serde_json::json!({
+                "open": r.open.values().collect::<Vec<_>>(),
+                "last_look": r.last_look,
+                "last_push": r.last_push,
+                "last_heartbeat": r.last_heartbeat,
+                "undelivered_alerts": r.outbox.len(),
+                "delivery_error": r.delivery_error,
+                "feed": state_dir.join(monitor::FEED_ATOM),
+            })),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -395,6 +449,22 @@ fn status(config: &std::path::Path, state_dir: &std::path::Path, json: bool) -> 
         s.refresh_alerts(kiln_feed::Timestamp::now(), b.stale_after_secs);
         let good = s.last_good_backup.as_ref().map(|r| format!("{} ({})", r.at, r.summary)).unwrap_or_else(none);
         println!("backup:    last good {good}; {} alert(s) (kiln-agent backup status)", s.alerts.len());
+    }
+    if let Ok(r) = monitor::Record::load(state_dir) {
+        println!(
+            "monitor:   last look {}; {} open; feed {}",
+            r.last_look.map(|t| t.to_string()).unwrap_or_else(none),
+            r.open.len(),
+            state_dir.join(monitor::FEED_ATOM).display()
+        );
+        let mut open: Vec<_> = r.open.values().collect();
+        open.sort_by_key(|e| e.since);
+        for e in open {
+            println!("open:      {} (since {})", e.headline(), e.since);
+        }
+        if let Some(e) = &r.delivery_error {
+            println!("delivery:  {e} ({} alert(s) waiting)", r.outbox.len());
+        }
     }
     if config.as_ref().is_some_and(|c| c.wifi.is_some()) {
         let all = wifi::statuses(std::path::Path::new(wifi::RUN_DIR));

@@ -139,6 +139,20 @@ pub struct State {
     /// against anything earlier (a device without a real-time clock starts in the past).
     #[serde(default)]
     pub trusted_time: Option<Timestamp>,
+    /// The newest release of this device's profile, image and architecture that an accepted
+    /// document offered, while it is newer than the running one, and since when (the monitor's
+    /// "not installed for too long" and "security update pending").
+    #[serde(default)]
+    pub offered: Option<Offered>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Offered {
+    pub version: Version,
+    /// When a document first offered this version.
+    pub since: Timestamp,
+    /// It, or a release between the running one and it, fixes security problems.
+    pub security: bool,
 }
 
 impl Default for State {
@@ -157,6 +171,7 @@ impl Default for State {
             last_download_bytes: 0,
             newest_metadata: None,
             trusted_time: None,
+            offered: None,
         }
     }
 }
@@ -191,6 +206,21 @@ impl State {
         if synced {
             self.trusted_time = self.trusted_time.max(Some(now));
         }
+    }
+
+    /// What an accepted document offers this device: its own releases newer than `running`
+    /// (newest first in `releases`). Keeps the first time the newest was offered. Does not write.
+    pub fn saw_offer(&mut self, releases: &[&kiln_feed::Release], running: &Version, now: Timestamp) {
+        let newer: Vec<&&kiln_feed::Release> = releases.iter().filter(|r| &r.version > running).collect();
+        let Some(newest) = newer.iter().map(|r| &r.version).max() else {
+            self.offered = None;
+            return;
+        };
+        let since = match &self.offered {
+            Some(o) if &o.version == newest => o.since,
+            _ => now,
+        };
+        self.offered = Some(Offered { version: newest.clone(), since, security: newer.iter().any(|r| r.security) });
     }
 
     /// Persists the record atomically: temp file, fsync, rename, fsync of the directory.

@@ -149,6 +149,10 @@ pub fn check(agent: &Agent, ignore_window: bool) -> Result<Outcome> {
     // newest document is kept, so no older one is accepted again. Best effort: a full /var
     // must not stop a check.
     state.saw_metadata(meta.generated, now, synced);
+    let c = &agent.config;
+    let mine: Vec<&Release> =
+        meta.releases.iter().filter(|r| r.image == c.image && r.arch == c.arch && r.profile == c.profile).collect();
+    state.saw_offer(&mine, &agent.running, now);
     state.last_check = Some(now);
     if let Err(e) = state.write(&agent.state_dir) {
         eprintln!("kiln-agent: recording the metadata's time: {e:#}");
@@ -485,10 +489,10 @@ fn verify_signature(json: &[u8], sig: &str, keys: &[String]) -> Result<(), Strin
 }
 
 #[cfg(test)]
-mod tests {
+pub mod tests {
     use super::*;
 
-    const DEVICE: &str = r#"{
+    pub const DEVICE: &str = r#"{
   "profile": "home", "image": "rpi4", "arch": "arm64", "version": "0.2.0",
   "bootloader": "rpi-firmware", "partition_table": "mbr",
   "partitions": [

@@ -193,7 +193,6 @@ groups = ["sudo"]
 # repository = "rest:https://backup.example.org/{name}"
 # schedule = "daily"
 # restore_drill = "weekly"
-# alert_url = "https://ntfy.example.org/{name}"
 
 # Over-the-air updates: devices follow your signed release feed (kiln publish) and update
 # themselves A/B, health-gated, with rollback. keys/kiln-release.key signs; keep it safe.
@@ -206,6 +205,17 @@ groups = ["sudo"]
 # [network]
 # wifi = true
 # country = "DE"
+
+# The device watches itself (failed services, a full disk, backups, updates, the clock,
+# certificates, logins) and keeps a status feed; with these it also reports: the feed PUT to
+# your WebDAV or object store, alerts POSTed to ntfy, a heartbeat that alerts by its silence.
+# Credentials and secret URLs are per device: {name}/provision/monitor/ (push-url, ...).
+# [monitor]
+# push = "https://dav.example.org/kiln/{{hostname}}.atom"
+# alert_url = "https://ntfy.example.org/{name}"
+# heartbeat_url = "https://hc-ping.com/your-check-uuid"
+# disk_warn = 85
+# disk_alert = 95
 
 # What makes a boot healthy (an update that is not healthy is rolled back).
 # [health]

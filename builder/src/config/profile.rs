@@ -1436,6 +1436,31 @@ mod tests {
     }
 
     #[test]
+    fn monitor_thresholds_and_urls_are_checked() {
+        let ok = parse(
+            "[monitor]\ninterval = \"1m\"\ndisk_warn = 80\ndisk_alert = 90\npush = \"https://dav.example.org/k/{hostname}.atom\"\nalert_url = \"https://ntfy.example.org/home\"\nheartbeat_url = \"https://hc.example.org/ping/x\"\n",
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        for (text, key, says) in [
+            ("disk_warn = 96", "monitor.disk_warn", "above disk_alert (95)"),
+            ("inodes_alert = 101", "monitor.inodes_alert", "from 1 to 100"),
+            ("disk_alert = 0", "monitor.disk_alert", "from 1 to 100"),
+            ("restarts = 0", "monitor.restarts", "from 1 to 1000"),
+            ("interval = \"2s\"", "monitor.interval", "at least \"10s\""),
+            ("update_stale = \"soon\"", "monitor.update_stale", "a duration"),
+            ("push = \"https://dav.example.org/k/home.json\"", "monitor.push", "ending in .atom"),
+            ("push = \"https://me:pw@dav.example.org/k/h.atom\"", "monitor.push", "holds credentials"),
+            ("alert_url = \"ntfy.sh/x\"", "monitor.alert_url", "http:// or https://"),
+            ("heartbeat_url = \"https://hc.example.org/{uuid}\"", "monitor.heartbeat_url", "only placeholder"),
+            ("disk_warning = 80", "monitor.disk_warning", "unknown key"),
+        ] {
+            let e = parse(&format!("[monitor]\n{text}\n")).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{text}: {e}");
+            assert!(e.message.contains(says), "{text}: {e}");
+        }
+    }
+
+    #[test]
     fn unknown_key_names_the_key_path() {
         let e = parse("[system]\nhostnme = \"x\"\n").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("system.hostnme"));

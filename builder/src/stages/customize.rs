@@ -126,6 +126,7 @@ pub fn customize(ctx: &Context, agent: &Path) -> Result<()> {
 
     // Units.
     let mut units: Vec<&str> = ENABLED_UNITS.to_vec();
+    units.extend(["kiln-monitor.timer", "kiln-monitor-stop.service"]);
     if plan.update.is_some() {
         units.push("kiln-agent.timer");
     }
@@ -240,15 +241,28 @@ fn install_agent(ctx: &Context, tctx: &tera::Context, bin: &Path) -> Result<()> 
     let device =
         serde_json::to_vec_pretty(&crate::config::device::device_config(plan)?).context("encoding device.json")?;
     write_file(&tree.join(kiln_device::DEVICE_CONFIG.trim_start_matches('/')), &device, 0o644)?;
-    for unit in
-        ["kiln-agent-boot.service", "kiln-agent-commit.service", "kiln-agent-rollback.service", "kiln-agent.service"]
-    {
+    for unit in [
+        "kiln-agent-boot.service",
+        "kiln-agent-commit.service",
+        "kiln-agent-rollback.service",
+        "kiln-agent.service",
+        "kiln-monitor.service",
+        "kiln-monitor-stop.service",
+    ] {
         write_file(
             &tree.join("usr/lib/systemd/system").join(unit),
             t.render(&format!("rootfs/{unit}"), tctx)?.as_bytes(),
             0o644,
         )?;
     }
+    let mut c = tctx.clone();
+    c.insert("monitor", &plan.monitor);
+    c.insert("first_look_secs", &plan.monitor.interval_secs.min(60));
+    write_file(
+        &tree.join("usr/lib/systemd/system/kiln-monitor.timer"),
+        t.render("rootfs/kiln-monitor.timer.tera", &c)?.as_bytes(),
+        0o644,
+    )?;
     if let Some(b) = &plan.backup {
         install_backup(ctx, tctx, b)?;
     }
