@@ -39,8 +39,8 @@ pub struct Record {
     /// Newest first.
     pub events: Vec<Event>,
     pub samples: Vec<Sample>,
-    /// Each service's restart count at the last look (this boot).
-    pub restarts: BTreeMap<String, u32>,
+    /// Services' restart counts at recent looks (this boot).
+    pub restarts: watch::RestartMemory,
     pub journal_cursor: Option<String>,
     /// The boot of the last look, and the boot that recorded a clean shutdown.
     pub boot_id: Option<String>,
@@ -254,7 +254,7 @@ pub fn look(device: &DeviceConfig, state_dir: &Path) -> Result<Vec<Event>> {
     }
     observed.push(("unit:", units.as_ref().ok().map(|u| watch::judge_units(cfg, u, &record.restarts))));
     if let Ok(u) = &units {
-        record.restarts = u.iter().map(|u| (u.id.clone(), u.restarts)).collect();
+        watch::remember_restarts(&mut record.restarts, u, now, watch::crash_window(cfg));
     }
 
     let data_error = std::fs::read_to_string(crate::data::ERROR_FILE).ok().map(|e| e.trim().to_string());

@@ -67,12 +67,23 @@ fn watched_elsewhere(id: &str) -> bool {
     id.starts_with("kiln-backup") || id.starts_with("kiln-monitor") || id == "kiln-agent.service"
 }
 
-/// Failed units, and units restarted `cfg.restarts` times or more since the last look
-/// (`before`: each unit's restart count then).
-pub fn judge_units(cfg: &MonitorConfig, units: &[UnitSeen], before: &BTreeMap<String, u32>) -> Vec<Finding> {
+/// Each unit's restart counts at recent looks, oldest first: (time, NRestarts).
+pub type RestartMemory = BTreeMap<String, Vec<(Timestamp, u32)>>;
+
+/// How far back restarts count towards a crash loop: ten minutes, or two looks when those are
+/// further apart. A unit that stops restarting is cleared after that; one stopped at once.
+pub fn crash_window(cfg: &MonitorConfig) -> u64 {
+    (2 * cfg.interval_secs).max(600)
+}
+
+/// Failed units, and units restarted `cfg.restarts` times or more within [`crash_window`] that
+/// are still being restarted (`memory`: their counts at earlier looks, [`remember_restarts`]).
+pub fn judge_units(cfg: &MonitorConfig, units: &[UnitSeen], memory: &RestartMemory) -> Vec<Finding> {
     let mut out = Vec::new();
     for u in units.iter().filter(|u| !watched_elsewhere(&u.id)) {
-        let restarted = u.restarts.saturating_sub(before.get(&u.id).copied().unwrap_or(u.restarts));
+        let baseline = memory.get(&u.id).and_then(|m| m.first()).map(|(_, n)| *n).unwrap_or(u.restarts);
+        // A counter lower than before: the unit was started afresh, every restart is new.
+        let restarted = if u.restarts >= baseline { u.restarts - baseline } else { u.restarts };
         let todo = format!(
             "read `journalctl -u {}` on the device; once it is fixed, `systemctl reset-failed {}` (or the next update) clears this",
             u.id, u.id
@@ -83,18 +94,36 @@ pub fn judge_units(cfg: &MonitorConfig, units: &[UnitSeen], before: &BTreeMap<St
                     .detail(format!("result: {}; restarted {} time(s) since it was started", u.result, u.restarts))
                     .todo(todo),
             );
-        } else if restarted >= cfg.restarts.max(1) {
+        } else if restarted >= cfg.restarts.max(1) && u.active != "inactive" {
             out.push(
                 Finding::new(format!("unit:{}", u.id), Severity::Alert, format!("{} is crash-looping", u.id))
                     .detail(format!(
-                        "restarted {restarted} time(s) since the last look ({} in all); now {}, last result {}",
-                        u.restarts, u.active, u.result
+                        "restarted {restarted} time(s) in the last {} min ({} since it was started); now {}, last result {}",
+                        crash_window(cfg) / 60,
+                        u.restarts,
+                        u.active,
+                        u.result
                     ))
                     .todo(todo),
             );
         }
     }
     out
+}
+
+/// Adds this look's counts to `memory`, keeps the looks within the window plus the last one
+/// before it (the baseline), and forgets units that are gone.
+pub fn remember_restarts(memory: &mut RestartMemory, units: &[UnitSeen], now: Timestamp, window: u64) {
+    memory.retain(|id, _| units.iter().any(|u| &u.id == id));
+    for u in units {
+        if u.restarts == 0 && !memory.contains_key(&u.id) {
+            continue;
+        }
+        let m = memory.entry(u.id.clone()).or_default();
+        m.push((now, u.restarts));
+        let inside = m.iter().position(|(t, _)| now.0.saturating_sub(t.0) <= window).unwrap_or(m.len());
+        m.drain(..inside.saturating_sub(1));
+    }
 }
 
 /// Every loaded service's state and restart count, in two systemctl calls.
@@ -634,17 +663,37 @@ mod tests {
                      Id=kiln-backup.service\nActiveState=failed\nResult=exit-code\nNRestarts=0\n";
         let units = parse_units(shown);
         assert_eq!(units.len(), 4);
-        let before: BTreeMap<String, u32> = [("crashy.service".to_string(), 2)].into_iter().collect();
-        let f = judge_units(&cfg(), &units, &before);
-        let keys: Vec<&str> = f.iter().map(|f| f.key.as_str()).collect();
-        assert_eq!(keys, ["unit:crashy.service", "unit:broken.service"], "backups are reported by their own watcher");
+        let mut memory = RestartMemory::new();
+        // First sight: the count is the baseline, nothing is crash-looping yet.
+        let f = judge_units(&cfg(), &units, &memory);
+        assert_eq!(f.iter().map(|f| f.key.as_str()).collect::<Vec<_>>(), ["unit:broken.service"]);
+        remember_restarts(&mut memory, &units, Timestamp(1000), 600);
+        assert_eq!(memory["crashy.service"], [(Timestamp(1000), 7)]);
+        assert!(!memory.contains_key("ssh.service"), "units that never restarted are not remembered");
+        // Looks a few seconds apart, one or two restarts each: it adds up within the window.
+        let at = |n: u32| {
+            let mut u = units.clone();
+            u[0].restarts = n;
+            u
+        };
+        assert_eq!(judge_units(&cfg(), &at(9)[..1], &memory), []);
+        remember_restarts(&mut memory, &at(9), Timestamp(1005), 600);
+        let f = judge_units(&cfg(), &at(10)[..1], &memory);
         assert_eq!(f[0].title, "crashy.service is crash-looping");
-        assert!(f[0].detail.starts_with("restarted 5 time(s) since the last look"));
-        // Two restarts since the last look are under the threshold of 3; a unit seen for the
-        // first time counts from now.
-        let before: BTreeMap<String, u32> = [("crashy.service".to_string(), 5)].into_iter().collect();
-        assert_eq!(judge_units(&cfg(), &units[..1], &before), []);
-        assert_eq!(judge_units(&cfg(), &units[..1], &BTreeMap::new()), []);
+        assert!(f[0].detail.starts_with("restarted 3 time(s) in the last 10 min"), "{}", f[0].detail);
+        remember_restarts(&mut memory, &at(10), Timestamp(1010), 600);
+        // Stopped by its owner: cleared at once.
+        let mut stopped = at(10);
+        stopped[0].active = "inactive".into();
+        assert_eq!(judge_units(&cfg(), &stopped[..1], &memory), []);
+        // No restart for longer than the window: the baseline moves up, cleared.
+        remember_restarts(&mut memory, &at(10), Timestamp(1700), 600);
+        assert_eq!(memory["crashy.service"], [(Timestamp(1010), 10), (Timestamp(1700), 10)]);
+        remember_restarts(&mut memory, &at(10), Timestamp(2400), 600);
+        assert_eq!(judge_units(&cfg(), &at(10)[..1], &memory), []);
+        // Gone units are forgotten.
+        remember_restarts(&mut memory, &units[1..2], Timestamp(2500), 600);
+        assert!(memory.is_empty());
     }
 
     #[test]
