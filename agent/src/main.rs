@@ -98,6 +98,9 @@ enum Command {
         /// Run at shutdown: record that this boot ends cleanly.
         #[arg(long)]
         stopping: bool,
+        /// Print what the look cost: peak RSS, CPU time (its own and the programs it ran).
+        #[arg(long)]
+        stats: bool,
     },
     /// Backups with restic: now, status, drill, restore, prune.
     Backup {
@@ -149,14 +152,21 @@ fn run(cli: Cli) -> Result<()> {
     if let Command::Status { json } = cli.command {
         return status(&cli.config, &cli.state_dir, json);
     }
-    if let Command::Monitor { stopping } = cli.command {
+    if let Command::Monitor { stopping, stats } = cli.command {
         if stopping {
             return monitor::stopping(&cli.state_dir);
         }
         let config = kiln_device::DeviceConfig::load(&cli.config).map_err(anyhow::Error::msg)?;
+        let started = std::time::Instant::now();
         let events = monitor::look(&config, &cli.state_dir)?;
-        if !events.is_empty() {
-            println!("kiln-agent: monitor: {} change(s); peak RSS {} KiB", events.len(), peak_rss_kib());
+        if stats {
+            let (own, children) = (cpu_ms(libc::RUSAGE_SELF), cpu_ms(libc::RUSAGE_CHILDREN));
+            println!(
+                "kiln-agent: monitor: {} change(s) in {:.2}s; peak RSS {} KiB; CPU {own} ms (+{children} ms in systemctl and journalctl)",
+                events.len(),
+                started.elapsed().as_secs_f64(),
+                peak_rss_kib()
+            );
         }
         return Ok(());
     }
@@ -357,6 +367,17 @@ fn look_after(config: &std::path::Path, state_dir: &std::path::Path) {
     if let Err(e) = monitor::look(&device, state_dir) {
         println!("<4>kiln-agent: monitor: {e:#}");
     }
+}
+
+/// User + system CPU time in milliseconds (`who`: RUSAGE_SELF or RUSAGE_CHILDREN).
+fn cpu_ms(who: libc::c_int) -> u64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(who, &mut u) } != 0 {
+        return 0;
+    }
+    let ms = |t: libc::timeval| t.tv_sec as u64 * 1000 + t.tv_usec as u64 / 1000;
+    ms(u.ru_utime) + ms(u.ru_stime)
 }
 
 /// The process's peak resident set size (VmHWM), for the benchmark figures.

@@ -118,7 +118,7 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
         work.join("profiles/ota.toml"),
         format!(
             "extends = \"minimal\"\n[update]\nfeed = \"http://{FEED_HOST}/stable.atom\"\npublic_key = \"../keys/kiln-release.pub\"\n\
-             interval = \"20s\"\njitter = \"0s\"\n"
+             interval = \"20s\"\njitter = \"0s\"\n[monitor]\nalert_url = \"http://{FEED_HOST}/alerts\"\n"
         ),
     )
     .unwrap();
@@ -312,6 +312,11 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
         unrecorded.trim()
     );
 
+    // The owner hears of it: one alert, from v2's monitor (the check that skipped v3 looked).
+    let rolled_back = "ALERT: update to 0.3.0 failed and was rolled back to 0.2.0";
+    let alert = wait_post(&server, rolled_back, Duration::from_secs(180));
+    println!("kiln-it: alert after the rollback: {}", alert.lines().take(2).collect::<Vec<_>>().join(" | "));
+
     // v4, four ways wrong: each refused with its reason, v2 keeps running.
     let artifacts = staging.join("artifacts");
     let v4_meta: serde_json::Value =
@@ -418,7 +423,17 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
         &["kiln-agent: committed 0.5.0 in slot a", "kiln-agent: running 0.5.0, the newest release"],
         Duration::from_secs(900),
     );
+    // v5 committed: the rollback's alert is cleared (the fix arrived), and it was raised once.
+    let cleared = wait_post(&server, "cleared: update to 0.3.0 failed", Duration::from_secs(180));
     v.kill();
+    let about = |what: &str| server.posts().iter().filter(|(p, b)| p == "/alerts" && b.contains(what)).count();
+    assert_eq!(about(rolled_back), 1, "one alert per change: {:#?}", server.posts());
+    println!(
+        "kiln-it: {}; {} alert deliveries in all: {:?}",
+        cleared.lines().next().unwrap_or_default(),
+        server.posts().len(),
+        server.posts().iter().map(|(_, b)| b.lines().next().unwrap_or_default().to_string()).collect::<Vec<_>>()
+    );
     // Progress is recorded every 8 MiB and the cuts land 1-12 s into a 3 MiB/s download:
     // downloads that never resume would mean the progress is lost at every cut.
     assert!(resumes > 0, "no download resumed after {} power cuts: {cuts:#?}", cuts.len());
@@ -428,4 +443,16 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
         stalls.len(),
         end.trim()
     );
+}
+
+/// The first alert POSTed to `/alerts` whose text holds `what`, waiting up to `timeout`.
+pub fn wait_post(server: &Server, what: &str, timeout: Duration) -> String {
+    let t = Instant::now();
+    loop {
+        if let Some((_, b)) = server.posts().into_iter().find(|(p, b)| p == "/alerts" && b.contains(what)) {
+            return b;
+        }
+        assert!(t.elapsed() < timeout, "no alert {what:?} within {timeout:?}: {:#?}", server.posts());
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }

@@ -25,6 +25,8 @@ const FEED: &str = "10.0.2.101:80";
 const REST_USER: &str = "kiln-dev1";
 const REST_PASSWORD: &str = "append-only-login";
 const REPO_PASSWORD: &str = "correct horse battery staple";
+/// Seconds between the device's looks at itself (the monitor; its heartbeat's period).
+const MONITOR_INTERVAL: u64 = 30;
 
 /// A stand-in for a service of your own: counts its starts in its state directory.
 const NOTES: &str =
@@ -262,6 +264,13 @@ alert_url = "http://{FEED}/alerts"
 [update]
 feed = "http://{FEED}/stable.atom"
 public_key = "../keys/kiln-release.pub"
+
+# The status feed PUT next to the release feed; a heartbeat while healthy. (Alerts go to
+# [backup] alert_url above: a profile written before [monitor] keeps working.)
+[monitor]
+interval = "{MONITOR_INTERVAL}s"
+push = "http://{FEED}/status/{{hostname}}.atom"
+heartbeat_url = "http://{FEED}/hb"
 "#,
             public.trim()
         ),
@@ -296,6 +305,7 @@ public_key = "../keys/kiln-release.pub"
         ],
     );
     crate::drop_outputs(&work.join("out-v2/bk-pc-uefi"), &["disk.img", "disk.img.bmap", "root.img", "kiln-0.2.0.efi"]);
+    std::fs::write(site.join("hb"), "ok\n").unwrap();
     let feed = crate::httpd::Server::start(&site);
     let manifest: kiln::stages::manifest::Manifest =
         serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
@@ -380,13 +390,8 @@ public_key = "../keys/kiln-release.pub"
     assert!(s["last_backup"]["summary"].as_str().unwrap().contains("wrong repository password"), "{s}");
     assert!(s["alerts"].as_array().unwrap().iter().any(|a| a.as_str().unwrap().starts_with("backup failed")), "{s}");
     println!("kiln-it: wrong password: {}", s["last_backup"]["summary"]);
-    let alerts = feed.posts();
-    assert!(
-        alerts.iter().any(|(p, b)| p == "/alerts"
-            && b.starts_with("dev1: backup alert")
-            && b.contains("wrong repository password")),
-        "the alert reached the webhook: {alerts:?}"
-    );
+    let wrong_password = wait_post(&feed, "wrong repository password", Duration::from_secs(60));
+    assert!(wrong_password.starts_with("dev1: ALERT: backup failed at"), "{wrong_password}");
 
     server.stop();
     let t = Instant::now();
@@ -420,12 +425,22 @@ public_key = "../keys/kiln-release.pub"
     let s = backup_status(&key, ssh_port);
     assert!(s["alerts"].as_array().unwrap().is_empty(), "a good backup clears the alerts: {s}");
     let alerts = feed.posts();
-    assert!(alerts.last().is_some_and(|(_, b)| b.starts_with("dev1: backups healthy again")), "{alerts:?}");
+    assert!(
+        alerts.last().is_some_and(|(_, b)| b.starts_with("dev1: cleared: backup failed at")),
+        "the good backup cleared the last failure: {alerts:?}"
+    );
+    // Three failures for three reasons: each raised once and cleared once.
+    for reason in ["wrong repository password", "cannot reach the backup target", "the backup target is full"] {
+        let raised = about(&feed, &format!("ALERT: backup failed at"), reason);
+        let cleared = about(&feed, "cleared: backup failed at", reason);
+        assert_eq!((raised, cleared), (1, 1), "{reason}: {alerts:#?}");
+    }
     println!(
         "kiln-it: {} alert deliveries so far, the last: {:?}",
         alerts.len(),
         alerts.last().map(|(_, b)| b.lines().next().unwrap_or_default())
     );
+    monitor_raises_and_clears(&key, ssh_port, &feed, &site);
 
     // A manual restore puts the snapshot back exactly: files made since are removed (a SQLite
     // -wal left next to a restored database corrupts it), changed ones restored, the service
@@ -544,7 +559,143 @@ public_key = "../keys/kiln-release.pub"
     let tagged = host_restic(&repo, &["snapshots", "--json", "--tag", "before-update"]);
     let tagged: Vec<serde_json::Value> = serde_json::from_slice(&tagged.stdout).unwrap();
     assert_eq!(tagged.len(), 1, "one snapshot tagged before-update: {tagged:?}");
+
+    // Killed: its heartbeats stop, and `kiln status` on the owner's machine says it is silent.
+    let beats = || feed.requests().iter().filter(|r| r.path == "/hb").count();
+    let before_kill = beats();
     vm.kill();
+    let killed = Instant::now();
+    std::thread::sleep(Duration::from_secs(MONITOR_INTERVAL + 15));
+    assert_eq!(beats(), before_kill, "no heartbeat from a device that is off");
+    let url = format!("http://127.0.0.1:{}/status/dev1.atom", feed.port());
+    let silent_after = format!("{MONITOR_INTERVAL}s");
+    let st = crate::kiln(&work, &["status", &url, "--silent-after", &silent_after]);
+    let table = text(&st.stdout);
+    println!(
+        "kiln-it: kiln status {:.0}s after the kill (exit {:?}):\n{table}",
+        killed.elapsed().as_secs_f64(),
+        st.status.code()
+    );
+    assert_eq!(st.status.code(), Some(1), "a silent device fails `kiln status`: {table}\n{}", text(&st.stderr));
+    assert!(table.contains("dev1") && table.contains("SILENT"), "{table}");
+}
+
+/// Deliveries to `/alerts` whose text holds both `a` and `b`.
+fn about(feed: &crate::httpd::Server, a: &str, b: &str) -> usize {
+    feed.posts().iter().filter(|(p, t)| p == "/alerts" && t.contains(a) && t.contains(b)).count()
+}
+
+/// Waits for an alert holding `what` while the device looks at itself every few seconds.
+fn wait_post(feed: &crate::httpd::Server, what: &str, timeout: Duration) -> String {
+    crate::agent::wait_post(feed, what, timeout)
+}
+
+/// The monitor, in the running guest: /var filled past the alert threshold, a service
+/// crash-looping, time synchronisation stopped: each raises exactly one alert at the webhook
+/// and clears it once fixed; then the pushed status feed is read back through a real feed
+/// parser and as JSON, and the heartbeat was fetched.
+fn monitor_raises_and_clears(key: &Path, port: u16, feed: &crate::httpd::Server, site: &Path) {
+    let look = || ssh_ok(key, port, "sudo kiln-agent monitor");
+    let until = |what: &str| {
+        let t = Instant::now();
+        loop {
+            if feed.posts().iter().any(|(p, b)| p == "/alerts" && b.contains(what)) {
+                return t.elapsed().as_secs_f64();
+            }
+            assert!(t.elapsed() < Duration::from_secs(180), "no alert {what:?}: {:#?}", feed.posts());
+            look();
+            std::thread::sleep(Duration::from_secs(3));
+        }
+    };
+    let once = |what: &str| {
+        // A few more looks: still one delivery (one event per change, not per look).
+        look();
+        look();
+        let n = feed.posts().iter().filter(|(p, b)| p == "/alerts" && b.contains(what)).count();
+        assert_eq!(n, 1, "{what:?} delivered {n} times: {:#?}", feed.posts());
+    };
+    let t = Instant::now();
+    let st = ssh_ok(key, port, "systemctl is-active systemd-timesyncd; df --output=pcent /var | tail -1");
+    println!("kiln-it: monitor: before: timesyncd {}", st.split_whitespace().collect::<Vec<_>>().join(", /var "));
+
+    // /var past 95 %: fallocate as much as takes it to 96 % of what users may use.
+    let fill = "set -e; u=$(df -B1 --output=used /var | tail -1); a=$(df -B1 --output=avail /var | tail -1); \
+                sudo fallocate -l $(( (u + a) * 96 / 100 - u )) /var/kiln-it-fill; df --output=pcent /var | tail -1";
+    let pct = ssh_ok(key, port, fill);
+    let s = until("ALERT: /var is");
+    once("ALERT: /var is");
+    ssh_ok(key, port, "sudo rm /var/kiln-it-fill");
+    let c = until("cleared: /var is");
+    println!("kiln-it: monitor: /var at {} raised in {s:.1}s, cleared {c:.1}s after the file went", pct.trim());
+
+    // A service that keeps crashing (restarted every second, no start limit).
+    ssh_ok(
+        key,
+        port,
+        "sudo systemd-run --quiet --unit=kiln-it-crashy -p Restart=always -p RestartSec=1 -p StartLimitIntervalSec=0 /bin/sh -c \"sleep 1; exit 3\"",
+    );
+    let s = until("ALERT: kiln-it-crashy.service is crash-looping");
+    once("kiln-it-crashy.service is crash-looping");
+    ssh_ok(
+        key,
+        port,
+        "sudo systemctl stop kiln-it-crashy; sudo systemctl reset-failed kiln-it-crashy 2>/dev/null || true",
+    );
+    let c = until("cleared: kiln-it-crashy.service is crash-looping");
+    println!("kiln-it: monitor: crash loop raised in {s:.1}s, cleared {c:.1}s after it was stopped");
+
+    // Time synchronisation switched off.
+    ssh_ok(key, port, "sudo systemctl stop systemd-timesyncd");
+    let s = until("warning: time synchronisation is off");
+    once("warning: time synchronisation is off");
+    ssh_ok(key, port, "sudo systemctl start systemd-timesyncd");
+    let c = until("cleared: time synchronisation is off");
+    println!("kiln-it: monitor: time sync off raised in {s:.1}s, cleared in {c:.1}s");
+
+    // The pushed feed: Atom through a real feed parser, the JSON twin as kiln reads it.
+    look();
+    let atom = site.join("status/dev1.atom");
+    let check = Command::new(repo_root().join("scripts/feed-validate")).arg(&atom).output().unwrap();
+    assert!(
+        check.status.success(),
+        "feedparser rejected {}:\n{}\n{}",
+        atom.display(),
+        text(&check.stdout),
+        text(&check.stderr)
+    );
+    let f =
+        kiln_feed::status::StatusFeed::parse(&std::fs::read_to_string(site.join("status/dev1.json")).unwrap()).unwrap();
+    assert_eq!(f.device.hostname, "dev1");
+    assert!(f.open.is_empty(), "everything was fixed: {:#?}", f.open);
+    let titles: Vec<String> = f.events.iter().map(|e| e.headline()).collect();
+    for want in [
+        "ALERT: /var is",
+        "cleared: /var is",
+        "crash-looping",
+        "time synchronisation is off",
+        "backup failed",
+        "logged in over SSH",
+    ] {
+        assert!(titles.iter().any(|t| t.contains(want)), "{want:?} not in the feed: {titles:#?}");
+    }
+    assert!(
+        f.samples.iter().any(|s| s.data_used_percent >= 95.0),
+        "the fill is in the chart's samples: {:?}",
+        f.samples
+    );
+    let beats = feed.requests().iter().filter(|r| r.path == "/hb").count();
+    assert!(beats > 0, "the heartbeat was fetched");
+    println!(
+        "kiln-it: monitor: pushed feed: {} entries, {} samples, feedparser: {}; {beats} heartbeats; checks took {:.1}s",
+        f.events.len(),
+        f.samples.len(),
+        text(&check.stdout).trim().replace('\n', " | "),
+        t.elapsed().as_secs_f64()
+    );
+    let cost = ssh_ok(key, port, "sudo kiln-agent monitor --stats");
+    println!("kiln-it: monitor: one look in the guest: {}", cost.trim());
+    let status = ssh_ok(key, port, "kiln-agent status | grep -E '^(monitor|open|delivery):' || true");
+    println!("kiln-it: monitor: kiln-agent status: {}", status.trim().replace('\n', " | "));
 }
 
 fn dir_size(p: &Path) -> u64 {

@@ -2,6 +2,8 @@
 //! bytes=N-` and `N-M` (206 + Content-Range, 416 past the end), one thread per connection,
 //! `Connection: close`. Faults for tests, settable while it runs: a rate limit (bytes/s), and
 //! cutting a response after N body bytes (a dropped connection). Every request is logged.
+//! POST bodies are kept ([`Server::posts`], a webhook); PUT writes the body to the path under
+//! the served directory (a WebDAV-like push target), served by GET afterwards.
 
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{TcpListener, TcpStream};
@@ -118,6 +120,23 @@ fn serve(
         log.lock().unwrap().push(Request { path, range, status: 200 });
         let mut out = stream;
         return out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    }
+    if method == "PUT" {
+        let mut body = vec![0u8; length.min(4 << 20)];
+        reader.read_exact(&mut body)?;
+        let rel = path.split('?').next().unwrap_or("").trim_start_matches('/').to_string();
+        let mut out = stream;
+        if rel.is_empty() || rel.split('/').any(|c| c.is_empty() || c == ".." || c.starts_with('.')) {
+            log.lock().unwrap().push(Request { path, range, status: 403 });
+            return out.write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+        let dest = root.join(&rel);
+        std::fs::create_dir_all(dest.parent().unwrap())?;
+        let tmp = dest.with_extension("put-tmp");
+        std::fs::write(&tmp, &body)?;
+        std::fs::rename(&tmp, &dest)?;
+        log.lock().unwrap().push(Request { path, range, status: 204 });
+        return out.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
     }
     let f = faults.lock().unwrap().clone();
     let mut out = stream;

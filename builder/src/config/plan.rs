@@ -626,6 +626,28 @@ GREETING = 'C:\Users 50%'
     }
 
     #[test]
+    fn monitor_defaults_and_the_backup_alert_url() {
+        let p = plan_of("extends = \"minimal\"\n");
+        assert_eq!(p.monitor, kiln_device::MonitorConfig::default(), "on by default, with no URLs");
+        let p = plan_of(
+            "extends = \"minimal\"\n[backup]\nrepository = \"/srv/r\"\nalert_url = \"https://ntfy.example.org/b\"\n\
+             [monitor]\ninterval = \"1m\"\ndisk_warn = 70\nupdate_stale = \"2d\"\n",
+        );
+        assert_eq!(
+            p.monitor.alert_url.as_deref(),
+            Some("https://ntfy.example.org/b"),
+            "[backup] alert_url still counts"
+        );
+        assert_eq!((p.monitor.interval_secs, p.monitor.disk_warn, p.monitor.disk_alert), (60, 70, 95));
+        assert_eq!(p.monitor.update_stale_secs, 2 * 86400);
+        let p = plan_of(
+            "extends = \"minimal\"\n[backup]\nrepository = \"/srv/r\"\nalert_url = \"https://ntfy.example.org/b\"\n\
+             [monitor]\nalert_url = \"https://ntfy.example.org/m\"\n",
+        );
+        assert_eq!(p.monitor.alert_url.as_deref(), Some("https://ntfy.example.org/m"), "[monitor] wins");
+    }
+
+    #[test]
     fn backups_cover_the_services_state_home_and_srv() {
         let p = plan_of(
             r#"extends = "minimal"
