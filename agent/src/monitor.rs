@@ -42,6 +42,9 @@ pub struct Record {
     /// Services' restart counts at recent looks (this boot).
     pub restarts: watch::RestartMemory,
     pub journal_cursor: Option<String>,
+    /// Per login (user@address): when it was last in the feed, and logins since not reported.
+    #[serde(default)]
+    pub logins: BTreeMap<String, (Timestamp, u32)>,
     /// The boot of the last look, and the boot that recorded a clean shutdown.
     pub boot_id: Option<String>,
     pub clean_stop: Option<String>,
@@ -126,6 +129,43 @@ pub fn transition(
         events.push(e);
     }
     events
+}
+
+/// A login from the same user and address is reported at most once an hour; the ones in between
+/// are counted into the next report. Other notices pass.
+pub const LOGIN_QUIET_SECS: u64 = 3600;
+
+pub fn quiet_logins(
+    seen: &mut BTreeMap<String, (Timestamp, u32)>,
+    notices: Vec<Finding>,
+    now: Timestamp,
+) -> Vec<Finding> {
+    seen.retain(|_, (at, _)| now.0.saturating_sub(at.0) < 30 * 86400);
+    let mut out = Vec::new();
+    for mut n in notices {
+        let Some(who) = n.key.strip_prefix("login:").map(str::to_string) else {
+            out.push(n);
+            continue;
+        };
+        // "admin logged in over SSH from 10.0.2.2 (3 times)": the count is in the title.
+        let times = n
+            .title
+            .rsplit_once(" (")
+            .and_then(|(_, t)| t.strip_suffix(" times)"))
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(1u32);
+        match seen.get_mut(&who) {
+            Some((at, quiet)) if now.0.saturating_sub(at.0) < LOGIN_QUIET_SECS => *quiet += times,
+            previous => {
+                if let Some((at, quiet)) = previous.filter(|(_, q)| *q > 0) {
+                    n.detail = format!("{}; {quiet} more login(s) since {at} not reported one by one", n.detail);
+                }
+                seen.insert(who, (now, 0));
+                out.push(n);
+            }
+        }
+    }
+    out
 }
 
 /// Whether an event goes to `alert_url`: raised and cleared conditions and notices that are
@@ -328,7 +368,7 @@ pub fn look(device: &DeviceConfig, state_dir: &Path) -> Result<Vec<Event>> {
         Ok((lines, cursor)) => {
             let (conditions, login_notices) = watch::judge_logins(cfg, &lines);
             observed.push(("logins:", Some(conditions)));
-            notices.extend(login_notices);
+            notices.extend(quiet_logins(&mut record.logins, login_notices, now));
             record.journal_cursor = cursor;
         }
         Err(e) => {
@@ -431,6 +471,8 @@ pub fn update_summary(device: &DeviceConfig, state: Option<&State>) -> String {
     if let Some(i) = &s.install {
         return if s.booted == Some(i.slot) && s.current_version.as_ref() != Some(&i.version) {
             format!("{} on trial", i.version)
+        } else if s.slot(i.slot).status == crate::state::SlotStatus::Trial {
+            format!("{} installed, waiting for its reboot", i.version)
         } else {
             format!("installing {}", i.version)
         };
@@ -603,6 +645,31 @@ mod tests {
         assert!(!is_alert(&e[1]), "logins are in the feed, not sent as alerts");
         assert_eq!(seq, 4);
         assert_eq!(e[1].id, "50-4");
+    }
+
+    #[test]
+    fn logins_are_reported_once_an_hour_per_user_and_address() {
+        let login =
+            |title: &str| Finding::new("login:admin@10.0.2.2", Severity::Info, title).detail("key: ED25519 SHA256:abc");
+        let mut seen = BTreeMap::new();
+        let out = quiet_logins(&mut seen, vec![login("admin logged in over SSH from 10.0.2.2")], Timestamp(1000));
+        assert_eq!(out.len(), 1);
+        let other = Finding::new("sudo:eve", Severity::Warning, "sudo refused eve 1 time(s)");
+        let out = quiet_logins(
+            &mut seen,
+            vec![login("admin logged in over SSH from 10.0.2.2 (3 times)"), other.clone()],
+            Timestamp(1300),
+        );
+        assert_eq!(out, [other], "within the hour: counted, not reported");
+        let out =
+            quiet_logins(&mut seen, vec![login("admin logged in over SSH from 10.0.2.2")], Timestamp(1000 + 3600));
+        assert_eq!(out.len(), 1);
+        assert!(
+            out[0].detail.ends_with("; 3 more login(s) since 1970-01-01T00:16:40Z not reported one by one"),
+            "{}",
+            out[0].detail
+        );
+        assert_eq!(seen["admin@10.0.2.2"], (Timestamp(4600), 0));
     }
 
     #[test]

@@ -36,7 +36,7 @@ impl Finding {
             since: None,
         }
     }
-    fn detail(mut self, d: impl Into<String>) -> Finding {
+    pub fn detail(mut self, d: impl Into<String>) -> Finding {
         self.detail = d.into();
         self
     }

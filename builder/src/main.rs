@@ -9,6 +9,7 @@ use kiln::host::{doctor, tools};
 use kiln::release::inspect;
 use kiln::{build, stages};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
 /// Bake hardened, reproducible, auto-updating appliance OS images from TOML profiles.
@@ -96,6 +97,12 @@ enum Command {
     Publish(PublishArgs),
     /// Check the host tools kiln needs; --install installs the missing ones (idempotent).
     Doctor(DoctorArgs),
+    /// Show how the devices are, from the status feeds they push (`kiln-agent monitor`).
+    ///
+    /// A table, then one line per open alert or warning and per silent device. Exit 0: every
+    /// device is fine (warnings included); 1: a device has an open alert or is silent; 2: a
+    /// source could not be read (what could be read is still shown).
+    Status(StatusArgs),
     /// Find or build the image's on-device agent (kiln-agent) and print its path: for an arm64
     /// image kiln cross-builds it in a cached toolchain root, as `kiln build` does.
     Agent(AgentArgs),
@@ -282,12 +289,44 @@ struct PublishArgs {
 }
 
 #[derive(clap::Args)]
+struct StatusArgs {
+    /// A device's status feed: an http(s) URL (for NAME.atom its JSON twin NAME.json is read),
+    /// a file (NAME.json, or NAME.atom for the NAME.json beside it), or a directory (every
+    /// *.json status feed in it; other JSON files are named as skipped).
+    #[arg(value_name = "SOURCE")]
+    sources: Vec<String>,
+    /// The release channel's metadata (CHANNEL.json, or the channel's .atom URL or file), to
+    /// say which devices are behind: the newest release for a device's profile, image and
+    /// arch that is newer than what it runs. Read for display only: the signature is not checked.
+    #[arg(long, value_name = "URL_OR_FILE")]
+    feed: Option<String>,
+    /// Print a JSON array instead of the table, one object per device: name, source,
+    /// device_id, profile, image, arch, version, channel, last_seen (RFC 3339), silent, state
+    /// (fine, warning, alert, silent), update, behind (the newest available version or null),
+    /// backup_configured, last_good_backup, data_used_percent, open (the open alerts and
+    /// warnings: title, severity, since, detail, what_to_do).
+    #[arg(long)]
+    json: bool,
+    /// Also write one static HTML page (no JavaScript): a card per device in its state's
+    /// colour, its open alerts and a chart of its data partition's use.
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
+    /// A device is silent when its feed is older than this ("30m", "2h"; default: three of
+    /// the device's own monitor intervals).
+    #[arg(long, value_name = "DURATION")]
+    silent_after: Option<String>,
+    /// Judge at this time instead of now (RFC 3339; for tests).
+    #[arg(long, value_name = "RFC3339", hide = true)]
+    now: Option<String>,
+}
+
+#[derive(clap::Args)]
 struct DoctorArgs {
     #[arg(long)]
     install: bool,
 }
 
-fn main() {
+fn main() -> ExitCode {
     quiet_on_closed_stdout();
     kiln::host::exec::complete_path();
     // Files kiln makes (the image's directories among them) get the same modes whoever runs it:
@@ -295,15 +334,23 @@ fn main() {
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     let cli = Cli::parse();
     kiln::host::exec::set_debug(cli.debug);
-    if let Err(e) = run(cli) {
-        let mut chain = e.chain();
-        eprint!("error: {}", chain.next().map(|c| c.to_string()).unwrap_or_default());
-        for cause in chain {
-            eprint!(": {cause}");
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            print_error(&e);
+            ExitCode::FAILURE
         }
-        eprintln!();
-        std::process::exit(1);
     }
+}
+
+/// "error: what failed: why: why that", once, on stderr.
+fn print_error(e: &anyhow::Error) {
+    let mut chain = e.chain();
+    eprint!("error: {}", chain.next().map(|c| c.to_string()).unwrap_or_default());
+    for cause in chain {
+        eprint!(": {cause}");
+    }
+    eprintln!();
 }
 
 /// Output to a closed pipe (`kiln plan | head`) ends the program quietly with status 0, as
@@ -370,8 +417,9 @@ fn output_dir(p: &Path) -> PathBuf {
     }
 }
 
-/// One function per command, named after it.
-fn run(cli: Cli) -> Result<()> {
+/// One function per command, named after it; the exit status is 0 unless the command says
+/// otherwise (`outdated`, `status`) or fails (1).
+fn run(cli: Cli) -> Result<ExitCode> {
     // Commands that write a Debian root (or a file system for the device) run as root: for an
     // ordinary user, kiln runs them again as root of a user namespace (host/userns.rs), before
     // anything else happens.
@@ -388,21 +436,23 @@ fn run(cli: Cli) -> Result<()> {
         kiln::host::userns::become_root(what)?;
         kiln::host::userns::private_mounts()?;
     }
+    let done = |r: Result<()>| r.map(|()| ExitCode::SUCCESS);
     match cli.command {
-        Command::Build(args) => cmd_build(args),
-        Command::Boot(args) => cmd_boot(args),
-        Command::Inspect(args) => cmd_inspect(args),
-        Command::Lock(args) => cmd_lock(args),
+        Command::Build(args) => done(cmd_build(args)),
+        Command::Boot(args) => done(cmd_boot(args)),
+        Command::Inspect(args) => done(cmd_inspect(args)),
+        Command::Lock(args) => done(cmd_lock(args)),
         Command::Outdated(args) => cmd_outdated(args),
-        Command::Rebuild(args) => cmd_rebuild(args),
-        Command::Cache(args) => cmd_cache(args),
-        Command::Plan(args) => cmd_plan(args),
-        Command::Flash(args) => kiln::flash::run(&args),
-        Command::Init(args) => cmd_init(args),
-        Command::Keygen(args) => cmd_keygen(args),
-        Command::Publish(args) => cmd_publish(args),
-        Command::Doctor(args) => cmd_doctor(args),
-        Command::Agent(args) => cmd_agent(args),
+        Command::Rebuild(args) => done(cmd_rebuild(args)),
+        Command::Cache(args) => done(cmd_cache(args)),
+        Command::Plan(args) => done(cmd_plan(args)),
+        Command::Flash(args) => done(kiln::flash::run(&args)),
+        Command::Init(args) => done(cmd_init(args)),
+        Command::Keygen(args) => done(cmd_keygen(args)),
+        Command::Publish(args) => done(cmd_publish(args)),
+        Command::Status(args) => Ok(cmd_status(args)),
+        Command::Doctor(args) => done(cmd_doctor(args)),
+        Command::Agent(args) => done(cmd_agent(args)),
     }
 }
 
@@ -547,7 +597,7 @@ fn cmd_lock(LockArgs { target, lock, out }: LockArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_outdated(OutdatedArgs { target, lock }: OutdatedArgs) -> Result<()> {
+fn cmd_outdated(OutdatedArgs { target, lock }: OutdatedArgs) -> Result<ExitCode> {
     let plan = resolve(&target)?;
     let path = lock_path(&target, &plan, lock.path)?;
     let lock = kiln::config::lock::LockFile::read(&path)?;
@@ -565,7 +615,7 @@ fn cmd_outdated(OutdatedArgs { target, lock }: OutdatedArgs) -> Result<()> {
     let updates = kiln::debian::outdated(&locked, &indexes);
     if updates.is_empty() {
         println!("{}: all {} locked packages are current", path.display(), lock.packages.len());
-        return Ok(());
+        return Ok(ExitCode::SUCCESS);
     }
     println!("{:<32} {:<28} {:<28} suite", "package", "locked", "available");
     for u in &updates {
@@ -583,7 +633,7 @@ fn cmd_outdated(OutdatedArgs { target, lock }: OutdatedArgs) -> Result<()> {
         "{} packages have newer versions ({security} security updates): run `kiln rebuild` or `kiln lock`",
         updates.len()
     );
-    std::process::exit(2);
+    Ok(ExitCode::from(2))
 }
 
 fn cmd_rebuild(RebuildArgs { target, lock, out }: RebuildArgs) -> Result<()> {
@@ -752,6 +802,64 @@ fn cmd_publish(
         println!("  wrote {}", f.display());
     }
     Ok(())
+}
+
+/// Exit 0, 1 or 2 as `kiln status --help` says; kiln's own failures (a bad argument, a page it
+/// cannot write) are 2 as well: 1 must only ever mean that a device needs attention.
+fn cmd_status(args: StatusArgs) -> ExitCode {
+    match read_status(args) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            print_error(&e);
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn read_status(StatusArgs { sources, feed, json, html, silent_after, now }: StatusArgs) -> Result<u8> {
+    use kiln::release::status;
+    if sources.is_empty() {
+        bail!(
+            "name the devices' status feeds: kiln status SOURCE... (a URL such as \
+             https://dav.example.org/status/home.atom, a NAME.json file, or a directory of them)"
+        );
+    }
+    let now = match now {
+        Some(t) => t.parse().map_err(|e: String| anyhow::anyhow!("--now: {e}"))?,
+        None => kiln_feed::Timestamp::now(),
+    };
+    let silent_after = silent_after
+        .map(|d| humantime::parse_duration(&d).map_err(|e| anyhow::anyhow!("--silent-after {d:?}: {e}")))
+        .transpose()?
+        .map(|d| d.as_secs());
+    let mut reading = status::read(&sources);
+    let release = match feed.as_deref().map(status::read_release_feed) {
+        Some(Ok(metadata)) => Some(metadata),
+        Some(Err(failed)) => {
+            reading.failed.push(failed);
+            None
+        }
+        None => None,
+    };
+    for s in &reading.skipped {
+        eprintln!("skipped {}: {}", s.source, s.reason);
+    }
+    for f in &reading.failed {
+        eprintln!("cannot read {}: {}", f.source, f.reason);
+    }
+    let reports: Vec<_> =
+        reading.devices.iter().map(|d| status::report(d, release.as_ref(), now, silent_after)).collect();
+    if json {
+        print!("{}", status::json(&reports));
+    } else if !reports.is_empty() {
+        print!("{}", status::table(&reports, now));
+    }
+    if let Some(path) = html {
+        let page = status::html(&reports, &reading.failed, now);
+        kiln_device::fs::write_atomically(&path, page.as_bytes())
+            .with_context(|| format!("writing the status page {}", path.display()))?;
+    }
+    Ok(status::exit_code(&reports, &reading.failed))
 }
 
 fn cmd_doctor(DoctorArgs { install }: DoctorArgs) -> Result<()> {

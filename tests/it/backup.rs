@@ -431,7 +431,7 @@ heartbeat_url = "http://{FEED}/hb"
     );
     // Three failures for three reasons: each raised once and cleared once.
     for reason in ["wrong repository password", "cannot reach the backup target", "the backup target is full"] {
-        let raised = about(&feed, &format!("ALERT: backup failed at"), reason);
+        let raised = about(&feed, "ALERT: backup failed at", reason);
         let cleared = about(&feed, "cleared: backup failed at", reason);
         assert_eq!((raised, cleared), (1, 1), "{reason}: {alerts:#?}");
     }
@@ -668,6 +668,8 @@ fn monitor_raises_and_clears(key: &Path, port: u16, feed: &crate::httpd::Server,
     assert_eq!(f.device.hostname, "dev1");
     assert!(f.open.is_empty(), "everything was fixed: {:#?}", f.open);
     let titles: Vec<String> = f.events.iter().map(|e| e.headline()).collect();
+    let logins = titles.iter().filter(|t| t.contains("logged in over SSH")).count();
+    assert_eq!(logins, 1, "the test's many SSH logins are one entry an hour: {titles:#?}");
     for want in [
         "ALERT: /var is",
         "cleared: /var is",
@@ -694,7 +696,7 @@ fn monitor_raises_and_clears(key: &Path, port: u16, feed: &crate::httpd::Server,
     );
     let cost = ssh_ok(key, port, "sudo kiln-agent monitor --stats");
     println!("kiln-it: monitor: one look in the guest: {}", cost.trim());
-    let status = ssh_ok(key, port, "kiln-agent status | grep -E '^(monitor|open|delivery):' || true");
+    let status = ssh_ok(key, port, "sudo kiln-agent status | grep -E '^(monitor|open|delivery):' || true");
     println!("kiln-it: monitor: kiln-agent status: {}", status.trim().replace('\n', " | "));
 }
 

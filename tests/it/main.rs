@@ -16,6 +16,8 @@
 //! `backup`: restic backups end to end: a real restic-rest-server (append-only) on 127.0.0.1, the
 //! device in QEMU backing up, drilling, refused deletes and failures, self-restore after its
 //! data partition is wiped, a drill against a corrupted repository.
+//! `status`: `kiln status` reading device status feeds over loopback HTTP and from a directory
+//! (table, JSON, exit codes, a release feed), and its HTML page rendered by headless chromium.
 //! `initramfs`: the initramfs built natively from a target tree, booted under QEMU (healthy,
 //! flipped byte, wrong root hash).
 //!
@@ -35,6 +37,7 @@ mod image;
 mod initramfs;
 mod repro;
 mod services;
+mod status;
 mod vm;
 
 /// What a heavy test needs from the host.
@@ -68,7 +71,9 @@ pub fn host_can_run(test: &str, needs: &[Need]) -> bool {
     }
     let why = missing.join(", ");
     if std::env::var_os(REQUIRE_ALL).is_some() {
-        panic!("{test} would be skipped: it needs {why}; {REQUIRE_ALL} is set (scripts/test never skips a test)");
+        let tools = needs.iter().any(|n| matches!(n, Need::Tool(t) if !on_path(t)));
+        let fix = if tools { "; run `kiln doctor --install`, which installs every tool the tests need" } else { "" };
+        panic!("{test} would be skipped: it needs {why}; {REQUIRE_ALL} is set (scripts/test never skips a test){fix}");
     }
     // Written past libtest's output capture (which takes only the print macros), so a skip is
     // always seen.

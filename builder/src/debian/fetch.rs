@@ -122,7 +122,8 @@ impl Fetcher {
         Err(DebianError::NoPackagesIndex { release_url, path: plain_path, tried })
     }
 
-    /// GETs a file whose size an index gave (a .deb), refusing anything larger.
+    /// GETs a file of at most `size` bytes (a .deb whose size an index gave, a device's status
+    /// feed), refusing anything larger.
     pub fn file(&self, url: &str, size: u64) -> Result<Vec<u8>, DebianError> {
         self.get(url, size)
     }

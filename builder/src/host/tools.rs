@@ -184,6 +184,13 @@ pub const TOOLS: &[Tool] = &[
         used_for: "kiln's release installer (tests: it downloads the archive from loopback)",
     },
     Tool {
+        name: "chromium",
+        probe: "chromium",
+        package: "chromium",
+        backports_on_bookworm: false,
+        used_for: "rendering kiln status --html pages in a real browser (tests)",
+    },
+    Tool {
         name: "newuidmap",
         probe: "newuidmap",
         package: "uidmap",
@@ -247,6 +254,7 @@ pub fn build_tools(arch: crate::config::image::Arch) -> impl Iterator<Item = &'s
         "restic",
         "ssh-keygen",
         "curl",
+        "chromium",
         // Root builds do not need it; an ordinary user's build checks it (host/userns.rs).
         "newuidmap",
     ];
