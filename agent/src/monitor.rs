@@ -42,6 +42,9 @@ pub struct Record {
     /// Services' restart counts at recent looks (this boot).
     pub restarts: watch::RestartMemory,
     pub journal_cursor: Option<String>,
+    /// Failed logins and sudo denials at recent looks.
+    #[serde(default)]
+    pub failures: watch::FailureMemory,
     /// Per login (user@address): when it was last in the feed, and logins since not reported.
     #[serde(default)]
     pub logins: BTreeMap<String, (Timestamp, u32)>,
@@ -366,7 +369,12 @@ pub fn look(device: &DeviceConfig, state_dir: &Path) -> Result<Vec<Event>> {
     ));
     match watch::observe_journal(record.journal_cursor.as_deref(), JOURNAL_LIMIT) {
         Ok((lines, cursor)) => {
-            let (conditions, login_notices) = watch::judge_logins(cfg, &lines);
+            let window = watch::crash_window(cfg);
+            record.failures.retain(|(t, _, _)| now.0.saturating_sub(t.0) < window);
+            let (conditions, login_notices, failures) = watch::judge_logins(cfg, &lines, &record.failures);
+            if failures.0 > 0 {
+                record.failures.push((now, failures.0, failures.1));
+            }
             observed.push(("logins:", Some(conditions)));
             notices.extend(quiet_logins(&mut record.logins, login_notices, now));
             record.journal_cursor = cursor;

@@ -628,4 +628,38 @@ mod tests {
         s.saw_metadata(Timestamp(600), Timestamp(800), true);
         assert_eq!((s.newest_metadata, s.trusted_time), (Some(Timestamp(600)), Some(Timestamp(1_000))));
     }
+
+    #[test]
+    fn an_offer_keeps_its_first_time_until_a_newer_one_comes() {
+        let rel = |v: &str, security: bool| kiln_feed::Release {
+            version: v.parse().unwrap(),
+            published: Timestamp(1),
+            profile: "p".into(),
+            image: "pc-uefi".into(),
+            arch: "amd64".into(),
+            root_hash: String::new(),
+            artifacts: Vec::new(),
+            changelog: Vec::new(),
+            notes: String::new(),
+            security,
+        };
+        let running: Version = "0.2.0".parse().unwrap();
+        let mut s = State::default();
+        let (v3, v4, v1) = (rel("0.3.0", true), rel("0.4.0", false), rel("0.1.0", false));
+        s.saw_offer(&[&v3, &v1], &running, Timestamp(100));
+        assert_eq!(
+            s.offered,
+            Some(Offered { version: "0.3.0".parse().unwrap(), since: Timestamp(100), security: true })
+        );
+        s.saw_offer(&[&v3], &running, Timestamp(200));
+        assert_eq!(s.offered.as_ref().unwrap().since, Timestamp(100), "the same offer keeps its first time");
+        // A newer one: a new time; the security release in between still counts.
+        s.saw_offer(&[&v4, &v3], &running, Timestamp(300));
+        assert_eq!(
+            s.offered,
+            Some(Offered { version: "0.4.0".parse().unwrap(), since: Timestamp(300), security: true })
+        );
+        s.saw_offer(&[&v1], &running, Timestamp(400));
+        assert_eq!(s.offered, None, "nothing newer than the running release");
+    }
 }

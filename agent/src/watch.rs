@@ -542,9 +542,20 @@ pub struct LogLine {
     pub message: String,
 }
 
-/// Logins grouped by user and address (notices), and failures counted against
-/// `cfg.failed_logins` (a condition for this look).
-pub fn judge_logins(cfg: &MonitorConfig, lines: &[LogLine]) -> (Vec<Finding>, Vec<Finding>) {
+/// Failed logins and sudo denials seen at recent looks: (time, count, count by address).
+pub type FailureMemory = Vec<(Timestamp, u32, BTreeMap<String, u32>)>;
+
+/// This look's failures: (count, count by address), for [`FailureMemory`].
+pub type Failures = (u32, BTreeMap<String, u32>);
+
+/// Logins grouped by user and address (notices), and failures counted with those of the
+/// earlier looks in `earlier` (the caller keeps [`crash_window`] of them) against
+/// `cfg.failed_logins` (a condition while the window holds that many).
+pub fn judge_logins(
+    cfg: &MonitorConfig,
+    lines: &[LogLine],
+    earlier: &FailureMemory,
+) -> (Vec<Finding>, Vec<Finding>, Failures) {
     let mut logins: BTreeMap<(String, String), (u32, String)> = BTreeMap::new();
     let mut failed = 0u32;
     let mut sources: BTreeMap<String, u32> = BTreeMap::new();
@@ -601,17 +612,28 @@ pub fn judge_logins(cfg: &MonitorConfig, lines: &[LogLine]) -> (Vec<Finding>, Ve
         );
     }
     let mut conditions = Vec::new();
-    if failed >= cfg.failed_logins.max(1) {
-        let mut top: Vec<(&String, &u32)> = sources.iter().collect();
+    let total = failed + earlier.iter().map(|(_, n, _)| n).sum::<u32>();
+    if total >= cfg.failed_logins.max(1) {
+        let mut all = sources.clone();
+        for (_, _, by) in earlier {
+            for (ip, n) in by {
+                *all.entry(ip.clone()).or_default() += n;
+            }
+        }
+        let mut top: Vec<(&String, &u32)> = all.iter().collect();
         top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
         let from: Vec<String> = top.iter().take(5).map(|(ip, n)| format!("{ip} ({n})")).collect();
         conditions.push(
-            Finding::new("logins:failed", Severity::Alert, format!("{failed} failed logins and sudo denials since the last look"))
-                .detail(if from.is_empty() { "no addresses logged".into() } else { format!("from {}", from.join(", ")) })
-                .todo("SSH takes keys only, so guesses fail; if the addresses are not yours, keep port 22 off the internet (firewall, VPN)"),
+            Finding::new(
+                "logins:failed",
+                Severity::Alert,
+                format!("{total} failed logins and sudo denials in the last {} min", crash_window(cfg) / 60),
+            )
+            .detail(if from.is_empty() { "no addresses logged".into() } else { format!("from {}", from.join(", ")) })
+            .todo("SSH takes keys only, so guesses fail; if the addresses are not yours, keep port 22 off the internet (firewall, VPN)"),
         );
     }
-    (conditions, notices)
+    (conditions, notices, (failed, sources))
 }
 
 fn word_after<'a>(words: &[&'a str], marker: &str) -> Option<&'a str> {
@@ -823,16 +845,20 @@ mod tests {
             l("sshd-session", "pam_unix(sshd:session): session opened for user admin(uid=1000) by admin(uid=0)"),
             l("sudo", "  admin : user NOT in sudoers ; TTY=pts/0 ; PWD=/home/admin ; USER=root ; COMMAND=/bin/sh"),
         ];
-        let (cond, notices) = judge_logins(&cfg(), &lines);
-        assert_eq!(cond, []);
+        let (cond, notices, (failed, _)) = judge_logins(&cfg(), &lines, &Vec::new());
+        assert_eq!((cond, failed), (vec![], 1));
         assert_eq!(notices[0].title, "admin logged in over SSH from 10.0.2.2 (2 times)");
         assert_eq!(notices[0].detail, "key: ED25519 SHA256:abc");
         assert_eq!((notices[1].key.as_str(), notices[1].severity), ("sudo:admin", Severity::Warning));
-        for i in 0..9 {
+        for i in 0..5 {
             lines.push(l("sshd-session", &format!("Invalid user oracle{i} from 203.0.113.9 port 5{i}000")));
         }
-        let (cond, _) = judge_logins(&cfg(), &lines);
-        assert_eq!(cond[0].title, "10 failed logins and sudo denials since the last look");
-        assert_eq!(cond[0].detail, "from 203.0.113.9 (9)");
+        let (cond, _, failed) = judge_logins(&cfg(), &lines, &Vec::new());
+        assert_eq!((cond, failed.0), (vec![], 6));
+        // Spread over two looks, it adds up.
+        let earlier = vec![(Timestamp(1), failed.0, failed.1)];
+        let (cond, _, _) = judge_logins(&cfg(), &lines[4..], &earlier);
+        assert_eq!(cond[0].title, "11 failed logins and sudo denials in the last 10 min");
+        assert_eq!(cond[0].detail, "from 203.0.113.9 (10)");
     }
 }

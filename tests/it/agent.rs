@@ -428,8 +428,11 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
     v.kill();
     let about = |what: &str| server.posts().iter().filter(|(p, b)| p == "/alerts" && b.contains(what)).count();
     assert_eq!(about(rolled_back), 1, "one alert per change: {:#?}", server.posts());
+    // The power cuts: each boot after one says so (a notice, at the first look of that boot).
+    let unclean = about("the device restarted without shutting down cleanly");
+    assert!(unclean >= 1, "the power cuts were reported: {:#?}", server.posts());
     println!(
-        "kiln-it: {}; {} alert deliveries in all: {:?}",
+        "kiln-it: {}; {unclean} restarts without a clean shutdown reported; {} alert deliveries in all: {:?}",
         cleared.lines().next().unwrap_or_default(),
         server.posts().len(),
         server.posts().iter().map(|(_, b)| b.lines().next().unwrap_or_default().to_string()).collect::<Vec<_>>()

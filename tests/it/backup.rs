@@ -539,6 +539,11 @@ heartbeat_url = "http://{FEED}/hb"
         crate::flip_byte(&pack, len / 2);
     }
 
+    // Repaired: the next drill passes, and the alert is cleared.
+    let out = ssh_ok(&key, ssh_port, "sudo kiln-agent backup drill");
+    assert!(out.contains("restore drill passed"), "{out}");
+    wait_post(&feed, "cleared: restore drill failed", Duration::from_secs(60));
+
     // A new release: no install without a backup first (before_update = "require").
     server.stop();
     let out = ssh_ok(&key, ssh_port, "sudo kiln-agent check --now --no-reboot");
@@ -561,7 +566,14 @@ heartbeat_url = "http://{FEED}/hb"
     assert_eq!(tagged.len(), 1, "one snapshot tagged before-update: {tagged:?}");
 
     // Killed: its heartbeats stop, and `kiln status` on the owner's machine says it is silent.
+    // Healthy (no alert open: the burst of failed logins was in the boot before), so it calls.
     let beats = || feed.requests().iter().filter(|r| r.path == "/hb").count();
+    let t = Instant::now();
+    let alive = beats();
+    while beats() == alive {
+        assert!(t.elapsed() < Duration::from_secs(3 * MONITOR_INTERVAL), "no heartbeat from a healthy device");
+        std::thread::sleep(Duration::from_secs(1));
+    }
     let before_kill = beats();
     vm.kill();
     let killed = Instant::now();
@@ -652,6 +664,53 @@ fn monitor_raises_and_clears(key: &Path, port: u16, feed: &crate::httpd::Server,
     let c = until("cleared: time synchronisation is off");
     println!("kiln-it: monitor: time sync off raised in {s:.1}s, cleared in {c:.1}s");
 
+    // A certificate caddy would manage that expires in 3 days (made on the host, placed where
+    // caddy keeps them): an alert; gone, cleared.
+    let dir = std::env::temp_dir().join(format!("kiln-it-cert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "3"])
+        .args(["-subj", "/CN=kiln-it.example", "-keyout"])
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .output()
+        .expect("openssl (kiln doctor --install installs it)");
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let pem = std::fs::read_to_string(dir.join("cert.pem")).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let certs = "/var/lib/caddy/caddy/certificates/acme-v02.api.letsencrypt.org-directory/kiln-it.example";
+    let lines: Vec<String> = pem.lines().map(|l| format!("echo \"{l}\"")).collect();
+    ssh_ok(
+        key,
+        port,
+        &format!(
+            "sudo mkdir -p {certs}; {{ {}; }} | sudo tee {certs}/kiln-it.example.crt >/dev/null",
+            lines.join("; ")
+        ),
+    );
+    let s = until("ALERT: the TLS certificate of kiln-it.example expires in 2 day(s)");
+    once("the TLS certificate of kiln-it.example expires");
+    ssh_ok(key, port, "sudo rm -r /var/lib/caddy");
+    let c = until("cleared: the TLS certificate of kiln-it.example");
+    println!("kiln-it: monitor: certificate expiring in 3 days raised in {s:.1}s, cleared in {c:.1}s");
+
+    // A burst of failed logins (a user that does not exist, 12 times): one alert.
+    for _ in 0..12 {
+        let _ = Command::new("ssh")
+            .args(["-p", &port.to_string(), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
+            .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=20"])
+            .arg("-i")
+            .arg(key)
+            .args(["nosuchuser@127.0.0.1", "true"])
+            .output();
+    }
+    let s = until("failed logins and sudo denials in the last 10 min");
+    once("failed logins and sudo denials in the last 10 min");
+    let burst = wait_post(feed, "failed logins and sudo denials", Duration::from_secs(1));
+    assert!(burst.contains("from 10.0.2.2"), "{burst}");
+    println!("kiln-it: monitor: 12 failed logins raised in {s:.1}s: {}", burst.lines().next().unwrap_or_default());
+
     // The pushed feed: Atom through a real feed parser, the JSON twin as kiln reads it.
     look();
     let atom = site.join("status/dev1.atom");
@@ -666,7 +725,8 @@ fn monitor_raises_and_clears(key: &Path, port: u16, feed: &crate::httpd::Server,
     let f =
         kiln_feed::status::StatusFeed::parse(&std::fs::read_to_string(site.join("status/dev1.json")).unwrap()).unwrap();
     assert_eq!(f.device.hostname, "dev1");
-    assert!(f.open.is_empty(), "everything was fixed: {:#?}", f.open);
+    let open: Vec<&str> = f.open.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(open, ["logins:failed"], "everything else was fixed (the burst counts for 10 minutes)");
     let titles: Vec<String> = f.events.iter().map(|e| e.headline()).collect();
     let logins = titles.iter().filter(|t| t.contains("logged in over SSH")).count();
     assert_eq!(logins, 1, "the test's many SSH logins are one entry an hour: {titles:#?}");

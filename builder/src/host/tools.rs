@@ -191,6 +191,13 @@ pub const TOOLS: &[Tool] = &[
         used_for: "rendering kiln status --html pages in a real browser (tests)",
     },
     Tool {
+        name: "openssl",
+        probe: "openssl",
+        package: "openssl",
+        backports_on_bookworm: false,
+        used_for: "TLS certificates about to expire for test devices (tests: the monitor's certificate watch)",
+    },
+    Tool {
         name: "newuidmap",
         probe: "newuidmap",
         package: "uidmap",
@@ -255,6 +262,7 @@ pub fn build_tools(arch: crate::config::image::Arch) -> impl Iterator<Item = &'s
         "ssh-keygen",
         "curl",
         "chromium",
+        "openssl",
         // Root builds do not need it; an ordinary user's build checks it (host/userns.rs).
         "newuidmap",
     ];
