@@ -430,8 +430,7 @@ struct Out {
 
 impl Backups {
     pub fn new(cfg: BackupConfig, state_dir: &Path, version: &str) -> Backups {
-        let hostname =
-            nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "kiln".into());
+        let hostname = crate::system::hostname();
         Backups {
             cfg,
             state_dir: state_dir.into(),

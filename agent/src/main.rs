@@ -189,7 +189,13 @@ fn run(cli: Cli) -> Result<()> {
     }
     let agent = agent::Agent::open(&cli.config, &cli.state_dir)?;
     match cli.command {
-        Command::Boot => agent.boot(),
+        Command::Boot => {
+            // Noted before anything else of this boot: how the one before it ended.
+            if let Err(e) = monitor::note_boot(&cli.state_dir) {
+                println!("<4>kiln-agent: monitor: noting this boot: {e:#}");
+            }
+            agent.boot()
+        }
         Command::Commit => {
             let r = agent.commit();
             look_after(&cli.config, &cli.state_dir);

@@ -127,6 +127,28 @@ pub fn clock_synchronised() -> bool {
     Path::new("/run/systemd/timesync/synchronized").exists()
 }
 
+/// Whether the kernel considers its clock synchronised (`adjtimex`: not TIME_ERROR), whoever
+/// set it (timesyncd, chrony, an NTP daemon).
+pub fn kernel_clock_synchronised() -> bool {
+    // SAFETY: adjtimex with modes 0 only reads into the struct it is given.
+    let mut t: libc::timex = unsafe { std::mem::zeroed() };
+    let state = unsafe { libc::adjtimex(&mut t) };
+    state >= 0 && state != libc::TIME_ERROR
+}
+
+/// Seconds since boot (/proc/uptime); 0 when it cannot be read.
+pub fn uptime_secs() -> u64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()))
+        .unwrap_or(0.0) as u64
+}
+
+/// This machine's host name ("kiln" when it has none).
+pub fn hostname() -> String {
+    nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "kiln".into())
+}
+
 pub fn free_bytes(path: &Path) -> Result<u64> {
     let s = nix::sys::statvfs::statvfs(path).with_context(|| format!("statvfs {}", path.display()))?;
     Ok(s.blocks_available() as u64 * s.fragment_size() as u64)

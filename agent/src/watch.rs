@@ -23,6 +23,8 @@ pub struct Finding {
     pub what_to_do: String,
     /// Since when it holds, when the watcher knows better than "now" (a failure's record).
     pub since: Option<Timestamp>,
+    /// How many times it happened (a notice that stands for several: logins).
+    pub count: u32,
 }
 
 impl Finding {
@@ -34,6 +36,7 @@ impl Finding {
             detail: String::new(),
             what_to_do: String::new(),
             since: None,
+            count: 1,
         }
     }
     pub fn detail(mut self, d: impl Into<String>) -> Finding {
@@ -190,9 +193,19 @@ pub fn observe_disk(path: &Path) -> anyhow::Result<DiskSeen> {
     Ok(DiskSeen { used_percent, inodes_percent, size: blocks * frag })
 }
 
-/// /var past the warning or the alert threshold, bytes or inodes; a /var that is a temporary
-/// file system because the data partition could not be mounted (`data_error`).
-pub fn judge_disk(cfg: &MonitorConfig, d: &DiskSeen, data_error: Option<&str>) -> Vec<Finding> {
+/// Percentage points below a threshold a value must fall before a condition eases: a disk at
+/// 85 % give or take a file does not raise and clear at every look.
+pub const HYSTERESIS: f64 = 2.0;
+
+/// /var past the warning or the alert threshold, bytes or inodes (`open`: the severity each key
+/// has now, which holds until the value is [`HYSTERESIS`] below its threshold); a /var that is a
+/// temporary file system because the data partition could not be mounted (`data_error`).
+pub fn judge_disk(
+    cfg: &MonitorConfig,
+    d: &DiskSeen,
+    data_error: Option<&str>,
+    open: &BTreeMap<String, Severity>,
+) -> Vec<Finding> {
     let mut out = Vec::new();
     if let Some(e) = data_error {
         out.push(
@@ -205,9 +218,14 @@ pub fn judge_disk(cfg: &MonitorConfig, d: &DiskSeen, data_error: Option<&str>) -
         ("full", d.used_percent, cfg.disk_warn, cfg.disk_alert, "disk:/var"),
         ("of its inodes used", d.inodes_percent, cfg.inodes_warn, cfg.inodes_alert, "inodes:/var"),
     ] {
-        let severity = if value >= f64::from(alert) {
+        let held = open.get(key).copied();
+        let at_least = |threshold: u8, sev: Severity| {
+            let margin = if held >= Some(sev) { HYSTERESIS } else { 0.0 };
+            value >= f64::from(threshold) - margin
+        };
+        let severity = if at_least(alert, Severity::Alert) {
             Severity::Alert
-        } else if value >= f64::from(warn) {
+        } else if at_least(warn, Severity::Warning) {
             Severity::Warning
         } else {
             continue;
@@ -383,15 +401,12 @@ pub fn judge_clock(cfg: &MonitorConfig, c: &ClockSeen) -> Vec<Finding> {
 
 pub fn observe_clock() -> ClockSeen {
     let installed = Path::new("/usr/lib/systemd/system/systemd-timesyncd.service").exists();
-    let uptime = std::fs::read_to_string("/proc/uptime")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()))
-        .unwrap_or(0.0) as u64;
     ClockSeen {
         timesync_installed: installed,
         timesync_running: installed && crate::system::is_active("systemd-timesyncd.service"),
-        synchronised: crate::system::clock_synchronised(),
-        uptime_secs: uptime,
+        // timesyncd's mark, or the kernel's own status (whoever set the clock: chrony, ntpd).
+        synchronised: crate::system::clock_synchronised() || crate::system::kernel_clock_synchronised(),
+        uptime_secs: crate::system::uptime_secs(),
     }
 }
 
@@ -438,8 +453,13 @@ pub fn observe_certificates(dir: &Path) -> Vec<(String, Timestamp)> {
             }
         }
     }
-    out.sort();
-    out
+    // The same domain under two issuers (a switch from one CA to another): the later expiry counts.
+    let mut latest: BTreeMap<String, Timestamp> = BTreeMap::new();
+    for (name, t) in out {
+        let e = latest.entry(name).or_insert(t);
+        *e = (*e).max(t);
+    }
+    latest.into_iter().collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -578,7 +598,12 @@ pub fn judge_logins(
                 || m.contains("maximum authentication attempts exceeded")
             {
                 failed += 1;
-                if let Some(ip) = m.split_whitespace().find(|w| w.parse::<std::net::IpAddr>().is_ok()) {
+                // The address sshd names after "from" (or before "port": "closed by ... user X IP port N").
+                let words: Vec<&str> = m.split_whitespace().collect();
+                let ip = word_after(&words, "from").or_else(|| {
+                    words.iter().position(|w| *w == "port").and_then(|i| i.checked_sub(1)).map(|i| words[i])
+                });
+                if let Some(ip) = ip.filter(|w| w.parse::<std::net::IpAddr>().is_ok()) {
                     *sources.entry(ip.to_string()).or_default() += 1;
                 }
             }
@@ -597,17 +622,24 @@ pub fn judge_logins(
         .into_iter()
         .map(|((user, from), (n, key))| {
             let times = if n == 1 { String::new() } else { format!(" ({n} times)") };
-            Finding::new(
+            let mut f = Finding::new(
                 format!("login:{user}@{from}"),
                 Severity::Info,
                 format!("{user} logged in over SSH from {from}{times}"),
             )
-            .detail(format!("key: {key}"))
+            .detail(format!("key: {key}"));
+            f.count = n;
+            f
         })
         .collect();
-    for (user, n) in &sudo_denied {
+    if !sudo_denied.is_empty() {
+        // One notice per look, however many users a flood names.
+        let n: u32 = sudo_denied.values().sum();
+        let users: Vec<String> = sudo_denied.iter().take(5).map(|(u, n)| format!("{u} ({n})")).collect();
+        let more = if sudo_denied.len() > 5 { format!(" and {} more", sudo_denied.len() - 5) } else { String::new() };
         notices.push(
-            Finding::new(format!("sudo:{user}"), Severity::Warning, format!("sudo refused {user} {n} time(s)"))
+            Finding::new("sudo:denied", Severity::Warning, format!("sudo refused {n} time(s)"))
+                .detail(format!("users: {}{more}", users.join(", ")))
                 .todo("if that was not you, someone has a login on this device: rotate its SSH keys (provisioning) and read `journalctl _COMM=sudo`"),
         );
     }
@@ -640,17 +672,32 @@ fn word_after<'a>(words: &[&'a str], marker: &str) -> Option<&'a str> {
     words.iter().position(|w| *w == marker).and_then(|i| words.get(i + 1)).copied()
 }
 
-/// sshd's and sudo's journal lines after `cursor` (this boot's when there is none), and the
-/// cursor to start from next time. At most `limit` lines are read.
+/// The programs whose journal lines the login watch reads, matched on `_EXE` (set by journald
+/// from the sending process, which a local user cannot choose, unlike SYSLOG_IDENTIFIER:
+/// `logger -t sudo` forges nothing here).
+pub const LOGIN_PROGRAMS: &[&str] =
+    &["/usr/sbin/sshd", "/usr/lib/openssh/sshd-session", "/usr/lib/openssh/sshd-auth", "/usr/bin/sudo"];
+
+/// sshd's and sudo's journal lines after `cursor` (this boot's when there is none, or when the
+/// cursor is no longer valid: a vacuumed journal), and the cursor to start from next time. At
+/// most `limit` lines are kept.
 pub fn observe_journal(cursor: Option<&str>, limit: usize) -> anyhow::Result<(Vec<LogLine>, Option<String>)> {
-    let mut cmd =
-        Cmd::new("journalctl").args(["--no-pager", "-q", "-o", "json", "--output-fields=MESSAGE,SYSLOG_IDENTIFIER"]);
-    cmd = match cursor {
-        Some(c) => cmd.arg(format!("--after-cursor={c}")),
-        None => cmd.arg("-b"),
+    let run = |cursor: Option<&str>| {
+        let cmd = Cmd::new("journalctl").args(["--no-pager", "-q", "-o", "json", "--output-fields=MESSAGE,_EXE"]);
+        let cmd = match cursor {
+            Some(c) => cmd.arg(format!("--after-cursor={c}")),
+            None => cmd.arg("-b"),
+        };
+        cmd.args(LOGIN_PROGRAMS.iter().map(|p| format!("_EXE={p}"))).output()
     };
-    let out =
-        cmd.args(["SYSLOG_IDENTIFIER=sshd", "SYSLOG_IDENTIFIER=sshd-session", "SYSLOG_IDENTIFIER=sudo"]).output()?;
+    let (out, cursor) = match run(cursor) {
+        Ok(out) => (out, cursor),
+        Err(e) if cursor.is_some() => {
+            println!("<4>kiln-agent: monitor: the journal cursor did not work ({e}); reading this boot's lines");
+            (run(None)?, None)
+        }
+        Err(e) => return Err(e.into()),
+    };
     let mut lines = Vec::new();
     let mut last = cursor.map(str::to_string);
     for l in String::from_utf8_lossy(&out).lines() {
@@ -659,8 +706,9 @@ pub fn observe_journal(cursor: Option<&str>, limit: usize) -> anyhow::Result<(Ve
             last = Some(c.to_string());
         }
         if lines.len() < limit {
+            let exe = v["_EXE"].as_str().unwrap_or_default();
             lines.push(LogLine {
-                identifier: v["SYSLOG_IDENTIFIER"].as_str().unwrap_or_default().to_string(),
+                identifier: exe.rsplit('/').next().unwrap_or_default().to_string(),
                 message: v["MESSAGE"].as_str().unwrap_or_default().to_string(),
             });
         }
@@ -721,17 +769,25 @@ mod tests {
     #[test]
     fn disk_warns_then_alerts_and_names_a_temporary_var() {
         let d = |used, inodes| DiskSeen { used_percent: used, inodes_percent: inodes, size: 1 << 30 };
-        assert_eq!(judge_disk(&cfg(), &d(84.9, 10.0), None), []);
-        let w = judge_disk(&cfg(), &d(85.0, 10.0), None);
+        let none = BTreeMap::new();
+        assert_eq!(judge_disk(&cfg(), &d(84.9, 10.0), None, &none), []);
+        let w = judge_disk(&cfg(), &d(85.0, 10.0), None, &none);
         assert_eq!((w[0].key.as_str(), w[0].severity), ("disk:/var", Severity::Warning));
         assert_eq!(w[0].title, "/var is 85 % full");
-        let a = judge_disk(&cfg(), &d(97.2, 96.0), None);
+        let a = judge_disk(&cfg(), &d(97.2, 96.0), None, &none);
         assert_eq!(
             a.iter().map(|f| (f.key.as_str(), f.severity)).collect::<Vec<_>>(),
             [("disk:/var", Severity::Alert), ("inodes:/var", Severity::Alert)]
         );
-        let t = judge_disk(&cfg(), &d(1.0, 1.0), Some("mkfs.ext4 failed"));
+        let t = judge_disk(&cfg(), &d(1.0, 1.0), Some("mkfs.ext4 failed"), &none);
         assert_eq!((t[0].key.as_str(), t[0].detail.as_str()), ("disk:data", "mkfs.ext4 failed"));
+        // Once raised, a condition holds until the value is 2 points below its threshold.
+        let warned: BTreeMap<String, Severity> = [("disk:/var".to_string(), Severity::Warning)].into_iter().collect();
+        assert_eq!(judge_disk(&cfg(), &d(83.5, 10.0), None, &warned)[0].severity, Severity::Warning);
+        assert_eq!(judge_disk(&cfg(), &d(82.9, 10.0), None, &warned), []);
+        let alerted: BTreeMap<String, Severity> = [("disk:/var".to_string(), Severity::Alert)].into_iter().collect();
+        assert_eq!(judge_disk(&cfg(), &d(93.5, 10.0), None, &alerted)[0].severity, Severity::Alert);
+        assert_eq!(judge_disk(&cfg(), &d(92.5, 10.0), None, &alerted)[0].severity, Severity::Warning);
     }
 
     fn state() -> State {
@@ -849,10 +905,14 @@ mod tests {
         assert_eq!((cond, failed), (vec![], 1));
         assert_eq!(notices[0].title, "admin logged in over SSH from 10.0.2.2 (2 times)");
         assert_eq!(notices[0].detail, "key: ED25519 SHA256:abc");
-        assert_eq!((notices[1].key.as_str(), notices[1].severity), ("sudo:admin", Severity::Warning));
-        for i in 0..5 {
+        assert_eq!(notices[0].count, 2);
+        assert_eq!((notices[1].key.as_str(), notices[1].severity), ("sudo:denied", Severity::Warning));
+        assert_eq!(notices[1].detail, "users: admin (1)");
+        for i in 0..4 {
             lines.push(l("sshd-session", &format!("Invalid user oracle{i} from 203.0.113.9 port 5{i}000")));
         }
+        // A user name that looks like an address does not take the blame.
+        lines.push(l("sshd-session", "Invalid user 10.0.0.5 from 203.0.113.9 port 40000"));
         let (cond, _, failed) = judge_logins(&cfg(), &lines, &Vec::new());
         assert_eq!((cond, failed.0), (vec![], 6));
         // Spread over two looks, it adds up.

@@ -75,10 +75,14 @@ fn not_after_der(der: &[u8]) -> Option<Timestamp> {
     parse_time(tag, std::str::from_utf8(time).ok()?)
 }
 
-/// UTCTime (YYMMDDHHMMSSZ, years 1950-2049) or GeneralizedTime (YYYYMMDDHHMMSSZ).
+/// UTCTime (YYMMDDHHMMSSZ, years 1950-2049) or GeneralizedTime (YYYYMMDDHHMMSSZ); digits only,
+/// years from 1970.
 fn parse_time(tag: u8, s: &str) -> Option<Timestamp> {
     let s = s.strip_suffix('Z')?;
-    let (year, rest) = match (tag, s.len()) {
+    if !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (year, rest): (u64, &str) = match (tag, s.len()) {
         (0x17, 12) => {
             let yy: u64 = s[..2].parse().ok()?;
             (if yy < 50 { 2000 + yy } else { 1900 + yy }, &s[2..])
@@ -88,10 +92,10 @@ fn parse_time(tag: u8, s: &str) -> Option<Timestamp> {
     };
     let n = |i: usize| rest.get(i..i + 2)?.parse::<u64>().ok();
     let (month, day, h, m, sec) = (n(0)?, n(2)?, n(4)?, n(6)?, n(8)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
+    if year < 1970 || !(1..=12).contains(&month) || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
         return None;
     }
-    // Days from the civil date (Howard Hinnant's algorithm).
+    // Days from the civil date (Howard Hinnant's algorithm); year >= 1970, so nothing underflows.
     let (y, mo) = if month <= 2 { (year - 1, month + 9) } else { (year, month - 3) };
     let era = y / 400;
     let yoe = y - era * 400;
@@ -147,5 +151,11 @@ j5Bk1IZ6rIfWReAM1WFWVQIgLonrr/sdorSIZWGEDE4wqh600ZsFXAmkpvvdLalL
         let cut: String = SHORT.lines().take(4).chain(["-----END CERTIFICATE-----"]).collect::<Vec<_>>().join("\n");
         assert_eq!(not_after_pem(&cut), None);
         assert_eq!(parse_time(0x17, "271305000000Z"), None);
+        // Hostile times: non-ASCII where digits belong, years before 1970 or 0000.
+        assert_eq!(parse_time(0x17, "1\u{e9}000000000Z"), None);
+        assert_eq!(parse_time(0x18, "00000115000000Z"), None);
+        assert_eq!(parse_time(0x18, "19690101000000Z"), None);
+        assert_eq!(parse_time(0x18, "+1970101000000Z"), None);
+        assert_eq!(parse_time(0x18, "19700101000000Z"), Some(Timestamp(0)));
     }
 }

@@ -842,10 +842,11 @@ fn read_status(StatusArgs { sources, feed, json, html, silent_after, now }: Stat
         None => None,
     };
     for s in &reading.skipped {
-        eprintln!("skipped {}: {}", s.source, s.reason);
+        // Both may carry a device's or a server's bytes: no terminal escapes reach the terminal.
+        eprintln!("skipped {}: {}", status::plain(&s.source), status::plain(&s.reason));
     }
     for f in &reading.failed {
-        eprintln!("cannot read {}: {}", f.source, f.reason);
+        eprintln!("cannot read {}: {}", status::plain(&f.source), status::plain(&f.reason));
     }
     let reports: Vec<_> =
         reading.devices.iter().map(|d| status::report(d, release.as_ref(), now, silent_after)).collect();

@@ -347,14 +347,14 @@ pub struct MonitorConfig {
     /// The same for its inodes.
     pub inodes_warn: u8,
     pub inodes_alert: u8,
-    /// Restarts of one unit between two looks that make it crash-looping.
+    /// Restarts of one unit within ten minutes (or two looks) that make it crash-looping.
     pub restarts: u32,
     /// A TLS certificate caddy manages that expires within this many days is a warning
     /// (within a third of it, an alert).
     pub cert_days: u32,
     /// A newer release offered by the feed and not installed for this long is an alert.
     pub update_stale_secs: u64,
-    /// Failed SSH logins and sudo denials between two looks that make an alert.
+    /// Failed SSH logins and sudo denials within ten minutes (or two looks) that make an alert.
     pub failed_logins: u32,
     /// A clock not synchronised this long after boot is a warning (time sync switched off: at once).
     pub clock_grace_secs: u64,

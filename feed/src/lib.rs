@@ -131,8 +131,14 @@ impl<'de> Deserialize<'de> for Timestamp {
 }
 
 /// The signed document a device acts on: every release of one channel, newest first.
+///
+/// How the format evolves: fields are only ever added, optional, and inside the signature;
+/// readers ignore fields they do not know (no `deny_unknown_fields` on this document's types),
+/// so an agent reads documents of later publishers. `format` changes only when a field changes
+/// its meaning; then the publisher keeps a bridge: the previous format's document beside the
+/// new one until every device runs an agent that reads both. (Agents built before this rule,
+/// kiln's first ones, refuse unknown fields: `kiln publish --security` adds one.)
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct Metadata {
     pub format: u32,
     pub channel: String,
@@ -146,7 +152,6 @@ pub struct Metadata {
 
 /// One image version of one profile for one kind of hardware.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct Release {
     pub version: Version,
     pub published: Timestamp,
@@ -189,8 +194,8 @@ pub enum ArtifactKind {
     Boot,
 }
 
+/// One file of a release (read leniently, as [`Metadata`]).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct Artifact {
     pub kind: ArtifactKind,
     /// The file's name in the build output ("root.img", "kiln-0.2.0.efi").
@@ -202,9 +207,8 @@ pub struct Artifact {
     pub sha256: String,
 }
 
-/// One package difference between two releases.
+/// One package difference between two releases (read leniently, as [`Metadata`]).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
 pub struct Change {
     pub package: String,
     /// None: added.
@@ -265,6 +269,23 @@ mod tests {
         let t: Timestamp = "2026-11-22T03:00:00Z".parse().unwrap();
         assert_eq!(t.0, 1795316400);
         assert_eq!(t.rfc3339(), "2026-11-22T03:00:00Z");
+    }
+
+    #[test]
+    fn later_publishers_fields_are_ignored_and_security_is_written_only_when_set() {
+        let doc = r#"{"format": 1, "channel": "stable", "generated": "2026-12-01T00:00:00Z",
+            "expires": "2026-12-31T00:00:00Z", "deltas": {"chunked": true},
+            "releases": [{"version": "0.2.0", "published": "2026-12-01T00:00:00Z", "profile": "p",
+              "image": "pc-uefi", "arch": "amd64", "root_hash": "00", "security": true, "mirror": "x",
+              "artifacts": [{"kind": "root", "name": "root.img", "url": "artifacts/ab", "size": 1,
+                "sha256": "ab", "chunks": "artifacts/ab.idx"}],
+              "changelog": [{"package": "zstd", "from": "1", "to": "2", "urgency": "high"}]}]}"#;
+        let m: Metadata = serde_json::from_str(doc).unwrap();
+        assert!(m.releases[0].security);
+        assert_eq!(m.releases[0].artifacts[0].size, 1);
+        let mut r = m.releases[0].clone();
+        r.security = false;
+        assert!(!serde_json::to_string(&r).unwrap().contains("security"), "an old agent reads what this writes");
     }
 
     #[test]

@@ -191,9 +191,20 @@ impl StatusFeed {
     /// Whether the device has not updated its feed for [`SILENT_AFTER_INTERVALS`] intervals
     /// (or `silent_after` seconds, when given) at `now`.
     pub fn silent(&self, now: Timestamp, silent_after: Option<u64>) -> bool {
-        let limit = silent_after.unwrap_or(self.interval_secs.max(1) * SILENT_AFTER_INTERVALS);
+        let limit = silent_after.unwrap_or(self.interval_secs.max(1).saturating_mul(SILENT_AFTER_INTERVALS));
         now.0.saturating_sub(self.updated.0) > limit
     }
+}
+
+/// The JSON twin of a status feed's URL or file name: `.atom` at the end of the path becomes
+/// `.json` (a query, such as a presigned URL's, is kept). None: it does not end in `.atom`.
+pub fn json_twin(url: &str) -> Option<String> {
+    let (path, query) = url.split_once('?').map_or((url, None), |(p, q)| (p, Some(q)));
+    let stem = path.strip_suffix(".atom")?;
+    Some(match query {
+        Some(q) => format!("{stem}.json?{q}"),
+        None => format!("{stem}.json"),
+    })
 }
 
 /// The feed's stable id: by device id when there is one (a renamed device keeps its feed).
@@ -312,11 +323,20 @@ mod tests {
     }
 
     #[test]
+    fn the_json_twin_keeps_a_query() {
+        assert_eq!(json_twin("https://d/k/home.atom").as_deref(), Some("https://d/k/home.json"));
+        assert_eq!(json_twin("https://s3/b/h.atom?X-Sig=a.atom").as_deref(), Some("https://s3/b/h.json?X-Sig=a.atom"));
+        assert_eq!(json_twin("feeds/home.json"), None);
+    }
+
+    #[test]
     fn silence_is_three_intervals_unless_told() {
         let f = example();
         assert!(!f.silent(Timestamp(1300 + 900), None));
         assert!(f.silent(Timestamp(1300 + 901), None));
         assert!(f.silent(Timestamp(1300 + 61), Some(60)));
+        let hostile = StatusFeed { interval_secs: u64::MAX, ..f };
+        assert!(!hostile.silent(Timestamp(u64::MAX), None), "no overflow");
     }
 
     #[test]

@@ -67,13 +67,13 @@ pub struct Monitor {
     /// The same for its inodes (default 85 and 95).
     pub inodes_warn: Option<i64>,
     pub inodes_alert: Option<i64>,
-    /// Restarts of a unit between two looks that count as crash-looping (default 3).
+    /// Restarts of a unit within ten minutes (or two looks) that count as crash-looping (default 3).
     pub restarts: Option<i64>,
     /// Warn when a TLS certificate caddy manages expires within this many days (default 14).
     pub cert_days: Option<i64>,
     /// Alert when a newer release has been offered and not installed for this long (default "7d").
     pub update_stale: Option<String>,
-    /// Failed SSH logins and sudo denials between two looks that raise an alert (default 10).
+    /// Failed SSH logins and sudo denials within ten minutes (or two looks) that raise an alert (default 10).
     pub failed_logins: Option<i64>,
     /// Warn when the clock is not synchronised this long after boot (default "1h").
     pub clock_grace: Option<String>,

@@ -55,10 +55,7 @@ fn is_url(s: &str) -> bool {
 
 /// A device pushes `NAME.atom` and its JSON twin `NAME.json`: the twin is what is read.
 fn json_twin(url: &str) -> String {
-    match url.strip_suffix(".atom") {
-        Some(base) => format!("{base}.json"),
-        None => url.to_string(),
-    }
+    kiln_feed::status::json_twin(url).unwrap_or_else(|| url.to_string())
 }
 
 /// Reads every source, in the order given (a directory's feeds in the order of their names):
@@ -374,7 +371,7 @@ fn ago(now: Timestamp, t: Timestamp) -> String {
 
 /// Text for a terminal: control characters (escape sequences) and bidirectional overrides in
 /// a feed's strings become `?`.
-fn plain(s: &str) -> String {
+pub fn plain(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') { '?' } else { c })
         .collect()
