@@ -103,6 +103,10 @@ enum Command {
     /// device is fine (warnings included); 1: a device has an open alert or is silent; 2: a
     /// source could not be read (what could be read is still shown).
     Status(StatusArgs),
+    /// Measure what a device running OLD would download to update to NEW if it fetched only
+    /// the data it does not have: new bytes at fixed 4 KiB blocks and at content-defined chunks
+    /// (FastCDC, 4/16/64 KiB on average) for root.img and the UKI or boot.img.
+    Delta(DeltaArgs),
     /// Find or build the image's on-device agent (kiln-agent) and print its path: for an arm64
     /// image kiln cross-builds it in a cached toolchain root, as `kiln build` does.
     Agent(AgentArgs),
@@ -321,6 +325,17 @@ struct StatusArgs {
 }
 
 #[derive(clap::Args)]
+struct DeltaArgs {
+    /// The build output of the release devices run (out/<profile>-<image>/ of that build).
+    old: PathBuf,
+    /// The build output of the new release.
+    new: PathBuf,
+    /// The figures as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
 struct DoctorArgs {
     #[arg(long)]
     install: bool,
@@ -451,9 +466,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Keygen(args) => done(cmd_keygen(args)),
         Command::Publish(args) => done(cmd_publish(args)),
         Command::Status(args) => Ok(cmd_status(args)),
+        Command::Delta(args) => done(cmd_delta(args)),
         Command::Doctor(args) => done(cmd_doctor(args)),
         Command::Agent(args) => done(cmd_agent(args)),
     }
+}
+
+fn cmd_delta(DeltaArgs { old, new, json }: DeltaArgs) -> Result<()> {
+    let measures = kiln::release::delta::compare(&old, &new)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&measures)?);
+    } else {
+        print!("{}", kiln::release::delta::report(&measures));
+    }
+    Ok(())
 }
 
 fn cmd_build(BuildArgs { target, out, keep_work, locked, lock }: BuildArgs) -> Result<()> {

@@ -53,6 +53,32 @@ fn inspect_of_a_missing_output_names_the_file() {
 }
 
 #[test]
+fn delta_of_two_outputs_names_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let out = kiln(dir.path(), &["delta", "a", "b"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("holds no root.img"), "{}", text(&out.stderr));
+    // Two small stand-ins for build outputs: one 4 KiB block of root.img changed, the UKI renamed.
+    let root: Vec<u8> = (0..64 * 4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(a.join("root.img"), &root).unwrap();
+    std::fs::write(a.join("kiln-0.1.0.efi"), b"uki").unwrap();
+    let mut changed = root.clone();
+    changed[5 * 4096 + 7] ^= 0xff;
+    std::fs::write(b.join("root.img"), &changed).unwrap();
+    std::fs::write(b.join("kiln-0.1.1.efi"), b"uki").unwrap();
+    let out = kiln(dir.path(), &["delta", "a", "b", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(m[0]["name"], "root.img");
+    assert_eq!(m[0]["block_new"], 4096);
+    assert_eq!(m[1]["name"], "kiln-0.1.1.efi");
+    assert_eq!(m[1]["block_new"], 0, "the UKI of the old output is the new one's counterpart");
+}
+
+#[test]
 fn output_to_a_closed_pipe_ends_quietly() {
     // `kiln plan | head -0`: the reader is gone before kiln writes.
     let mut child = std::process::Command::new(crate::kiln_bin())
