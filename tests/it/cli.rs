@@ -60,7 +60,7 @@ fn delta_of_two_outputs_names_what_is_missing() {
     std::fs::create_dir_all(&b).unwrap();
     let out = kiln(dir.path(), &["delta", "a", "b"]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("holds no root.img"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("a holds no root.img"), "{}", text(&out.stderr));
     // Two small stand-ins for build outputs: one 4 KiB block of root.img changed, the UKI renamed.
     let root: Vec<u8> = (0..64 * 4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     std::fs::write(a.join("root.img"), &root).unwrap();
@@ -76,6 +76,12 @@ fn delta_of_two_outputs_names_what_is_missing() {
     assert_eq!(m[0]["block_new"], 4096);
     assert_eq!(m[1]["name"], "kiln-0.1.1.efi");
     assert_eq!(m[1]["block_new"], 0, "the UKI of the old output is the new one's counterpart");
+    assert_eq!(m[0]["cdc"][1]["average"], 16384);
+    // A UEFI output against a Pi one: named, not guessed.
+    std::fs::remove_file(a.join("kiln-0.1.0.efi")).unwrap();
+    std::fs::write(a.join("boot.img"), b"fat").unwrap();
+    let out = kiln(dir.path(), &["delta", "a", "b"]);
+    assert!(text(&out.stderr).contains("two outputs of different kinds of image"), "{}", text(&out.stderr));
 }
 
 #[test]

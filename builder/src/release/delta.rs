@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 pub const CDC_AVERAGES: &[usize] = &[4 << 10, 16 << 10, 64 << 10];
 const BLOCK: usize = 4096;
 
-/// One artifact's figures.
+/// One artifact's figures. New content that appears twice counts once (a content-addressed
+/// download fetches it once); nothing is credited across artifacts (the old root's bytes do not
+/// count for the UKI), so the figures are a slight upper bound.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Measure {
     /// "root.img", "kiln-0.2.0.efi", "boot.img".
@@ -22,8 +24,18 @@ pub struct Measure {
     pub size: u64,
     /// Bytes of the new file in 4 KiB blocks (at 4 KiB offsets) that the old file does not hold.
     pub block_new: u64,
-    /// (average chunk size, new bytes, chunks in the new file) per [`CDC_AVERAGES`].
-    pub cdc: Vec<(usize, u64, usize)>,
+    /// Per [`CDC_AVERAGES`].
+    pub cdc: Vec<Chunked>,
+}
+
+/// The figures at one average chunk size.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Chunked {
+    pub average: usize,
+    /// Bytes of the new file's chunks that the old file does not hold.
+    pub new_bytes: u64,
+    /// Chunks in the new file.
+    pub chunks: usize,
 }
 
 fn digest(b: &[u8]) -> [u8; 32] {
@@ -32,61 +44,69 @@ fn digest(b: &[u8]) -> [u8; 32] {
 
 /// The figures for `new` against `old`.
 pub fn measure(name: &str, old: &[u8], new: &[u8]) -> Measure {
-    let have: HashSet<[u8; 32]> = old.chunks(BLOCK).map(digest).collect();
-    let block_new = new.chunks(BLOCK).filter(|b| !have.contains(&digest(b))).map(|b| b.len() as u64).sum();
+    let mut have: HashSet<[u8; 32]> = old.chunks(BLOCK).map(digest).collect();
+    // `insert` is true for content not had yet: counted once, then had.
+    let block_new = new.chunks(BLOCK).filter(|b| have.insert(digest(b))).map(|b| b.len() as u64).sum();
     let cdc = CDC_AVERAGES
         .iter()
         .map(|&avg| {
             let chunks = |data: &[u8]| -> Vec<(usize, usize)> {
                 fastcdc::v2020::FastCDC::new(data, avg / 4, avg, avg * 4).map(|c| (c.offset, c.length)).collect()
             };
-            let have: HashSet<[u8; 32]> = chunks(old).into_iter().map(|(o, l)| digest(&old[o..o + l])).collect();
+            let mut have: HashSet<[u8; 32]> = chunks(old).into_iter().map(|(o, l)| digest(&old[o..o + l])).collect();
             let new_chunks = chunks(new);
-            let missing = new_chunks
-                .iter()
-                .filter(|(o, l)| !have.contains(&digest(&new[*o..*o + *l])))
-                .map(|(_, l)| *l as u64)
-                .sum();
-            (avg, missing, new_chunks.len())
+            let missing =
+                new_chunks.iter().filter(|(o, l)| have.insert(digest(&new[*o..*o + *l]))).map(|(_, l)| *l as u64).sum();
+            Chunked { average: avg, new_bytes: missing, chunks: new_chunks.len() }
         })
         .collect();
     Measure { name: name.to_string(), size: new.len() as u64, block_new, cdc }
 }
 
-/// The artifacts a device downloads from a build output: root.img, and the UKI (UEFI) or
-/// boot.img (Raspberry Pi).
-fn artifacts(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = vec![dir.join("root.img")];
-    let mut ukis: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "efi"))
-        .collect();
-    ukis.sort();
-    out.extend(ukis);
-    out.push(dir.join("boot.img"));
-    Ok(out.into_iter().filter(|p| p.is_file()).collect())
+/// What a device downloads, from one build output.
+struct Artifacts {
+    root: PathBuf,
+    /// The UKI (UEFI) or boot.img (Raspberry Pi): (the kind, its file).
+    boot: Option<(&'static str, PathBuf)>,
+}
+
+/// The artifacts of a build output: root.img, and its one UKI (`kiln-<version>.efi`) or boot.img.
+fn artifacts(dir: &Path) -> Result<Artifacts> {
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let root = dir.join("root.img");
+    if !root.is_file() {
+        bail!("{} holds no root.img: expected a build output such as out/minimal-pc-uefi", dir.display());
+    }
+    let ukis: Vec<PathBuf> =
+        entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "efi")).collect();
+    if ukis.len() > 1 {
+        bail!("{} holds {} UKIs (*.efi): a build output has one", dir.display(), ukis.len());
+    }
+    let boot = match (ukis.into_iter().next(), dir.join("boot.img")) {
+        (Some(uki), _) => Some(("UKI", uki)),
+        (None, img) if img.is_file() => Some(("boot.img", img)),
+        _ => None,
+    };
+    Ok(Artifacts { root, boot })
 }
 
 /// Compares two build outputs (`out/<profile>-<image>` of two releases), artifact by artifact.
 pub fn compare(old_dir: &Path, new_dir: &Path) -> Result<Vec<Measure>> {
     let (old, new) = (artifacts(old_dir)?, artifacts(new_dir)?);
-    if !new.iter().any(|p| p.ends_with("root.img")) {
-        bail!("{} holds no root.img: expected a build output such as out/minimal-pc-uefi", new_dir.display());
-    }
-    let mut out = Vec::new();
-    for n in &new {
-        let name = n.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        // The UKI is named by version: the old output's one is its counterpart.
-        let counterpart = old.iter().find(|o| {
-            o.file_name() == n.file_name() || (o.extension().is_some_and(|e| e == "efi") && name.ends_with(".efi"))
-        });
-        let Some(o) = counterpart else {
-            bail!("{} has no counterpart of {name}", old_dir.display());
-        };
-        let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-        out.push(measure(&name, &read(o)?, &read(n)?));
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let name = |p: &Path| p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let mut out = vec![measure("root.img", &read(&old.root)?, &read(&new.root)?)];
+    match (&old.boot, &new.boot) {
+        // The UKI is named by version: the old output's one is the new one's counterpart.
+        (Some((a, o)), Some((b, n))) if a == b => out.push(measure(&name(n), &read(o)?, &read(n)?)),
+        (None, None) => {}
+        (o, n) => bail!(
+            "{} has {} and {} has {}: two outputs of different kinds of image (compare builds of one profile and image)",
+            old_dir.display(),
+            o.as_ref().map_or("no UKI or boot.img", |(k, _)| *k),
+            new_dir.display(),
+            n.as_ref().map_or("no UKI or boot.img", |(k, _)| *k),
+        ),
     }
     Ok(out)
 }
@@ -112,13 +132,13 @@ pub fn report(measures: &[Measure]) -> String {
     let total_size: u64 = measures.iter().map(|m| m.size).sum();
     for m in measures {
         let mut r = vec![m.name.clone(), mib(m.size), format!("{} ({})", mib(m.block_new), pct(m.block_new, m.size))];
-        r.extend(m.cdc.iter().map(|(_, b, _)| format!("{} ({})", mib(*b), pct(*b, m.size))));
+        r.extend(m.cdc.iter().map(|c| format!("{} ({})", mib(c.new_bytes), pct(c.new_bytes, m.size))));
         rows.push(r);
     }
     let block: u64 = measures.iter().map(|m| m.block_new).sum();
     let mut total = vec!["total".to_string(), mib(total_size), format!("{} ({})", mib(block), pct(block, total_size))];
     for i in 0..CDC_AVERAGES.len() {
-        let b: u64 = measures.iter().map(|m| m.cdc[i].1).sum();
+        let b: u64 = measures.iter().map(|m| m.cdc[i].new_bytes).sum();
         total.push(format!("{} ({})", mib(b), pct(b, total_size)));
     }
     rows.push(total);
@@ -157,14 +177,18 @@ mod tests {
         let m = measure("root.img", &old, &new);
         assert_eq!(m.size, (4 << 20) + 100);
         assert!(m.block_new > 3 << 20, "fixed blocks: all of the last 3 MiB is new: {}", m.block_new);
-        for (avg, bytes, chunks) in &m.cdc {
-            assert!(*bytes <= 3 * 4 * *avg as u64, "CDC {avg}: {bytes} new bytes");
-            assert!(*chunks > (4 << 20) / (avg * 4));
+        for c in &m.cdc {
+            assert!(c.new_bytes <= 3 * 4 * c.average as u64, "CDC {}: {} new bytes", c.average, c.new_bytes);
+            assert!(c.chunks > (4 << 20) / (c.average * 4));
         }
         // Identical files: nothing new either way.
         let same = measure("x", &old, &old);
         assert_eq!(same.block_new, 0);
-        assert!(same.cdc.iter().all(|(_, b, _)| *b == 0));
+        assert!(same.cdc.iter().all(|c| c.new_bytes == 0));
+        // New content twice counts once.
+        let block = noise(4096, 3);
+        let twice = [old.clone(), block.clone(), block].concat();
+        assert_eq!(measure("x", &old, &twice).block_new, 4096);
         // An in-place change of one byte: one block.
         let mut poked = old.clone();
         poked[12345] ^= 1;
