@@ -126,7 +126,7 @@ fn fetch_small_within(client: &Client, url: &str, limit: u64, within: Duration) 
 
 /// Whether the download fell below `pace`: the deadline passed, or a whole window went by with
 /// too few bytes (then a new window starts).
-fn too_slow(pace: &Pace, window_start: &mut Instant, window_bytes: &mut u64) -> Option<String> {
+pub(crate) fn too_slow(pace: &Pace, window_start: &mut Instant, window_bytes: &mut u64) -> Option<String> {
     let now = Instant::now();
     if now >= pace.deadline {
         return Some("the check's deadline passed".into());
@@ -145,6 +145,16 @@ fn too_slow(pace: &Pace, window_start: &mut Instant, window_bytes: &mut u64) -> 
         *window_bytes = 0;
     }
     None
+}
+
+/// Where a 206 response's body starts (its `Content-Range: bytes N-M/L`).
+pub(crate) fn range_start(resp: &reqwest::blocking::Response) -> Option<u64> {
+    resp.headers()
+        .get(CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes "))
+        .and_then(|v| v.split('-').next())
+        .and_then(|v| v.parse::<u64>().ok())
 }
 
 /// Streams `url` into `dest` at offsets [start, size), after hashing [0, start) from `dest`.
@@ -191,14 +201,7 @@ pub fn download(
         };
         match resp.status() {
             StatusCode::PARTIAL_CONTENT => {
-                let from = resp
-                    .headers()
-                    .get(CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("bytes "))
-                    .and_then(|v| v.split('-').next())
-                    .and_then(|v| v.parse::<u64>().ok());
-                if from != Some(pos) {
+                if range_start(&resp) != Some(pos) {
                     return Err(DownloadError::Http { url: url.into(), status: resp.status() });
                 }
             }

@@ -24,6 +24,7 @@ mod agent;
 mod backup;
 mod boot;
 mod data;
+mod delta;
 mod download;
 mod exec;
 mod factory;
@@ -102,6 +103,27 @@ enum Command {
         #[arg(long)]
         stats: bool,
     },
+    /// For `scripts/bench`: install one artifact of the newest release in a signed channel by
+    /// delta into a file, from local files, as a device would (the same code), and print its
+    /// figures as JSON (bytes, requests, seconds, peak RSS).
+    #[command(hide = true)]
+    DeltaBench {
+        /// The channel's metadata URL (`.../stable.json`; its `.sig` beside it).
+        #[arg(long)]
+        metadata: String,
+        /// The channel's public key file (`kiln-release.pub`).
+        #[arg(long)]
+        key: PathBuf,
+        /// root, uki or boot.
+        #[arg(long)]
+        kind: String,
+        /// What the device has (the old release's artifact files).
+        #[arg(long)]
+        source: Vec<PathBuf>,
+        /// Where the artifact is assembled (created).
+        #[arg(long)]
+        dest: PathBuf,
+    },
     /// Backups with restic: now, status, drill, restore, prune.
     Backup {
         #[command(subcommand)]
@@ -151,6 +173,9 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     if let Command::Status { json } = cli.command {
         return status(&cli.config, &cli.state_dir, json);
+    }
+    if let Command::DeltaBench { metadata, key, kind, source, dest } = &cli.command {
+        return delta_bench(metadata, key, kind, source, dest);
     }
     if let Command::Monitor { stopping, stats } = cli.command {
         if stopping {
@@ -242,10 +267,63 @@ fn run(cli: Cli) -> Result<()> {
         | Command::Backup { .. }
         | Command::MountData { .. }
         | Command::Wifi { .. }
-        | Command::Monitor { .. } => {
+        | Command::Monitor { .. }
+        | Command::DeltaBench { .. } => {
             unreachable!("handled above")
         }
     }
+}
+
+fn delta_bench(
+    metadata: &str,
+    key: &std::path::Path,
+    kind: &str,
+    sources: &[PathBuf],
+    dest: &std::path::Path,
+) -> Result<()> {
+    let client = download::client()?;
+    let json = download::fetch_small(&client, metadata, 4 << 20)?;
+    let sig = download::fetch_small(&client, &format!("{metadata}.sig"), 4 << 20)?;
+    let key_text = std::fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?;
+    let key = kiln_feed::PublicKey::parse(key_text.trim()).map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+    kiln_feed::verify(&json, &String::from_utf8_lossy(&sig), &[key]).map_err(|e| anyhow::anyhow!("{metadata}: {e}"))?;
+    let meta: kiln_feed::Metadata = serde_json::from_slice(&json)?;
+    let release = meta.releases.first().context("the channel has no release")?;
+    let a = release
+        .artifacts
+        .iter()
+        .find(|a| serde_json::to_value(a.kind).ok().and_then(|v| v.as_str().map(|k| k == kind)).unwrap_or(false))
+        .with_context(|| format!("release {} has no {kind} artifact", release.version))?;
+    let d = a.delta.as_ref().with_context(|| format!("{} of {} has no chunk index", a.name, release.version))?;
+    let sources: Vec<delta::Source> = sources
+        .iter()
+        .map(|p| {
+            Ok(delta::Source {
+                path: p.clone(),
+                len: std::fs::metadata(p).with_context(|| format!("reading {}", p.display()))?.len(),
+            })
+        })
+        .collect::<Result<_>>()?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dest)
+        .with_context(|| format!("opening {}", dest.display()))?;
+    let pace = download::Pace::standard(std::time::Instant::now());
+    let r = delta::install(&client, metadata, a, d, &file, &sources, pace)?;
+    let v = serde_json::json!({
+        "artifact": a.name,
+        "size": a.size,
+        "report": r,
+        "downloaded": r.downloaded(),
+        "http_requests": r.requests + 1,
+        "peak_rss_kib": peak_rss_kib(),
+        "cpu_ms": cpu_ms(libc::RUSAGE_SELF),
+    });
+    println!("{}", serde_json::to_string(&v)?);
+    Ok(())
 }
 
 fn backup(config: &std::path::Path, state_dir: &std::path::Path, action: &BackupAction) -> Result<()> {
@@ -467,6 +545,9 @@ fn status(config: &std::path::Path, state_dir: &std::path::Path, json: bool) -> 
     }
     for f in &state.failed {
         println!("failed:    {} at {}: {}", f.version, f.at, f.reason);
+    }
+    for d in &state.last_delta {
+        println!("delta:     {d}");
     }
     println!("checked:   {}", state.last_check.map(|t| t.to_string()).unwrap_or_else(none));
     println!("result:    {}", state.last_result.clone().unwrap_or_else(none));

@@ -144,6 +144,32 @@ pub struct State {
     /// "not installed for too long" and "security update pending").
     #[serde(default)]
     pub offered: Option<Offered>,
+    /// How the last install's artifacts came: by delta (with its figures) or whole, and why.
+    #[serde(default)]
+    pub last_delta: Vec<DeltaNote>,
+}
+
+/// One artifact of an install: fetched as a delta, or whole after the delta path was left.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct DeltaNote {
+    pub version: Version,
+    pub artifact: String,
+    #[serde(default)]
+    pub report: Option<crate::delta::Report>,
+    /// Why the whole artifact was downloaded instead (tampered chunk or index, a server that
+    /// ignores Range, no index published, ...).
+    #[serde(default)]
+    pub full_download: Option<String>,
+}
+
+impl std::fmt::Display for DeltaNote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.report, &self.full_download) {
+            (Some(r), _) => write!(f, "{} {}: {r}", self.version, self.artifact),
+            (None, Some(why)) => write!(f, "{} {}: downloaded whole: {why}", self.version, self.artifact),
+            (None, None) => write!(f, "{} {}", self.version, self.artifact),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -169,6 +195,7 @@ impl Default for State {
             last_result: None,
             last_error: None,
             last_download_bytes: 0,
+            last_delta: Vec::new(),
             newest_metadata: None,
             trusted_time: None,
             offered: None,

@@ -179,6 +179,9 @@ pub fn check(agent: &Agent, ignore_window: bool) -> Result<Outcome> {
         // Staged downloads of another release (a UKI of a version never installed) go.
         crate::state::remove_staging(&agent.state_dir);
     }
+    if !resuming {
+        state.last_delta.clear();
+    }
     state.begin_install(target, &release.version, &release.root_hash, now)?;
     state.write(&agent.state_dir)?;
     let retired = agent.medium.retire_other(&agent.config, agent.slot, &agent.running)?;
@@ -284,6 +287,7 @@ fn fetch_into(
     dest: &Path,
     pace: download::Pace,
     downloaded: &mut u64,
+    sources: &[crate::delta::Source],
 ) -> Result<()> {
     let url = kiln_feed::join_url(metadata_url, &a.url);
     let expect = Expect { size: a.size, sha256: sha256_of(a)? };
@@ -306,6 +310,38 @@ fn fetch_into(
         );
         start = meta.len();
     }
+    // By delta when the release has a chunk index and no whole download of this artifact is
+    // under way; a power cut during a delta leaves chunks in place that the next try keeps.
+    if start == 0 {
+        let mut note = crate::state::DeltaNote {
+            version: state.install.as_ref().map(|i| i.version.clone()).unwrap_or_else(|| agent.running.clone()),
+            artifact: a.name.clone(),
+            report: None,
+            full_download: None,
+        };
+        match &a.delta {
+            None => note.full_download = Some("the release has no chunk index (published without deltas)".into()),
+            Some(d) => match crate::delta::install(client, metadata_url, a, d, &file, sources, pace) {
+                Ok(r) => {
+                    println!("kiln-agent: {}: {r}", a.name);
+                    *downloaded += r.downloaded();
+                    note.report = Some(r);
+                    state.last_delta.retain(|n| n.artifact != a.name);
+                    state.last_delta.push(note);
+                    state.progress(&a.sha256, a.size);
+                    return Ok(());
+                }
+                Err(e) if crate::delta::is_fallback(&e) => {
+                    println!("kiln-agent: {}: {e:#}; downloading it whole", a.name);
+                    note.full_download = Some(format!("{e:#}"));
+                }
+                Err(e) => return Err(e.context(format!("{} by delta", a.name))),
+            },
+        }
+        state.last_delta.retain(|n| n.artifact != a.name);
+        state.last_delta.push(note);
+        state.write(&agent.state_dir)?;
+    }
     if start > 0 {
         println!("kiln-agent: resuming {} at {start} of {} bytes", a.name, a.size);
     }
@@ -327,6 +363,42 @@ fn fetch_into(
     Ok(())
 }
 
+/// What this device already has that a delta can copy from: the running root image (its
+/// partition up to the end of the image, `kiln.verity_offset=` on the kernel command line),
+/// and the running UKI (UEFI) or boot partition (Raspberry Pi). Read directly, not through
+/// dm-verity: every chunk is checked against the signed index anyway, and a read of a
+/// damaged block through dm-verity (`--panic-on-corruption`) would reset the device in the
+/// middle of its update.
+fn local_sources(agent: &Agent, kind: ArtifactKind) -> Vec<crate::delta::Source> {
+    let mut out = Vec::new();
+    if kind == ArtifactKind::Root {
+        let root = agent.partition_device(Role::Root, agent.slot).ok();
+        let extent = agent.host.kernel_cmdline().ok().and_then(|c| crate::delta::root_extent(&c));
+        if let (Some(path), Some(len)) = (root, extent) {
+            out.push(crate::delta::Source { path, len });
+        }
+        return out;
+    }
+    match &agent.medium {
+        Medium::Uefi { esp } => {
+            for (name, uki) in Medium::ukis(esp).unwrap_or_default() {
+                if uki.version == agent.running.as_str() {
+                    let path = esp.join("EFI/Linux").join(name);
+                    let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                    out.push(crate::delta::Source { path, len });
+                }
+            }
+        }
+        Medium::Rpi { .. } => {
+            if let Ok(path) = agent.partition_device(Role::Boot, agent.slot) {
+                let len = system::device_size(&path).unwrap_or(0);
+                out.push(crate::delta::Source { path, len });
+            }
+        }
+    }
+    out
+}
+
 fn install(
     agent: &Agent,
     state: &mut crate::state::State,
@@ -339,7 +411,9 @@ fn install(
     let update = agent.config.update.as_ref().context("no [update]")?;
     let root = artifact(release, ArtifactKind::Root)?;
     let root_dev = agent.partition_device(Role::Root, target)?;
-    fetch_into(agent, state, client, &update.metadata, root, &root_dev, pace, downloaded)?;
+    let sources = local_sources(agent, ArtifactKind::Root);
+    fetch_into(agent, state, client, &update.metadata, root, &root_dev, pace, downloaded, &sources)?;
+    let sources = local_sources(agent, ArtifactKind::Uki);
     state.write(&agent.state_dir)?;
     match &agent.medium {
         Medium::Uefi { esp } => {
@@ -348,7 +422,7 @@ fn install(
             let staging = crate::state::staging_dir(&agent.state_dir);
             std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
             let part = staging.join(format!("{}.part", uki.sha256));
-            fetch_into(agent, state, client, &update.metadata, uki, &part, pace, downloaded)?;
+            fetch_into(agent, state, client, &update.metadata, uki, &part, pace, downloaded, &sources)?;
             state.write(&agent.state_dir)?;
             let name = Medium::add_trial_uki(esp, &release.version, update.tries, &part)?;
             // The staged UKI stays until the new version has booted (`remove_staging`): a
@@ -361,7 +435,7 @@ fn install(
             // Once written, the boot image's cmdline.txt is retargeted below, so its bytes no
             // longer hash to the artifact: a resumed install writes the (small) image again.
             state.progress(&b.sha256, 0);
-            fetch_into(agent, state, client, &update.metadata, b, &boot_dev, pace, downloaded)?;
+            fetch_into(agent, state, client, &update.metadata, b, &boot_dev, pace, downloaded, &sources)?;
             state.write(&agent.state_dir)?;
             Medium::point_boot_slot_at_root(&agent.host, &agent.config, target, &boot_dev)?;
         }

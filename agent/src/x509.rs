@@ -12,34 +12,7 @@ pub fn not_after_pem(pem: &str) -> Option<Timestamp> {
         .skip(1)
         .take_while(|l| l.trim() != "-----END CERTIFICATE-----")
         .collect();
-    not_after_der(&base64(body.trim())?)
-}
-
-fn base64(s: &str) -> Option<Vec<u8>> {
-    let val = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let bytes: Vec<u8> = s.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
-    let data = bytes.strip_suffix(b"==").or_else(|| bytes.strip_suffix(b"=")).unwrap_or(&bytes);
-    let mut out = Vec::with_capacity(data.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for &c in data {
-        acc = (acc << 6) | val(c)?;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
+    not_after_der(&kiln_device::base64::decode(body.trim())?)
 }
 
 /// One DER element: (tag, contents, the rest after it).

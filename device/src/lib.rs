@@ -4,6 +4,7 @@
 //! the boot-medium files (autoboot.txt, cmdline.txt, UKI names with boot counters), partition
 //! ids, and the atomic file writes both sides rely on. Nothing here runs a process.
 
+pub mod base64;
 pub mod boot;
 pub mod config;
 pub mod fs;
@@ -15,6 +16,26 @@ pub mod wifi;
 pub use config::*;
 
 use std::fmt;
+
+/// The size of a root image whose EROFS data ends (4 KiB aligned) at `hash_offset`: the data,
+/// then dm-verity's superblock and hash tree as `veritysetup format` lays them out with 4 KiB
+/// data and hash blocks and sha256 (128 hashes a block; the levels up to a single block). The
+/// builder checks every root image it makes against this; the agent uses it to know how much of
+/// the running root partition is its image (the partition is larger), from the kernel's
+/// `kiln.verity_offset=`.
+pub fn verity_image_size(hash_offset: u64) -> u64 {
+    const BLOCK: u64 = 4096;
+    let mut level = hash_offset.div_ceil(BLOCK);
+    let mut tree = 0;
+    loop {
+        level = level.div_ceil(BLOCK / 32);
+        tree += level;
+        if level <= 1 {
+            break;
+        }
+    }
+    hash_offset + BLOCK + tree * BLOCK
+}
 
 /// A 128-bit id (partition or filesystem UUID) derived deterministically from a seed.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -63,5 +84,17 @@ impl fmt::Display for Uuid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let h = hex::encode(self.0);
         write!(f, "{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_verity_layout_is_data_superblock_and_each_level() {
+        // 1000 data blocks: 8 hash blocks, then 1; after the data, the superblock and those 9.
+        assert_eq!(super::verity_image_size(1000 * 4096), (1000 + 1 + 8 + 1) * 4096);
+        // One block of hashes is the top already.
+        assert_eq!(super::verity_image_size(128 * 4096), (128 + 1 + 1) * 4096);
+        assert_eq!(super::verity_image_size(129 * 4096), (129 + 1 + 2 + 1) * 4096);
     }
 }

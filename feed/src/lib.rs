@@ -7,6 +7,7 @@
 //!
 //! Artifacts are stored by content: `artifacts/<sha256>`, URLs relative to the metadata file.
 
+pub mod delta;
 pub mod render;
 pub mod sign;
 pub mod status;
@@ -205,6 +206,29 @@ pub struct Artifact {
     pub size: u64,
     /// Lower-case hex.
     pub sha256: String,
+    /// The artifact's chunk index and pack ([`delta`]), for a device that fetches only what it
+    /// does not have. Absent: a full download (releases published before deltas existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<Delta>,
+}
+
+/// Where an artifact's chunks are (the first field added to the format, issue 19). The index's
+/// size and sha256 are signed with the metadata, and bind every chunk.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Delta {
+    /// The index's head (`delta::Head`), relative to the metadata document's URL (normally
+    /// "chunks/<artifact sha256>.index").
+    pub index: String,
+    pub index_size: u64,
+    /// Lower-case hex.
+    pub index_sha256: String,
+    /// The index's entries (normally "chunks/<artifact sha256>.leaves"), each group checked
+    /// against the head.
+    pub leaves: String,
+    pub leaves_size: u64,
+    /// Relative to the metadata document's URL (normally "chunks/<artifact sha256>.pack").
+    pub pack: String,
+    pub pack_size: u64,
 }
 
 /// One package difference between two releases (read leniently, as [`Metadata`]).

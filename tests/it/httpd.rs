@@ -30,6 +30,7 @@ pub struct Server {
     faults: Arc<Mutex<Faults>>,
     log: Arc<Mutex<Vec<Request>>>,
     posts: Arc<Mutex<Vec<(String, String)>>>,
+    sent: Arc<Mutex<Vec<(String, u64)>>>,
 }
 
 #[allow(dead_code)]
@@ -41,16 +42,17 @@ impl Server {
         let faults = Arc::new(Mutex::new(Faults::default()));
         let log = Arc::new(Mutex::new(Vec::new()));
         let posts = Arc::new(Mutex::new(Vec::new()));
-        let (root, f, l, p) = (root.to_path_buf(), faults.clone(), log.clone(), posts.clone());
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let (root, f, l, p, s) = (root.to_path_buf(), faults.clone(), log.clone(), posts.clone(), sent.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (root, f, l, p) = (root.clone(), f.clone(), l.clone(), p.clone());
+                let (root, f, l, p, s) = (root.clone(), f.clone(), l.clone(), p.clone(), s.clone());
                 std::thread::spawn(move || {
-                    let _ = serve(stream, &root, &f, &l, &p);
+                    let _ = serve(stream, &root, &f, &l, &p, &s);
                 });
             }
         });
-        Server { port, faults, log, posts }
+        Server { port, faults, log, posts, sent }
     }
 
     pub fn port(&self) -> u16 {
@@ -63,6 +65,11 @@ impl Server {
 
     pub fn set_faults(&self, faults: Faults) {
         *self.faults.lock().unwrap() = faults;
+    }
+
+    /// Body bytes sent so far for paths starting with `prefix` (what devices downloaded).
+    pub fn served(&self, prefix: &str) -> u64 {
+        self.sent.lock().unwrap().iter().filter(|(p, _)| p.starts_with(prefix)).map(|(_, n)| n).sum()
     }
 
     pub fn requests(&self) -> Vec<Request> {
@@ -90,6 +97,7 @@ fn serve(
     faults: &Mutex<Faults>,
     log: &Mutex<Vec<Request>>,
     posts: &Mutex<Vec<(String, String)>>,
+    sent_log: &Mutex<Vec<(String, u64)>>,
 ) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -159,6 +167,11 @@ fn serve(
         let b = b.parse::<u64>().map(|b| (b + 1).min(len)).unwrap_or(len);
         (from, to, status) = (a, b, 206);
     }
+    let entry = {
+        let mut s = sent_log.lock().unwrap();
+        s.push((path.clone(), 0));
+        s.len() - 1
+    };
     log.lock().unwrap().push(Request { path, range, status });
     let mut head = format!(
         "HTTP/1.1 {status} {}\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\nConnection: close\r\n",
@@ -190,6 +203,7 @@ fn serve(
         out.write_all(&buf[..n])?;
         left -= n as u64;
         sent += n as u64;
+        sent_log.lock().unwrap()[entry].1 = sent;
         // Read the limit again: a test may change it while a download runs.
         if let Some(rate) = faults.lock().unwrap().rate_limit {
             let due = Duration::from_secs_f64(sent as f64 / rate as f64);

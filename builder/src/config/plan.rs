@@ -60,6 +60,9 @@ pub struct Plan {
     pub initramfs: crate::config::image::InitramfsKind,
     pub version: String,
     pub source_date_epoch: u64,
+    /// The profile names `[release] source_date_epoch`: a new lock takes it rather than
+    /// keeping the previous lock's.
+    pub epoch_from_profile: bool,
     pub disk: DiskPlan,
     pub health: HealthPlan,
     pub qemu: Qemu,
@@ -522,6 +525,7 @@ impl Plan {
             initramfs: def.initramfs,
             version,
             source_date_epoch,
+            epoch_from_profile: release.source_date_epoch.is_some(),
             disk,
             health,
             qemu: def.qemu.clone(),

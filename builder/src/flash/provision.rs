@@ -395,7 +395,7 @@ pub fn check_key_line(line: &str) -> std::result::Result<(), String> {
     let words: Vec<&str> = line.split_whitespace().collect();
     for (i, w) in words.iter().enumerate() {
         if KEY_TYPES.contains(w) {
-            let Some(blob) = words.get(i + 1).and_then(|b| base64_decode(b)) else {
+            let Some(blob) = words.get(i + 1).and_then(|b| kiln_device::base64::decode(b)) else {
                 return Err(format!("the {w} key is not valid base64"));
             };
             // The blob starts with the key type as an SSH string (u32 length + bytes).
@@ -414,31 +414,6 @@ pub fn check_key_line(line: &str) -> std::result::Result<(), String> {
         }
     }
     Err("not an OpenSSH public key (expected a line like \"ssh-ed25519 AAAA… alice@laptop\", as in ~/.ssh/id_ed25519.pub)".into())
-}
-
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim_end_matches('=');
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in s.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
 }
 
 /// backup/: the repository password must be there and not empty (the device's agent cannot

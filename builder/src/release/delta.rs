@@ -51,7 +51,9 @@ pub fn measure(name: &str, old: &[u8], new: &[u8]) -> Measure {
         .iter()
         .map(|&avg| {
             let chunks = |data: &[u8]| -> Vec<(usize, usize)> {
-                fastcdc::v2020::FastCDC::new(data, avg / 4, avg, avg * 4).map(|c| (c.offset, c.length)).collect()
+                fastcdc::v2020::FastCDC::new(data, avg as u32 / 4, avg as u32, avg as u32 * 4)
+                    .map(|c| (c.offset, c.length))
+                    .collect()
             };
             let mut have: HashSet<[u8; 32]> = chunks(old).into_iter().map(|(o, l)| digest(&old[o..o + l])).collect();
             let new_chunks = chunks(new);

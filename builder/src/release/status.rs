@@ -859,6 +859,7 @@ shed     0.2.0    stable   SILENT 3h  up to date                   none    -    
                 url: "artifacts/00".into(),
                 size: 1,
                 sha256: "00".repeat(32),
+                delta: None,
             }],
             changelog: Vec::new(),
             notes: String::new(),

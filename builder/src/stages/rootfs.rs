@@ -62,6 +62,14 @@ pub fn make_root(ctx: &Context) -> Result<RootImage> {
         .map(|s| s.trim().to_string())
         .context("veritysetup format printed no root hash")?;
     let size = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?.len();
+    // Devices find the end of their running image this way (delta updates index it).
+    if size != kiln_device::verity_image_size(hash_offset) {
+        bail!(
+            "veritysetup laid out {} as {size} bytes, kiln_device::verity_image_size says {} for a hash tree at {hash_offset}: this veritysetup's format differs from the one kiln knows",
+            path.display(),
+            kiln_device::verity_image_size(hash_offset)
+        );
+    }
     let part = plan.partition(Role::Root, Some(Slot::A));
     if size > part.size.0 {
         bail!(
