@@ -34,6 +34,10 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
     // Every tool kiln runs (mmdebstrap, maintainer scripts in the chroot, mkfs.*, mtools) reads
     // the image's timestamp from here; `exec::Cmd` passes it on.
     std::env::set_var("SOURCE_DATE_EPOCH", plan.source_date_epoch.to_string());
+    // A foreign architecture's programs run in the chroot (customize, harden) even when the
+    // bootstrapped tree comes from the cache: qemu-user must be registered for every build, in
+    // this build's own mount namespace (a fresh host has binfmt_misc mounted nowhere).
+    crate::host::doctor::ensure_binfmt(plan.arch.debian())?;
     std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
     let out_dir =
         std::fs::canonicalize(&opts.out_dir).with_context(|| format!("resolving {}", opts.out_dir.display()))?;

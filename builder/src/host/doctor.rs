@@ -93,6 +93,10 @@ pub fn ensure_binfmt(arch: &str) -> Result<()> {
             .with_context(|| {
                 format!("mounting binfmt_misc on {} (needed to run {arch} programs; are we root?)", dir.display())
             })?;
+        // Registered already (by an earlier build), only not mounted in this namespace.
+        if handler.exists() {
+            return Ok(());
+        }
     }
     let rule = rule
         .lines()
