@@ -77,12 +77,12 @@ fn esp_listing(disk: &Path) -> String {
 
 #[test]
 fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
-    if !crate::host_can_run(
+    let Some(_timed) = crate::heavy_test(
         "ota_updates_commit_roll_back_refuse_and_survive_power_cuts",
         &[Need::Root, Need::Tool("mmdebstrap"), Need::Tool("qemu-system-x86_64")],
-    ) {
+    ) else {
         return;
-    }
+    };
     let work = repo_root().join("target/kiln-it-ota");
     let _scratch = crate::Scratch(work.clone());
     // KILN_IT_REUSE=1 keeps the five builds of an earlier run (for working on this test).

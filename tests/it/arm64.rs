@@ -54,7 +54,7 @@ fn fat_file(disk: &Path, offset: u64, name: &str) -> String {
 
 #[test]
 fn rpi4_image_builds_boots_and_updates_itself() {
-    if !crate::host_can_run(
+    let Some(_timed) = crate::heavy_test(
         "rpi4_image_builds_boots_and_updates_itself",
         &[
             Need::Root,
@@ -63,9 +63,9 @@ fn rpi4_image_builds_boots_and_updates_itself() {
             Need::Tool("qemu-system-aarch64"),
             Need::Tool("mtype"),
         ],
-    ) {
+    ) else {
         return;
-    }
+    };
     let root = repo_root();
     let work = root.join("target/kiln-it-rpi");
     let _scratch = crate::Scratch(work.clone());

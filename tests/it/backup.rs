@@ -212,12 +212,12 @@ fn host_restic(repo: &Path, args: &[&str]) -> std::process::Output {
 
 #[test]
 fn backups_restore_themselves_resist_deletion_and_report_failures() {
-    if !crate::host_can_run(
+    let Some(_timed) = crate::heavy_test(
         "backups_restore_themselves_resist_deletion_and_report_failures",
         &[Need::Root, Need::Tool("mmdebstrap"), Need::Tool("qemu-system-x86_64")],
-    ) {
+    ) else {
         return;
-    }
+    };
     let root = repo_root();
     let work = root.join("target/kiln-it-backup");
     let _scratch = crate::Scratch(work.clone());

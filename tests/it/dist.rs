@@ -13,12 +13,12 @@ const TARGET: &str = "x86_64-unknown-linux-gnu";
 
 #[test]
 fn release_archives_install_and_run_from_an_empty_prefix() {
-    if !crate::host_can_run(
+    let Some(_timed) = crate::heavy_test(
         "release_archives_install_and_run_from_an_empty_prefix",
         &[Need::Tool("dist"), Need::Tool("curl")],
-    ) {
+    ) else {
         return;
-    }
+    };
     let root = repo_root();
     let t = Instant::now();
     // The archive's layout and contents are the release's; its optimisation is turned down

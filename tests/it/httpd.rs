@@ -1,7 +1,9 @@
 //! A small real HTTP/1.1 static file server on 127.0.0.1 for the tests: GET and HEAD, `Range:
 //! bytes=N-` and `N-M` (206 + Content-Range, 416 past the end), one thread per connection,
-//! `Connection: close`. Faults for tests, settable while it runs: a rate limit (bytes/s), and
-//! cutting a response after N body bytes (a dropped connection). Every request is logged.
+//! persistent connections as real servers keep them (a connection serves requests until the
+//! client closes it, asks `Connection: close`, or is idle for [`IDLE`]). Faults for tests,
+//! settable while it runs: a rate limit (bytes/s), and cutting a response after N body bytes (a
+//! dropped connection). Every request is logged.
 //! POST bodies are kept ([`Server::posts`], a webhook); PUT writes the body to the path under
 //! the served directory (a WebDAV-like push target), served by GET afterwards.
 
@@ -10,6 +12,10 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// How long a kept-alive connection may wait for its next request: longer than reqwest's idle
+/// pool timeout (90 s), so a client never reuses a connection this server is closing.
+const IDLE: Duration = Duration::from_secs(120);
 
 #[derive(Default, Debug, Clone)]
 pub struct Faults {
@@ -91,6 +97,13 @@ fn resolve(root: &Path, url_path: &str) -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
+/// What the connection does after a response.
+#[derive(PartialEq)]
+enum Next {
+    KeepAlive,
+    Close,
+}
+
 fn serve(
     stream: TcpStream,
     root: &Path,
@@ -99,17 +112,39 @@ fn serve(
     posts: &Mutex<Vec<(String, String)>>,
     sent_log: &Mutex<Vec<(String, u64)>>,
 ) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_read_timeout(Some(IDLE))?;
     let mut reader = BufReader::new(stream.try_clone()?);
+    let mut out = stream;
+    while respond(&mut reader, &mut out, root, faults, log, posts, sent_log)? == Next::KeepAlive {}
+    Ok(())
+}
+
+/// Reads one request from `reader` and answers it on `out`.
+#[allow(clippy::too_many_arguments)]
+fn respond(
+    reader: &mut BufReader<TcpStream>,
+    out: &mut TcpStream,
+    root: &Path,
+    faults: &Mutex<Faults>,
+    log: &Mutex<Vec<Request>>,
+    posts: &Mutex<Vec<(String, String)>>,
+    sent_log: &Mutex<Vec<(String, u64)>>,
+) -> std::io::Result<Next> {
     let mut line = String::new();
-    reader.read_line(&mut line)?;
+    if reader.read_line(&mut line)? == 0 {
+        return Ok(Next::Close);
+    }
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("/").to_string());
     let mut range = None;
     let mut length = 0usize;
+    let mut next = Next::KeepAlive;
     loop {
         let mut h = String::new();
-        if reader.read_line(&mut h)? == 0 || h.trim().is_empty() {
+        if reader.read_line(&mut h)? == 0 {
+            return Ok(Next::Close);
+        }
+        if h.trim().is_empty() {
             break;
         }
         if let Some((k, v)) = h.split_once(':') {
@@ -119,24 +154,34 @@ fn serve(
             if k.eq_ignore_ascii_case("content-length") {
                 length = v.trim().parse().unwrap_or(0);
             }
+            if k.eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close") {
+                next = Next::Close;
+            }
         }
     }
+    if length > 1 << 20 {
+        // Only the first MiB is read: what follows must not be taken for the next request.
+        next = Next::Close;
+    }
+    let keep = if next == Next::Close { "close" } else { "keep-alive" };
     if method == "POST" {
         let mut body = vec![0u8; length.min(1 << 20)];
         reader.read_exact(&mut body)?;
         posts.lock().unwrap().push((path.clone(), String::from_utf8_lossy(&body).into_owned()));
         log.lock().unwrap().push(Request { path, range, status: 200 });
-        let mut out = stream;
-        return out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        out.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: {keep}\r\n\r\n").as_bytes())?;
+        return Ok(next);
     }
     if method == "PUT" {
         let mut body = vec![0u8; length.min(4 << 20)];
         reader.read_exact(&mut body)?;
         let rel = path.split('?').next().unwrap_or("").trim_start_matches('/').to_string();
-        let mut out = stream;
         if rel.is_empty() || rel.split('/').any(|c| c.is_empty() || c == ".." || c.starts_with('.')) {
             log.lock().unwrap().push(Request { path, range, status: 403 });
-            return out.write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            out.write_all(
+                format!("HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: {keep}\r\n\r\n").as_bytes(),
+            )?;
+            return Ok(next);
         }
         let dest = root.join(&rel);
         std::fs::create_dir_all(dest.parent().unwrap())?;
@@ -144,13 +189,14 @@ fn serve(
         std::fs::write(&tmp, &body)?;
         std::fs::rename(&tmp, &dest)?;
         log.lock().unwrap().push(Request { path, range, status: 204 });
-        return out.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
+        out.write_all(format!("HTTP/1.1 204 No Content\r\nConnection: {keep}\r\n\r\n").as_bytes())?;
+        return Ok(next);
     }
     let f = faults.lock().unwrap().clone();
-    let mut out = stream;
     let Some(file) = resolve(root, &path) else {
         log.lock().unwrap().push(Request { path, range, status: 404 });
-        return out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        out.write_all(format!("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: {keep}\r\n\r\n").as_bytes())?;
+        return Ok(next);
     };
     let mut file = std::fs::File::open(file)?;
     let len = file.metadata()?.len();
@@ -162,7 +208,8 @@ fn serve(
         let a: u64 = a.parse().unwrap_or(0);
         if a >= len {
             log.lock().unwrap().push(Request { path, range, status: 416 });
-            return out.write_all(format!("HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{len}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes());
+            out.write_all(format!("HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{len}\r\nContent-Length: 0\r\nConnection: {keep}\r\n\r\n").as_bytes())?;
+            return Ok(next);
         }
         let b = b.parse::<u64>().map(|b| (b + 1).min(len)).unwrap_or(len);
         (from, to, status) = (a, b, 206);
@@ -173,8 +220,13 @@ fn serve(
         s.len() - 1
     };
     log.lock().unwrap().push(Request { path, range, status });
+    // A response cut short ends its connection (the client sees fewer bytes than promised).
+    if f.cut_after.is_some_and(|cut| cut < to - from) {
+        next = Next::Close;
+    }
+    let keep = if next == Next::Close { "close" } else { "keep-alive" };
     let mut head = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\nConnection: close\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\nConnection: {keep}\r\n",
         if status == 206 { "Partial Content" } else { "OK" },
         to - from
     );
@@ -184,7 +236,7 @@ fn serve(
     head.push_str("\r\n");
     out.write_all(head.as_bytes())?;
     if method == "HEAD" {
-        return Ok(());
+        return Ok(next);
     }
     file.seek(SeekFrom::Start(from))?;
     let mut left = to - from;
@@ -212,7 +264,11 @@ fn serve(
             }
         }
     }
-    Ok(())
+    if left > 0 {
+        // The file ended before its length was sent: the connection cannot carry another.
+        next = Next::Close;
+    }
+    Ok(next)
 }
 
 /// Puts a channel's metadata (`stable.json` + `.sig` from `from`) where a [`Server`] serves

@@ -14,12 +14,12 @@ fn run(cmd: &mut Command) -> String {
 
 #[test]
 fn minimal_image_builds_verifies_and_boots() {
-    if !crate::host_can_run(
+    let Some(_timed) = crate::heavy_test(
         "minimal_image_builds_verifies_and_boots",
         &[Need::Root, Need::Tool("mmdebstrap"), Need::Tool("qemu-system-x86_64")],
-    ) {
+    ) else {
         return;
-    }
+    };
     let root = repo_root();
     let work = root.join("target/kiln-it");
     let out = work.join("out");

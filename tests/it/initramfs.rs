@@ -27,12 +27,12 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
 #[test]
 fn native_initramfs_opens_the_verified_root_and_boots_systemd() {
-    if !crate::host_can_run(
+    let Some(_timed) = crate::heavy_test(
         "native_initramfs_opens_the_verified_root_and_boots_systemd",
         &[Need::Root, Need::Tool("mmdebstrap"), Need::Tool("qemu-system-x86_64")],
-    ) {
+    ) else {
         return;
-    }
+    };
     let arch = Arch::from_env();
     let work = repo_root().join(format!("target/kiln-it-initramfs-{}", arch.debian));
     let _scratch = crate::Scratch(work.clone());

@@ -81,6 +81,37 @@ pub fn host_can_run(test: &str, needs: &[Need]) -> bool {
     false
 }
 
+/// [`host_can_run`] for a heavy test, with a guard that prints how long it took (in every run,
+/// so a CI log shows where its time goes).
+pub fn heavy_test(test: &'static str, needs: &[Need]) -> Option<Timed> {
+    host_can_run(test, needs).then(|| {
+        let _ = writeln!(std::io::stderr(), "kiln-it: {test} starts at +{:.0}s", started().elapsed().as_secs_f64());
+        Timed(test, std::time::Instant::now())
+    })
+}
+
+/// When the test binary's first heavy test started (the heavy tests start at once).
+fn started() -> std::time::Instant {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *START.get_or_init(std::time::Instant::now)
+}
+
+/// Prints a heavy test's time when it ends, passed or failed.
+pub struct Timed(&'static str, std::time::Instant);
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        let how = if std::thread::panicking() { "failed" } else { "passed" };
+        let _ = writeln!(
+            std::io::stderr(),
+            "kiln-it: {} {how} in {:.0}s (at +{:.0}s)",
+            self.0,
+            self.1.elapsed().as_secs_f64(),
+            started().elapsed().as_secs_f64()
+        );
+    }
+}
+
 fn on_path(program: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
     // Tools in /usr/sbin are on root's PATH but not always on an ordinary user's.

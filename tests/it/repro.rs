@@ -21,12 +21,12 @@ fn sha256(path: &Path) -> String {
 
 #[test]
 fn locked_builds_are_bit_identical_and_refuse_tampered_debs() {
-    if !crate::host_can_run(
+    let Some(_timed) = crate::heavy_test(
         "locked_builds_are_bit_identical_and_refuse_tampered_debs",
         &[Need::Root, Need::Tool("mmdebstrap")],
-    ) {
+    ) else {
         return;
-    }
+    };
     let work = repo_root().join("target/kiln-it-repro");
     let _scratch = crate::Scratch(work.clone());
     let _ = std::fs::remove_dir_all(&work);

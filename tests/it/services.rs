@@ -73,12 +73,12 @@ fn free_port() -> u16 {
 
 #[test]
 fn services_are_sandboxed_gated_and_only_declared_ports_listen() {
-    if !crate::host_can_run(
+    let Some(_timed) = crate::heavy_test(
         "services_are_sandboxed_gated_and_only_declared_ports_listen",
         &[Need::Root, Need::Tool("mmdebstrap"), Need::Tool("qemu-system-x86_64")],
-    ) {
+    ) else {
         return;
-    }
+    };
     let root = repo_root();
     let work = root.join("target/kiln-it-services");
     let _scratch = crate::Scratch(work.clone());

@@ -6,7 +6,7 @@
 //! README's `docs/status-page.png`).
 
 use crate::httpd::Server;
-use crate::{host_can_run, kiln, repo_root, text, Need};
+use crate::{kiln, repo_root, text, Need};
 use kiln_feed::status::{atom, DeviceInfo, Event, EventKind, Sample, Severity, StatusFeed, Summary, STATUS_FORMAT};
 use kiln_feed::{Metadata, Release, Timestamp};
 use std::path::{Path, PathBuf};
@@ -306,9 +306,9 @@ const CARD_COLOURS: [(&str, [u8; 3]); 4] = [
 
 #[test]
 fn status_page_renders_in_a_browser() {
-    if !host_can_run("status_page_renders_in_a_browser", &[Need::Tool("chromium")]) {
+    let Some(_timed) = crate::heavy_test("status_page_renders_in_a_browser", &[Need::Tool("chromium")]) else {
         return;
-    }
+    };
     let site = site();
     let work = tempfile::tempdir().unwrap();
     let page = work.path().join("page.html");
