@@ -19,13 +19,12 @@
 
 use crate::download::{self, DownloadError, Pace};
 use anyhow::{Context as _, Result};
-use kiln_feed::delta::{Chunk, Chunking, Head, Packing, ENTRY};
+use kiln_feed::delta::{Chunk, Head, Packing, ENTRY};
 use kiln_feed::{Artifact, Delta};
 use reqwest::blocking::Client;
 use reqwest::header::{CONTENT_RANGE, RANGE};
 use reqwest::StatusCode;
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -140,29 +139,131 @@ fn fetch_head(client: &Client, metadata_url: &str, a: &Artifact, d: &Delta) -> R
     Ok(head)
 }
 
-/// One Range request: `[start, end)` of `url` into `out`, or why not. A response that ends
-/// early gives what came (the caller asks again for the rest).
-fn get_range(client: &Client, url: &str, start: u64, end: u64, out: &mut Vec<u8>) -> Result<()> {
+/// The download pace of a delta, checked after every read (a per-chunk check let a server
+/// sending a byte every 59 s hold a check for hours; TUF's slow-retrieval attack).
+struct Pacer {
+    pace: Pace,
+    window_start: Instant,
+    window_bytes: u64,
+    /// Bytes read through it in all.
+    total: u64,
+    /// Why the last read was refused.
+    slow: Option<String>,
+}
+
+impl Pacer {
+    fn new(pace: Pace) -> Pacer {
+        Pacer { pace, window_start: Instant::now(), window_bytes: 0, total: 0, slow: None }
+    }
+
+    /// A new request: time spent between requests (hashing, copying) is not the server's.
+    fn restart(&mut self) {
+        self.window_start = Instant::now();
+        self.window_bytes = 0;
+    }
+
+    /// The error for a read it refused.
+    fn too_slow(&mut self, url: &str, got: u64, expected: u64) -> Option<anyhow::Error> {
+        let detail = self.slow.take()?;
+        Some(DownloadError::TooSlow { url: url.into(), got, expected, detail }.into())
+    }
+}
+
+/// A response body read under a [`Pacer`]: a read after which the pace is too slow fails.
+struct Paced<'a, R> {
+    inner: R,
+    pacer: &'a mut Pacer,
+}
+
+impl<R: Read> Read for Paced<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let p = &mut *self.pacer;
+        p.window_bytes += n as u64;
+        p.total += n as u64;
+        if let Some(detail) = download::too_slow(&p.pace, &mut p.window_start, &mut p.window_bytes) {
+            p.slow = Some(detail);
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "too slow"));
+        }
+        Ok(n)
+    }
+}
+
+/// Reads `f` from `pos` to `end` with positional reads (a `&File` shares one cursor).
+struct At<'a> {
+    f: &'a std::fs::File,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for At<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let want = (self.end.saturating_sub(self.pos)).min(buf.len() as u64) as usize;
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.f.read_at(&mut buf[..want], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// Sends a Range request for `[start, end)` of `url`, checked by [`check_partial`].
+fn send_range(client: &Client, url: &str, start: u64, end: u64) -> Result<reqwest::blocking::Response> {
     let resp = client
         .get(url)
         .header(RANGE, format!("bytes={start}-{}", end - 1))
         .send()
         .map_err(|e| DownloadError::Network { url: url.into(), source: e })?;
     check_partial(url, &resp, start)?;
-    let _ = resp.take(end - start).read_to_end(out);
-    Ok(())
+    Ok(resp)
 }
 
-/// A Range response must be 206 for the bytes asked; 200 (the whole file) and 416 (the file
-/// is shorter than the signed metadata says) leave the delta path.
+/// `[start, end)` of `url`, asked again from where a response ended early; given up (a
+/// fallback) after [`ATTEMPTS`] responses in a row that brought nothing.
+fn get_range(
+    client: &Client,
+    url: &str,
+    (start, end): (u64, u64),
+    pacer: &mut Pacer,
+    requests: &mut u32,
+) -> Result<Vec<u8>> {
+    let mut body = Vec::new();
+    let mut attempts = 0;
+    while (body.len() as u64) < end - start {
+        attempts += 1;
+        if attempts > ATTEMPTS {
+            return Err(fallback(format!(
+                "{url}: the response to a Range request ended early {ATTEMPTS} times: a full download instead"
+            )));
+        }
+        *requests += 1;
+        let before = body.len();
+        pacer.restart();
+        let resp = send_range(client, url, start + before as u64, end)?;
+        let want = end - start - before as u64;
+        if let Err(e) = (Paced { inner: resp.take(want), pacer }).read_to_end(&mut body) {
+            if let Some(e) = pacer.too_slow(url, body.len() as u64, end - start) {
+                return Err(e);
+            }
+            println!("kiln-agent: {url}: the response ended early ({e}); asking again");
+        }
+        if body.len() > before {
+            attempts = 0;
+        }
+    }
+    Ok(body)
+}
+
+/// A Range response must be 206 for the bytes asked. 200 (the whole file), 416 (the file is
+/// shorter than the signed metadata says) and other refusals (4xx) leave the delta path; a
+/// server error (5xx) is tried again at the next check.
 fn check_partial(url: &str, resp: &reqwest::blocking::Response, start: u64) -> Result<()> {
     match resp.status() {
         StatusCode::PARTIAL_CONTENT => {
             if download::range_start(resp) != Some(start) {
-                return Err(fallback(format!(
-                    "{url}: asked for bytes from {start}, the server answered {:?}",
-                    resp.headers().get(CONTENT_RANGE)
-                )));
+                let answered = resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()).unwrap_or("no range");
+                return Err(fallback(format!("{url}: asked for bytes from {start}, the server answered {answered:?}")));
             }
             Ok(())
         }
@@ -172,12 +273,15 @@ fn check_partial(url: &str, resp: &reqwest::blocking::Response, start: u64) -> R
         StatusCode::OK => Err(fallback(format!(
             "{url}: the server ignores Range requests (it answered 200 with the whole file): a full download instead"
         ))),
+        s if s.is_client_error() => {
+            Err(fallback(format!("{url}: the server answered {s} to a Range request: a full download instead")))
+        }
         s => Err(DownloadError::Http { url: url.into(), status: s }.into()),
     }
 }
 
-/// The entries of the groups marked in `need`, checked against the head: all of them in one
-/// request when most are needed, else one Range request per run of groups.
+/// The entries of the groups marked in `need`, checked against the head: one Range request
+/// per run of groups, or all of them in one when most are needed.
 fn fetch_leaves(
     client: &Client,
     url: &str,
@@ -185,67 +289,35 @@ fn fetch_leaves(
     need: &[bool],
     chunks: &mut [Option<Chunk>],
     report: &mut Report,
+    pacer: &mut Pacer,
 ) -> Result<()> {
     let wanted = need.iter().filter(|n| **n).count();
     if wanted == 0 {
         return Ok(());
     }
-    let mut fill = |g: usize, bytes: &[u8]| -> Result<()> {
-        let got = head.decode_group(g, bytes).map_err(|e| fallback(format!("{url}: {e} (tampered)")))?;
-        for (i, c) in head.chunks_of(g).zip(got) {
-            chunks[i] = Some(c);
-        }
-        Ok(())
-    };
-    if wanted * 2 > need.len() {
-        let size = head.count as u64 * ENTRY as u64;
-        let all = match download::fetch_small(client, url, size) {
-            Ok(b) => b,
-            Err(e) if e.downcast_ref::<DownloadError>().is_some_and(|d| matches!(d, DownloadError::Http { .. })) => {
-                return Err(fallback(format!("chunk entries {url}: {e:#}")))
-            }
-            Err(e) => return Err(e),
-        };
-        report.index_bytes += all.len() as u64;
-        report.requests += 1;
-        if all.len() as u64 != size {
-            return Err(fallback(format!("{url}: {} bytes, the index has {size} bytes of entries", all.len())));
-        }
-        for g in (0..need.len()).filter(|&g| need[g]) {
-            let r = head.leaves_range(g);
-            fill(g, &all[r.start as usize..r.end as usize])?;
-        }
-        return Ok(());
-    }
+    let all = wanted * 2 > need.len();
+    let want = |g: usize| all || need[g];
     let mut g = 0;
     while g < need.len() {
-        if !need[g] {
+        if !want(g) {
             g += 1;
             continue;
         }
         let mut last = g;
-        while last + 1 < need.len() && need[last + 1] {
+        while last + 1 < need.len() && want(last + 1) {
             last += 1;
         }
         let (start, end) = (head.leaves_range(g).start, head.leaves_range(last).end);
-        let mut body = Vec::new();
-        for attempt in 1..=ATTEMPTS {
-            report.requests += 1;
-            let from = start + body.len() as u64;
-            get_range(client, url, from, end, &mut body)?;
-            if body.len() as u64 == end - start {
-                break;
-            }
-            if attempt == ATTEMPTS {
-                return Err(fallback(format!(
-                    "{url}: the response to a Range request ended early {ATTEMPTS} times: a full download instead"
-                )));
-            }
-        }
+        let body = get_range(client, url, (start, end), pacer, &mut report.requests)?;
         report.index_bytes += body.len() as u64;
-        for k in g..=last {
+        for k in (g..=last).filter(|&k| need[k]) {
             let r = head.leaves_range(k);
-            fill(k, &body[(r.start - start) as usize..(r.end - start) as usize])?;
+            let got = head
+                .decode_group(k, &body[(r.start - start) as usize..(r.end - start) as usize])
+                .map_err(|e| fallback(format!("{url}: {e} (tampered)")))?;
+            for (i, c) in head.chunks_of(k).zip(got) {
+                chunks[i] = Some(c);
+            }
         }
         g = last + 1;
     }
@@ -266,20 +338,72 @@ fn unpack(packed: &[u8], packing: Packing, size: u32, sha256: &[u8; 32]) -> Opti
     (data.len() == size as usize && kiln_feed::delta::sha256(&data) == *sha256).then_some(data)
 }
 
-/// Hashes of `f`'s chunks cut as `chunking` does over its first `len` bytes: (offset, hash).
-fn hash_chunks(f: &std::fs::File, len: u64, chunking: Chunking) -> std::io::Result<Vec<(u64, [u8; 32])>> {
-    let mut out = Vec::new();
-    let reader = std::io::BufReader::with_capacity(1 << 20, f.take(len));
-    kiln_feed::delta::for_each_chunk(reader, chunking, |offset, data| {
-        out.push((offset, kiln_feed::delta::sha256(data)));
+/// Where each chunk the device has is, by the first 8 bytes of its sha256: 16 bytes a chunk
+/// (a multi-GiB root has a million blocks). Whatever it points at is read and hashed again in
+/// full before it is used, so a shortened key can only cost a fetch.
+#[derive(Default)]
+struct Have(Vec<(u64, u64)>);
+
+impl Have {
+    const OFFSET_BITS: u32 = 48;
+
+    fn key(h: &[u8; 32]) -> u64 {
+        u64::from_le_bytes(h[..8].try_into().expect("8 bytes"))
+    }
+
+    fn add(&mut self, source: usize, offset: u64, h: &[u8; 32]) {
+        self.0.push((Self::key(h), (source as u64) << Self::OFFSET_BITS | offset));
+    }
+
+    /// Ready for lookups (the first place of each chunk is kept).
+    fn seal(&mut self) {
+        self.0.sort_by_key(|e| e.0);
+        self.0.dedup_by_key(|e| e.0);
+    }
+
+    fn get(&self, h: &[u8; 32]) -> Option<(usize, u64)> {
+        let i = self.0.binary_search_by_key(&Self::key(h), |e| e.0).ok()?;
+        let at = self.0[i].1;
+        Some(((at >> Self::OFFSET_BITS) as usize, at & ((1 << Self::OFFSET_BITS) - 1)))
+    }
+}
+
+/// One pass over the first `len` bytes of `f`, cut as `head` cuts: `each(offset, hash)` for
+/// every chunk, and for fixed-size blocks the digest of the blocks at each of the artifact's
+/// groups (`None` where `f` does not hold the whole group).
+fn scan(
+    f: &std::fs::File,
+    len: u64,
+    head: &Head,
+    mut each: impl FnMut(u64, &[u8; 32]),
+) -> std::io::Result<Vec<Option<[u8; 32]>>> {
+    let mut groups = Vec::new();
+    let mut current: Vec<[u8; 32]> = Vec::with_capacity(head.group as usize);
+    let block = head.chunking.max as u64;
+    let reader = std::io::BufReader::with_capacity(1 << 20, At { f, pos: 0, end: len });
+    kiln_feed::delta::for_each_chunk(reader, head.chunking, |offset, data| {
+        let h = kiln_feed::delta::sha256(data);
+        each(offset, &h);
+        let i = (offset / block) as usize;
+        if head.chunking.fixed() && i < head.count as usize {
+            current.push(h);
+            if i + 1 == head.chunks_of(i / head.group as usize).end {
+                groups.push(Some(kiln_feed::delta::blocks_digest(&current)));
+                current.clear();
+            }
+        }
         Ok(())
     })?;
-    Ok(out)
+    if head.chunking.fixed() {
+        groups.resize(head.groups.len(), None);
+    }
+    Ok(groups)
 }
 
 /// Assembles artifact `a` in `dest` from `sources` and the release's pack. `dest` is a
 /// partition or a staging file (opened read-write); on success its first `a.size` bytes are
-/// the artifact, checked against its sha256.
+/// the artifact, checked against its sha256. A source that cannot be read is left out (its
+/// chunks are fetched): a bad sector in the running slot must not stop every update.
 pub fn install(
     client: &Client,
     metadata_url: &str,
@@ -303,70 +427,70 @@ pub fn install(
     let mut chunks: Vec<Option<Chunk>> = vec![None; n];
     let mut need = vec![true; head.groups.len()];
     let files: Vec<Option<std::fs::File>> = sources.iter().map(|s| std::fs::File::open(&s.path).ok()).collect();
-    // Every block the device has, by hash (fixed-size chunks are cut the same way anywhere).
-    let mut have: HashMap<[u8; 32], (usize, u64)> = HashMap::new();
-    let mut chunked_sources = false;
-
+    // Every chunk the device has (fixed-size blocks are cut the same way anywhere).
+    let mut have = Have::default();
+    // Per place (the target, then each source): the digest of its blocks at each group.
+    let mut positional: Vec<Vec<Option<[u8; 32]>>> = Vec::new();
     if fixed {
-        // What is where already: the target's blocks, and the running image's at the same
-        // places. A group whose blocks all match needs neither its entries nor its data.
-        let mut positional: Vec<Vec<Option<[u8; 32]>>> = Vec::new();
-        let target: Vec<(u64, [u8; 32])> = if dest_len == 0 {
+        positional.push(if dest_len == 0 {
             Vec::new()
         } else {
-            hash_chunks(dest, a.size.min(dest_len), head.chunking).unwrap_or_default()
+            scan(dest, a.size.min(dest_len), &head, |_, _| {}).unwrap_or_default()
+        });
+    }
+    for (i, (s, f)) in sources.iter().zip(&files).enumerate() {
+        let scanned = match f {
+            Some(f) => scan(f, s.len, &head, |o, h| have.add(i, o, h)).map_err(|e| e.to_string()),
+            None => Err("it cannot be opened".to_string()),
         };
-        positional.push(target.iter().map(|(_, h)| Some(*h)).collect());
-        for (i, (s, f)) in sources.iter().zip(&files).enumerate() {
-            let Some(f) = f else {
-                println!("kiln-agent: delta: {} not read; its chunks will be fetched", s.path.display());
-                positional.push(Vec::new());
+        positional.push(scanned.unwrap_or_else(|e| {
+            println!("kiln-agent: delta: {} not read ({e}); what it holds is fetched instead", s.path.display());
+            Vec::new()
+        }));
+    }
+    have.seal();
+
+    // A group whose blocks all match what a place holds at the same offsets needs neither its
+    // entries nor its data: kept in place, or copied (read again and checked again against the
+    // signed head: only bytes that match are written).
+    let mut group_buf = Vec::new();
+    for (g, needed) in need.iter_mut().enumerate().filter(|_| fixed) {
+        let r = head.chunks_of(g);
+        let (o, end) = (r.start as u64 * block, (r.end as u64 * block).min(a.size));
+        for (p, digests) in positional.iter().enumerate() {
+            if digests.get(g).copied().flatten() != Some(head.groups[g].blocks) {
                 continue;
-            };
-            let hashes =
-                hash_chunks(f, s.len, head.chunking).with_context(|| format!("reading {}", s.path.display()))?;
-            positional.push(hashes.iter().map(|(_, h)| Some(*h)).collect());
-            for (o, h) in hashes {
-                have.entry(h).or_insert((i, o));
             }
-        }
-        chunked_sources = true;
-        for (g, needed) in need.iter_mut().enumerate() {
-            let r = head.chunks_of(g);
-            // 0: the target itself; then each source.
-            for (p, hashes) in positional.iter().enumerate() {
-                let Some(hs) = r.clone().map(|i| hashes.get(i).copied().flatten()).collect::<Option<Vec<_>>>() else {
-                    continue;
-                };
-                if kiln_feed::delta::blocks_digest(&hs) != head.groups[g].blocks {
+            if p > 0 {
+                let f = files[p - 1].as_ref().expect("scanned above");
+                group_buf.resize((end - o) as usize, 0);
+                let same = f.read_exact_at(&mut group_buf, o).is_ok()
+                    && kiln_feed::delta::blocks_digest(
+                        &group_buf.chunks(block as usize).map(kiln_feed::delta::sha256).collect::<Vec<_>>(),
+                    ) == head.groups[g].blocks;
+                if !same {
+                    println!(
+                        "kiln-agent: delta: {} read differently at byte {o} the second time; fetching those blocks",
+                        sources[p - 1].path.display()
+                    );
                     continue;
                 }
-                for (i, h) in r.clone().zip(&hs) {
-                    let (o, size) = (i as u64 * block, (a.size - i as u64 * block).min(block) as usize);
-                    if p > 0 {
-                        let f = files[p - 1].as_ref().expect("hashed above");
-                        // Read again and hashed again: only bytes that match are written.
-                        f.read_exact_at(&mut buf[..size], o)
-                            .map_err(io(format!("reading {}", sources[p - 1].path.display())))?;
-                        if kiln_feed::delta::sha256(&buf[..size]) != *h {
-                            anyhow::bail!("{} changed while it was read", sources[p - 1].path.display());
-                        }
-                        dest.write_all_at(&buf[..size], o).map_err(io(format!("writing at byte {o}")))?;
-                        report.copied += size as u64;
-                    } else {
-                        report.in_place += size as u64;
-                    }
-                    done[i] = true;
-                }
-                *needed = false;
-                break;
+                dest.write_all_at(&group_buf, o).map_err(io(format!("writing at byte {o}")))?;
+                report.copied += end - o;
+            } else {
+                report.in_place += end - o;
             }
+            done[r.clone()].fill(true);
+            *needed = false;
+            break;
         }
     }
+    drop(positional);
 
     // The entries of the other groups (all of them for content-defined chunks).
+    let mut pacer = Pacer::new(pace);
     let leaves_url = kiln_feed::join_url(metadata_url, &d.leaves);
-    fetch_leaves(client, &leaves_url, &head, &need, &mut chunks, &mut report)?;
+    fetch_leaves(client, &leaves_url, &head, &need, &mut chunks, &mut report, &mut pacer)?;
     // Offsets in the artifact and the pack of every chunk whose entry is known.
     let mut offset = vec![0u64; n];
     let mut pack_offset = vec![0u64; n];
@@ -393,19 +517,6 @@ pub fn install(
     }
 
     // Chunks of those groups: in place, copied from the device's own data, or missing.
-    if !chunked_sources {
-        for (idx, (s, f)) in sources.iter().zip(&files).enumerate() {
-            let Some(f) = f else {
-                println!("kiln-agent: delta: {} not read; its chunks will be fetched", s.path.display());
-                continue;
-            };
-            for (o, h) in
-                hash_chunks(f, s.len, head.chunking).with_context(|| format!("reading {}", s.path.display()))?
-            {
-                have.entry(h).or_insert((idx, o));
-            }
-        }
-    }
     for i in 0..n {
         let Some(c) = chunks[i].as_ref().filter(|_| !done[i]) else { continue };
         let (o, size) = (offset[i], c.size as usize);
@@ -417,7 +528,7 @@ pub fn install(
             report.in_place += size as u64;
             continue;
         }
-        let Some(&(s, so)) = have.get(&c.sha256) else { continue };
+        let Some((s, so)) = have.get(&c.sha256) else { continue };
         let Some(f) = &files[s] else { continue };
         if f.read_exact_at(&mut buf[..size], so).is_ok() && kiln_feed::delta::sha256(&buf[..size]) == c.sha256 {
             dest.write_all_at(&buf[..size], o).map_err(io(format!("writing at byte {o}")))?;
@@ -425,6 +536,7 @@ pub fn install(
             report.copied += size as u64;
         }
     }
+    drop(have);
 
     // The rest from the pack: one Range request per run of missing chunks (merged across
     // small gaps).
@@ -452,7 +564,7 @@ pub fn install(
         }
     }
     let pack_url = kiln_feed::join_url(metadata_url, &d.pack);
-    let (mut window_start, mut window_bytes) = (Instant::now(), 0u64);
+    let pack_read = pacer.total;
     for (first, last) in runs {
         let mut next = first;
         let mut attempts = 0;
@@ -466,31 +578,19 @@ pub fn install(
             let start = pack_offset[next];
             let end = pack_offset[last] + chunks[last].as_ref().map_or(0, |c| c.packed as u64);
             report.requests += 1;
-            let resp = client
-                .get(&pack_url)
-                .header(RANGE, format!("bytes={start}-{}", end - 1))
-                .send()
-                .map_err(|e| DownloadError::Network { url: pack_url.clone(), source: e })?;
-            check_partial(&pack_url, &resp, start)?;
-            let mut body = resp;
+            pacer.restart();
+            let resp = send_range(client, &pack_url, start, end)?;
+            let mut body = Paced { inner: resp, pacer: &mut pacer };
             while next <= last {
                 let Some(c) = chunks[next].as_ref() else { break };
-                let n = c.packed as usize;
-                let mut packed = vec![0u8; n];
+                let mut packed = vec![0u8; c.packed as usize];
                 if let Err(e) = body.read_exact(&mut packed) {
+                    let got = body.pacer.total - pack_read;
+                    if let Some(e) = body.pacer.too_slow(&pack_url, got, missing) {
+                        return Err(e);
+                    }
                     println!("kiln-agent: {pack_url}: the response ended early at chunk {next} ({e}); asking again");
                     break;
-                }
-                report.pack_bytes += n as u64;
-                window_bytes += n as u64;
-                if let Some(detail) = download::too_slow(&pace, &mut window_start, &mut window_bytes) {
-                    return Err(DownloadError::TooSlow {
-                        url: pack_url.clone(),
-                        got: report.pack_bytes,
-                        expected: missing,
-                        detail,
-                    }
-                    .into());
                 }
                 if !done[next] {
                     let data = unpack(&packed, c.packing, c.size, &c.sha256).ok_or_else(|| {
@@ -506,9 +606,12 @@ pub fn install(
                     report.fetched += c.size as u64;
                 }
                 next += 1;
+                // A response that brings chunks is not a failure, however it ends.
+                attempts = 0;
             }
         }
     }
+    report.pack_bytes = pacer.total - pack_read;
 
     // The whole artifact.
     dest.sync_data().map_err(io("syncing".into()))?;
@@ -602,6 +705,10 @@ mod tests {
         IgnoreRange,
         /// Each ranged response ends after this many bytes.
         Cut(usize),
+        /// Range requests of the pack are answered with this status.
+        Refuse(u16),
+        /// Ranged responses come a few bytes at a time, this many milliseconds apart.
+        Trickle(u64),
     }
 
     /// A loopback server of `files` (path -> bytes), logging each request's path and Range.
@@ -639,6 +746,12 @@ mod tests {
                     );
                     continue;
                 }
+                if let (Mode::Refuse(status), Some(_), true) = (mode, range, path.ends_with(".pack")) {
+                    let _ = conn.write_all(
+                        format!("HTTP/1.1 {status} No\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes(),
+                    );
+                    continue;
+                }
                 let (head, part) = match (range, mode) {
                     (Some((a, b)), m) if m != Mode::IgnoreRange => {
                         let b = b.min(body.len() - 1);
@@ -662,6 +775,15 @@ mod tests {
                     ),
                 };
                 let _ = conn.write_all(head.as_bytes());
+                if let (Mode::Trickle(ms), Some(_)) = (mode, range) {
+                    for piece in part.chunks(16) {
+                        if conn.write_all(piece).is_err() {
+                            break;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(ms));
+                    }
+                    continue;
+                }
                 let _ = conn.write_all(part);
             }
         });
@@ -725,6 +847,18 @@ mod tests {
     }
 
     fn run(c: &Case, served: Served, mode: Mode, dest_init: &[u8]) -> (Result<Report>, Vec<u8>, Vec<String>) {
+        run_with(c, served, mode, dest_init, false)
+    }
+
+    /// [`run`], with a pace of 1 MiB a second checked every second (for a trickling server),
+    /// and, with `unreadable`, a first source that cannot be read (a directory).
+    fn run_with(
+        c: &Case,
+        served: Served,
+        mode: Mode,
+        dest_init: &[u8],
+        unreadable: bool,
+    ) -> (Result<Report>, Vec<u8>, Vec<String>) {
         let files = vec![
             (leak(format!("/{}", c.delta.index)), served.head),
             (leak(format!("/{}", c.delta.leaves)), served.leaves),
@@ -737,12 +871,22 @@ mod tests {
         let dest_path = dir.path().join("dest");
         std::fs::write(&dest_path, dest_init).unwrap();
         let dest = std::fs::File::options().read(true).write(true).open(&dest_path).unwrap();
-        let pace = Pace {
-            window: std::time::Duration::from_secs(60),
-            min_bytes: 1,
-            deadline: Instant::now() + std::time::Duration::from_secs(60),
+        let pace = match mode {
+            Mode::Trickle(_) => Pace {
+                window: std::time::Duration::from_secs(1),
+                min_bytes: 1 << 20,
+                deadline: Instant::now() + std::time::Duration::from_secs(600),
+            },
+            _ => Pace {
+                window: std::time::Duration::from_secs(60),
+                min_bytes: 1,
+                deadline: Instant::now() + std::time::Duration::from_secs(60),
+            },
         };
-        let sources = [Source { path: old, len: c.old.len() as u64 }];
+        let mut sources = vec![Source { path: old, len: c.old.len() as u64 }];
+        if unreadable {
+            sources.insert(0, Source { path: dir.path().to_path_buf(), len: c.old.len() as u64 });
+        }
         let r = install(
             &download::client().unwrap(),
             &format!("{base}/stable.json"),
@@ -769,7 +913,7 @@ mod tests {
         assert!(r.pack_bytes < r.fetched, "the run of zeros came compressed: {r:?}");
         // The head, all entries (content-defined chunks have no places to compare), then one
         // Range request per run (two changes: at most two runs).
-        assert!(log[0].contains(".index None") && log[1].contains(".leaves None"), "{log:?}");
+        assert!(log[0].contains(".index None") && log[1].contains(".leaves Some((0, "), "{log:?}");
         assert!((3..=4).contains(&log.len()) && log[2..].iter().all(|l| l.contains(".pack Some")), "{log:?}");
         assert_eq!(r.requests as usize, log.len() - 1);
         // Run again over the finished destination: everything is in place, no pack request.
@@ -819,11 +963,12 @@ mod tests {
         let e = run(&c2, served, Mode::Honest, &[]).0.unwrap_err();
         assert!(is_fallback(&e) && e.to_string().contains("an index of another release"), "{e:#}");
 
-        // A server that ignores Range: given up at the first answer to one, not read to the end.
+        // A server that ignores Range: given up at the first answer to one (the entries), not
+        // read to the end.
         let (r, _, log) = run(&c, c.served.clone(), Mode::IgnoreRange, &[]);
         let e = r.unwrap_err();
         assert!(is_fallback(&e) && e.to_string().contains("ignores Range"), "{e:#}");
-        assert_eq!(log.len(), 3, "{log:?}");
+        assert_eq!(log.len(), 2, "{log:?}");
 
         // Every range answer cut short after 1000 bytes: asked again, then given up.
         let (r, _, log) = run(&c, c.served.clone(), Mode::Cut(1000), &[]);
@@ -841,6 +986,46 @@ mod tests {
         let served = Served { head: Vec::new(), ..c.served.clone() };
         let e = run(&c, served, Mode::Honest, &[]).0.unwrap_err();
         assert!(is_fallback(&e), "{e:#}");
+    }
+
+    #[test]
+    fn refusals_fall_back_server_errors_and_slow_links_wait_for_the_next_check() {
+        let c = case();
+        // 403 to a Range request: this server will not serve parts; a full download instead.
+        let e = run(&c, c.served.clone(), Mode::Refuse(403), &[]).0.unwrap_err();
+        assert!(is_fallback(&e) && e.to_string().contains("403"), "{e:#}");
+        // 503: the server is busy; the next check tries the delta again (chunks written stay).
+        let e = run(&c, c.served.clone(), Mode::Refuse(503), &[]).0.unwrap_err();
+        assert!(!is_fallback(&e) && format!("{e:#}").contains("503"), "{e:#}");
+        // A few bytes every 200 ms, far below the pace: refused after a window, not after the
+        // whole range crept in.
+        let e = run(&c, c.served.clone(), Mode::Trickle(200), &[]).0.unwrap_err();
+        assert!(matches!(e.downcast_ref::<DownloadError>(), Some(DownloadError::TooSlow { .. })), "{e:#}");
+    }
+
+    #[test]
+    fn a_source_that_cannot_be_read_is_left_out() {
+        let c = case();
+        let (r, written, _) = run_with(&c, c.served.clone(), Mode::Honest, &[], true);
+        let r = r.unwrap();
+        assert_eq!(&written[..c.new.len()], &c.new[..]);
+        assert!(r.copied > (1 << 20), "the readable source was used: {r:?}");
+    }
+
+    #[test]
+    fn the_table_of_what_the_device_has_finds_each_chunk() {
+        let mut have = Have::default();
+        let hashes: Vec<[u8; 32]> = (0..1000u32).map(|i| kiln_feed::delta::sha256(&i.to_le_bytes())).collect();
+        for (i, h) in hashes.iter().enumerate() {
+            have.add(i % 3, i as u64 * 4096, h);
+        }
+        // The same chunk at a later place: the first place is kept.
+        have.add(2, 1 << 40, &hashes[7]);
+        have.seal();
+        for (i, h) in hashes.iter().enumerate() {
+            assert_eq!(have.get(h), Some((i % 3, i as u64 * 4096)));
+        }
+        assert_eq!(have.get(&kiln_feed::delta::sha256(b"absent")), None);
     }
 
     #[test]

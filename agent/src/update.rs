@@ -208,8 +208,15 @@ pub fn check(agent: &Agent, ignore_window: bool) -> Result<Outcome> {
         }
         state.write(&agent.state_dir)?;
         let kept: u64 = state.install.as_ref().map_or(0, |i| i.done.values().sum());
+        // A delta records no byte count: its chunks stay where they were written and the
+        // next try finds them in place.
+        let kept = if kept > 0 {
+            format!("{kept} bytes written are kept; the next check resumes from there")
+        } else {
+            "what was written stays; the next check uses what it finds in place".into()
+        };
         return Err(e.context(format!(
-            "release {} not installed yet ({kept} bytes written are kept; the next check resumes from there), still running {}",
+            "release {} not installed yet ({kept}), still running {}",
             release.version, agent.running
         )));
     }

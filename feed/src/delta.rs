@@ -224,7 +224,13 @@ impl Head {
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
         let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
         let chunking = Chunking { min: u32_at(48), avg: u32_at(52), max: u32_at(56) };
-        let fastcdc = chunking.min >= 64 && chunking.min < chunking.avg && chunking.avg < chunking.max;
+        // The bounds the chunker asserts (a head outside them would panic the reader).
+        use fastcdc::v2020::{AVERAGE_MAX, AVERAGE_MIN, MAXIMUM_MAX, MAXIMUM_MIN, MINIMUM_MAX, MINIMUM_MIN};
+        let fastcdc = (MINIMUM_MIN..=MINIMUM_MAX).contains(&chunking.min)
+            && (AVERAGE_MIN..=AVERAGE_MAX).contains(&chunking.avg)
+            && (MAXIMUM_MIN..=MAXIMUM_MAX).contains(&chunking.max)
+            && chunking.min < chunking.avg
+            && chunking.avg < chunking.max;
         if !(fastcdc || chunking.fixed() && chunking.min > 0 && chunking.avg == chunking.min) || chunking.max > 16 << 20
         {
             return Err(format!("chunk index: impossible chunking {chunking:?}"));
@@ -413,6 +419,9 @@ mod tests {
         assert!(Head::decode(&h.encode()).unwrap_err().contains("group 1 starts"));
         let mut h = head.clone();
         h.chunking = Chunking { min: 10, avg: 5, max: 20 };
+        assert!(Head::decode(&h.encode()).unwrap_err().contains("impossible chunking"));
+        // Ordered, but outside what FastCDC accepts (it would panic, not refuse).
+        h.chunking = Chunking { min: 64, avg: 128, max: 512 };
         assert!(Head::decode(&h.encode()).unwrap_err().contains("impossible chunking"));
         assert!(Head::decode(&[b'<'; 200]).unwrap_err().contains("bad magic"));
         // Entries whose sizes do not fit a fixed-block index, rehashed so the digest matches.
