@@ -53,9 +53,7 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     check_free_space(&opts.out_dir, plan)?;
-    // The agent goes into every image: find or build it before minutes of bootstrapping.
     let cache = Cache::open_default()?;
-    let agent = stages::agent::prepare(plan, &cache)?;
     let ctx = Context {
         plan,
         tree: work.join("tree"),
@@ -63,31 +61,21 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<BuildResult> {
         staging: staging.clone(),
         templates: crate::stages::templates::Templates::load()?,
     };
-
-    let (boot_files, locked) = match &opts.locked {
-        Some(lock) => {
-            // A locked bootstrap depends only on its inputs: reuse the tree when they match.
-            let key = stages::bootstrap::tree_key(plan, lock, &ctx.templates)?;
-            let boot = match stages::bootstrap::restore_tree(&ctx, &cache, &key)? {
-                Some(boot) => boot,
-                None => {
-                    let debs = work.join("locked-debs");
-                    stages::bootstrap::stage_locked_debs(plan, lock, &cache, &debs)?;
-                    let boot = stages::bootstrap::bootstrap(&ctx, Packages::Locked { lock, debs: &debs })?;
-                    std::fs::remove_dir_all(&debs).with_context(|| format!("removing {}", debs.display()))?;
-                    stages::bootstrap::save_tree(&ctx, &cache, &key, &boot)?;
-                    boot
-                }
-            };
-            (boot, lock.packages.clone())
+    // The agent goes into every image: found at once (a missing one is an error before minutes
+    // of bootstrapping), or cross-built for a foreign architecture (minutes, the first time)
+    // while the tree bootstraps: a compiler beside mostly single-threaded package scripts.
+    let (agent, (boot_files, locked)) = std::thread::scope(|s| -> Result<_> {
+        let agent = stages::agent::start(s, plan, &cache)?;
+        let tree = tree(&ctx, &cache, opts);
+        let agent = agent.wait();
+        // The tree's error first (the agent's, if both failed, follows as context).
+        match (tree, agent) {
+            (Ok(t), Ok(a)) => Ok((a, t)),
+            (Err(e), Ok(_)) => Err(e),
+            (Err(e), Err(a)) => Err(e.context(format!("(the agent's build failed too: {a:#})"))),
+            (Ok(_), Err(a)) => Err(a),
         }
-        // Unlocked: one bootstrap in which apt resolves and installs (its timestamp is the
-        // build's time, so no later build could reuse the tree).
-        None => {
-            let boot = stages::bootstrap::bootstrap(&ctx, Packages::Resolve)?;
-            (boot, stages::bootstrap::collect_locked(&ctx, &cache)?)
-        }
-    };
+    })?;
     let dev = crate::host::userns::DevNodes::bind(&ctx.tree)?;
     stages::customize::customize(&ctx, &agent)?;
     let security = stages::harden::harden(&ctx)?;
@@ -200,4 +188,39 @@ fn check_free_space(dir: &Path, plan: &Plan) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The bootstrapped tree in `ctx.tree`: restored from the cache or bootstrapped (locked), or
+/// resolved by apt (unlocked); its boot files and the packages it holds.
+fn tree(
+    ctx: &Context,
+    cache: &Cache,
+    opts: &BuildOptions,
+) -> Result<(stages::bootstrap::BootFiles, Vec<crate::config::lock::LockedPackage>)> {
+    let plan = ctx.plan;
+    let work = &ctx.work;
+    Ok(match &opts.locked {
+        Some(lock) => {
+            // A locked bootstrap depends only on its inputs: reuse the tree when they match.
+            let key = stages::bootstrap::tree_key(plan, lock, &ctx.templates)?;
+            let boot = match stages::bootstrap::restore_tree(ctx, cache, &key)? {
+                Some(boot) => boot,
+                None => {
+                    let debs = work.join("locked-debs");
+                    stages::bootstrap::stage_locked_debs(plan, lock, cache, &debs)?;
+                    let boot = stages::bootstrap::bootstrap(ctx, Packages::Locked { lock, debs: &debs })?;
+                    std::fs::remove_dir_all(&debs).with_context(|| format!("removing {}", debs.display()))?;
+                    stages::bootstrap::save_tree(ctx, cache, &key, &boot)?;
+                    boot
+                }
+            };
+            (boot, lock.packages.clone())
+        }
+        // Unlocked: one bootstrap in which apt resolves and installs (its timestamp is the
+        // build's time, so no later build could reuse the tree).
+        None => {
+            let boot = stages::bootstrap::bootstrap(ctx, Packages::Resolve)?;
+            (boot, stages::bootstrap::collect_locked(ctx, cache)?)
+        }
+    })
 }

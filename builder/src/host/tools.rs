@@ -217,9 +217,12 @@ pub const ALSO_PROVIDED: &[(&str, &str)] = &[
     ("newgidmap", "newuidmap"),
 ];
 
-/// Programs the test suite needs that come from the Rust crate registry, not from apt:
-/// (program, what installs it). `scripts/test` installs them (`cargo install --locked`).
-pub const CARGO_TEST_TOOLS: &[(&str, &str)] = &[("dist", "cargo-dist 0.34.0, the release packager")];
+/// Programs the test suite needs that come from the Rust toolchain or the Rust crate registry,
+/// not from apt: (program, what installs it). `scripts/test` installs them (`cargo install
+/// --locked`); cargo runs the tests themselves (the OTA test builds the previous release's agent
+/// with it).
+pub const CARGO_TEST_TOOLS: &[(&str, &str)] =
+    &[("dist", "cargo-dist 0.34.0, the release packager"), ("cargo", "the Rust toolchain that runs the tests")];
 
 /// Programs of Debian's and Ubuntu's Essential and required packages (coreutils, dash,
 /// util-linux, mount, apt, systemd's escape helper where systemd is the init): on every host,

@@ -85,6 +85,36 @@ pub fn prepare(plan: &Plan, cache: &Cache) -> Result<PathBuf> {
     }
 }
 
+/// The agent for `plan`, found at once or being cross-built in a thread of `scope`.
+pub enum Pending<'scope> {
+    Ready(PathBuf),
+    Building(std::thread::ScopedJoinHandle<'scope, Result<PathBuf>>),
+}
+
+impl Pending<'_> {
+    pub fn wait(self) -> Result<PathBuf> {
+        match self {
+            Pending::Ready(p) => Ok(p),
+            Pending::Building(h) => h.join().unwrap_or_else(|_| bail!("the agent's cross-build panicked")),
+        }
+    }
+}
+
+/// [`prepare`], with a cross-build started in `scope` (to run beside the bootstrap); an agent
+/// that is simply missing is an error at once.
+pub fn start<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    plan: &'env Plan,
+    cache: &'env Cache,
+) -> Result<Pending<'scope>> {
+    match source(plan.arch) {
+        AgentSource::CrossBuild(ws) => {
+            Ok(Pending::Building(scope.spawn(move || cross_build(plan.arch, &ws, cache, &plan.mirror.debian))))
+        }
+        _ => prepare(plan, cache).map(Pending::Ready),
+    }
+}
+
 /// Where the agent for each architecture comes from, as `kiln doctor` says it.
 pub fn report() {
     for arch in [Arch::Amd64, Arch::Arm64] {
