@@ -144,7 +144,7 @@ fn build_releases(work: &Path, versions: &[&str]) {
         format!(
             "extends = \"minimal\"\n[system]\nhostname = \"kiln-pi\"\n\
              [update]\nfeed = \"http://{FEED_HOST}/stable.atom\"\npublic_key = \"../keys/kiln-release.pub\"\n\
-             interval = \"20s\"\njitter = \"0s\"\n\
+             interval = \"10s\"\njitter = \"0s\"\n\
              [health]\ncommands = [\"! grep -q '^IMAGE_VERSION=0.3.0$' /usr/lib/os-release\"]\n"
         ),
     )
