@@ -123,7 +123,7 @@ fn minimal_image_builds_verifies_and_boots() {
             "boot",
             "--check",
             "--timeout",
-            "400",
+            "900",
             "--ssh-port",
             &port.to_string(),
             big.to_str().unwrap(),
@@ -184,7 +184,7 @@ fn minimal_image_builds_verifies_and_boots() {
     let root_a = manifest["partitions"].as_array().unwrap().iter().find(|p| p["name"] == "root-a").unwrap();
     let at = root_a["offset"].as_u64().unwrap() + 1024 + 8;
     flip_byte(&bad, at);
-    let bad_boot = kiln(&root, &["boot", "--check", "--timeout", "400", bad.to_str().unwrap()]);
+    let bad_boot = kiln(&root, &["boot", "--check", "--timeout", "900", bad.to_str().unwrap()]);
     let stderr = text(&bad_boot.stderr);
     assert_eq!(
         bad_boot.status.code(),

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 const MODULES: &[&str] = &["erofs", "dm-verity", "dm-mod", "virtio_blk", "virtio_pci"];
 const PACKAGES: &str = "busybox-static,cryptsetup-bin,systemd-sysv,udev";
-const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[test]
 fn native_initramfs_opens_the_verified_root_and_boots_systemd() {

@@ -208,7 +208,7 @@ pub struct Unprivileged {
 
 impl Unprivileged {
     pub fn new(label: &str) -> Unprivileged {
-        // Two tests may ask at once (--test-threads=2): one makes the user, the other waits.
+        // Several tests may ask at once (--test-threads): one makes the user, the other waits.
         static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _one = MAKING.lock().unwrap_or_else(|e| e.into_inner());
         let name = "kiln-it";

@@ -148,7 +148,7 @@ fn locked_builds_are_bit_identical_and_refuse_tampered_debs() {
             "boot",
             "--check",
             "--timeout",
-            "400",
+            "900",
             "--ssh-port",
             &port,
             "out-2/myhome-pc-uefi/disk.img",
