@@ -17,7 +17,7 @@
 //! and says why in the device's status. Nothing unverified is written as if it were verified:
 //! a chunk is written only after its hash matched, and nothing boots before step 4.
 
-use crate::download::{self, DownloadError, Pace};
+use crate::download::{self, DownloadError, Pace, Pacer};
 use anyhow::{Context as _, Result};
 use kiln_feed::delta::{Chunk, Head, Packing, ENTRY};
 use kiln_feed::{Artifact, Delta};
@@ -139,36 +139,6 @@ fn fetch_head(client: &Client, metadata_url: &str, a: &Artifact, d: &Delta) -> R
     Ok(head)
 }
 
-/// The download pace of a delta, checked after every read (a per-chunk check let a server
-/// sending a byte every 59 s hold a check for hours; TUF's slow-retrieval attack).
-struct Pacer {
-    pace: Pace,
-    window_start: Instant,
-    window_bytes: u64,
-    /// Bytes read through it in all.
-    total: u64,
-    /// Why the last read was refused.
-    slow: Option<String>,
-}
-
-impl Pacer {
-    fn new(pace: Pace) -> Pacer {
-        Pacer { pace, window_start: Instant::now(), window_bytes: 0, total: 0, slow: None }
-    }
-
-    /// A new request: time spent between requests (hashing, copying) is not the server's.
-    fn restart(&mut self) {
-        self.window_start = Instant::now();
-        self.window_bytes = 0;
-    }
-
-    /// The error for a read it refused.
-    fn too_slow(&mut self, url: &str, got: u64, expected: u64) -> Option<anyhow::Error> {
-        let detail = self.slow.take()?;
-        Some(DownloadError::TooSlow { url: url.into(), got, expected, detail }.into())
-    }
-}
-
 /// A response body read under a [`Pacer`]: a read after which the pace is too slow fails.
 struct Paced<'a, R> {
     inner: R,
@@ -178,11 +148,8 @@ struct Paced<'a, R> {
 impl<R: Read> Read for Paced<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        let p = &mut *self.pacer;
-        p.window_bytes += n as u64;
-        p.total += n as u64;
-        if let Some(detail) = download::too_slow(&p.pace, &mut p.window_start, &mut p.window_bytes) {
-            p.slow = Some(detail);
+        if let Some(detail) = self.pacer.count(n as u64) {
+            self.pacer.slow = Some(detail);
             return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "too slow"));
         }
         Ok(n)

@@ -124,27 +124,59 @@ fn fetch_small_within(client: &Client, url: &str, limit: u64, within: Duration) 
     Ok(body)
 }
 
-/// Whether the download fell below `pace`: the deadline passed, or a whole window went by with
-/// too few bytes (then a new window starts).
-pub(crate) fn too_slow(pace: &Pace, window_start: &mut Instant, window_bytes: &mut u64) -> Option<String> {
-    let now = Instant::now();
-    if now >= pace.deadline {
-        return Some("the check's deadline passed".into());
+/// A download's pace as it goes (whole artifacts and deltas alike): the bytes of the current
+/// window, checked after every read.
+pub(crate) struct Pacer {
+    pace: Pace,
+    window_start: Instant,
+    window_bytes: u64,
+    /// Bytes counted in all.
+    pub total: u64,
+    /// Why the last count was too slow (for a reader that can only return an io error).
+    pub slow: Option<String>,
+}
+
+impl Pacer {
+    pub fn new(pace: Pace) -> Pacer {
+        Pacer { pace, window_start: Instant::now(), window_bytes: 0, total: 0, slow: None }
     }
-    let elapsed = now.duration_since(*window_start);
-    if elapsed >= pace.window {
-        if *window_bytes < pace.min_bytes {
-            return Some(format!(
-                "{} bytes in {:.0}s, fewer than the {} required",
-                window_bytes,
-                elapsed.as_secs_f64(),
-                pace.min_bytes
-            ));
+
+    /// A new request: time spent between requests (hashing, copying) is not the server's.
+    pub fn restart(&mut self) {
+        self.window_start = Instant::now();
+        self.window_bytes = 0;
+    }
+
+    /// Counts `n` bytes just read; whether the download fell below the pace: the deadline
+    /// passed, or a whole window went by with too few bytes (then a new window starts).
+    pub fn count(&mut self, n: u64) -> Option<String> {
+        self.window_bytes += n;
+        self.total += n;
+        let now = Instant::now();
+        if now >= self.pace.deadline {
+            return Some("the check's deadline passed".into());
         }
-        *window_start = now;
-        *window_bytes = 0;
+        let elapsed = now.duration_since(self.window_start);
+        if elapsed >= self.pace.window {
+            if self.window_bytes < self.pace.min_bytes {
+                return Some(format!(
+                    "{} bytes in {:.0}s, fewer than the {} required",
+                    self.window_bytes,
+                    elapsed.as_secs_f64(),
+                    self.pace.min_bytes
+                ));
+            }
+            self.window_start = now;
+            self.window_bytes = 0;
+        }
+        None
     }
-    None
+
+    /// The error for a read it refused ([`Pacer::slow`]).
+    pub fn too_slow(&mut self, url: &str, got: u64, expected: u64) -> Option<anyhow::Error> {
+        let detail = self.slow.take()?;
+        Some(DownloadError::TooSlow { url: url.into(), got, expected, detail }.into())
+    }
 }
 
 /// Where a 206 response's body starts (its `Content-Range: bytes N-M/L`).
@@ -183,7 +215,7 @@ pub fn download(
     let mut report = Report { downloaded_bytes: 0, resumed_from: start, attempts: 0 };
     let mut synced = pos;
     let mut stalled_at = None;
-    let (mut window_start, mut window_bytes) = (Instant::now(), 0u64);
+    let mut pacer = Pacer::new(pace);
     while pos < expect.size || report.attempts == 0 {
         report.attempts += 1;
         let mut req = client.get(url);
@@ -238,8 +270,7 @@ pub fn download(
             hasher.update(&buf[..n]);
             pos += n as u64;
             report.downloaded_bytes += n as u64;
-            window_bytes += n as u64;
-            let slow = too_slow(&pace, &mut window_start, &mut window_bytes);
+            let slow = pacer.count(n as u64);
             if pos - synced >= SYNC_EVERY || (slow.is_some() && pos > synced) {
                 dest.sync_data().map_err(io("syncing".into()))?;
                 synced = pos;
