@@ -200,6 +200,11 @@ struct BootArgs {
     /// generic machine, with virtio disk and network).
     #[arg(long, value_parser = ["virt"])]
     machine: Option<String>,
+    /// vCPUs of the guest. Default: the board's under KVM; under TCG the board's, but at most
+    /// one per two host cores (a TCG guest whose vCPUs find no free host core spins: measured,
+    /// twice the CPU per boot on a busy 2-core host). Raspberry Pi machines have the SoC's 4.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    smp: Option<u32>,
     /// With --check: a command to run once the guest is ready (it gets KILN_SSH_PORT); its
     /// exit status decides the check. Example: -- ssh -p 2222 admin@127.0.0.1 true
     #[arg(last = true, value_name = "COMMAND")]
@@ -532,6 +537,7 @@ fn cmd_boot(
             verbose,
             tryboot,
             machine,
+            smp,
             then, }: BootArgs,
 ) -> Result<()> {
     if !then.is_empty() && !check {
@@ -555,8 +561,15 @@ fn cmd_boot(
     if tryboot && q.firmware != kiln::config::image::Firmware::Rpi {
         bail!("--tryboot is for Raspberry Pi images (autoboot.txt); {} boots with UEFI", disk.display());
     }
+    if let Some(n) = smp.filter(|&n| q.machine.starts_with("raspi") && n != q.smp) {
+        bail!(
+            "--smp {n}: QEMU's {} has the SoC's {} cores and no other count; add --machine virt to choose",
+            q.machine,
+            q.smp
+        );
+    }
     let net_rules = forward.iter().map(|(h, g)| format!("hostfwd=tcp:127.0.0.1:{h}-:{g}")).collect();
-    let opts = qemu::BootOptions { disk, qemu: q, accel, persist, ssh_port, net_rules, log: log.clone(), tryboot };
+    let opts = qemu::BootOptions { disk, qemu: q, accel, persist, ssh_port, net_rules, log: log.clone(), tryboot, smp };
     let result = if check {
         let then_cmd = then.split_first().map(|(prog, args)| {
             let mut c = kiln::host::exec::Cmd::new(prog).args(args);

@@ -104,6 +104,7 @@ impl Vm {
                 .collect(),
             log: None,
             tryboot,
+            smp: None,
         };
         let monitor = scratch.join("monitor.sock");
         let _ = std::fs::remove_file(&monitor);
