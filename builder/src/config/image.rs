@@ -78,6 +78,17 @@ impl Arch {
         matches!((self, std::env::consts::ARCH), (Arch::Amd64, "x86_64") | (Arch::Arm64, "aarch64"))
     }
 
+    /// The CPU that qemu-user emulates for this architecture's programs on a foreign build host
+    /// (`QEMU_CPU`). Its default, "max", has SVE on arm64, and glibc then takes its SVE string
+    /// functions, which TCG runs slower than the plain ones: a Cortex-A72 (the Pi 4's core, no
+    /// SVE) unpacked a 4.8 MB .deb 15 % faster (dpkg-deb under qemu-aarch64, 2.4 s -> 2.05 s).
+    pub fn emulated_cpu(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "max",
+            Arch::Arm64 => "cortex-a72",
+        }
+    }
+
     pub fn debian(self) -> &'static str {
         match self {
             Arch::Amd64 => "amd64",

@@ -111,7 +111,9 @@ pub fn bootstrap(ctx: &Context, packages: Packages) -> Result<BootFiles> {
     };
     let foreign = !plan.arch.is_host();
     if foreign {
-        cmd = cmd.arg(format!("--extract-hook={}", super::native::extract_hook()));
+        cmd = cmd
+            .arg(format!("--extract-hook={}", super::native::extract_hook()))
+            .env("QEMU_CPU", plan.arch.emulated_cpu());
     }
     run_mmdebstrap(plan, cmd, &ctx.tree, &progress)?;
 
