@@ -4,8 +4,8 @@
 //! then the Pi updating itself over the air on QEMU's `virt` machine (the same card, the same
 //! boot files read as the firmware reads them, restarted after every reset as the firmware
 //! would): a first try-boot of a never-updated card falling back to slot A, v1 -> v2 committed
-//! (autoboot.txt swapped), v3 failing its health check rolled back to v2, power cuts during an
-//! install and during a trial. Prints what it measured.
+//! (autoboot.txt swapped), a power cut during v3's install, v3 failing its health check rolled
+//! back to v2, a power cut during v4's trial. Prints what it measured.
 
 use crate::httpd::{serve_channel as serve, Server};
 use crate::vm::Vm;
@@ -287,9 +287,20 @@ fn updates_over_the_air(work: &Path, outs: &[PathBuf]) {
     );
 
     // v3 fails its health check: the trial rolls back by itself (a plain reboot: [all] = v2).
+    // First a power cut while v3 downloads: the committed v2 comes up and the install goes on.
     serve(&site, meta_v3);
+    server.set_rate_limit(Some(4 << 20));
     let t = Instant::now();
     vm.wait_for(&["kiln-agent: installing 0.3.0 into slot a"], BOOT);
+    std::thread::sleep(Duration::from_secs(6));
+    vm.kill();
+    let mut vm = start(false);
+    vm.wait_for(&["kiln-agent: booted 0.2.0 from slot b (committed)"], BOOT);
+    vm.wait_for(&["KILN-READY version=0.2.0"], BOOT);
+    server.set_rate_limit(None);
+    let resumed = vm.wait_for(&["kiln-agent: resuming", "kiln-agent: installing 0.3.0"], BOOT);
+    vm.wait_for(&["kiln-agent: installed 0.3.0 into slot a"], BOOT);
+    println!("kiln-it: pi power cut during the v3 download: came up on v2; then {}", resumed.trim());
     vm.wait_exit(Duration::from_secs(900));
     let mut vm = restart(&vm, Reset::Tryboot);
     vm.wait_for(&["kiln-agent: booted 0.3.0 from slot a (trial"], BOOT);
@@ -307,23 +318,11 @@ fn updates_over_the_air(work: &Path, outs: &[PathBuf]) {
     );
     println!("kiln-it: pi v3 rolled back to v2 in {:.1}s; then: {}", t.elapsed().as_secs_f64(), skip.trim());
 
-    // A power cut while v4 downloads: the committed v2 comes up and the install goes on.
-    serve(&site, meta_v4);
-    server.set_rate_limit(Some(4 << 20));
-    vm.wait_for(&["kiln-agent: installing 0.4.0 into slot a"], BOOT);
-    std::thread::sleep(Duration::from_secs(6));
-    vm.kill();
-    let mut vm = start(false);
-    vm.wait_for(&["kiln-agent: booted 0.2.0 from slot b (committed)"], BOOT);
-    vm.wait_for(&["KILN-READY version=0.2.0"], BOOT);
-    server.set_rate_limit(None);
-    let resumed = vm.wait_for(&["kiln-agent: resuming", "kiln-agent: installing 0.4.0"], BOOT);
-    vm.wait_for(&["kiln-agent: installed 0.4.0 into slot a"], BOOT);
-    println!("kiln-it: pi power cut during the v4 download: came up on v2; then {}", resumed.trim());
-
     // A power cut during v4's trial: the tryboot flag is gone, the committed v2 boots, and the
     // trial is started again (tryboot leaves no trace: reboots into it are counted up to
     // update.tries, 3), where it passes and is committed.
+    serve(&site, meta_v4);
+    vm.wait_for(&["kiln-agent: installed 0.4.0 into slot a"], BOOT);
     vm.wait_exit(Duration::from_secs(300));
     let mut vm = restart(&vm, Reset::Tryboot);
     vm.wait_for(&["kiln-agent: booted 0.4.0 from slot a (trial"], BOOT);
