@@ -616,16 +616,19 @@ fn wait_post(feed: &crate::httpd::Server, what: &str, timeout: Duration) -> Stri
 /// parser and as JSON, and the heartbeat was fetched.
 fn monitor_raises_and_clears(key: &Path, port: u16, feed: &crate::httpd::Server, site: &Path) {
     let look = || ssh_ok(key, port, "sudo kiln-agent monitor");
-    let until = |what: &str| {
-        let t = Instant::now();
-        loop {
-            if feed.posts().iter().any(|(p, b)| p == "/alerts" && b.contains(what)) {
-                return t.elapsed().as_secs_f64();
+    // Looks until each alert of `whats` was delivered; the seconds from `since` to each.
+    let until = |whats: &[&str], since: Instant| -> Vec<f64> {
+        let mut at = Vec::new();
+        for what in whats {
+            let t = Instant::now();
+            while !feed.posts().iter().any(|(p, b)| p == "/alerts" && b.contains(what)) {
+                assert!(t.elapsed() < Duration::from_secs(180), "no alert {what:?}: {:#?}", feed.posts());
+                look();
+                std::thread::sleep(Duration::from_secs(3));
             }
-            assert!(t.elapsed() < Duration::from_secs(180), "no alert {what:?}: {:#?}", feed.posts());
-            look();
-            std::thread::sleep(Duration::from_secs(3));
+            at.push(since.elapsed().as_secs_f64());
         }
+        at
     };
     let once = |whats: &[&str]| {
         // A few more looks: still one delivery each (one event per change, not per look).
@@ -697,17 +700,7 @@ fn monitor_raises_and_clears(key: &Path, port: u16, feed: &crate::httpd::Server,
         "ALERT: the TLS certificate of kiln-it.example expires in ",
         "failed logins and sudo denials in the last 10 min",
     ];
-    // Seconds from `since` until each alert of `whats` was delivered.
-    let all_until = |whats: &[&str], since: Instant| -> Vec<f64> {
-        whats
-            .iter()
-            .map(|w| {
-                until(w);
-                since.elapsed().as_secs_f64()
-            })
-            .collect()
-    };
-    let when = all_until(&raised, broken);
+    let when = until(&raised, broken);
     once(&raised);
     // 2 days and some hours left, or 3 when the guest's clock is a second behind the host's.
     let said = feed.posts().into_iter().map(|(_, b)| b).find(|b| b.contains("kiln-it.example expires in")).unwrap();
@@ -730,7 +723,7 @@ fn monitor_raises_and_clears(key: &Path, port: u16, feed: &crate::httpd::Server,
         "cleared: time synchronisation is off",
         "cleared: the TLS certificate of kiln-it.example",
     ];
-    let after = all_until(&cleared, fixed);
+    let after = until(&cleared, fixed);
     let what = [
         "/var at ".to_string() + pct.trim(),
         "crash loop".into(),
