@@ -58,6 +58,21 @@ fn previous_agent() -> PathBuf {
         std::fs::write(&manifest, toml).unwrap();
         assert!(renamed(&manifest), "the previous agent's manifest names its binary");
     }
+    // The profiles are today's: the dependencies both lock files share are compiled once, with
+    // the same settings (the old manifest's dev profile optimised every dependency fully).
+    let workspace = src.join("Cargo.toml");
+    let old = std::fs::read_to_string(&workspace).unwrap();
+    let now = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let profiles = |t: &str| {
+        let start = t.find("\n[profile.").expect("a [profile.*] table") + 1;
+        let end = t[start..].find("\n[workspace.").map_or(t.len(), |e| start + e + 1);
+        (start, end)
+    };
+    let ((os, oe), (ns, ne)) = (profiles(&old), profiles(&now));
+    let patched = format!("{}{}{}", &old[..os], &now[ns..ne], &old[oe..]);
+    if patched != old {
+        std::fs::write(&workspace, patched).unwrap();
+    }
     // target/debug/kiln: the target directory and the profile kiln was built with.
     let bin = Path::new(crate::kiln_bin()).with_file_name("kiln-agent-previous");
     let profile_dir = bin.parent().unwrap();
