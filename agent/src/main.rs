@@ -227,6 +227,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Commit => agent.commit(),
         Command::Rollback { no_reboot } => agent.rollback(!no_reboot),
         Command::Check { now, no_reboot } => {
+            let before = agent.load_state().ok().map(|s| update_view(&s));
             let outcome = update::check(&agent, now);
             let mut state = agent.load_state()?;
             let line = match &outcome {
@@ -255,8 +256,15 @@ fn run(cli: Cli) -> Result<()> {
             // Said first, recorded after, best effort: a full /var must not swallow the line.
             println!("kiln-agent: {line}");
             agent.record(&state);
-            look_after(&cli.config, &cli.state_dir);
-            if matches!(outcome, Ok(update::Outcome::Installed { .. })) && !no_reboot {
+            // A check that changed nothing the monitor judges (the same result as the one
+            // before, nothing new offered) needs no look: with a short interval a look after
+            // every check kept a device busy (the timer's looks still come, and clear
+            // "no update check since" within an interval).
+            let installed = matches!(outcome, Ok(update::Outcome::Installed { .. }));
+            if installed || before.as_ref() != Some(&update_view(&state)) {
+                look_after(&cli.config, &cli.state_dir);
+            }
+            if installed && !no_reboot {
                 println!("kiln-agent: rebooting into the new slot");
                 agent.medium.reboot_into_trial()?;
             }
@@ -451,6 +459,12 @@ fn look_after(config: &std::path::Path, state_dir: &std::path::Path) {
     if let Err(e) = monitor::look(&device, state_dir) {
         println!("<4>kiln-agent: monitor: {e:#}");
     }
+}
+
+/// What the monitor's update watcher (`watch::judge_updates`) reads of the update record and an
+/// update check can change: the last result and error, and the release on offer.
+fn update_view(s: &state::State) -> (Option<String>, Option<String>, Option<(String, bool)>) {
+    (s.last_result.clone(), s.last_error.clone(), s.offered.as_ref().map(|o| (o.version.to_string(), o.security)))
 }
 
 /// User + system CPU time in milliseconds (`who`: RUSAGE_SELF or RUSAGE_CHILDREN).
