@@ -114,6 +114,12 @@ pub const HEAVY_ORDER: &[&str] = &[
 
 static GATE: Gate = Gate::new();
 
+impl Default for Gate {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Turns for the heavy tests: at most `at_once` hold one; a free turn goes to the waiting test
 /// of the lowest rank.
 pub struct Gate {
