@@ -114,6 +114,12 @@ pub const HEAVY_ORDER: &[&str] = &[
 
 static GATE: Gate = Gate::new();
 
+/// How long the first heavy test to arrive keeps every turn closed, so that the tests libtest
+/// starts at the same moment are all waiting before the first turn is given: without it the
+/// first two threads the scheduler happened to run took the turns (a run began with the backup
+/// and release tests, and the Pi test, the longest, started 15 minutes late).
+pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Default for Gate {
     fn default() -> Self {
         Self::new()
@@ -121,37 +127,59 @@ impl Default for Gate {
 }
 
 /// Turns for the heavy tests: at most `at_once` hold one; a free turn goes to the waiting test
-/// of the lowest rank.
+/// of the lowest rank, once [`SETTLE`] has passed since the first test arrived.
 pub struct Gate {
-    state: std::sync::Mutex<(usize, Vec<usize>)>,
+    state: std::sync::Mutex<GateState>,
     changed: std::sync::Condvar,
+}
+
+struct GateState {
+    holding: usize,
+    waiting: Vec<usize>,
+    opens: Option<std::time::Instant>,
 }
 
 impl Gate {
     pub const fn new() -> Self {
-        Gate { state: std::sync::Mutex::new((0, Vec::new())), changed: std::sync::Condvar::new() }
+        Gate {
+            state: std::sync::Mutex::new(GateState { holding: 0, waiting: Vec::new(), opens: None }),
+            changed: std::sync::Condvar::new(),
+        }
     }
 
     pub fn enter(&self, rank: usize, at_once: usize) {
+        self.enter_after(rank, at_once, SETTLE)
+    }
+
+    fn enter_after(&self, rank: usize, at_once: usize, settle: std::time::Duration) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.1.push(rank);
-        while !(s.0 < at_once && s.1.iter().min() == Some(&rank)) {
+        let opens = *s.opens.get_or_insert_with(|| std::time::Instant::now() + settle);
+        s.waiting.push(rank);
+        loop {
+            let now = std::time::Instant::now();
+            if now < opens {
+                s = self.changed.wait_timeout(s, opens - now).unwrap_or_else(|e| e.into_inner()).0;
+                continue;
+            }
+            if s.holding < at_once && s.waiting.iter().min() == Some(&rank) {
+                break;
+            }
             s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
         }
-        let i = s.1.iter().position(|r| *r == rank).expect("a waiting rank");
-        s.1.swap_remove(i);
-        s.0 += 1;
+        let i = s.waiting.iter().position(|r| *r == rank).expect("a waiting rank");
+        s.waiting.swap_remove(i);
+        s.holding += 1;
         self.changed.notify_all();
     }
 
     pub fn leave(&self) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.0 = s.0.saturating_sub(1);
+        s.holding = s.holding.saturating_sub(1);
         self.changed.notify_all();
     }
 
     pub fn waiting(&self) -> usize {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).1.len()
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).waiting.len()
     }
 }
 
@@ -181,14 +209,14 @@ impl Drop for Timed {
 #[test]
 fn heavy_tests_take_their_turns_in_rank_order() {
     let gate = std::sync::Arc::new(Gate::new());
-    gate.enter(0, 1);
+    gate.enter_after(0, 1, std::time::Duration::ZERO);
     let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let waiters: Vec<_> = [3, 1, 2]
         .into_iter()
         .map(|rank| {
             let (gate, order) = (gate.clone(), order.clone());
             std::thread::spawn(move || {
-                gate.enter(rank, 1);
+                gate.enter_after(rank, 1, std::time::Duration::ZERO);
                 order.lock().unwrap().push(rank);
                 gate.leave();
             })
@@ -203,6 +231,34 @@ fn heavy_tests_take_their_turns_in_rank_order() {
         w.join().unwrap();
     }
     assert_eq!(*order.lock().unwrap(), vec![1, 2, 3]);
+}
+
+/// Tests that arrive together, in any order, get their turns by rank: the first to arrive does
+/// not take a turn before the others are waiting.
+#[test]
+fn tests_arriving_together_take_turns_by_rank_not_by_arrival() {
+    let gate = std::sync::Arc::new(Gate::new());
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let settle = std::time::Duration::from_millis(500);
+    let mut arrivals = Vec::new();
+    for rank in [4, 3, 0, 2, 1] {
+        let (gate, order) = (gate.clone(), order.clone());
+        arrivals.push(std::thread::spawn(move || {
+            gate.enter_after(rank, 2, settle);
+            order.lock().unwrap().push(rank);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            gate.leave();
+        }));
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    for a in arrivals {
+        a.join().unwrap();
+    }
+    let order = order.lock().unwrap().clone();
+    let mut first_two = order[..2].to_vec();
+    first_two.sort();
+    assert_eq!(first_two, vec![0, 1], "the two lowest ranks start first: {order:?}");
+    assert_eq!(order.len(), 5);
 }
 
 fn on_path(program: &str) -> bool {
