@@ -482,9 +482,12 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
     }
 
     // Power cuts while v5 installs: during the download/write (throttled so that it spans
-    // several cuts), then right around the switch, at random moments.
+    // several cuts: v5's delta is ~1.6 MiB, ~7 s at this rate after ~10 s of indexing what is in
+    // place), then right around the switch, at random moments. An install that ends inside a
+    // cut's delay (its boot entry written) is cut there and then, and that cut is the last one:
+    // a committed v5 cannot be cut during its install again.
     serve(&site, &meta_v5);
-    server.set_rate_limit(Some(3 << 20));
+    server.set_rate_limit(Some(256 << 10));
     let whole_before = server.served("/artifacts/");
     let chunks_before = server.served("/chunks/");
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
@@ -493,24 +496,34 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
     let mut stalls: Vec<String> = Vec::new();
     let mut resumes = 0;
     let mut vm = Some(vm);
-    while cuts.len() < CUTS {
+    let mut switched = false;
+    while !switched {
         let mut v = vm.take().unwrap_or_else(start);
-        let switch = cuts.len() == CUTS - 1;
-        let (trigger, delay): (&[&str], f64) = if switch {
-            (&["kiln-agent: boot entry kiln-0.5.0"], rng.between(0.0, 4.0))
+        let entry = "kiln-agent: boot entry kiln-0.5.0";
+        let planned_switch = cuts.len() == CUTS - 1;
+        let (trigger, delay): (&[&str], f64) = if planned_switch {
+            (&[entry], rng.between(0.0, 4.0))
         } else {
-            (&["kiln-agent: installing 0.5.0", "kiln-agent: resuming"], rng.between(1.0, 12.0))
+            (&["kiln-agent: installing 0.5.0", "kiln-agent: resuming"], rng.between(1.0, 10.0))
         };
         let line = v.wait_for(
             &[trigger[0], trigger.get(1).copied().unwrap_or(trigger[0]), "kiln-agent: committed 0.5.0"],
             Duration::from_secs(900),
         );
         assert!(!line.contains("committed 0.5.0"), "v5 was committed after only {} cuts: {cuts:#?}", cuts.len());
-        std::thread::sleep(Duration::from_secs_f64(delay));
+        let when = if planned_switch {
+            std::thread::sleep(Duration::from_secs_f64(delay));
+            format!("{delay:.1}s after {:?}", line.trim())
+        } else if let Some(early) = v.wait_within(&[entry], Duration::from_secs_f64(delay)) {
+            format!("at {:?}, before {delay:.1}s after {:?} had passed", early.trim(), line.trim())
+        } else {
+            format!("{delay:.1}s after {:?}", line.trim())
+        };
+        switched = planned_switch || when.starts_with("at ");
         let at = v.lines.lock().unwrap().iter().rev().find(|l| l.contains("kiln-agent:")).cloned().unwrap_or_default();
         resumes += v.lines.lock().unwrap().iter().filter(|l| l.contains("MiB in place")).count();
         v.kill();
-        cuts.push(format!("{delay:.1}s after {:?} (last agent line then: {:?})", line.trim(), at.trim()));
+        cuts.push(format!("{when} (last agent line then: {:?})", at.trim()));
         // Power back on: the device must come up on a committed slot, or on the new version's
         // trial, which then commits.
         let mut v = start();
@@ -528,9 +541,12 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
         let booted = v.wait_for(&["kiln-agent: booted"], BOOT);
         if !booted.contains("(committed)") {
             assert!(booted.contains("booted 0.5.0 from slot a (trial"), "after cut {}: {booted}", cuts.len());
+            // (A cut that came just as the boot entry was written, between two looks at the
+            // console, is a cut at the switch too.)
+            switched = true;
             v.wait_for(&["kiln-agent: committed 0.5.0 in slot a"], BOOT);
         }
-        if switch && booted.contains("(committed)") {
+        if switched && booted.contains("(committed)") {
             // The power went before the firmware started the new version: the agent must resume
             // the switch, not blame the release for it.
             let lines = v.lines.lock().unwrap().clone();
@@ -549,12 +565,22 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
     }
     let mut v = vm.take().unwrap_or_else(start);
     server.set_rate_limit(None);
-    let end = v.wait_for(
-        &["kiln-agent: committed 0.5.0 in slot a", "kiln-agent: running 0.5.0, the newest release"],
+    let committed = "kiln-agent: committed 0.5.0 in slot a";
+    let mut end = v.wait_for(
+        &[committed, "kiln-agent: running 0.5.0, the newest release", "kiln-agent: installed 0.5.0 into slot a"],
         Duration::from_secs(900),
     );
     resumes += v.lines.lock().unwrap().iter().filter(|l| l.contains("MiB in place")).count();
     let last_delta: Vec<String> = v.lines.lock().unwrap().iter().filter(|l| l.contains(": delta: ")).cloned().collect();
+    if end.contains("installed 0.5.0") {
+        // The last cut came before the firmware started v5: this boot resumed the switch and
+        // reboots into v5's trial.
+        println!("kiln-it: the cut-off switch resumed: {}", end.trim());
+        v.wait_exit(Duration::from_secs(120));
+        v = start();
+        v.wait_for(&["kiln-agent: booted 0.5.0 from slot a (trial"], BOOT);
+        end = v.wait_for(&[committed], BOOT);
+    }
     println!("kiln-it: v5's delta after the cuts: {last_delta:?}");
     // v5 committed: the rollback's alert is cleared (the fix arrived), and it was raised once.
     let cleared = wait_post(&server, "cleared: update to 0.3.0 failed", Duration::from_secs(180));

@@ -199,6 +199,15 @@ impl Vm {
 
     /// The next console line (after the last one matched) containing one of `what`.
     pub fn wait_for(&mut self, what: &[&str], timeout: Duration) -> String {
+        match self.wait_within(what, timeout) {
+            Some(line) => line,
+            None => panic!("no {what:?} within {}s; console tail:\n{}", timeout.as_secs(), self.tail()),
+        }
+    }
+
+    /// Like [`Vm::wait_for`], but `None` when `timeout` passes without such a line (a guest that
+    /// ends meanwhile still panics: the console then says why).
+    pub fn wait_within(&mut self, what: &[&str], timeout: Duration) -> Option<String> {
         let deadline = Instant::now() + timeout;
         loop {
             {
@@ -207,7 +216,7 @@ impl Vm {
                     let line = &l[self.cursor];
                     self.cursor += 1;
                     if what.iter().any(|w| line.contains(w)) {
-                        return line.clone();
+                        return Some(line.clone());
                     }
                 }
             }
@@ -215,7 +224,7 @@ impl Vm {
                 panic!("QEMU ended while waiting for {what:?}; console tail:\n{}", self.tail());
             }
             if Instant::now() > deadline {
-                panic!("no {what:?} within {}s; console tail:\n{}", timeout.as_secs(), self.tail());
+                return None;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
