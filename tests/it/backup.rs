@@ -191,6 +191,9 @@ fn ssh_ok(key: &Path, port: u16, cmd: &str) -> String {
     out
 }
 
+/// The timers whose runs the test makes itself, at its own moments.
+const STOP_TIMERS: &str = "sudo systemctl stop kiln-agent.timer kiln-backup.timer kiln-backup-drill.timer";
+
 /// sha256 of every file of the backed-up data except the service's start counter, sorted.
 const HASHES: &str = "sudo find /var/lib/private/notes /var/home/tester/papers -type f ! -name starts -print0 | sort -z | xargs -0 sudo sha256sum";
 
@@ -349,8 +352,9 @@ heartbeat_url = "http://{FEED}/hb"
     let ready = vm.wait_for(&["KILN-READY", "KILN-NOT-READY"], BOOT);
     assert!(ready.contains("KILN-READY"), "{ready}\n{}", vm.tail());
     println!("kiln-it: boot 1 ready after {:.1}s", t.elapsed().as_secs_f64());
-    // The test decides when the device checks for updates (release 0.2.0 is in the feed).
-    ssh_ok(&key, ssh_port, "sudo systemctl stop kiln-agent.timer");
+    // The test decides when the device checks for updates (release 0.2.0 is in the feed) and
+    // when it backs up (a run near midnight UTC would meet the daily backup and its drill).
+    ssh_ok(&key, ssh_port, STOP_TIMERS);
     let first = backup_status(&key, ssh_port);
     assert_eq!(first["self_restore"]["outcome"], "fresh", "an empty repository: nothing to restore: {first}");
 
@@ -488,8 +492,10 @@ heartbeat_url = "http://{FEED}/hb"
     assert!(r.status.success(), "{}", text(&r.stderr));
     let host_hashes = host_sha256(&host_dir, &before);
     assert_eq!(host_hashes, before, "host restore differs");
-    ssh_ok(&key, ssh_port, "sudo systemctl poweroff");
-    vm.wait_exit(Duration::from_secs(120));
+    // The session may end before ssh hears the command's status (sshd stops with the rest):
+    // the guest's exit is what counts.
+    let _ = ssh(&key, ssh_port, "sudo systemctl poweroff");
+    vm.wait_exit(BOOT);
 
     // A fresh device: the data partition wiped and provisioned again.
     provision(&disk, &prov);
@@ -503,8 +509,8 @@ heartbeat_url = "http://{FEED}/hb"
     let ready = vm.wait_for(&["KILN-READY", "KILN-NOT-READY"], BOOT);
     assert!(ready.contains("KILN-READY"), "{ready}\n{}", vm.tail());
     println!("kiln-it: boot 2 (self-restore) ready after {:.1}s", t.elapsed().as_secs_f64());
-    // The test decides when the device checks for updates.
-    ssh_ok(&key, ssh_port, "sudo systemctl stop kiln-agent.timer");
+    // The test decides when the device checks for updates and backs up.
+    ssh_ok(&key, ssh_port, STOP_TIMERS);
     let after = ssh3(&key, ssh_port, HASHES).1;
     let files = before.lines().count();
     assert!(files >= 43, "{before}");
@@ -578,7 +584,8 @@ heartbeat_url = "http://{FEED}/hb"
     let t = Instant::now();
     let alive = beats();
     while beats() == alive {
-        assert!(t.elapsed() < Duration::from_secs(3 * MONITOR_INTERVAL), "no heartbeat from a healthy device");
+        // A heartbeat follows each monitor look, which takes 13-60 s on a loaded host.
+        assert!(t.elapsed() < Duration::from_secs(10 * MONITOR_INTERVAL), "no heartbeat from a healthy device");
         std::thread::sleep(Duration::from_secs(1));
     }
     let before_kill = beats();

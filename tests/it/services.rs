@@ -226,7 +226,7 @@ for _ in range(90):
     except OSError: time.sleep(1)"
   sudo cat /var/lib/private/myapp/starts | wc -l | sed "s/^/myapp-starts /"
   nohup python3 -m http.server 9999 >/dev/null 2>&1 &
-  sleep 2
+  for _ in $(seq 60); do ss -Htln | grep -q ":9999 " && break; sleep 1; done
   ss -Htln | sed "s/^/tcp-listen /"
   ss -Hluln | sed "s/^/udp-listen /"
   sudo nft list ruleset | grep -c accept | sed "s/^/nft-accept-rules /"'
@@ -297,6 +297,8 @@ if {ssh} -o PubkeyAuthentication=no -o PreferredAuthentications=password,keyboar
     }
     seen.sort();
     seen.dedup();
+    // The firewall's drop above means something only if the port was open behind it.
+    assert!(seen.iter().any(|p| p == "tcp9999"), "the test's server on port 9999 never listened:\n{out}");
     println!(
         "kiln-it: non-loopback listeners: {} (all declared; 9999 opened by the test and dropped by the firewall)",
         seen.join(" ")

@@ -210,6 +210,8 @@ impl Vm {
     pub fn wait_within(&mut self, what: &[&str], timeout: Duration) -> Option<String> {
         let deadline = Instant::now() + timeout;
         loop {
+            // Read before the lines: a line that came with the console's end is seen first.
+            let ended = *self.done.lock().unwrap();
             {
                 let l = self.lines.lock().unwrap();
                 while self.cursor < l.len() {
@@ -220,7 +222,7 @@ impl Vm {
                     }
                 }
             }
-            if *self.done.lock().unwrap() {
+            if ended {
                 panic!("QEMU ended while waiting for {what:?}; console tail:\n{}", self.tail());
             }
             if Instant::now() > deadline {
@@ -235,6 +237,12 @@ impl Vm {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if self.child.try_wait().unwrap().is_some() {
+                // Its last lines (the reboot's command for `reset`) may still be on their way
+                // from the console's reader.
+                let read = Instant::now() + Duration::from_secs(10);
+                while !*self.done.lock().unwrap() && Instant::now() < read {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
                 return;
             }
             std::thread::sleep(Duration::from_millis(200));
