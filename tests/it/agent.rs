@@ -513,15 +513,17 @@ fn ota_updates_commit_roll_back_refuse_and_survive_power_cuts() {
             Duration::from_secs(900),
         );
         assert!(!line.contains("committed 0.5.0"), "v5 was committed after only {} cuts: {cuts:#?}", cuts.len());
-        let when = if planned_switch {
+        let early = if planned_switch {
             std::thread::sleep(Duration::from_secs_f64(delay));
-            format!("{delay:.1}s after {:?}", line.trim())
-        } else if let Some(early) = v.wait_within(&[entry], Duration::from_secs_f64(delay)) {
-            format!("at {:?}, before {delay:.1}s after {:?} had passed", early.trim(), line.trim())
+            None
         } else {
-            format!("{delay:.1}s after {:?}", line.trim())
+            v.wait_within(&[entry], Duration::from_secs_f64(delay))
         };
-        switched = planned_switch || when.starts_with("at ");
+        switched = planned_switch || early.is_some();
+        let when = match early {
+            Some(early) => format!("at {:?}, before {delay:.1}s after {:?} had passed", early.trim(), line.trim()),
+            None => format!("{delay:.1}s after {:?}", line.trim()),
+        };
         let at = v.lines.lock().unwrap().iter().rev().find(|l| l.contains("kiln-agent:")).cloned().unwrap_or_default();
         resumes += v.lines.lock().unwrap().iter().filter(|l| l.contains("MiB in place")).count();
         v.kill();
